@@ -1,0 +1,191 @@
+"""Page faults and page-table teardown, vectorised over many pages of one VMA.
+
+Write faults (``write_fault``), by the state of the PTE:
+
+- none, or the shared zero page: a new page is allocated under the VMA's
+  NUMA policy and stamped with the VMA's anon_vma (created on first use);
+- present and writable: the write lands in place;
+- present and write-protected (after fork, or a KSM page): copy-on-write.
+  A KSM page is always copied, even by its last user (``cow_ksm``). An
+  ordinary page that only this mapping holds is reused and moved to the
+  VMA's own anon_vma; any other page is copied into the VMA's anon_vma.
+
+A read of an untouched private page maps the shared zero page, which has no
+frame. ``zap`` removes mappings (munmap, MADV_DONTNEED, exit) and frees frames
+whose last reference went; a freed KSM page leaves its stable node stale, to
+be pruned when KSM next touches it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vmhost.mm.frames import PG_DIRTY, PG_KSM, PG_MLOCKED, PG_SHMEM
+from vmhost.mm.vma import (NO_PFN, PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE,
+                           PTE_YOUNG, PTE_ZERO, VmFlags, Vma)
+
+if TYPE_CHECKING:
+    from vmhost.host import Host
+
+_MAPPED_RW = np.uint8(PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+
+
+def alloc_for(host: "Host", vma: Vma, offsets: np.ndarray) -> np.ndarray:
+    """Allocate one frame for each offset, following the VMA's (or mm's) NUMA policy."""
+    policy = vma.policy or vma.mm.policy
+    nodes = policy.preferred_nodes(vma.mm.home_node, vma.linear_index(offsets))
+    return host.allocator.alloc_per_node(nodes, policy.allowed)
+
+
+def write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarray) -> None:
+    """The process writes content ids ``contents`` at page offsets ``offsets`` of ``vma``."""
+    if vma.shmem is not None:
+        _shmem_fault(host, vma, offsets, write=True)
+    else:
+        flags = vma.ptef[offsets]
+        assert not (flags & PTE_SWAP).any(), "swapped pages need the swap subsystem"
+        fresh = (flags & PTE_PRESENT == 0) | (flags & PTE_ZERO != 0)
+        if fresh.any():
+            _replace_zero_or_none(host, vma, offsets[fresh])
+        cow = (flags & (PTE_PRESENT | PTE_WRITE | PTE_ZERO)) == PTE_PRESENT
+        if cow.any():
+            _copy_on_write(host, vma, offsets[cow])
+    pfns = vma.pte[offsets]
+    host.frames.content[pfns] = contents
+    host.frames.flags[pfns] |= PG_DIRTY
+    vma.ptef[offsets] |= np.uint8(PTE_DIRTY | PTE_YOUNG)
+
+
+def read_fault(host: "Host", vma: Vma, offsets: np.ndarray) -> None:
+    """The process reads pages: an untouched private page gets the zero page."""
+    if vma.shmem is not None:
+        _shmem_fault(host, vma, offsets, write=False)
+        return
+    none = vma.ptef[offsets] & (PTE_PRESENT | PTE_SWAP) == 0
+    vma.ptef[offsets[none]] = PTE_PRESENT | PTE_ZERO
+    vma.ptef[offsets] |= np.uint8(PTE_YOUNG)
+
+
+def peek(host: "Host", vma: Vma, lo: int, hi: int) -> np.ndarray:
+    """Content ids seen at offsets [lo, hi) of ``vma``, touching nothing."""
+    flags = vma.ptef[lo:hi]
+    out = np.zeros(hi - lo, dtype=np.uint64)
+    mapped = (flags & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT
+    out[mapped] = host.frames.content[vma.pte[lo:hi][mapped]]
+    if vma.shmem is not None:
+        cached = vma.shmem.cache[vma.pgoff + lo: vma.pgoff + hi]
+        hit = ~mapped & (cached != NO_PFN)
+        out[hit] = host.frames.content[cached[hit]]
+    return out
+
+
+def _replace_zero_or_none(host: "Host", vma: Vma, offs: np.ndarray) -> None:
+    ksm_zero = np.count_nonzero(vma.ptef[offs] & PTE_KSM_ZERO)
+    if ksm_zero:
+        host.ksm.zero_pages_unmapped(vma.mm, ksm_zero)
+    av = host.anon_vmas.prepare(vma)
+    pfns = alloc_for(host, vma, offs)
+    host.frames.init_anon(pfns, 0, av.id, vma.linear_index(offs))
+    _map_new(host, vma, offs, pfns)
+
+
+def _map_new(host: "Host", vma: Vma, offs: np.ndarray, pfns: np.ndarray) -> None:
+    if vma.flags & VmFlags.LOCKED:
+        host.frames.flags[pfns] |= PG_MLOCKED
+    vma.pte[offs] = pfns
+    vma.ptef[offs] = _MAPPED_RW
+    vma.mm.rss_anon += len(offs)
+
+
+def _copy_on_write(host: "Host", vma: Vma, offs: np.ndarray) -> None:
+    frames = host.frames
+    old = vma.pte[offs]
+    is_ksm = frames.has(old, PG_KSM)
+    exclusive = ~is_ksm & (frames.mapcount[old] == 1) & (frames.refcount[old] == 1)
+    av = host.anon_vmas.prepare(vma)
+    reuse = offs[exclusive]
+    if len(reuse):
+        frames.owner[old[exclusive]] = av.id      # folio_move_anon_rmap
+        vma.ptef[reuse] |= _MAPPED_RW
+    copy = offs[~exclusive]
+    if len(copy) == 0:
+        return
+    src = old[~exclusive]
+    host.vmstat["cow_ksm"] += int(np.count_nonzero(is_ksm))
+    pfns = alloc_for(host, vma, copy)
+    frames.init_anon(pfns, frames.content[src], av.id, vma.linear_index(copy))
+    vma.mm.rss_anon -= len(copy)        # _map_new counts them again
+    _map_new(host, vma, copy, pfns)
+    put_mappings(host, src)
+
+
+def put_mappings(host: "Host", pfns: np.ndarray) -> None:
+    """Drop one mapping (and its reference) per entry; free frames left unreferenced."""
+    frames = host.frames
+    np.subtract.at(frames.mapcount, pfns, 1)
+    np.subtract.at(frames.refcount, pfns, 1)
+    uniq = np.unique(pfns)
+    unmapped = uniq[frames.mapcount[uniq] == 0]
+    frames.flags[unmapped] &= np.uint16(~PG_MLOCKED & 0xFFFF)
+    dead = uniq[frames.refcount[uniq] == 0]
+    if len(dead):
+        frames.clear(dead)
+        host.allocator.free(dead)
+
+
+def zap(host: "Host", vma: Vma, lo: int, hi: int) -> None:
+    """Remove the mappings at offsets [lo, hi) (zap_page_range)."""
+    flags = vma.ptef[lo:hi]
+    ksm_zero = int(np.count_nonzero(flags & PTE_KSM_ZERO))
+    if ksm_zero:
+        host.ksm.zero_pages_unmapped(vma.mm, ksm_zero)
+    mapped = (flags & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT
+    pfns = vma.pte[lo:hi][mapped]
+    if len(pfns):
+        if vma.shmem is not None:
+            vma.mm.rss_shmem -= len(pfns)
+        else:
+            vma.mm.rss_anon -= len(pfns)
+        put_mappings(host, pfns)
+    assert not (flags & PTE_SWAP).any(), "swapped pages need the swap subsystem"
+    vma.pte[lo:hi] = NO_PFN
+    vma.ptef[lo:hi] = 0
+
+
+def _shmem_fault(host: "Host", vma: Vma, offs: np.ndarray, write: bool) -> None:
+    shmem = vma.shmem
+    idx = vma.linear_index(offs)
+    missing = shmem.cache[idx] == NO_PFN
+    if missing.any():
+        new = alloc_for(host, vma, offs[missing])
+        frames = host.frames
+        frames.content[new] = 0
+        frames.refcount[new] = 1                 # the page cache's reference
+        frames.mapcount[new] = 0
+        frames.flags[new] = PG_SHMEM
+        frames.owner[new] = shmem.id
+        frames.index[new] = idx[missing]
+        shmem.cache[idx[missing]] = new
+    unmapped = offs[vma.ptef[offs] & PTE_PRESENT == 0]
+    if len(unmapped):
+        pfns = shmem.cache[vma.linear_index(unmapped)]
+        host.frames.mapcount[pfns] += 1
+        host.frames.refcount[pfns] += 1
+        vma.pte[unmapped] = pfns
+        vma.ptef[unmapped] = PTE_PRESENT | PTE_YOUNG | (PTE_WRITE if vma.flags & VmFlags.WRITE else 0)
+        vma.mm.rss_shmem += len(unmapped)
+
+
+def release_shmem(host: "Host", shmem) -> None:
+    """The last VMA of a shmem object went: its page cache is dropped."""
+    cached = shmem.cache[shmem.cache != NO_PFN]
+    shmem.cache[:] = NO_PFN
+    if len(cached):
+        frames = host.frames
+        frames.refcount[cached] -= 1
+        dead = cached[frames.refcount[cached] == 0]
+        frames.clear(dead)
+        host.allocator.free(dead)
+

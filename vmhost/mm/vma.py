@@ -1,0 +1,131 @@
+"""Virtual memory areas and their page tables.
+
+A VMA covers virtual pages ``[start, end)`` (addresses here are in pages, not
+bytes) with one set of flags. Its page table entries are two numpy arrays
+indexed by the page's offset in the VMA:
+
+- ``pte``: the pfn of a present page, or the swap entry of a swapped one;
+- ``ptef``: PTE_* bits: present, writable, the shared zero page (and whether
+  KSM put it there, which the kernel marks with the dirty bit), swap entry,
+  young (accessed) and dirty.
+
+Keeping the table per VMA makes splitting, merging and scanning plain array
+slices; the kernel keeps one radix tree per mm, which is the same mapping.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vmhost.mm.mempolicy import MemPolicy
+
+if TYPE_CHECKING:
+    from vmhost.mm.anon_vma import AnonVma
+    from vmhost.mm.mm import MM
+
+
+class VmFlags(enum.IntFlag):
+    READ = 0x1
+    WRITE = 0x2
+    EXEC = 0x4
+    SHARED = 0x8
+    MAYSHARE = 0x80
+    PFNMAP = 0x400
+    LOCKED = 0x2000
+    IO = 0x4000
+    DONTEXPAND = 0x40000
+    HUGETLB = 0x400000
+    HUGEPAGE = 0x20000000       # MADV_HUGEPAGE
+    NOHUGEPAGE = 0x40000000     # MADV_NOHUGEPAGE
+    MIXEDMAP = 0x10000000
+    MERGEABLE = 0x80000000      # MADV_MERGEABLE: KSM may scan it
+
+
+# flags that make a VMA unsuitable for KSM (vma_ksm_compatible)
+KSM_INCOMPATIBLE = (VmFlags.SHARED | VmFlags.MAYSHARE | VmFlags.PFNMAP | VmFlags.IO
+                    | VmFlags.DONTEXPAND | VmFlags.HUGETLB | VmFlags.MIXEDMAP)
+
+PTE_PRESENT = 1 << 0
+PTE_WRITE = 1 << 1
+PTE_ZERO = 1 << 2        # maps the shared zero page (no frame of its own)
+PTE_KSM_ZERO = 1 << 3    # zero page placed there by KSM (use_zero_pages)
+PTE_SWAP = 1 << 4        # not present; pte holds a swap entry
+PTE_YOUNG = 1 << 5
+PTE_DIRTY = 1 << 6
+
+NO_PFN = -1
+
+
+class Vma:
+    def __init__(self, mm: "MM", start: int, end: int, flags: VmFlags, pgoff: int,
+                 policy: MemPolicy | None = None, shmem=None):
+        if end <= start:
+            raise ValueError("a VMA must cover at least one page")
+        self.mm = mm
+        self.start = start
+        self.end = end
+        self.flags = flags
+        self.pgoff = pgoff
+        self.policy = policy
+        self.shmem = shmem                       # backing object of a MAP_SHARED anonymous VMA
+        self.anon_vma: "AnonVma | None" = None
+        self.chain: list["AnonVma"] = []         # anon_vma_chain (same_vma list)
+        self.pte = np.full(end - start, NO_PFN, dtype=np.int64)
+        self.ptef = np.zeros(end - start, dtype=np.uint8)
+
+    def __repr__(self) -> str:
+        return f"Vma({self.start:#x}-{self.end:#x} {self.flags!s} mm={self.mm.id})"
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+    @property
+    def pages(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_anonymous_private(self) -> bool:
+        return self.shmem is None and not self.flags & (VmFlags.SHARED | VmFlags.MAYSHARE)
+
+    @property
+    def ksm_compatible(self) -> bool:
+        return not self.flags & KSM_INCOMPATIBLE
+
+    def linear_index(self, offsets) -> np.ndarray:
+        """page->index of a page at these offsets (linear_page_index)."""
+        return self.pgoff + np.asarray(offsets, dtype=np.int64)
+
+    def offset_of_index(self, index: int) -> int:
+        return index - self.pgoff
+
+    def present_mask(self) -> np.ndarray:
+        """Offsets whose PTE maps a frame of its own (not the zero page)."""
+        return (self.ptef & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT
+
+    def take_tail(self, at: int) -> "Vma":
+        """Split at virtual page ``at``: this VMA keeps [start, at), returns [at, end).
+
+        The anon_vma chain of the new part is the caller's to clone.
+        """
+        assert self.start < at < self.end
+        cut = at - self.start
+        tail = Vma(self.mm, at, self.end, self.flags, self.pgoff + cut, self.policy, self.shmem)
+        tail.pte = self.pte[cut:].copy()
+        tail.ptef = self.ptef[cut:].copy()
+        self.pte = self.pte[:cut].copy()
+        self.ptef = self.ptef[:cut].copy()
+        self.end = at
+        return tail
+
+    def absorb(self, nxt: "Vma") -> None:
+        """Append the adjacent VMA ``nxt`` (same flags, compatible anon_vma) to this one."""
+        assert nxt.start == self.end and nxt.pgoff == self.pgoff + self.pages
+        self.pte = np.concatenate([self.pte, nxt.pte])
+        self.ptef = np.concatenate([self.ptef, nxt.ptef])
+        self.end = nxt.end
