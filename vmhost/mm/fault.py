@@ -56,6 +56,8 @@ def write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarra
     host.frames.content[pfns] = contents
     host.frames.flags[pfns] |= PG_DIRTY
     vma.ptef[offsets] |= np.uint8(PTE_DIRTY | PTE_YOUNG)
+    if not vma.flags & VmFlags.WRITE:          # a forced write (/proc/PID/mem) maps read-only
+        vma.ptef[offsets] &= np.uint8(~PTE_WRITE & 0xFF)
 
 
 def read_fault(host: "Host", vma: Vma, offsets: np.ndarray) -> None:
@@ -97,6 +99,7 @@ def _map_new(host: "Host", vma: Vma, offs: np.ndarray, pfns: np.ndarray) -> None
     vma.pte[offs] = pfns
     vma.ptef[offs] = _MAPPED_RW
     vma.mm.rss_anon += len(offs)
+    vma.mm.pt_gen += 1
 
 
 def _copy_on_write(host: "Host", vma: Vma, offs: np.ndarray) -> None:

@@ -62,6 +62,7 @@ class MM:
         self.rss_shmem = 0
         self.swap_ents = 0
         self.exiting = False
+        self.pt_gen = 0                 # bumped when pages appear in the page tables (scan caches)
 
     def __repr__(self) -> str:
         return f"MM({self.id}, {len(self.vmas)} vmas)"

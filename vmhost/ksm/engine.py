@@ -1,0 +1,970 @@
+"""The KSM engine: mm_slots, the scan cursor, the stable and unstable trees, merging.
+
+This follows mm/ksm.c entity for entity (read its overview comment first if
+you know it; if you do not, here is the whole idea):
+
+- Processes register memory with madvise(MADV_MERGEABLE) or prctl; each
+  registered mm gets an ``MmSlot`` on a circular list that ksmd walks.
+- ksmd visits every anonymous page of every mergeable VMA in turn, recording
+  each in an rmap_item. A page whose checksum changed since the last visit is
+  "volatile" and left alone. A stable page is first looked up in the *stable
+  tree* (KSM pages, write-protected, sorted by content): if an identical KSM
+  page has room, the page is merged into it. Otherwise it is looked up in the
+  *unstable tree* (pages seen unchanged for one pass, not protected, rebuilt
+  every pass): an identical page there is merged with this one into a new KSM
+  page, which moves to the stable tree; no match inserts this page.
+- A KSM page is shared by at most max_page_sharing mappings; more copies of
+  one content become several KSM pages ("dups") under a "chain" node.
+- Counters only move when ksmd (or run=2) touches things: a write that breaks
+  a KSM page is counted one pass later, when ksmd meets its rmap_item.
+
+ksmd itself (timing, batches, CPU cost) is in ``ksmd.py``; this module is the
+state and the algorithms. Every method with a kernel counterpart carries its
+name in its docstring.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from vmhost.ksm import pages
+from vmhost.ksm.checksum import checksum, checksums, memcmp_key
+from vmhost.ksm.items import (MmSlot, RMAP_ITEM_BYTES, RmapItems, SEQNR_MASK, STABLE_FLAG,
+                              UNSTABLE_FLAG)
+from vmhost.ksm.knobs import KNOBS_2_6_33, KNOBS_6_18, RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
+from vmhost.ksm.pages import EFAULT, ZERO_PAGE, find_mergeable_vma
+from vmhost.ksm.rbtree import NIL, RbTree
+from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE, StableNodes
+from vmhost.mm.frames import NO_OWNER, PG_ANON, PG_KSM, PG_SWAPCACHE
+from vmhost.mm.hooks import KsmHooks
+from vmhost.mm.page_alloc import OutOfMemory
+from vmhost.mm.vma import PTE_KSM_ZERO, PTE_PRESENT, PTE_ZERO, VmFlags, Vma
+
+if TYPE_CHECKING:
+    from vmhost.host import Host
+    from vmhost.mm.mm import MM
+
+PAGE_SIZE = 4096
+
+
+class Counters:
+    """The global counters of /sys/kernel/mm/ksm (the derived ones are properties of Ksm)."""
+
+    def __init__(self) -> None:
+        self.pages_shared = 0
+        self.pages_sharing = 0
+        self.pages_unshared = 0
+        self.pages_scanned = 0
+        self.pages_skipped = 0
+        self.ksm_zero_pages = 0
+        self.stable_node_chains = 0
+        self.stable_node_dups = 0
+
+
+class Ksm(KsmHooks):
+    def __init__(self, host: "Host"):
+        self.host = host
+        self.profile = host.profile
+        self.knobs = Knobs()
+        self.c = Counters()
+        self.items = RmapItems()
+        self.nodes = StableNodes()
+        nr_nodes = host.topology.node_count
+        self.stable_trees = [RbTree(self.nodes.links) for _ in range(nr_nodes)]
+        self.unstable_trees = [RbTree(self.items.links) for _ in range(nr_nodes)]
+        self.slots: list[MmSlot] = []           # ksm_mm_head's list, in scan order
+        self.slot_of: dict[int, MmSlot] = {}    # mm id -> slot (mm_slots_hash)
+        self.cursor: MmSlot | None = None       # ksm_scan.mm_slot; None is the list head
+        self.address = 0                        # ksm_scan.address (a virtual page number)
+        self.prev_item = NIL                    # ksm_scan.rmap_list: item before the next one
+        self.seqnr = 0                          # ksm_scan.seqnr == full_scans
+        self._saw_mergeable = False
+        self._cand_cache: dict[int, tuple[int, np.ndarray]] = {}
+        self.zero_checksum = checksum(0, self.profile.ksm_checksum)
+        self.wakeup: Callable[[], None] = lambda: None   # set by ksmd
+        self.work: Counter[str] = Counter()     # operations done, for ksmd's CPU model
+        host.ksm = self
+
+    # ======================================================================================
+    # derived counters
+    @property
+    def rmap_items(self) -> int:
+        return self.items.count
+
+    @property
+    def pages_volatile(self) -> int:
+        c = self.c
+        return max(self.items.count - c.pages_shared - c.pages_sharing - c.pages_unshared, 0)
+
+    @property
+    def general_profit(self) -> int:
+        return ((self.c.pages_sharing + self.c.ksm_zero_pages) * PAGE_SIZE
+                - self.items.count * RMAP_ITEM_BYTES)
+
+    def _mps(self) -> int:
+        """max_page_sharing in force (unlimited before stable node chains existed)."""
+        return self.knobs.max_page_sharing if self.profile.ksm_stable_node_chains else 1 << 62
+
+    def _nid_of_pfn(self, pfn: int) -> int:
+        """get_kpfn_nid: the tree a page belongs to."""
+        if self.knobs.merge_across_nodes:
+            return 0
+        return int(self.host.phys.node_of(pfn))
+
+    def _key(self, pfn: int) -> int:
+        return memcmp_key(int(self.host.frames.content[pfn]))
+
+    # ======================================================================================
+    # keyhole references and stable node removal
+    def get_page(self, node: int) -> int:
+        """ksm_get_folio: the node's KSM page, or -1 after pruning a stale node."""
+        pfn = int(self.nodes.kpfn[node])
+        frames = self.host.frames
+        if (frames.flags[pfn] & PG_KSM and frames.owner[pfn] == node
+                and (frames.refcount[pfn] > 0 or frames.flags[pfn] & PG_SWAPCACHE)):
+            return pfn
+        self.remove_node_from_stable_tree(node)
+        return -1
+
+    def remove_node_from_stable_tree(self, node: int) -> None:
+        """Drop a node and un-count every rmap_item still listed on it."""
+        it, items, c = int(self.nodes.hhead[node]), self.items, self.c
+        while it != NIL:
+            nxt = int(items.hnext[it])
+            if nxt != NIL:
+                c.pages_sharing -= 1
+            else:
+                c.pages_shared -= 1
+            self._mm(it).ksm_merging_pages -= 1
+            self.nodes.hlist_len[node] -= 1
+            self._put_anon_vma(it)
+            items.flags[it] = 0
+            items.head[it] = NIL
+            it = nxt
+        self.nodes.hhead[node] = NIL
+        self._unlink_node(node)
+        self.nodes.free(node)
+
+    def _unlink_node(self, node: int) -> None:
+        """stable_node_dup_del, or off the migrate list."""
+        kind = self.nodes.kind[node]
+        if kind == MIGRATE:
+            del self.nodes.migrate_nodes[node]
+        elif kind == DUP:
+            self.nodes.del_dup(node)
+            self.c.stable_node_dups -= 1
+        else:
+            self.stable_trees[int(self.nodes.nid[node])].erase(node)
+
+    def _free_chain(self, chain: int) -> None:
+        self.stable_trees[int(self.nodes.nid[chain])].erase(chain)
+        self.nodes.free(chain)
+        self.c.stable_node_chains -= 1
+
+    def _mm(self, item: int) -> "MM":
+        return self.slot_of[int(self.items.mm[item])].mm
+
+    def _put_anon_vma(self, item: int) -> None:
+        av_id = int(self.items.anon_vma[item])
+        if av_id >= 0:
+            self.host.anon_vmas.put(self.host.anon_vmas.by_id[av_id])
+            self.items.anon_vma[item] = -1
+
+    def remove_rmap_item_from_tree(self, item: int) -> None:
+        items, c = self.items, self.c
+        flags = int(items.flags[item])
+        if flags & STABLE_FLAG:
+            node = int(items.head[item])
+            if self.get_page(node) < 0:
+                return                      # the stale node took this item's counts with it
+            self._hlist_del(node, item)
+            if self.nodes.hhead[node] != NIL:
+                c.pages_sharing -= 1
+            else:
+                c.pages_shared -= 1
+            self._mm(item).ksm_merging_pages -= 1
+            self.nodes.hlist_len[node] -= 1
+            self._put_anon_vma(item)
+            items.head[item] = NIL
+            items.flags[item] = 0
+        elif flags & UNSTABLE_FLAG:
+            age = (self.seqnr - flags) & SEQNR_MASK
+            assert age <= 1, "an unstable rmap_item outlived its tree"
+            if age == 0:
+                self.unstable_trees[int(items.nid[item])].erase(item)
+            c.pages_unshared -= 1
+            items.flags[item] = 0
+
+    def _hlist_del(self, node: int, item: int) -> None:
+        items = self.items
+        prev, nxt = int(items.hprev[item]), int(items.hnext[item])
+        if prev == NIL:
+            self.nodes.hhead[node] = nxt
+        else:
+            items.hnext[prev] = nxt
+        if nxt != NIL:
+            items.hprev[nxt] = prev
+        items.hnext[item] = items.hprev[item] = NIL
+
+    def stable_tree_append(self, item: int, node: int) -> None:
+        """Add an rmap_item to a KSM page's list (at the head, like hlist_add_head)."""
+        items, nodes = self.items, self.nodes
+        nodes.hlist_len[node] += 1
+        items.head[item] = node
+        items.flags[item] |= STABLE_FLAG
+        first = int(nodes.hhead[node])
+        items.hnext[item] = first
+        items.hprev[item] = NIL
+        if first != NIL:
+            items.hprev[first] = item
+            self.c.pages_sharing += 1
+        else:
+            self.c.pages_shared += 1
+        nodes.hhead[node] = item
+        self._mm(item).ksm_merging_pages += 1
+
+    # ======================================================================================
+    # the stable tree
+    def _candidate(self, node: int, extra: int = 0) -> bool:
+        """is_page_sharing_candidate: has a mapping and room for one (more)."""
+        n = int(self.nodes.hlist_len[node])
+        return n > 0 and n + extra < self._mps()
+
+    def _chain_lookup(self, node: int, tree: RbTree, prune: bool) -> tuple[int, int, int]:
+        """__stable_node_chain: returns (tree node, chosen dup, its pfn or -1).
+
+        For a plain node the dup is the node itself. For a chain the best dup is
+        chosen (stable_node_dup); a chain left with one dup collapses into it.
+        """
+        nodes = self.nodes
+        if nodes.kind[node] != CHAIN:
+            return node, node, self.get_page(node)
+        now = self.host.clock.now
+        if prune and now >= nodes.prune_time[node] + self.knobs.stable_node_chains_prune_millisecs * 1_000_000:
+            nodes.prune_time[node] = now
+        else:
+            prune = False
+        found, found_len, found_pfn = NIL, 0, -1
+        d = int(nodes.dhead[node])
+        while d != NIL:
+            nxt = int(nodes.dnext[d])
+            self.work["dups_walked"] += 1
+            pfn = self.get_page(d)
+            if pfn >= 0 and (found == NIL or (self._candidate(d) and (
+                    not self._candidate(found) or nodes.hlist_len[d] > found_len))):
+                found, found_len, found_pfn = d, int(nodes.hlist_len[d]), pfn
+                if not prune and self._candidate(found):
+                    break
+            d = nxt
+        if found == NIL:
+            self._free_chain(node)
+            return node, NIL, -1
+        if nodes.dhead[node] == found and nodes.dnext[found] == NIL:
+            nodes.del_dup(found)                  # the last dup replaces its chain
+            nodes.kind[found] = NODE
+            nodes.nid[found] = nodes.nid[node]
+            tree.replace(node, found)
+            nodes.free(node)
+            self.c.stable_node_chains -= 1
+            self.c.stable_node_dups -= 1
+            return found, found, found_pfn
+        if nodes.dhead[node] != found and self._candidate(found, 1):
+            nodes.del_dup(found)
+            nodes.add_dup(node, found)
+        return node, found, found_pfn
+
+    def _new_chain(self, node: int, tree: RbTree) -> int:
+        """alloc_stable_node_chain: a chain takes ``node``'s place and ``node`` becomes its dup."""
+        chain = self.nodes.alloc(CHAIN)
+        self.nodes.prune_time[chain] = self.host.clock.now
+        self.nodes.nid[chain] = self.nodes.nid[node]
+        tree.replace(node, chain)
+        self.nodes.add_dup(chain, node)
+        self.c.stable_node_chains += 1
+        self.c.stable_node_dups += 1
+        return chain
+
+    def stable_tree_search(self, pfn: int) -> int:
+        """A KSM page identical to ``pfn`` with room for one more mapping, or -1."""
+        frames, nodes = self.host.frames, self.nodes
+        page_node = int(frames.owner[pfn]) if frames.flags[pfn] & PG_KSM else NIL
+        if page_node != NIL and nodes.kind[page_node] != MIGRATE:
+            return pfn                                   # a KSM page reached through a fork
+        nid = self._nid_of_pfn(pfn)
+        tree = self.stable_trees[nid]
+        key = self._key(pfn)
+        chains = self.profile.ksm_stable_node_chains
+        while True:                                      # "again": restart after pruning
+            cur, parent, go_left, restart = tree.root, NIL, False, False
+            while cur != NIL:
+                self.work["tree_compares"] += 1
+                node, dup, tree_pfn = self._chain_lookup(cur, tree, prune=True)
+                if tree_pfn < 0:
+                    restart = True
+                    break
+                tkey = self._key(tree_pfn)
+                parent = node
+                if key < tkey:
+                    cur, go_left = int(nodes.links.left[node]), True
+                elif key > tkey:
+                    cur, go_left = int(nodes.links.right[node]), False
+                else:
+                    if page_node != NIL and frames.mapcount[pfn] > 1:
+                        return self._chain_append(page_node, node, dup, tree, nid, pfn)
+                    if chains and not self._candidate(dup):
+                        return -1                        # every copy is full: make a new one
+                    tree_pfn = self.get_page(dup)
+                    if tree_pfn < 0:
+                        restart = True
+                        break
+                    if self._nid_of_pfn(int(nodes.kpfn[dup])) != nodes.nid[dup]:
+                        return self._replace_misplaced(page_node, node, dup, tree, nid, pfn)
+                    return tree_pfn
+            if restart:
+                continue
+            if page_node == NIL:
+                return -1
+            del nodes.migrate_nodes[page_node]           # a migrated node finds its new home
+            nodes.nid[page_node] = nid
+            nodes.kind[page_node] = NODE
+            tree.link(page_node, parent, go_left)
+            return pfn if self._candidate(page_node) else -1
+
+    def _chain_append(self, page_node: int, node: int, dup: int, tree: RbTree, nid: int, pfn: int) -> int:
+        """A migrated KSM page with several mappings joins its content's chain as a dup."""
+        nodes = self.nodes
+        if node == dup:
+            node = self._new_chain(dup, tree)
+        del nodes.migrate_nodes[page_node]
+        nodes.nid[page_node] = nid
+        nodes.add_dup(node, page_node)
+        self.c.stable_node_dups += 1
+        return pfn if self._candidate(page_node) else -1
+
+    def _replace_misplaced(self, page_node: int, node: int, dup: int, tree: RbTree, nid: int,
+                           pfn: int) -> int:
+        """The matching KSM page itself migrated away: take its place, send it to migrate_nodes."""
+        nodes = self.nodes
+        result = -1
+        if dup == node:
+            if page_node != NIL:
+                del nodes.migrate_nodes[page_node]
+                nodes.nid[page_node] = nid
+                nodes.kind[page_node] = NODE
+                tree.replace(dup, page_node)
+                result = pfn if self._candidate(page_node) else -1
+            else:
+                tree.erase(dup)
+        else:
+            nodes.del_dup(dup)
+            self.c.stable_node_dups -= 1
+            if page_node != NIL:
+                del nodes.migrate_nodes[page_node]
+                nodes.nid[page_node] = nid
+                nodes.add_dup(node, page_node)
+                self.c.stable_node_dups += 1
+                result = pfn if self._candidate(page_node) else -1
+        nodes.kind[dup] = MIGRATE
+        nodes.migrate_nodes[dup] = None
+        return result
+
+    def stable_tree_insert(self, kpfn: int) -> int:
+        """A node for a freshly made KSM page; a dup if its content is already there."""
+        nodes = self.nodes
+        nid = self._nid_of_pfn(kpfn)
+        tree = self.stable_trees[nid]
+        key = self._key(kpfn)
+        while True:
+            cur, parent, go_left, equal, restart = tree.root, NIL, False, NIL, False
+            while cur != NIL:
+                self.work["tree_compares"] += 1
+                node, dup, tree_pfn = self._chain_lookup(cur, tree, prune=False)
+                if tree_pfn < 0:
+                    restart = True
+                    break
+                tkey = self._key(tree_pfn)
+                parent = node
+                if key < tkey:
+                    cur, go_left = int(nodes.links.left[node]), True
+                elif key > tkey:
+                    cur, go_left = int(nodes.links.right[node]), False
+                else:
+                    equal = node
+                    break
+            if not restart:
+                break
+        if equal != NIL and not self.profile.ksm_stable_node_chains:
+            return NIL                                   # 2.6.33: an equal node already exists
+        new = nodes.alloc(NODE)
+        nodes.kpfn[new] = kpfn
+        nodes.nid[new] = nid
+        if equal == NIL:
+            tree.link(new, parent, go_left)
+        else:
+            chain = equal if nodes.kind[equal] == CHAIN else self._new_chain(equal, tree)
+            nodes.add_dup(chain, new)
+            self.c.stable_node_dups += 1
+        self.host.frames.owner[kpfn] = new
+        return new
+
+    # ======================================================================================
+    # the unstable tree
+    def get_mergeable_page(self, item: int) -> int:
+        mm = self._mm(item)
+        vpn = int(self.items.address[item])
+        vma = find_mergeable_vma(mm, vpn)
+        if vma is None:
+            return -1
+        return pages.anon_page_at(self.host, vma, vpn - vma.start)
+
+    def unstable_tree_search_insert(self, item: int, pfn: int) -> tuple[int, int]:
+        """An identical page in the unstable tree (item, pfn); else insert ``item``."""
+        nid = self._nid_of_pfn(pfn)
+        tree = self.unstable_trees[nid]
+        links = self.items.links
+        key = self._key(pfn)
+        cur, parent, go_left = tree.root, NIL, False
+        while cur != NIL:
+            self.work["tree_compares"] += 1
+            tree_pfn = self.get_mergeable_page(cur)
+            if tree_pfn < 0 or tree_pfn == pfn:
+                return NIL, -1          # a page vanished, or this very page reached by fork
+            tkey = self._key(tree_pfn)
+            parent = cur
+            if key < tkey:
+                cur, go_left = int(links.left[cur]), True
+            elif key > tkey:
+                cur, go_left = int(links.right[cur]), False
+            elif not self.knobs.merge_across_nodes and int(self.host.phys.node_of(tree_pfn)) != nid:
+                return NIL, -1
+            else:
+                return cur, tree_pfn
+        self.items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        self.items.nid[item] = nid
+        tree.link(item, parent, go_left)
+        self.c.pages_unshared += 1
+        return NIL, -1
+
+    # ======================================================================================
+    # merging
+    def _merge_one(self, vma: Vma, off: int, pfn: int, kpfn: int | None) -> int:
+        """try_to_merge_one_page; ``kpfn`` None turns ``pfn`` itself into a KSM page."""
+        if pfn == kpfn:
+            return 0
+        frames = self.host.frames
+        if not frames.flags[pfn] & (PG_ANON | PG_KSM):
+            return EFAULT
+        if pages.write_protect(self.host, vma, off, pfn):
+            return EFAULT
+        self.work["merges"] += 1
+        if kpfn is None:
+            frames.flags[pfn] = (frames.flags[pfn] & ~np.uint16(PG_ANON)) | PG_KSM
+            frames.owner[pfn] = NO_OWNER          # the stable node is set by stable_tree_insert
+            return 0
+        if kpfn == ZERO_PAGE:
+            if frames.content[pfn] != 0:
+                return EFAULT
+            rc = pages.replace(self.host, vma, off, pfn, kpfn)
+            if rc == 0:
+                vma.mm.ksm_zero_pages += 1
+                self.c.ksm_zero_pages += 1
+            return rc
+        if frames.content[pfn] != frames.content[kpfn]:
+            return EFAULT                         # pages_identical
+        return pages.replace(self.host, vma, off, pfn, kpfn)
+
+    def _merge_with_ksm_page(self, item: int, pfn: int, kpfn: int | None) -> int:
+        """try_to_merge_with_ksm_page: merge and take a reference on the VMA's anon_vma."""
+        mm = self._mm(item)
+        vpn = int(self.items.address[item])
+        vma = find_mergeable_vma(mm, vpn)
+        if vma is None:
+            return EFAULT
+        err = self._merge_one(vma, vpn - vma.start, pfn, kpfn)
+        if err:
+            return err
+        self.remove_rmap_item_from_tree(item)
+        self.host.anon_vmas.get(vma.anon_vma)
+        self.items.anon_vma[item] = vma.anon_vma.id
+        return 0
+
+    def _break_cow(self, item: int) -> None:
+        self._put_anon_vma(item)
+        mm = self._mm(item)
+        vpn = int(self.items.address[item])
+        vma = find_mergeable_vma(mm, vpn)
+        if vma is not None:
+            pages.break_ksm(self.host, vma, vpn - vma.start)
+
+    def _merge_with_zero_page(self, item: int, pfn: int) -> int:
+        if self.knobs.use_zero_pages and int(self.items.oldchecksum[item]) == self.zero_checksum:
+            mm = self._mm(item)
+            vpn = int(self.items.address[item])
+            vma = find_mergeable_vma(mm, vpn)
+            if vma is None:
+                return 0
+            return self._merge_one(vma, vpn - vma.start, pfn, ZERO_PAGE)
+        return EFAULT
+
+    def cmp_and_merge_page(self, pfn: int, item: int) -> None:
+        """One page: stable tree first, then the checksum rule, then the unstable tree."""
+        frames, nodes, items = self.host.frames, self.nodes, self.items
+        node = int(frames.owner[pfn]) if frames.flags[pfn] & PG_KSM else NIL
+        if node != NIL:
+            if nodes.kind[node] != MIGRATE and self._nid_of_pfn(int(nodes.kpfn[node])) != nodes.nid[node]:
+                self._unlink_node(node)
+                nodes.kind[node] = MIGRATE
+                nodes.migrate_nodes[node] = None
+            if nodes.kind[node] != MIGRATE and items.head[item] == node and items.flags[item] & STABLE_FLAG:
+                return                                   # merged already: nothing to do
+        else:
+            self.remove_rmap_item_from_tree(item)
+            self.work["checksums"] += 1
+            cs = int(checksums(frames.content[pfn:pfn + 1], self.profile.ksm_checksum)[0])
+            if int(items.oldchecksum[item]) != cs:
+                items.oldchecksum[item] = cs
+                return                                   # volatile: changed since last visit
+            if self._merge_with_zero_page(item, pfn) == 0:
+                return
+        kpfn = self.stable_tree_search(pfn)
+        if kpfn == pfn and items.head[item] == node and items.flags[item] & STABLE_FLAG:
+            return
+        self.remove_rmap_item_from_tree(item)
+        if kpfn >= 0:
+            if self._merge_with_ksm_page(item, pfn, kpfn) == 0:
+                self.stable_tree_append(item, int(frames.owner[kpfn]))
+            return
+        tree_item, tree_pfn = self.unstable_tree_search_insert(item, pfn)
+        if tree_item == NIL:
+            return
+        if self._merge_with_ksm_page(item, pfn, None) != 0:
+            return
+        if self._merge_with_ksm_page(tree_item, tree_pfn, pfn) != 0:
+            self._break_cow(item)
+            return
+        new = self.stable_tree_insert(pfn)
+        if new != NIL:
+            self.stable_tree_append(tree_item, new)
+            self.stable_tree_append(item, new)
+        else:
+            self._break_cow(tree_item)
+            self._break_cow(item)
+
+    # ======================================================================================
+    # the scan
+    def _should_skip(self, item: int, pfn: int) -> bool:
+        """Smart scan: pages that never merge are visited less and less often."""
+        if not (self.profile.ksm_smart_scan and self.knobs.smart_scan):
+            return False
+        if self.host.frames.flags[pfn] & PG_KSM:
+            return False
+        items = self.items
+        age = int(items.age[item])
+        if age != 255:
+            items.age[item] = age + 1
+        if age < 3:
+            return False
+        if items.remaining_skips[item] == 0:
+            items.remaining_skips[item] = 1 if age <= 3 else 2 if age <= 5 else 4 if age <= 8 else 8
+            return False
+        self.c.pages_skipped += 1
+        items.remaining_skips[item] -= 1
+        self.remove_rmap_item_from_tree(item)
+        return True
+
+    def _next_item(self, slot: MmSlot, vpn: int) -> int:
+        """get_next_rmap_item: the item for ``vpn``, freeing the ones before it."""
+        items = self.items
+        prev = self.prev_item
+        cur = slot.rmap_list if prev == NIL else int(items.rnext[prev])
+        while cur != NIL:
+            addr = int(items.address[cur])
+            if addr == vpn:
+                return cur
+            if addr > vpn:
+                break
+            nxt = int(items.rnext[cur])
+            self._unlink_item(slot, prev, nxt)
+            self.remove_rmap_item_from_tree(cur)
+            self._free_item(cur)
+            cur = nxt
+        new = items.alloc(slot.mm.id, vpn)
+        slot.mm.ksm_rmap_items += 1
+        items.rnext[new] = cur
+        self._unlink_item(slot, prev, new)
+        return new
+
+    def _unlink_item(self, slot: MmSlot, prev: int, nxt: int) -> None:
+        if prev == NIL:
+            slot.rmap_list = nxt
+        else:
+            self.items.rnext[prev] = nxt
+
+    def _free_item(self, item: int) -> None:
+        self._mm(item).ksm_rmap_items -= 1
+        self.items.free(item)
+
+    def _remove_trailing(self, slot: MmSlot, prev: int) -> None:
+        cur = slot.rmap_list if prev == NIL else int(self.items.rnext[prev])
+        self._unlink_item(slot, prev, NIL)
+        while cur != NIL:
+            nxt = int(self.items.rnext[cur])
+            self.remove_rmap_item_from_tree(cur)
+            self._free_item(cur)
+            cur = nxt
+
+    def _candidates(self, vma: Vma) -> np.ndarray:
+        cached = self._cand_cache.get(id(vma))
+        if cached is None or cached[0] != vma.mm.pt_gen or cached[2] is not vma:
+            cached = (vma.mm.pt_gen, pages.candidate_offsets(self.host, vma), vma)
+            self._cand_cache[id(vma)] = cached
+        return cached[1]
+
+    def _start_full_scan(self) -> bool:
+        if not self.knobs.merge_across_nodes:
+            for node in list(self.nodes.migrate_nodes):
+                self.get_page(node)
+        for tree in self.unstable_trees:
+            tree.clear()
+        self._cand_cache.clear()
+        self.cursor = self.slots[0] if self.slots else None
+        self.on_scan_start()
+        return self.cursor is not None
+
+    def on_scan_start(self) -> None:
+        """Hook for the advisor (ksmd.py)."""
+
+    def on_scan_end(self) -> None:
+        """Hook for the advisor (ksmd.py)."""
+
+    def scan_get_next_rmap_item(self) -> tuple[int, int] | None:
+        """The next (rmap_item, pfn) to process, or None at the end of a full scan."""
+        if not self.slots:
+            return None
+        if self.cursor is None:
+            if not self._start_full_scan():
+                return None
+            self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
+        while True:
+            slot = self.cursor
+            mm = slot.mm
+            if not mm.exiting:
+                for vma in mm.vmas_overlapping(self.address, 1 << 62):
+                    if not vma.flags & VmFlags.MERGEABLE:
+                        continue
+                    self._saw_mergeable = True
+                    if self.address < vma.start:
+                        self.address = vma.start
+                    if vma.anon_vma is None:
+                        self.address = vma.end
+                        continue
+                    cand = self._candidates(vma)
+                    i = int(np.searchsorted(cand, self.address - vma.start))
+                    while i < len(cand):
+                        off = int(cand[i])
+                        i += 1
+                        pfn = pages.anon_page_at(self.host, vma, off)
+                        self.work["ptes_walked"] += 1
+                        if pfn < 0:
+                            continue
+                        vpn = vma.start + off
+                        item = self._next_item(slot, vpn)
+                        self.prev_item = item
+                        self.address = vpn + 1
+                        if self._should_skip(item, pfn):
+                            continue
+                        return item, pfn
+                    self.address = vma.end
+            if mm.exiting:
+                self.prev_item, self._saw_mergeable = NIL, False
+            self._remove_trailing(slot, self.prev_item)
+            idx = self.slots.index(slot)
+            nxt = self.slots[idx + 1] if idx + 1 < len(self.slots) else None
+            if not self._saw_mergeable:
+                self._drop_slot(slot)
+            self.cursor = nxt
+            if nxt is not None:
+                self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
+                continue
+            self.on_scan_end()
+            self.seqnr += 1
+            return None
+
+    def do_scan(self, budget: int) -> int:
+        """ksm_do_scan: process up to ``budget`` pages; returns how many were processed."""
+        done = 0
+        while done < budget:
+            nxt = self.scan_get_next_rmap_item()
+            if nxt is None:
+                break
+            item, pfn = nxt
+            self.cmp_and_merge_page(pfn, item)
+            self.c.pages_scanned += 1
+            done += 1
+        return done
+
+    def should_run(self) -> bool:
+        return bool(self.knobs.run & RUN_MERGE) and bool(self.slots) and not self.knobs.run & RUN_OFFLINE
+
+    # ======================================================================================
+    # registration: madvise, prctl, fork, exit
+    def _drop_slot(self, slot: MmSlot) -> None:
+        self.slots.remove(slot)
+        del self.slot_of[slot.mm.id]
+        slot.mm.ksm_mergeable = False
+        slot.mm.ksm_merge_any = False
+
+    def ksm_enter(self, mm: "MM") -> None:
+        """__ksm_enter: a new slot goes just behind the cursor (at the tail during run=2)."""
+        slot = MmSlot(mm)
+        was_empty = not self.slots
+        self.slot_of[mm.id] = slot
+        if self.knobs.run & RUN_UNMERGE or self.cursor is None:
+            self.slots.append(slot)
+        else:
+            self.slots.insert(self.slots.index(self.cursor), slot)
+        mm.ksm_mergeable = True
+        if was_empty:
+            self.wakeup()
+
+    def madvise(self, vma: Vma, mergeable: bool) -> int:
+        if mergeable:
+            if vma.flags & VmFlags.MERGEABLE or not vma.ksm_compatible:
+                return 0
+            if not vma.mm.ksm_mergeable:
+                self.ksm_enter(vma.mm)
+            vma.flags |= VmFlags.MERGEABLE
+            return 0
+        if not vma.flags & VmFlags.MERGEABLE:
+            return 0
+        if vma.anon_vma is not None:
+            rc = self.unmerge_range(vma, 0, vma.pages)
+            if rc:
+                return rc
+        vma.flags &= ~VmFlags.MERGEABLE
+        return 0
+
+    def unmerge_range(self, vma: Vma, lo: int, hi: int) -> int:
+        """unmerge_ksm_pages: break every KSM page and KSM zero page in [lo, hi)."""
+        flags = vma.ptef[lo:hi]
+        present = (flags & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT
+        ksm = np.zeros(hi - lo, dtype=bool)
+        ksm[present] = (self.host.frames.flags[vma.pte[lo:hi][present]] & PG_KSM) != 0
+        targets = np.flatnonzero(ksm | ((flags & PTE_KSM_ZERO) != 0)) + lo
+        try:
+            for off in targets:
+                pages.break_ksm(self.host, vma, int(off))
+        except OutOfMemory:
+            return -errno.ENOMEM
+        return 0
+
+    def vma_created(self, vma: Vma) -> None:
+        if vma.mm.ksm_merge_any and vma.ksm_compatible:
+            vma.flags |= VmFlags.MERGEABLE
+
+    def prctl_set_memory_merge(self, mm: "MM", enable: bool) -> int:
+        """PR_SET_MEMORY_MERGE: merge-any on (every compatible VMA) or off (unmerge all)."""
+        if enable:
+            if mm.ksm_merge_any:
+                return 0
+            if not mm.ksm_mergeable:
+                self.ksm_enter(mm)
+            mm.ksm_merge_any = True
+            for vma in mm.vmas:
+                if vma.ksm_compatible:
+                    vma.flags |= VmFlags.MERGEABLE
+            return 0
+        if not mm.ksm_merge_any:
+            return 0
+        for vma in mm.vmas:
+            rc = self.madvise(vma, False)
+            if rc:
+                for v in mm.vmas:
+                    if v.ksm_compatible:
+                        v.flags |= VmFlags.MERGEABLE
+                return rc
+        mm.ksm_merge_any = False
+        return 0
+
+    def fork(self, parent: "MM", child: "MM") -> None:
+        """ksm_fork: the child of a registered mm is registered; its counters start afresh."""
+        child.ksm_merging_pages = 0
+        child.ksm_rmap_items = 0
+        child.ksm_zero_pages = parent.ksm_zero_pages      # the KSM zero PTEs were copied
+        self.c.ksm_zero_pages += child.ksm_zero_pages
+        if parent.ksm_mergeable:
+            self.ksm_enter(child)
+        else:
+            child.ksm_merge_any = False
+
+    def exit(self, mm: "MM") -> None:
+        """__ksm_exit: free an idle slot now, else leave it right after the cursor for ksmd."""
+        slot = self.slot_of.get(mm.id)
+        if slot is None or slot is self.cursor:
+            return
+        self.slots.remove(slot)
+        if slot.rmap_list == NIL:
+            del self.slot_of[mm.id]
+            mm.ksm_mergeable = False
+            mm.ksm_merge_any = False
+        else:
+            at = 0 if self.cursor is None else self.slots.index(self.cursor) + 1
+            self.slots.insert(at, slot)
+
+    def zero_pages_unmapped(self, mm: "MM", count: int) -> None:
+        mm.ksm_zero_pages -= count
+        self.c.ksm_zero_pages -= count
+
+    # ======================================================================================
+    # rmap of KSM pages
+    def rmap_walk(self, pfn: int, visit) -> int:
+        """rmap_walk_ksm: each item's anon_vma, own mm first, then forked mms."""
+        node = int(self.host.frames.owner[pfn])
+        if node == NO_OWNER or self.nodes.kind[node] == FREE:
+            return 0
+        visited = 0
+        items = self.items
+        for search_new_forks in (False, True):
+            it = int(self.nodes.hhead[node])
+            while it != NIL:
+                av = self.host.anon_vmas.by_id.get(int(items.anon_vma[it]))
+                vpn = int(items.address[it])
+                mm_id = int(items.mm[it])
+                for vma in (list(av.vmas) if av is not None else ()):
+                    if not vma.start <= vpn < vma.end or (vma.mm.id == mm_id) == search_new_forks:
+                        continue
+                    visited += 1
+                    off = vpn - vma.start
+                    if pages.anon_page_at(self.host, vma, off) == pfn and visit(vma, off) is False:
+                        return visited
+                it = int(items.hnext[it])
+        return visited
+
+    # ======================================================================================
+    # run=2 and the knobs
+    def unmerge_all(self) -> int:
+        """unmerge_and_remove_all_rmap_items: break every merge, free every item, seqnr=0."""
+        self.cursor = self.slots[0] if self.slots else None
+        while self.cursor is not None:
+            slot = self.cursor
+            mm = slot.mm
+            for vma in list(mm.vmas):
+                if mm.exiting:
+                    break
+                if vma.flags & VmFlags.MERGEABLE and vma.anon_vma is not None:
+                    rc = self.unmerge_range(vma, 0, vma.pages)
+                    if rc:
+                        self.cursor = None
+                        return rc
+            self.prev_item = NIL
+            self._remove_trailing(slot, NIL)
+            idx = self.slots.index(slot)
+            self.cursor = self.slots[idx + 1] if idx + 1 < len(self.slots) else None
+            if mm.exiting:
+                self._drop_slot(slot)
+        self.remove_all_stable_nodes()
+        self.seqnr = 0
+        return 0
+
+    def _remove_stable_node(self, node: int) -> bool:
+        """remove_stable_node: False (busy) when the KSM page is still mapped somewhere."""
+        pfn = self.get_page(node)
+        if pfn < 0:
+            return True
+        if self.host.frames.mapcount[pfn] > 0:
+            return False
+        self.host.frames.owner[pfn] = NO_OWNER
+        self.remove_node_from_stable_tree(node)
+        return True
+
+    def remove_all_stable_nodes(self) -> bool:
+        """Remove every stable node whose page is unmapped; False if any stays busy."""
+        ok = True
+        for nid, tree in enumerate(self.stable_trees):
+            while tree.root != NIL:
+                node = tree.root
+                if self.nodes.kind[node] == CHAIN:
+                    busy = any(not self._remove_stable_node(d) for d in self.nodes.dups(node))
+                    if busy:
+                        ok = False
+                        break
+                    self._free_chain(node)
+                elif not self._remove_stable_node(node):
+                    ok = False
+                    break
+        for node in list(self.nodes.migrate_nodes):
+            if not self._remove_stable_node(node):
+                ok = False
+        return ok
+
+    def write_knob(self, name: str, text) -> int:
+        """A write to /sys/kernel/mm/ksm/NAME: 0 or -errno, effects applied."""
+        available = KNOBS_6_18 if self.profile.ksm_advisor else KNOBS_2_6_33
+        if name not in available:
+            return -errno.ENOENT
+        rc, value = self.knobs.parse(name, text)
+        if rc:
+            return rc
+        k = self.knobs
+        if name == "run":
+            if k.run & RUN_OFFLINE:
+                return -errno.EBUSY     # the writer would block until offlining ends
+            if k.run != value:
+                k.run = value
+                if value & RUN_UNMERGE:
+                    rc = self.unmerge_all()
+                    if rc:
+                        k.run = 0
+                        return rc
+            if value & RUN_MERGE:
+                self.wakeup()
+            return 0
+        if name in ("max_page_sharing", "merge_across_nodes"):
+            if getattr(k, name) == value:
+                return 0
+            if self.c.pages_shared or not self.remove_all_stable_nodes():
+                return -errno.EBUSY
+            setattr(k, name, value)
+            return 0
+        if name == "advisor_mode":
+            if value != k.advisor_mode:
+                k.advisor_mode = value
+                k.pages_to_scan = k.advisor_min_pages_to_scan if value == "scan-time" else 100
+                self.on_advisor_reset()
+            return 0
+        setattr(k, name, value)
+        if name == "sleep_millisecs":
+            self.wakeup()
+        return 0
+
+    def on_advisor_reset(self) -> None:
+        """Hook for the advisor (ksmd.py)."""
+
+    # ======================================================================================
+    # statistics
+    def stats(self) -> dict:
+        c = self.c
+        return {
+            "full_scans": self.seqnr, "pages_scanned": c.pages_scanned, "pages_skipped": c.pages_skipped,
+            "pages_shared": c.pages_shared, "pages_sharing": c.pages_sharing,
+            "pages_unshared": c.pages_unshared, "pages_volatile": self.pages_volatile,
+            "ksm_zero_pages": c.ksm_zero_pages, "stable_node_chains": c.stable_node_chains,
+            "stable_node_dups": c.stable_node_dups, "general_profit": self.general_profit,
+        }
+
+    @staticmethod
+    def ksm_stat(mm: "MM") -> dict:
+        """/proc/PID/ksm_stat of one mm."""
+        return {
+            "ksm_rmap_items": mm.ksm_rmap_items,
+            "ksm_zero_pages": mm.ksm_zero_pages,
+            "ksm_merging_pages": mm.ksm_merging_pages,
+            "ksm_process_profit": (mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
+                                  - mm.ksm_rmap_items * RMAP_ITEM_BYTES,
+            "ksm_merge_any": mm.ksm_merge_any,
+            "ksm_mergeable": any(v.flags & VmFlags.MERGEABLE for v in mm.vmas),
+        }

@@ -1,0 +1,98 @@
+"""rmap_items and mm_slots: KSM's record of every page it has looked at.
+
+An rmap_item stands for one (mm, virtual page) that ksmd found holding an
+anonymous page. Items live in struct-of-arrays form; an item id indexes every
+array. Each mm_slot keeps its items in a singly linked list sorted by address
+(``rnext``), which ksmd walks in step with the page tables, freeing items
+whose pages have gone and inserting new ones in order, exactly as the
+kernel's ``rmap_list`` works.
+
+An item is in at most one tree:
+
+- unstable: ``flags`` has UNSTABLE and the low byte of the scan number that
+  inserted it; it is a node of the unstable rbtree of ``nid`` (links in
+  ``links``);
+- stable: ``flags`` has STABLE; ``head`` is its stable_node and it sits on
+  that node's list (``hnext``/``hprev``), holding a reference on the
+  ``anon_vma`` of its VMA so that rmap can reach the mapping.
+
+``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
+``age`` and ``remaining_skips`` drive smart scan.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vmhost.ksm.rbtree import NIL, NodeLinks
+
+if TYPE_CHECKING:
+    from vmhost.mm.mm import MM
+
+SEQNR_MASK = 0x0FF
+UNSTABLE_FLAG = 0x100
+STABLE_FLAG = 0x200
+RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in profit figures
+
+
+class RmapItems:
+    _FIELDS = (("mm", np.int32, -1), ("address", np.int64, 0), ("flags", np.uint16, 0),
+               ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
+               ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
+               ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL))
+
+    def __init__(self, capacity: int = 1024):
+        for name, dtype, fill in self._FIELDS:
+            setattr(self, name, np.full(capacity, fill, dtype=dtype))
+        self.links = NodeLinks(capacity)
+        self._free = list(range(capacity - 1, -1, -1))
+        self.count = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.mm)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+
+    def _grow(self) -> None:
+        old = self.capacity
+        new = old * 2
+        for name, dtype, fill in self._FIELDS:
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.full(new - old, fill, dtype=dtype)]))
+        self.links.grow(new)
+        self._free.extend(range(new - 1, old - 1, -1))
+
+    def alloc(self, mm_id: int, address: int) -> int:
+        """A zeroed item for (mm, address), as kmem_cache_zalloc gives it."""
+        if not self._free:
+            self._grow()
+        item = self._free.pop()
+        for name, _, fill in self._FIELDS:
+            getattr(self, name)[item] = fill
+        self.mm[item] = mm_id
+        self.address[item] = address
+        self.count += 1
+        return item
+
+    def free(self, item: int) -> None:
+        self.mm[item] = -1
+        self._free.append(item)
+        self.count -= 1
+
+
+class MmSlot:
+    """KSM's per-mm record: the mm and the head of its sorted rmap_item list."""
+
+    __slots__ = ("mm", "rmap_list")
+
+    def __init__(self, mm: "MM"):
+        self.mm = mm
+        self.rmap_list = NIL
+
+    def __repr__(self) -> str:
+        return f"MmSlot(mm={self.mm.id})"

@@ -1,0 +1,112 @@
+"""ksmd: the KSM thread on the virtual clock, and what its work costs in CPU time.
+
+ksmd wakes, processes up to ``pages_to_scan`` pages (a full-scan boundary
+always ends the batch), then sleeps ``sleep_millisecs``; with nothing
+registered, or run != 1, it waits to be woken (by a run=1 write or the first
+mm registering). While memory goes offline it is parked.
+
+CPU time is modelled per operation, from the engine's work counters:
+
+==================  ========  ================================================
+operation           cost      why
+==================  ========  ================================================
+page visited        200 ns    PTE walk, rmap_item lookup (a pass over merged
+                              pages runs at 4-5 M pages/s here)
+checksum            550 ns    xxhash32 of 4 KiB (first pass ~1.3 M pages/s)
+tree comparison     200 ns    memcmp of two pages, mostly cache misses (a
+                              steady pass over unique pages: 0.2-0.26 M/s)
+merge               2 us      write-protect, TLB flush, PTE replace
+==================  ========  ================================================
+
+The figures are those measured for the real ksmd on this project's machines
+(``../shared/spec/platform.md`` section 1); ``vmhost bench ksm`` compares the
+model's scan times with the real kernel's.
+
+The scan-time advisor (advisor_mode=scan-time) retunes pages_to_scan at the
+end of every full scan from the scan time and ksmd's CPU share, as 6.8 does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmhost.clock import NS_PER_MS, Clock, Event
+
+if TYPE_CHECKING:
+    from vmhost.ksm.engine import Ksm
+
+COST_NS = {"pages": 200, "checksums": 550, "tree_compares": 200, "merges": 2000, "dups_walked": 100}
+EWMA_WEIGHT = 30
+ADVISOR_MIN_CPU = 10
+
+
+class Ksmd:
+    def __init__(self, ksm: "Ksm", clock: Clock):
+        self.ksm = ksm
+        self.clock = clock
+        self.cpu_ns = 0                      # ksmd's CPU time so far
+        self.batches = 0
+        self._event: Event | None = None
+        self._advisor = {"start": 0, "scan_time": 0, "change": 0, "cpu_ns": 0}
+        ksm.wakeup = self.wake
+        ksm.on_scan_start = self._advisor_start
+        ksm.on_scan_end = self._advisor_stop
+        ksm.on_advisor_reset = self._advisor_reset
+
+    # -- the thread loop -------------------------------------------------------------------
+    def wake(self) -> None:
+        """Wake ksmd now if it is idle or sleeping (run=1, a first mm, a new sleep time)."""
+        if self._event is not None:
+            self._event.cancel()
+        self._event = self.clock.at(self.clock.now, self._tick)
+
+    def _tick(self) -> None:
+        self._event = None
+        ksm = self.ksm
+        if not ksm.should_run():
+            return                            # wait to be woken
+        before = sum(ksm.work[k] * COST_NS.get(k, 0) for k in ksm.work)
+        done = ksm.do_scan(ksm.knobs.pages_to_scan)
+        after = sum(ksm.work[k] * COST_NS.get(k, 0) for k in ksm.work)
+        cost = after - before + done * COST_NS["pages"]
+        self.cpu_ns += cost
+        self.batches += 1
+        if ksm.should_run():
+            self._event = self.clock.at(self.clock.now + cost + ksm.knobs.sleep_millisecs * NS_PER_MS,
+                                        self._tick)
+
+    def run_full_scans(self, count: int) -> int:
+        """Let ksmd run until ``count`` more full scans completed or it went idle."""
+        target = self.ksm.seqnr + count
+        if self._event is None:
+            self.wake()
+        self.clock.run_while(lambda: self.ksm.seqnr < target)
+        return self.ksm.seqnr - (target - count)
+
+    # -- the scan-time advisor ----------------------------------------------------------------
+    def _advisor_start(self) -> None:
+        if self.ksm.knobs.advisor_mode == "scan-time":
+            self._advisor["start"] = self.clock.now
+
+    def _advisor_reset(self) -> None:
+        self._advisor = {"start": 0, "scan_time": 0, "change": 0, "cpu_ns": 0}
+
+    def _advisor_stop(self) -> None:
+        k = self.ksm.knobs
+        if k.advisor_mode != "scan-time":
+            return
+        a = self._advisor
+        scan_time = max((self.clock.now - a["start"]) // (1000 * NS_PER_MS), 1)
+        cpu_ms = (self.cpu_ns - a["cpu_ns"]) // NS_PER_MS
+        cpu_percent = max(cpu_ms * 100 // (scan_time * 1000), 1)
+        last = a["scan_time"] or scan_time
+        factor = max(k.advisor_target_scan_time * 100 // scan_time, 1)
+        change = max(scan_time * 100 // last, 1)
+        change = ((100 - EWMA_WEIGHT) * a["change"] + EWMA_WEIGHT * change) // 100
+        pages = k.pages_to_scan * 100 // factor * change // 100
+        per_page_cost = max(k.pages_to_scan // cpu_percent, 1)
+        pages = min(pages, per_page_cost * k.advisor_max_cpu)
+        pages = max(pages, per_page_cost * ADVISOR_MIN_CPU)
+        pages = min(pages, k.advisor_max_pages_to_scan)
+        a.update(change=change, scan_time=scan_time, cpu_ns=self.cpu_ns)
+        k.pages_to_scan = pages

@@ -1,0 +1,95 @@
+"""stable_nodes: one per KSM page, plus the chains that group copies of one content.
+
+A stable node is the stable tree's record of a KSM page: ``kpfn`` is the
+frame (a pfn, not a reference: the node does not pin the page; the page's
+``owner`` pointing back at the node is the "keyhole" that proves the node is
+still valid), ``hlist_len`` counts the rmap_items on its list (``hhead``).
+
+Since 4.13 a content may need several KSM pages, each shared by at most
+max_page_sharing mappings. Then the tree holds a *chain* node for the content
+and the KSM pages' nodes become its *dups*, listed from ``dhead`` through
+``dnext``/``dprev``; a chain remembers when it was last pruned of stale dups.
+A node whose page migrated to another NUMA node while merge_across_nodes=0
+waits on the ``migrate_nodes`` list to be re-homed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vmhost.ksm.rbtree import NIL, NodeLinks
+
+FREE, NODE, DUP, CHAIN, MIGRATE = 0, 1, 2, 3, 4
+
+
+class StableNodes:
+    _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int64, -1), ("prune_time", np.int64, 0),
+               ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
+               ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
+               ("dprev", np.int32, NIL))
+
+    def __init__(self, capacity: int = 256):
+        for name, dtype, fill in self._FIELDS:
+            setattr(self, name, np.full(capacity, fill, dtype=dtype))
+        self.links = NodeLinks(capacity)
+        self._free = list(range(capacity - 1, -1, -1))
+        self.migrate_nodes: dict[int, None] = {}     # ordered: newest first is list_add's order
+
+    @property
+    def capacity(self) -> int:
+        return len(self.kind)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+
+    def alloc(self, kind: int) -> int:
+        if not self._free:
+            old = self.capacity
+            for name, dtype, fill in self._FIELDS:
+                arr = getattr(self, name)
+                setattr(self, name, np.concatenate([arr, np.full(old, fill, dtype=dtype)]))
+            self.links.grow(2 * old)
+            self._free.extend(range(2 * old - 1, old - 1, -1))
+        node = self._free.pop()
+        for name, _, fill in self._FIELDS:
+            getattr(self, name)[node] = fill
+        self.kind[node] = kind
+        return node
+
+    def free(self, node: int) -> None:
+        self.kind[node] = FREE
+        self._free.append(node)
+
+    def live(self) -> np.ndarray:
+        return np.flatnonzero(self.kind != FREE)
+
+    # -- the dup list of a chain (hlist_add_head / hlist_del) --------------------------------
+    def add_dup(self, chain: int, dup: int) -> None:
+        self.kind[dup] = DUP
+        self.chain[dup] = chain
+        first = int(self.dhead[chain])
+        self.dnext[dup] = first
+        self.dprev[dup] = NIL
+        if first != NIL:
+            self.dprev[first] = dup
+        self.dhead[chain] = dup
+
+    def del_dup(self, dup: int) -> None:
+        chain = int(self.chain[dup])
+        prev, nxt = int(self.dprev[dup]), int(self.dnext[dup])
+        if prev == NIL:
+            self.dhead[chain] = nxt
+        else:
+            self.dnext[prev] = nxt
+        if nxt != NIL:
+            self.dprev[nxt] = prev
+        self.chain[dup] = NIL
+        self.dnext[dup] = self.dprev[dup] = NIL
+
+    def dups(self, chain: int) -> list[int]:
+        out, d = [], int(self.dhead[chain])
+        while d != NIL:
+            out.append(d)
+            d = int(self.dnext[d])
+        return out
