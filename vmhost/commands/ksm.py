@@ -1,0 +1,64 @@
+"""``vmhost ksm ...``: KSM traces in the emulator and in the kernel, and the sysfs view."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vmhost.commands.common import Parser, print_trace_result
+
+
+def register(sub) -> None:
+    ksm = sub.add_parser("ksm", help="KSM traces: replay in the emulator, run in the kernel")
+    ksm_sub = ksm.add_subparsers(dest="ksm", required=True, parser_class=Parser)
+    replay = ksm_sub.add_parser("replay", help="replay a KSM trace in the emulator")
+    replay.add_argument("trace")
+    replay.add_argument("--json", action="store_true", help="print the result as JSON")
+    replay.add_argument("--check", action="store_true",
+                        help="run the invariant checker after every step")
+    replay.add_argument("--sysfs", metavar="DIR",
+                        help="also write the final state as a KSM sysfs directory")
+    replay.set_defaults(func=_replay)
+    oracle = ksm_sub.add_parser("oracle", help="run a KSM trace in this machine's kernel (root)")
+    oracle.add_argument("trace")
+    oracle.add_argument("--json", action="store_true", help="print the result as JSON")
+    oracle.set_defaults(func=_oracle)
+    sysfs = ksm_sub.add_parser("sysfs", help="write the state after a trace as /sys/kernel/mm/ksm files")
+    sysfs.add_argument("directory")
+    sysfs.add_argument("--trace", required=True, help="the trace whose final state is written")
+    sysfs.set_defaults(func=_sysfs)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from vmhost.ksm import sysfs
+    from vmhost.ksm.replay import Replay
+    from vmhost.ksm.trace import load_trace
+    run = Replay(load_trace(args.trace), check_invariants=args.check)
+    result = run.run()
+    if args.sysfs:
+        sysfs.write(run.ksm, args.sysfs)
+    print_trace_result(result, args.json)
+    return 0
+
+
+def _oracle(args: argparse.Namespace) -> int:
+    from vmhost.ksm.oracle import OracleError, run_oracle
+    from vmhost.ksm.trace import load_trace
+    trace = load_trace(args.trace)
+    try:
+        result = run_oracle(trace)
+    except OracleError as exc:
+        print(f"vmhost: ksm oracle: {exc}", file=sys.stderr)
+        return 1
+    print_trace_result(result, args.json)
+    return 0
+
+
+def _sysfs(args: argparse.Namespace) -> int:
+    from vmhost.ksm import sysfs
+    from vmhost.ksm.replay import Replay
+    from vmhost.ksm.trace import load_trace
+    run = Replay(load_trace(args.trace))
+    run.run()
+    print(sysfs.write(run.ksm, args.directory))
+    return 0
