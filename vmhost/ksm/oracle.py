@@ -54,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -591,6 +592,31 @@ def _restore_ksm(saved: dict[str, str]) -> list[str]:
 def saved_knobs() -> dict[str, str]:
     """Current value of every writable knob, in restore order (run handled separately)."""
     return {name: read_knob(name) for name in DEFAULTS}
+
+
+@contextmanager
+def exclusive_kernel_ksm():
+    """Hold the real KSM for a measurement other than a trace (benchmarks, live guests).
+
+    Takes the oracle's lock, refuses when another process uses KSM, brings KSM to rest with
+    every knob at its default (then pages_to_scan 1,000,000 and sleep_millisecs 50), and on
+    the way out, even on error, unmerges everything and puts every knob back as it was found.
+    The caller starts its own mergeable processes inside the block and stops them before it
+    ends.
+    """
+    lock = _acquire_lock()
+    try:
+        _refuse_unless_safe()
+        saved = saved_knobs()
+        try:
+            _reset_ksm()
+            yield
+        finally:
+            failed = _restore_ksm(saved)
+            if failed and sys.exc_info()[0] is None:
+                raise OracleError("could not restore KSM knobs: " + "; ".join(failed))
+    finally:
+        os.close(lock)
 
 
 def run_oracle(trace: Trace, timeout: float = TRACE_TIMEOUT_S) -> dict:
