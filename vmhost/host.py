@@ -33,8 +33,11 @@ GIB = 1 << 30
 class Host:
     def __init__(self, topology: Topology | None = None, *, block_pages: int = DEFAULT_BLOCK_PAGES,
                  profile: str | Profile = DEFAULT_PROFILE, swap: Iterable[SwapDevice] = (),
-                 movable_nodes: tuple[int, ...] = ()):
+                 movable_nodes: tuple[int, ...] = (), thp: str = "madvise"):
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
+        if thp not in ("always", "madvise", "never"):
+            raise ValueError(f"THP mode must be always, madvise or never, not {thp!r}")
+        self.thp_mode = thp
         self.topology = topology or Topology.uniform(1, 4 * GIB)
         self.phys = PhysicalMemory(self.topology, block_pages, movable_nodes)
         self.frames = FrameTable(self.phys.total_pages)

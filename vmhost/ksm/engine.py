@@ -39,7 +39,8 @@ from vmhost.ksm.knobs import KNOBS_2_6_33, KNOBS_6_18, RUN_MERGE, RUN_OFFLINE, R
 from vmhost.ksm.pages import EFAULT, ZERO_PAGE, find_mergeable_vma
 from vmhost.ksm.rbtree import NIL, RbTree
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE, StableNodes
-from vmhost.mm.frames import NO_OWNER, PG_ANON, PG_KSM, PG_SWAPCACHE
+from vmhost.mm import thp
+from vmhost.mm.frames import NO_OWNER, PG_ANON, PG_COMPOUND, PG_KSM, PG_SWAPCACHE
 from vmhost.mm.hooks import KsmHooks
 from vmhost.mm.page_alloc import OutOfMemory
 from vmhost.mm.vma import PTE_KSM_ZERO, PTE_PRESENT, PTE_ZERO, VmFlags, Vma
@@ -451,13 +452,21 @@ class Ksm(KsmHooks):
 
     # ======================================================================================
     # merging
-    def _merge_one(self, vma: Vma, off: int, pfn: int, kpfn: int | None) -> int:
-        """try_to_merge_one_page; ``kpfn`` None turns ``pfn`` itself into a KSM page."""
+    def _merge_one(self, vma: Vma, off: int, pfn: int, kpfn: int | None, held: int = -1) -> int:
+        """try_to_merge_one_page; ``kpfn`` None turns ``pfn`` itself into a KSM page.
+
+        ``held`` is the other page ksmd holds a reference to: a huge page cannot
+        be split while ksmd holds two of its pages, so that merge fails.
+        """
         if pfn == kpfn:
             return 0
         frames = self.host.frames
         if not frames.flags[pfn] & (PG_ANON | PG_KSM):
             return EFAULT
+        if frames.flags[pfn] & PG_COMPOUND:
+            if held >= 0 and thp.same_folio(self.host, pfn, held):
+                return EFAULT
+            thp.split_huge_page(self.host, pfn)
         if pages.write_protect(self.host, vma, off, pfn):
             return EFAULT
         self.work["merges"] += 1
@@ -477,14 +486,14 @@ class Ksm(KsmHooks):
             return EFAULT                         # pages_identical
         return pages.replace(self.host, vma, off, pfn, kpfn)
 
-    def _merge_with_ksm_page(self, item: int, pfn: int, kpfn: int | None) -> int:
+    def _merge_with_ksm_page(self, item: int, pfn: int, kpfn: int | None, held: int = -1) -> int:
         """try_to_merge_with_ksm_page: merge and take a reference on the VMA's anon_vma."""
         mm = self._mm(item)
         vpn = int(self.items.address[item])
         vma = find_mergeable_vma(mm, vpn)
         if vma is None:
             return EFAULT
-        err = self._merge_one(vma, vpn - vma.start, pfn, kpfn)
+        err = self._merge_one(vma, vpn - vma.start, pfn, kpfn, held)
         if err:
             return err
         self.remove_rmap_item_from_tree(item)
@@ -541,9 +550,11 @@ class Ksm(KsmHooks):
         tree_item, tree_pfn = self.unstable_tree_search_insert(item, pfn)
         if tree_item == NIL:
             return
-        if self._merge_with_ksm_page(item, pfn, None) != 0:
+        if self._merge_with_ksm_page(item, pfn, None, held=tree_pfn) != 0:
+            if thp.same_folio(self.host, pfn, tree_pfn):
+                thp.split_huge_page(self.host, pfn)      # both in one huge page: split it now
             return
-        if self._merge_with_ksm_page(tree_item, tree_pfn, pfn) != 0:
+        if self._merge_with_ksm_page(tree_item, tree_pfn, pfn, held=pfn) != 0:
             self._break_cow(item)
             return
         new = self.stable_tree_insert(pfn)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vmhost.mm import thp
 from vmhost.mm.frames import PG_DIRTY, PG_KSM, PG_MLOCKED, PG_SHMEM
 from vmhost.mm.vma import (NO_PFN, PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE,
                            PTE_YOUNG, PTE_ZERO, VmFlags, Vma)
@@ -48,7 +49,11 @@ def write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarra
         assert not (flags & PTE_SWAP).any(), "swapped pages need the swap subsystem"
         fresh = (flags & PTE_PRESENT == 0) | (flags & PTE_ZERO != 0)
         if fresh.any():
-            _replace_zero_or_none(host, vma, offsets[fresh])
+            _fault_huge(host, vma, offsets[fresh])
+            still = offsets[fresh]
+            still = still[(vma.ptef[still] & PTE_PRESENT == 0) | (vma.ptef[still] & PTE_ZERO != 0)]
+            if len(still):
+                _replace_zero_or_none(host, vma, still)
         cow = (flags & (PTE_PRESENT | PTE_WRITE | PTE_ZERO)) == PTE_PRESENT
         if cow.any():
             _copy_on_write(host, vma, offsets[cow])
@@ -81,6 +86,25 @@ def peek(host: "Host", vma: Vma, lo: int, hi: int) -> np.ndarray:
         hit = ~mapped & (cached != NO_PFN)
         out[hit] = host.frames.content[cached[hit]]
     return out
+
+
+def _fault_huge(host: "Host", vma: Vma, offs: np.ndarray) -> None:
+    """Map whole transparent huge pages where the VMA and the 2 MiB range allow it."""
+    starts = thp.huge_candidates(host, vma, offs)
+    if len(starts) == 0:
+        return
+    policy = vma.policy or vma.mm.policy
+    nodes = policy.preferred_nodes(vma.mm.home_node, vma.linear_index(starts))
+    for start, node in zip(starts, nodes):
+        head = host.allocator.alloc_huge(int(node), policy.allowed)
+        if head is None:
+            host.vmstat["thp_fault_fallback"] += 1
+            continue
+        span = slice(int(start), int(start) + thp.HPAGE)
+        ksm_zero = int(np.count_nonzero(vma.ptef[span] & PTE_KSM_ZERO))
+        if ksm_zero:
+            host.ksm.zero_pages_unmapped(vma.mm, ksm_zero)
+        thp.map_huge(host, vma, int(start), head, host.anon_vmas.prepare(vma).id)
 
 
 def _replace_zero_or_none(host: "Host", vma: Vma, offs: np.ndarray) -> None:
@@ -136,6 +160,7 @@ def put_mappings(host: "Host", pfns: np.ndarray) -> None:
     if len(dead):
         frames.clear(dead)
         host.allocator.free(dead)
+    thp.free_unmapped_folios(host, unmapped)
 
 
 def zap(host: "Host", vma: Vma, lo: int, hi: int) -> None:

@@ -7,7 +7,8 @@ Fields, by their kernel counterparts:
   frames hold the same bytes exactly when their ids are equal, so KSM compares
   ids instead of 4 KiB buffers.
 - ``mapcount``: number of page-table entries that map the frame (_mapcount+1).
-- ``refcount``: mappings plus other references (the swap cache, pins).
+- ``refcount``: mappings plus other references (the swap cache, pins, and for
+  each page of a transparent huge page one held by the folio as a whole).
 - ``flags``: PG_* bits below.
 - ``owner``: what ``page->mapping`` points to: an anon_vma id for an anonymous
   page, a stable_node id for a KSM page (the "keyhole" KSM checks to decide a
@@ -31,6 +32,9 @@ PG_REFERENCED = 1 << 6
 PG_ISOLATED = 1 << 7     # taken off the LRU / isolated for offlining
 PG_SHMEM = 1 << 8        # backs a MAP_SHARED anonymous mapping; owner is a shmem id
 PG_KERNEL = 1 << 9       # kernel allocation: unmovable, never mapped to user space
+PG_HEAD = 1 << 10        # first page of a transparent huge page (a 2 MiB folio)
+PG_TAIL = 1 << 11        # one of its other 511 pages; the head is pfn & ~511
+PG_COMPOUND = PG_HEAD | PG_TAIL
 
 NO_OWNER = -1
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_KERNEL, PG_KSM, PG_PINNED, PG_SHMEM,
+from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_KERNEL, PG_KSM, PG_PINNED, PG_SHMEM,
                                PG_SWAPCACHE)
 from vmhost.mm.fault import peek
 from vmhost.mm.vma import NO_PFN, PTE_KSM_ZERO, PTE_PRESENT, PTE_WRITE, PTE_ZERO, VmFlags
@@ -97,6 +97,7 @@ def check(host: "Host", before: Views | None = None) -> None:
 
     extra = (((frames.flags & PG_SWAPCACHE) != 0).astype(np.int64)
              + ((frames.flags & PG_PINNED) != 0)
+             + ((frames.flags & PG_COMPOUND) != 0)
              + (((frames.flags & PG_SHMEM) != 0) & _in_shmem_cache(host, n)))
     bad = np.flatnonzero(frames.refcount != frames.mapcount + extra)
     bad = bad[frames.flags[bad] & PG_KERNEL == 0]        # kernel allocations: references not modelled
@@ -153,8 +154,7 @@ def _check_rmap_links(host: "Host", vma, present: np.ndarray, where: str, proble
 
 def _check_free_lists(host: "Host", problems: list[str]) -> None:
     frames = host.frames
-    on_lists = np.concatenate([s.pfns[: s.top] for s in host.allocator._stacks.values()] or
-                              [np.zeros(0, np.int64)])
+    on_lists = host.allocator.free_pfns()
     if len(np.unique(on_lists)) != len(on_lists):
         problems.append("a frame is on the free lists twice")
     if len(on_lists) and (frames.refcount[on_lists] != 0).any():

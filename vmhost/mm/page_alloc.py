@@ -6,6 +6,13 @@ pages are movable: they may come from ZONE_MOVABLE (tried first, as the
 kernel's zonelist does) or ZONE_NORMAL; kernel allocations only from
 ZONE_NORMAL.
 
+Free memory of a zone is kept in two piles, a rough stand-in for the buddy
+allocator's orders: whole free 2 MiB chunks (what a transparent huge page
+needs) and single free pages. Single pages are taken from the single pile
+first and a chunk is broken up only when that runs dry; freed single pages do
+not coalesce back, so, as on a real host, memory fragments with use and huge
+page allocations can fail while enough single pages are free.
+
 Watermarks follow mm/page_alloc.c: min_free_kbytes = sqrt(16 x lowmem KiB)
 clamped to [128 KiB, 256 MiB] and shared among nodes by size; low and high
 sit min/4 (or watermark_scale_factor of the node, whichever is larger) and
@@ -25,6 +32,7 @@ from hw.memory import MemoryBlock, PhysicalMemory, Zone
 
 PAGE_KIB = 4
 WATERMARK_SCALE_FACTOR = 10  # in 1/10000 of managed pages, the kernel default
+HPAGE = 512                  # pages in a 2 MiB transparent huge page
 
 
 class OutOfMemory(Exception):
@@ -76,31 +84,78 @@ class _FreeStack:
         return removed
 
 
+class _FreeArea:
+    """The free frames of one (node, zone): whole 2 MiB chunks and single pages."""
+
+    __slots__ = ("small", "chunks")
+
+    def __init__(self) -> None:
+        self.small = _FreeStack()
+        self.chunks = _FreeStack()     # first pfn of each free, aligned 2 MiB chunk
+
+    @property
+    def count(self) -> int:
+        return self.small.top + HPAGE * self.chunks.top
+
+    def release(self, pfns: np.ndarray) -> None:
+        """Add free frames: complete aligned chunks go to the chunk pile."""
+        pfns = np.sort(np.asarray(pfns, dtype=np.int64))
+        heads, counts = np.unique(pfns // HPAGE, return_counts=True)
+        whole = heads[counts == HPAGE] * HPAGE
+        rest = pfns[~np.isin(pfns // HPAGE, heads[counts == HPAGE])]
+        self.chunks.push(whole[::-1])
+        self.small.push(rest[::-1])
+
+    def pop_small(self, count: int) -> np.ndarray:
+        while self.small.top < count and self.chunks.top:
+            head = int(self.chunks.pop(1)[0])
+            self.small.push(np.arange(head + HPAGE - 1, head - 1, -1, dtype=np.int64))
+        return self.small.pop(count)
+
+    def pop_chunk(self) -> int | None:
+        return int(self.chunks.pop(1)[0]) if self.chunks.top else None
+
+    def remove_range(self, lo: int, hi: int) -> np.ndarray:
+        small = self.small.pfns[: self.small.top]
+        heads = self.chunks.pfns[: self.chunks.top]
+        taken = [small[(small >= lo) & (small < hi)]]
+        taken += [np.arange(h, h + HPAGE, dtype=np.int64) for h in heads[(heads >= lo) & (heads < hi)]]
+        self.small.remove_range(lo, hi)
+        self.chunks.remove_range(lo, hi)
+        return np.concatenate(taken)
+
+    def all_pfns(self) -> np.ndarray:
+        heads = self.chunks.pfns[: self.chunks.top]
+        expanded = (heads[:, None] + np.arange(HPAGE, dtype=np.int64)).ravel()
+        return np.concatenate([self.small.pfns[: self.small.top], expanded])
+
+
 class PageAllocator:
     def __init__(self, phys: PhysicalMemory):
         self.phys = phys
         nodes = phys.topology.node_count
-        self._stacks = {(n, z): _FreeStack() for n in range(nodes) for z in Zone}
+        self._areas = {(n, z): _FreeArea() for n in range(nodes) for z in Zone}
         self.managed = np.zeros(nodes, dtype=np.int64)   # online pages per node
         self.watermarks = [Watermarks() for _ in range(nodes)]
         self.on_low: Callable[[int], None] | None = None  # kswapd wake-up hook
         self._fallback = [phys.topology.fallback_order(n) for n in range(nodes)]
-        self._interleave_next = 0
 
     # -- block membership -------------------------------------------------------------
+    def _area(self, blk: MemoryBlock) -> _FreeArea:
+        return self._areas[(blk.node, blk.zone)]
+
     def online_block(self, blk: MemoryBlock) -> None:
         usable = blk.pages - blk.hole_pages
-        pfns = np.arange(blk.first_pfn + usable - 1, blk.first_pfn - 1, -1, dtype=np.int64)
-        self._stacks[(blk.node, blk.zone)].push(pfns)   # lowest pfn on top
+        self._area(blk).release(np.arange(blk.first_pfn, blk.first_pfn + usable, dtype=np.int64))
         self.managed[blk.node] += usable
         self._recompute_watermarks()
 
-    def isolate_block(self, blk: MemoryBlock) -> int:
-        """Take the block's free frames off the free lists (MIGRATE_ISOLATE)."""
-        return self._stacks[(blk.node, blk.zone)].remove_range(blk.first_pfn, blk.first_pfn + blk.pages)
+    def isolate_block(self, blk: MemoryBlock) -> np.ndarray:
+        """Take the block's free frames off the free lists (MIGRATE_ISOLATE); returns them."""
+        return self._area(blk).remove_range(blk.first_pfn, blk.first_pfn + blk.pages)
 
     def unisolate_block(self, blk: MemoryBlock, free_pfns: np.ndarray) -> None:
-        self._stacks[(blk.node, blk.zone)].push(free_pfns[::-1])
+        self._area(blk).release(free_pfns)
 
     def offline_block(self, blk: MemoryBlock) -> None:
         """The block's frames (all free and isolated) leave the allocator."""
@@ -119,36 +174,59 @@ class PageAllocator:
 
     # -- queries ------------------------------------------------------------------------
     def free_pages(self, node: int | None = None) -> int:
-        return sum(s.top for (n, _), s in self._stacks.items() if node is None or n == node)
+        return sum(a.count for (n, _), a in self._areas.items() if node is None or n == node)
+
+    def free_pfns(self) -> np.ndarray:
+        """Every frame on a free list (for the invariant checker)."""
+        return np.concatenate([a.all_pfns() for a in self._areas.values()])
 
     def _headroom(self, node: int) -> int:
         return self.free_pages(node) - self.watermarks[node].min
+
+    def _zones(self, kernel: bool) -> tuple[Zone, ...]:
+        return (Zone.NORMAL,) if kernel else (Zone.MOVABLE, Zone.NORMAL)
+
+    def _after_alloc(self, node: int) -> None:
+        if self.on_low is not None and self.free_pages(node) < self.watermarks[node].low:
+            self.on_low(node)
 
     # -- allocation ---------------------------------------------------------------------
     def alloc(self, count: int, preferred: int, allowed: Sequence[int] | None = None,
               kernel: bool = False) -> np.ndarray:
         """Allocate ``count`` frames, preferring ``preferred`` then the nearest nodes."""
         order = [n for n in self._fallback[preferred] if allowed is None or n in allowed]
-        zones = (Zone.NORMAL,) if kernel else (Zone.MOVABLE, Zone.NORMAL)
         taken: list[np.ndarray] = []
         need = count
         for node in order:
             room = self._headroom(node)
-            for zone in zones:
+            for zone in self._zones(kernel):
                 if need == 0 or room <= 0:
                     break
-                got = self._stacks[(node, zone)].pop(min(need, room))
+                got = self._areas[(node, zone)].pop_small(min(need, room))
                 taken.append(got)
                 need -= len(got)
                 room -= len(got)
-            if self.on_low is not None and self.free_pages(node) < self.watermarks[node].low:
-                self.on_low(node)
+            self._after_alloc(node)
             if need == 0:
                 break
         if need:
             self.free(np.concatenate(taken) if taken else np.zeros(0, np.int64))
             raise OutOfMemory(count, order)
         return np.concatenate(taken) if len(taken) != 1 else taken[0]
+
+    def alloc_huge(self, preferred: int, allowed: Sequence[int] | None = None) -> int | None:
+        """The first frame of a free, aligned 2 MiB chunk, or None (the caller falls back)."""
+        for node in self._fallback[preferred]:
+            if allowed is not None and node not in allowed:
+                continue
+            if self._headroom(node) < HPAGE:
+                continue
+            for zone in self._zones(False):
+                head = self._areas[(node, zone)].pop_chunk()
+                if head is not None:
+                    self._after_alloc(node)
+                    return head
+        return None
 
     def alloc_per_node(self, nodes: np.ndarray, allowed: Sequence[int] | None = None) -> np.ndarray:
         """One frame per entry of ``nodes`` (each entry the node that page prefers)."""
@@ -166,14 +244,19 @@ class PageAllocator:
         return out
 
     def free(self, pfns: np.ndarray) -> None:
-        """Return frames to their node's free list (they must be clear already)."""
+        """Return single frames to their zone's free list (they must be clear already)."""
         if len(pfns) == 0:
             return
         pfns = np.asarray(pfns, dtype=np.int64)
         blocks = pfns // self.phys.block_pages
         for b in np.unique(blocks):
             blk = self.phys.blocks[int(b)]
-            sel = pfns[blocks == b]
             if blk.state.value == "online":
-                self._stacks[(blk.node, blk.zone)].push(sel)
+                self._area(blk).small.push(pfns[blocks == b])
             # frames of a block going offline stay isolated: offlining collects them
+
+    def free_huge(self, head: int) -> None:
+        """Return a whole 2 MiB chunk (a freed transparent huge page)."""
+        blk = self.phys.blocks[head // self.phys.block_pages]
+        if blk.state.value == "online":
+            self._area(blk).chunks.push(np.array([head], dtype=np.int64))

@@ -1,0 +1,129 @@
+"""Transparent huge pages: 2 MiB folios of 512 pages, and splitting them.
+
+QEMU backs guest RAM with THPs (it madvises MADV_HUGEPAGE), so a guest's
+first touch of a 2 MiB-aligned range allocates a whole zero-filled 2 MiB
+folio. Each of its 512 frames is tracked on its own (content, mappings) but
+the folio lives and dies as one: every frame carries one extra reference held
+by the folio, and the folio is freed only when none of its pages is mapped.
+
+KSM cannot merge part of a huge page, so it splits the folio first
+(``split_huge_page``). Splitting turns the 512 frames into ordinary pages,
+frees those nobody maps, and, since 6.12, maps every zero-filled page to the
+shared zero page instead of keeping it: that is why zero pages of THP-backed
+guest RAM never show up in pages_sharing.
+
+THP mode follows /sys/kernel/mm/transparent_hugepage/enabled: ``always``,
+``madvise`` (only MADV_HUGEPAGE VMAs; the default on this project's
+machines) or ``never``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vmhost.mm.frames import PG_COMPOUND, PG_HEAD, PG_MLOCKED, PG_TAIL
+from vmhost.mm.vma import (PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE, PTE_YOUNG, PTE_ZERO,
+                           VmFlags, Vma)
+
+if TYPE_CHECKING:
+    from vmhost.host import Host
+
+HPAGE = 512
+_COMPOUND_MASK = np.uint16(~PG_COMPOUND & 0xFFFF)
+
+
+def thp_allowed(host: "Host", vma: Vma) -> bool:
+    if host.thp_mode == "never" or not vma.is_anonymous_private:
+        return False
+    if vma.flags & (VmFlags.NOHUGEPAGE | VmFlags.HUGETLB | VmFlags.PFNMAP):
+        return False
+    return host.thp_mode == "always" or bool(vma.flags & VmFlags.HUGEPAGE)
+
+
+def huge_candidates(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
+    """Offsets (first of each 2 MiB range) where a write fault can map a whole huge page."""
+    if not thp_allowed(host, vma) or len(offs) == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = ((vma.start + offs) // HPAGE) * HPAGE - vma.start
+    starts = np.unique(first)
+    starts = starts[(starts >= 0) & (starts + HPAGE <= vma.pages)]
+    # pmd_none, or only the zero page mapped there (a read fault maps the huge zero page)
+    ok = []
+    for s in starts:
+        f = vma.ptef[s: s + HPAGE]
+        empty = (f & (PTE_PRESENT | PTE_SWAP)) == 0
+        plain_zero = (f & (PTE_ZERO | PTE_KSM_ZERO)) == PTE_ZERO
+        if (empty | plain_zero).all():
+            ok.append(s)
+    return np.asarray(ok, dtype=np.int64)
+
+
+def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) -> None:
+    """Map a freshly allocated, zero-filled folio at offsets [start, start+512)."""
+    frames = host.frames
+    pfns = np.arange(head, head + HPAGE, dtype=np.int64)
+    frames.init_anon(pfns, 0, anon_vma_id, vma.linear_index(np.arange(start, start + HPAGE)))
+    frames.refcount[pfns] += 1                      # the folio's own reference
+    frames.flags[head] |= PG_HEAD
+    frames.flags[head + 1: head + HPAGE] |= PG_TAIL
+    if vma.flags & VmFlags.LOCKED:
+        frames.flags[pfns] |= PG_MLOCKED
+    vma.pte[start: start + HPAGE] = pfns
+    vma.ptef[start: start + HPAGE] = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
+    vma.mm.rss_anon += HPAGE
+    vma.mm.pt_gen += 1
+    host.vmstat["thp_fault_alloc"] += 1
+
+
+def head_of(pfn: int) -> int:
+    return pfn - pfn % HPAGE
+
+
+def same_folio(host: "Host", a: int, b: int) -> bool:
+    flags = host.frames.flags
+    return bool(flags[a] & PG_COMPOUND) and bool(flags[b] & PG_COMPOUND) and head_of(a) == head_of(b)
+
+
+def free_unmapped_folios(host: "Host", pfns: np.ndarray) -> None:
+    """Free the huge pages among ``pfns`` whose 512 pages are all unmapped now."""
+    frames = host.frames
+    compound = pfns[(frames.flags[pfns] & PG_COMPOUND) != 0]
+    for head in np.unique(compound - compound % HPAGE):
+        span = slice(int(head), int(head) + HPAGE)
+        if frames.mapcount[span].any() or (frames.refcount[span] != 1).any():
+            continue
+        frames.clear(np.arange(head, head + HPAGE))
+        host.allocator.free_huge(int(head))
+
+
+def split_huge_page(host: "Host", pfn: int) -> None:
+    """Split the folio holding ``pfn`` into 512 ordinary pages (split_huge_page).
+
+    Unmapped pages are freed; mapped zero-filled pages are replaced by the
+    shared zero page in every mapping (remap_page with RMP_USE_SHARED_ZEROPAGE).
+    """
+    from vmhost.mm.fault import put_mappings
+    from vmhost.mm.rmap import mappings
+    frames = host.frames
+    head = head_of(pfn)
+    pfns = np.arange(head, head + HPAGE, dtype=np.int64)
+    frames.flags[pfns] &= _COMPOUND_MASK
+    frames.refcount[pfns] -= 1                          # the folio reference goes
+    host.vmstat["thp_split_page"] += 1
+    unmapped = pfns[frames.refcount[pfns] == 0]
+    if len(unmapped):
+        frames.clear(unmapped)
+        host.allocator.free(unmapped)
+    zeroed = pfns[(frames.content[pfns] == 0) & (frames.mapcount[pfns] > 0)
+                  & ((frames.flags[pfns] & PG_MLOCKED) == 0)]
+    for z in zeroed:
+        for vma, off in mappings(host, int(z)):
+            if vma.flags & VmFlags.LOCKED:
+                continue
+            vma.pte[off] = -1
+            vma.ptef[off] = PTE_PRESENT | PTE_ZERO
+            vma.mm.rss_anon -= 1
+            vma.mm.pt_gen += 1
+            put_mappings(host, np.array([z], dtype=np.int64))
