@@ -12,6 +12,8 @@ import itertools
 from collections import Counter
 from typing import Iterable
 
+import numpy as np
+
 from hw.memory import DEFAULT_BLOCK_PAGES, PhysicalMemory
 from hw.swap import SwapDevice
 from hw.topology import Topology
@@ -50,21 +52,28 @@ class Host:
         self.vmstat: Counter[str] = Counter()
         self.ksm: KsmHooks = KsmHooks()
         self.processes: dict[int, Process] = {}
+        self.pt_epoch = np.zeros(64, dtype=np.int64)   # per-mm page-table generation (by mm id)
         self._pids = itertools.count(1)
         self._shmem_ids = itertools.count(1)
 
     # -- processes ------------------------------------------------------------------------
+    def _new_pid(self) -> int:
+        pid = next(self._pids)
+        if pid >= len(self.pt_epoch):
+            self.pt_epoch = np.concatenate([self.pt_epoch, np.zeros(len(self.pt_epoch), np.int64)])
+        return pid
+
     def spawn(self, name: str, home_node: int = 0) -> Process:
         """A new process with an empty address space, running on ``home_node``."""
         if not 0 <= home_node < self.topology.node_count:
             raise ValueError(f"no NUMA node {home_node}")
-        pid = next(self._pids)
+        pid = self._new_pid()
         proc = Process(pid, name, MM(self, pid, home_node))
         self.processes[pid] = proc
         return proc
 
     def fork(self, parent: Process, name: str | None = None) -> Process:
-        pid = next(self._pids)
+        pid = self._new_pid()
         child = Process(pid, name or parent.name, fork_mm(self, parent.mm, pid), parent=parent,
                         oom_score_adj=parent.oom_score_adj)
         self.processes[pid] = child

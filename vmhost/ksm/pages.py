@@ -112,7 +112,7 @@ def break_ksm(host: "Host", vma: Vma, off: int) -> bool:
     writable = PTE_WRITE if vma.flags & VmFlags.WRITE else 0
     vma.ptef[off] = PTE_PRESENT | writable | PTE_DIRTY | PTE_YOUNG
     vma.mm.rss_anon += 1
-    vma.mm.pt_gen += 1
+    vma.mm.touch_ptes()
     return True
 
 

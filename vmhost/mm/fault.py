@@ -123,7 +123,7 @@ def _map_new(host: "Host", vma: Vma, offs: np.ndarray, pfns: np.ndarray) -> None
     vma.pte[offs] = pfns
     vma.ptef[offs] = _MAPPED_RW
     vma.mm.rss_anon += len(offs)
-    vma.mm.pt_gen += 1
+    vma.mm.touch_ptes()
 
 
 def _copy_on_write(host: "Host", vma: Vma, offs: np.ndarray) -> None:
@@ -139,6 +139,7 @@ def _copy_on_write(host: "Host", vma: Vma, offs: np.ndarray) -> None:
     copy = offs[~exclusive]
     if len(copy) == 0:
         return
+    vma.mm.touch_ptes()
     src = old[~exclusive]
     host.vmstat["cow_ksm"] += int(np.count_nonzero(is_ksm))
     pfns = alloc_for(host, vma, copy)
@@ -180,6 +181,7 @@ def zap(host: "Host", vma: Vma, lo: int, hi: int) -> None:
     assert not (flags & PTE_SWAP).any(), "swapped pages need the swap subsystem"
     vma.pte[lo:hi] = NO_PFN
     vma.ptef[lo:hi] = 0
+    vma.mm.touch_ptes()
 
 
 def _shmem_fault(host: "Host", vma: Vma, offs: np.ndarray, write: bool) -> None:

@@ -62,10 +62,19 @@ class MM:
         self.rss_shmem = 0
         self.swap_ents = 0
         self.exiting = False
-        self.pt_gen = 0                 # bumped when pages appear in the page tables (scan caches)
 
     def __repr__(self) -> str:
         return f"MM({self.id}, {len(self.vmas)} vmas)"
+
+    @property
+    def pt_gen(self) -> int:
+        """Page-table generation: changes whenever a PTE of this mm is changed by anyone but
+        KSM's own merging. Scanners cache what they saw under a generation."""
+        return int(self.host.pt_epoch[self.id])
+
+    def touch_ptes(self) -> None:
+        """Record that some PTE of this mm changed (fault, zap, COW, swap, migration, split)."""
+        self.host.pt_epoch[self.id] += 1
 
     # -- lookup -------------------------------------------------------------------------
     def _reindex(self) -> None:

@@ -73,7 +73,7 @@ def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) ->
     vma.pte[start: start + HPAGE] = pfns
     vma.ptef[start: start + HPAGE] = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
     vma.mm.rss_anon += HPAGE
-    vma.mm.pt_gen += 1
+    vma.mm.touch_ptes()
     host.vmstat["thp_fault_alloc"] += 1
 
 
@@ -125,5 +125,5 @@ def split_huge_page(host: "Host", pfn: int) -> None:
             vma.pte[off] = -1
             vma.ptef[off] = PTE_PRESENT | PTE_ZERO
             vma.mm.rss_anon -= 1
-            vma.mm.pt_gen += 1
+            vma.mm.touch_ptes()
             put_mappings(host, np.array([z], dtype=np.int64))
