@@ -95,6 +95,11 @@ class PhysicalMemory:
     def block_of(self, pfn):
         return np.asarray(pfn) // self.block_pages
 
+    @property
+    def block_node_array(self) -> np.ndarray:
+        """NUMA node of each block, indexed by block number."""
+        return self._block_node
+
     def node_of(self, pfn):
         """NUMA node of one frame or of an array of frames."""
         return self._block_node[np.asarray(pfn) // self.block_pages]

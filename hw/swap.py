@@ -35,6 +35,9 @@ class SwapDevice:
         if self.read_bytes_per_s <= 0 or self.write_bytes_per_s <= 0:
             raise ValueError(f"swap device {self.name!r}: throughput must be positive")
         self.used = np.zeros(self.capacity_pages, dtype=bool)
+        self.data = np.zeros(self.capacity_pages, dtype=np.uint64)   # what each slot holds
+        self.pages_read = 0
+        self.pages_written = 0
 
     @property
     def free_pages(self) -> int:
@@ -63,6 +66,18 @@ class SwapDevice:
     def check_io(self, slot: int) -> None:
         if self.fail_all or slot in self.failing_slots:
             raise SwapIOError(f"swap device {self.name!r}: I/O error at slot {slot}")
+
+    def write_slot(self, slot: int, content: int) -> None:
+        """Write one page (its content id) to a slot; raises SwapIOError if the slot fails."""
+        self.check_io(slot)
+        self.data[slot] = content
+        self.pages_written += 1
+
+    def read_slot(self, slot: int) -> int:
+        """Read one page back; raises SwapIOError if the slot fails."""
+        self.check_io(slot)
+        self.pages_read += 1
+        return int(self.data[slot])
 
     def read_seconds(self, pages: int) -> float:
         return pages * PAGE_SIZE / self.read_bytes_per_s

@@ -22,7 +22,11 @@ from vmhost.mm.anon_vma import AnonVmaRegistry
 from vmhost.mm.fork import exit_mm, fork_mm
 from vmhost.mm.frames import FrameTable
 from vmhost.mm.hooks import KsmHooks
+from vmhost.mm.hotplug import MemoryHotplug
 from vmhost.mm.mm import MM
+from vmhost.mm.oom import OomKiller
+from vmhost.mm.reclaim import Reclaim
+from vmhost.mm.swap import Swap
 from vmhost.mm.page_alloc import PageAllocator
 from vmhost.mm.shmem import Shmem
 from vmhost.mm.vma import Vma
@@ -53,14 +57,26 @@ class Host:
         self.ksm: KsmHooks = KsmHooks()
         self.processes: dict[int, Process] = {}
         self.pt_epoch = np.zeros(64, dtype=np.int64)   # per-mm page-table generation (by mm id)
+        self.data_epoch = np.zeros(64, dtype=np.int64)  # per-mm generation of PTEs or contents
+        self.changes = np.zeros(1, dtype=np.int64)      # total changes, all mms
+        self.mm_ksm = np.zeros((64, 3), dtype=np.int64)  # per-mm KSM counters (by mm id)
         self._pids = itertools.count(1)
         self._shmem_ids = itertools.count(1)
+        # memory pressure and hotplug: swap areas and swap cache, kswapd / direct reclaim
+        # (allocator.on_low), the OOM killer (oom_handler, run by faults that cannot allocate),
+        # the memory notifier chain with online/offline of blocks
+        self.swap = Swap(self)
+        self.reclaim = Reclaim(self)
+        self.oom = OomKiller(self)
+        self.hotplug = MemoryHotplug(self)
 
     # -- processes ------------------------------------------------------------------------
     def _new_pid(self) -> int:
         pid = next(self._pids)
         if pid >= len(self.pt_epoch):
             self.pt_epoch = np.concatenate([self.pt_epoch, np.zeros(len(self.pt_epoch), np.int64)])
+            self.data_epoch = np.concatenate([self.data_epoch, np.zeros_like(self.data_epoch)])
+            self.mm_ksm = np.concatenate([self.mm_ksm, np.zeros_like(self.mm_ksm)])
         return pid
 
     def spawn(self, name: str, home_node: int = 0) -> Process:

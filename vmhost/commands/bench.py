@@ -18,10 +18,50 @@ def register(sub) -> None:
     rmap.add_argument("--profile", choices=sorted(PROFILES), default="linux-6.18")
     rmap.add_argument("--json", action="store_true", help="print JSON")
     rmap.set_defaults(func=_rmap)
+    ksm = bench_sub.add_parser("ksm", help="KSM scan speed and memory: real kernel vs emulator")
+    ksm.add_argument("--pages", type=whole_number, default=262144, help="pages (default 1 GiB)")
+    ksm.add_argument("--procs", type=whole_number, default=4)
+    ksm.add_argument("--scans", type=whole_number, default=2, help="steady-state passes to time")
+    ksm.add_argument("--host-gib", type=float, default=None,
+                     help="emulator only: a host of this many GiB filled by the processes")
+    ksm.add_argument("--emulator-only", action="store_true")
+    ksm.add_argument("--kernel-only", action="store_true")
+    ksm.add_argument("--calibrate", action="store_true",
+                     help="fit ksmd's per-operation CPU costs on the real kernel")
+    ksm.add_argument("--write", action="store_true",
+                     help="with --calibrate: write vmhost/ksm/ksmd_calibration.json")
+    ksm.add_argument("--verbose", action="store_true", help="progress on stderr")
+    ksm.add_argument("--json", action="store_true", help="print JSON")
+    ksm.set_defaults(func=_ksm)
 
 
 def _rmap(args: argparse.Namespace) -> int:
     from vmhost.benchmarks import rmap
     result = rmap.run(args.children, args.pages, args.profile)
     print(json.dumps(result) if args.json else rmap.format_table(result))
+    return 0
+
+
+def _ksm(args: argparse.Namespace) -> int:
+    import sys
+
+    from vmhost.benchmarks import ksm
+    from vmhost.errors import InputError
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
+    if args.emulator_only and args.kernel_only:
+        raise InputError("bench ksm: --emulator-only and --kernel-only exclude each other")
+    if args.calibrate:
+        result = ksm.calibrate(args.procs, args.scans, log=log)
+        if args.write:
+            ksm.write_calibration(result)
+        print(json.dumps(result) if args.json else ksm.format_calibration(result))
+        return 0
+    if args.host_gib is not None:
+        if args.host_gib <= 0:
+            raise InputError("bench ksm: --host-gib must be positive")
+        result = ksm.run_host(args.host_gib, args.procs, args.scans, log=log)
+    else:
+        result = ksm.run(args.pages, args.procs, args.scans, kernel=not args.emulator_only,
+                         emulator=not args.kernel_only, log=log)
+    print(json.dumps(result) if args.json else ksm.format_table(result))
     return 0

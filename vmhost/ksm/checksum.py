@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_SEEDS = {"xxhash32": np.uint64(0x9E3779B97F4A7C15), "jhash2": np.uint64(0xD6E8FEB86659FD93)}
+SEEDS = {"xxhash32": np.uint64(0x9E3779B97F4A7C15), "jhash2": np.uint64(0xD6E8FEB86659FD93)}
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -33,7 +33,7 @@ def checksums(contents: np.ndarray, algorithm: str = "xxhash32") -> np.ndarray:
     """32-bit checksums of pages with these content ids."""
     x = np.asarray(contents, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        mixed = _mix64(x + _SEEDS[algorithm])
+        mixed = _mix64(x + SEEDS[algorithm])
     return (mixed >> np.uint64(32)).astype(np.uint32)
 
 

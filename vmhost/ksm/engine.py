@@ -26,13 +26,12 @@ name in its docstring.
 from __future__ import annotations
 
 import errno
-from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from vmhost.ksm import pages
-from vmhost.ksm.checksum import checksum, checksums, memcmp_key
+from vmhost.ksm import fastscan, pages
+from vmhost.ksm.checksum import SEEDS as _SEEDS, checksum, checksums, memcmp_key
 from vmhost.ksm.items import (MmSlot, RMAP_ITEM_BYTES, RmapItems, SEQNR_MASK, STABLE_FLAG,
                               UNSTABLE_FLAG)
 from vmhost.ksm.knobs import KNOBS_2_6_33, KNOBS_6_18, RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
@@ -52,18 +51,30 @@ if TYPE_CHECKING:
 PAGE_SIZE = 4096
 
 
+def fastscan_seed(algorithm: str) -> int:
+    """The checksum seed as a signed 64-bit value, for the compiled loop's parameter array."""
+    seed = int(_SEEDS[algorithm])
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+COUNTER_NAMES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scanned",
+                 "pages_skipped", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
+WORK_NAMES = ("ptes_walked", "checksums", "tree_compares", "merges", "dups_walked")
+
+
 class Counters:
-    """The global counters of /sys/kernel/mm/ksm (the derived ones are properties of Ksm)."""
+    """The global counters of /sys/kernel/mm/ksm, in one array the compiled scan updates too.
+
+    (The derived ones, pages_volatile and general_profit, are properties of Ksm.)
+    """
 
     def __init__(self) -> None:
-        self.pages_shared = 0
-        self.pages_sharing = 0
-        self.pages_unshared = 0
-        self.pages_scanned = 0
-        self.pages_skipped = 0
-        self.ksm_zero_pages = 0
-        self.stable_node_chains = 0
-        self.stable_node_dups = 0
+        self.a = np.zeros(len(COUNTER_NAMES), dtype=np.int64)
+
+
+for _i, _name in enumerate(COUNTER_NAMES):
+    setattr(Counters, _name, property(lambda self, i=_i: int(self.a[i]),
+                                      lambda self, v, i=_i: self.a.__setitem__(i, v)))
 
 
 class Ksm(KsmHooks):
@@ -72,11 +83,11 @@ class Ksm(KsmHooks):
         self.profile = host.profile
         self.knobs = Knobs()
         self.c = Counters()
-        self.items = RmapItems()
-        self.nodes = StableNodes()
         nr_nodes = host.topology.node_count
-        self.stable_trees = [RbTree(self.nodes.links) for _ in range(nr_nodes)]
-        self.unstable_trees = [RbTree(self.items.links) for _ in range(nr_nodes)]
+        self.items = RmapItems(trees=nr_nodes)
+        self.nodes = StableNodes(trees=nr_nodes)
+        self.stable_trees = [RbTree(self.nodes.links, i) for i in range(nr_nodes)]
+        self.unstable_trees = [RbTree(self.items.links, i) for i in range(nr_nodes)]
         self.slots: list[MmSlot] = []           # ksm_mm_head's list, in scan order
         self.slot_of: dict[int, MmSlot] = {}    # mm id -> slot (mm_slots_hash)
         self.cursor: MmSlot | None = None       # ksm_scan.mm_slot; None is the list head
@@ -84,14 +95,20 @@ class Ksm(KsmHooks):
         self.prev_item = NIL                    # ksm_scan.rmap_list: item before the next one
         self.seqnr = 0                          # ksm_scan.seqnr == full_scans
         self._saw_mergeable = False
+        self._pass_changes = 0
         self._cand_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.zero_checksum = checksum(0, self.profile.ksm_checksum)
         self.wakeup: Callable[[], None] = lambda: None   # set by ksmd
-        self.work: Counter[str] = Counter()     # operations done, for ksmd's CPU model
+        self.work = np.zeros(len(WORK_NAMES), dtype=np.int64)   # operations done (CPU model)
+        self.fast = True                        # use the compiled scan for the common cases
         host.ksm = self
 
     # ======================================================================================
     # derived counters
+    def work_counts(self) -> dict[str, int]:
+        """Operations done so far, by name (the CPU model's inputs)."""
+        return {name: int(v) for name, v in zip(WORK_NAMES, self.work)}
+
     @property
     def rmap_items(self) -> int:
         return self.items.count
@@ -253,7 +270,7 @@ class Ksm(KsmHooks):
         d = int(nodes.dhead[node])
         while d != NIL:
             nxt = int(nodes.dnext[d])
-            self.work["dups_walked"] += 1
+            self.work[fastscan.W_DUPS] += 1
             pfn = self.get_page(d)
             if pfn >= 0 and (found == NIL or (self._candidate(d) and (
                     not self._candidate(found) or nodes.hlist_len[d] > found_len))):
@@ -302,7 +319,7 @@ class Ksm(KsmHooks):
         while True:                                      # "again": restart after pruning
             cur, parent, go_left, restart = tree.root, NIL, False, False
             while cur != NIL:
-                self.work["tree_compares"] += 1
+                self.work[fastscan.W_COMPARES] += 1
                 node, dup, tree_pfn = self._chain_lookup(cur, tree, prune=True)
                 if tree_pfn < 0:
                     restart = True
@@ -382,7 +399,7 @@ class Ksm(KsmHooks):
         while True:
             cur, parent, go_left, equal, restart = tree.root, NIL, False, NIL, False
             while cur != NIL:
-                self.work["tree_compares"] += 1
+                self.work[fastscan.W_COMPARES] += 1
                 node, dup, tree_pfn = self._chain_lookup(cur, tree, prune=False)
                 if tree_pfn < 0:
                     restart = True
@@ -402,6 +419,7 @@ class Ksm(KsmHooks):
             return NIL                                   # 2.6.33: an equal node already exists
         new = nodes.alloc(NODE)
         nodes.kpfn[new] = kpfn
+        nodes.key[new] = key
         nodes.nid[new] = nid
         if equal == NIL:
             tree.link(new, parent, go_left)
@@ -430,10 +448,13 @@ class Ksm(KsmHooks):
         key = self._key(pfn)
         cur, parent, go_left = tree.root, NIL, False
         while cur != NIL:
-            self.work["tree_compares"] += 1
+            self.work[fastscan.W_COMPARES] += 1
             tree_pfn = self.get_mergeable_page(cur)
             if tree_pfn < 0 or tree_pfn == pfn:
                 return NIL, -1          # a page vanished, or this very page reached by fork
+            self.items.tree_pfn[cur] = tree_pfn          # still right under this generation
+            self.items.tree_key[cur] = self._key(tree_pfn)
+            self.items.tree_gen[cur] = self._mm(cur).data_gen
             tkey = self._key(tree_pfn)
             parent = cur
             if key < tkey:
@@ -446,6 +467,9 @@ class Ksm(KsmHooks):
                 return cur, tree_pfn
         self.items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
         self.items.nid[item] = nid
+        self.items.tree_pfn[item] = pfn
+        self.items.tree_key[item] = key
+        self.items.tree_gen[item] = self._mm(item).data_gen
         tree.link(item, parent, go_left)
         self.c.pages_unshared += 1
         return NIL, -1
@@ -469,7 +493,7 @@ class Ksm(KsmHooks):
             thp.split_huge_page(self.host, pfn)
         if pages.write_protect(self.host, vma, off, pfn):
             return EFAULT
-        self.work["merges"] += 1
+        self.work[fastscan.W_MERGES] += 1
         if kpfn is None:
             frames.flags[pfn] = (frames.flags[pfn] & ~np.uint16(PG_ANON)) | PG_KSM
             frames.owner[pfn] = NO_OWNER          # the stable node is set by stable_tree_insert
@@ -530,15 +554,24 @@ class Ksm(KsmHooks):
                 nodes.migrate_nodes[node] = None
             if nodes.kind[node] != MIGRATE and items.head[item] == node and items.flags[item] & STABLE_FLAG:
                 return                                   # merged already: nothing to do
-        else:
-            self.remove_rmap_item_from_tree(item)
-            self.work["checksums"] += 1
-            cs = int(checksums(frames.content[pfn:pfn + 1], self.profile.ksm_checksum)[0])
-            if int(items.oldchecksum[item]) != cs:
-                items.oldchecksum[item] = cs
-                return                                   # volatile: changed since last visit
-            if self._merge_with_zero_page(item, pfn) == 0:
-                return
+            self._merge_candidate(pfn, item, node)
+            return
+        self.remove_rmap_item_from_tree(item)
+        self.work[fastscan.W_CHECKSUMS] += 1
+        cs = int(checksums(frames.content[pfn:pfn + 1], self.profile.ksm_checksum)[0])
+        if int(items.oldchecksum[item]) != cs:
+            items.oldchecksum[item] = cs
+            return                                       # volatile: changed since last visit
+        self.after_checksum(pfn, item)
+
+    def after_checksum(self, pfn: int, item: int) -> None:
+        """The rest of a visit to an unchanged page: zero page, stable tree, unstable tree."""
+        if self._merge_with_zero_page(item, pfn) == 0:
+            return
+        self._merge_candidate(pfn, item, NIL)
+
+    def _merge_candidate(self, pfn: int, item: int, node: int) -> None:
+        frames, items = self.host.frames, self.items
         kpfn = self.stable_tree_search(pfn)
         if kpfn == pfn and items.head[item] == node and items.flags[item] & STABLE_FLAG:
             return
@@ -642,6 +675,7 @@ class Ksm(KsmHooks):
         for tree in self.unstable_trees:
             tree.clear()
         self._cand_cache.clear()
+        self._pass_changes = int(self.host.changes[0])
         self.cursor = self.slots[0] if self.slots else None
         self.on_scan_start()
         return self.cursor is not None
@@ -652,71 +686,116 @@ class Ksm(KsmHooks):
     def on_scan_end(self) -> None:
         """Hook for the advisor (ksmd.py)."""
 
-    def scan_get_next_rmap_item(self) -> tuple[int, int] | None:
-        """The next (rmap_item, pfn) to process, or None at the end of a full scan."""
-        if not self.slots:
-            return None
-        if self.cursor is None:
-            if not self._start_full_scan():
-                return None
-            self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
-        while True:
-            slot = self.cursor
-            mm = slot.mm
-            if not mm.exiting:
-                for vma in mm.vmas_overlapping(self.address, 1 << 62):
-                    if not vma.flags & VmFlags.MERGEABLE:
-                        continue
-                    self._saw_mergeable = True
-                    if self.address < vma.start:
-                        self.address = vma.start
-                    if vma.anon_vma is None:
-                        self.address = vma.end
-                        continue
-                    cand = self._candidates(vma)
-                    i = int(np.searchsorted(cand, self.address - vma.start))
-                    while i < len(cand):
-                        off = int(cand[i])
-                        i += 1
-                        pfn = pages.anon_page_at(self.host, vma, off)
-                        self.work["ptes_walked"] += 1
-                        if pfn < 0:
-                            continue
-                        vpn = vma.start + off
-                        item = self._next_item(slot, vpn)
-                        self.prev_item = item
-                        self.address = vpn + 1
-                        if self._should_skip(item, pfn):
-                            continue
-                        return item, pfn
-                    self.address = vma.end
-            if mm.exiting:
-                self.prev_item, self._saw_mergeable = NIL, False
-            self._remove_trailing(slot, self.prev_item)
-            idx = self.slots.index(slot)
-            nxt = self.slots[idx + 1] if idx + 1 < len(self.slots) else None
-            if not self._saw_mergeable:
-                self._drop_slot(slot)
-            self.cursor = nxt
-            if nxt is not None:
-                self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
+    # The scan is scan_get_next_rmap_item + cmp_and_merge_page of mm/ksm.c, driven VMA by
+    # VMA: the compiled loop (fastscan) takes the common visits, and every visit it cannot
+    # finish is finished here from the stage it reached.
+    STAGE_FRESH, STAGE_ITEM, STAGE_SKIPPED, STAGE_CHECKSUMMED = 0, 1, 2, 3
+    _BAIL_STAGE = {fastscan.BAIL_BEFORE_ITEM: STAGE_FRESH, fastscan.BAIL_BEFORE_SKIP: STAGE_ITEM,
+                   fastscan.BAIL_BEFORE_MERGE: STAGE_SKIPPED,
+                   fastscan.BAIL_AFTER_CHECKSUM: STAGE_CHECKSUMMED}
+
+    def _next_mergeable_vma(self, mm: "MM") -> Vma | None:
+        """The next VM_MERGEABLE VMA with an anon_vma at or after the cursor's address."""
+        for vma in mm.vmas_overlapping(self.address, 1 << 62):
+            if not vma.flags & VmFlags.MERGEABLE:
                 continue
+            self._saw_mergeable = True
+            if self.address < vma.start:
+                self.address = vma.start
+            if vma.anon_vma is None:
+                self.address = vma.end
+                continue
+            return vma
+        return None
+
+    def _end_of_mm(self, slot: MmSlot) -> None:
+        """Free trailing items, drop a slot without mergeable VMAs, move the cursor on."""
+        if slot.mm.exiting:
+            self.prev_item, self._saw_mergeable = NIL, False
+        self._remove_trailing(slot, self.prev_item)
+        idx = self.slots.index(slot)
+        nxt = self.slots[idx + 1] if idx + 1 < len(self.slots) else None
+        if not self._saw_mergeable:
+            self._drop_slot(slot)
+        self.cursor = nxt
+        if nxt is not None:
+            self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
+        else:
             self.on_scan_end()
             self.seqnr += 1
-            return None
 
     def do_scan(self, budget: int) -> int:
-        """ksm_do_scan: process up to ``budget`` pages; returns how many were processed."""
+        """ksm_do_scan: process up to ``budget`` pages; a full-scan end also ends the batch."""
         done = 0
         while done < budget:
-            nxt = self.scan_get_next_rmap_item()
-            if nxt is None:
-                break
-            item, pfn = nxt
-            self.cmp_and_merge_page(pfn, item)
-            self.c.pages_scanned += 1
-            done += 1
+            if self.cursor is None:
+                if not self.slots or not self._start_full_scan():
+                    break
+                self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
+            slot = self.cursor
+            vma = None if slot.mm.exiting else self._next_mergeable_vma(slot.mm)
+            if vma is None:
+                self._end_of_mm(slot)
+                if self.cursor is None:
+                    break
+                continue
+            cand = self._candidates(vma)
+            i = int(np.searchsorted(cand, self.address - vma.start))
+            while i < len(cand) and done < budget:
+                stage = self.STAGE_FRESH
+                item = NIL
+                if self.fast:
+                    i, n, code, item = self._run_compiled(slot, vma, cand, i, budget - done)
+                    done += n
+                    if code in (fastscan.RUN_END, fastscan.RUN_BUDGET):
+                        break
+                    stage = self._BAIL_STAGE[code]
+                done += self._scan_page(slot, vma, int(cand[i]), stage, item)
+                i += 1
+            if i >= len(cand):
+                self.address = vma.end
         return done
+
+    def _scan_page(self, slot: MmSlot, vma: Vma, off: int, stage: int, item: int) -> int:
+        """One visit, from ``stage`` on; returns 1 if the page was processed (pages_scanned)."""
+        pfn = pages.anon_page_at(self.host, vma, off)
+        if stage == self.STAGE_FRESH:
+            self.work[fastscan.W_PTES] += 1
+            if pfn < 0:
+                return 0
+            vpn = vma.start + off
+            item = self._next_item(slot, vpn)
+            self.prev_item = item
+            self.address = vpn + 1
+        if stage <= self.STAGE_ITEM and self._should_skip(item, pfn):
+            return 0
+        if stage <= self.STAGE_SKIPPED:
+            self.cmp_and_merge_page(pfn, item)
+        else:
+            self.after_checksum(pfn, item)
+        self.c.pages_scanned += 1
+        return 1
+
+    def _run_compiled(self, slot: MmSlot, vma: Vma, cand: np.ndarray, i: int, budget: int):
+        items, nodes, frames, host = self.items, self.nodes, self.host.frames, self.host
+        cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
+        params = np.array([self.seqnr, int(self.profile.ksm_smart_scan and self.knobs.smart_scan),
+                           int(self.knobs.merge_across_nodes), int(self.knobs.use_zero_pages),
+                           self.zero_checksum, int(fastscan_seed(self.profile.ksm_checksum)),
+                           host.phys.block_pages,
+                           int(host.changes[0] == self._pass_changes)], dtype=np.int64)
+        i, n, code, item = fastscan.scan_run(
+            cand, i, budget, vma.start, vma.pte, vma.ptef, slot.mm.id, cursor,
+            frames.content, frames.flags, frames.owner,
+            items.mm, items.address, items.flags, items.oldchecksum, items.age,
+            items.remaining_skips, items.head, items.rnext, items.nid, items.tree_pfn,
+            items.tree_gen, items.tree_key, items.links.left, items.links.right,
+            items.links.parent, items.links.color, items.links.roots,
+            nodes.kind, nodes.kpfn, nodes.nid, nodes.key, nodes.links.left, nodes.links.right,
+            nodes.links.roots, items.free_stack, items.free_top, self.c.a, host.mm_ksm,
+            host.data_epoch, params, host.phys.block_node_array, self.work)
+        slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
+        return int(i), int(n), int(code), int(item)
 
     def should_run(self) -> bool:
         return bool(self.knobs.run & RUN_MERGE) and bool(self.slots) and not self.knobs.run & RUN_OFFLINE
@@ -757,6 +836,7 @@ class Ksm(KsmHooks):
             if rc:
                 return rc
         vma.flags &= ~VmFlags.MERGEABLE
+        vma.mm.touch_ptes()             # its pages stop being mergeable: scan caches are stale
         return 0
 
     def unmerge_range(self, vma: Vma, lo: int, hi: int) -> int:

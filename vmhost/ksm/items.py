@@ -17,7 +17,15 @@ An item is in at most one tree:
   ``anon_vma`` of its VMA so that rmap can reach the mapping.
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
-``age`` and ``remaining_skips`` drive smart scan.
+``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
+tree also remembers the frame it was inserted with, that frame's memcmp key and
+its mm's data generation then (``tree_pfn``, ``tree_key``, ``tree_gen``):
+while the generation is unchanged the same frame with the same contents is
+mapped there, so the compiled scan loop can compare against the cached key
+without a page-table walk.
+
+Free items are kept on a stack (``free_stack``/``free_top``) that the
+compiled loop can pop from too.
 """
 
 from __future__ import annotations
@@ -41,48 +49,59 @@ class RmapItems:
     _FIELDS = (("mm", np.int32, -1), ("address", np.int64, 0), ("flags", np.uint16, 0),
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
                ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
-               ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL))
+               ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
+               ("tree_pfn", np.int64, -1), ("tree_gen", np.int64, -1), ("tree_key", np.uint64, 0))
 
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = 1024, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
-        self.links = NodeLinks(capacity)
-        self._free = list(range(capacity - 1, -1, -1))
-        self.count = 0
+        self.links = NodeLinks(capacity, trees)
+        self.free_stack = np.arange(capacity - 1, -1, -1, dtype=np.int32)
+        self.free_top = np.array([capacity], dtype=np.int64)   # an array: the compiled loop pops too
 
     @property
     def capacity(self) -> int:
         return len(self.mm)
 
     @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+    def count(self) -> int:
+        return self.capacity - int(self.free_top[0])
 
-    def _grow(self) -> None:
+    @property
+    def nbytes(self) -> int:
+        return (sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+                + self.free_stack.nbytes)
+
+    def grow(self) -> None:
         old = self.capacity
         new = old * 2
         for name, dtype, fill in self._FIELDS:
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(new - old, fill, dtype=dtype)]))
         self.links.grow(new)
-        self._free.extend(range(new - 1, old - 1, -1))
+        top = int(self.free_top[0])
+        stack = np.empty(new, dtype=np.int32)
+        stack[: new - old] = np.arange(new - 1, old - 1, -1, dtype=np.int32)
+        stack[new - old: new - old + top] = self.free_stack[:top]
+        self.free_stack = stack
+        self.free_top[0] = top + new - old
 
     def alloc(self, mm_id: int, address: int) -> int:
         """A zeroed item for (mm, address), as kmem_cache_zalloc gives it."""
-        if not self._free:
-            self._grow()
-        item = self._free.pop()
+        if self.free_top[0] == 0:
+            self.grow()
+        self.free_top[0] -= 1
+        item = int(self.free_stack[self.free_top[0]])
         for name, _, fill in self._FIELDS:
             getattr(self, name)[item] = fill
         self.mm[item] = mm_id
         self.address[item] = address
-        self.count += 1
         return item
 
     def free(self, item: int) -> None:
         self.mm[item] = -1
-        self._free.append(item)
-        self.count -= 1
+        self.free_stack[self.free_top[0]] = item
+        self.free_top[0] += 1
 
 
 class MmSlot:

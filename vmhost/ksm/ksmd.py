@@ -65,15 +65,17 @@ class Ksmd:
         ksm = self.ksm
         if not ksm.should_run():
             return                            # wait to be woken
-        before = sum(ksm.work[k] * COST_NS.get(k, 0) for k in ksm.work)
+        before = self._work_ns()
         done = ksm.do_scan(ksm.knobs.pages_to_scan)
-        after = sum(ksm.work[k] * COST_NS.get(k, 0) for k in ksm.work)
-        cost = after - before + done * COST_NS["pages"]
+        cost = self._work_ns() - before + done * COST_NS["pages"]
         self.cpu_ns += cost
         self.batches += 1
         if ksm.should_run():
             self._event = self.clock.at(self.clock.now + cost + ksm.knobs.sleep_millisecs * NS_PER_MS,
                                         self._tick)
+
+    def _work_ns(self) -> int:
+        return sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())
 
     def run_full_scans(self, count: int) -> int:
         """Let ksmd run until ``count`` more full scans completed or it went idle."""

@@ -8,29 +8,231 @@ trees with the kernel's insert and erase rebalancing (the classic algorithms:
 recolour when the uncle is red, otherwise one or two rotations; erase by
 splicing in the in-order successor), not a hash map.
 
-Nodes are integer ids into four growable arrays (left, right, parent,
-colour) owned by the caller, so that millions of nodes cost no Python
-objects. ``NIL`` (-1) is the absent node. The tree never compares keys: the
-caller walks it (``root``/``left``/``right``) with its own comparison and
-hands ``link`` the parent and side it found, as rb_link_node does.
+Nodes are integer ids into four arrays (left, right, parent, colour) owned by
+the caller, and the roots of all trees over one population of nodes live in
+one small array, so that both the Python engine and the compiled scan loop
+(``fastscan``) operate on the very same trees. ``NIL`` (-1) is the absent
+node. The tree never compares keys: the caller walks it with its own
+comparison and hands ``rb_link`` the parent and side it found, as
+rb_link_node does.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 NIL = -1
 RED, BLACK = 0, 1
 
 
-class NodeLinks:
-    """The link arrays of a population of nodes (shared by all trees over them)."""
+@njit(cache=True, nogil=True)
+def _replace_child(left, right, parent, roots, r, old, new):
+    """Put ``new`` where ``old`` hangs from old's parent (or at the root)."""
+    p = parent[old]
+    parent[new] = p
+    if p == NIL:
+        roots[r] = new
+    elif left[p] == old:
+        left[p] = new
+    else:
+        right[p] = new
 
-    def __init__(self, capacity: int = 1024):
+
+@njit(cache=True, nogil=True)
+def _rotate_left(left, right, parent, roots, r, x):
+    y = right[x]
+    right[x] = left[y]
+    if left[y] != NIL:
+        parent[left[y]] = x
+    _replace_child(left, right, parent, roots, r, x, y)
+    left[y] = x
+    parent[x] = y
+
+
+@njit(cache=True, nogil=True)
+def _rotate_right(left, right, parent, roots, r, x):
+    y = left[x]
+    left[x] = right[y]
+    if right[y] != NIL:
+        parent[right[y]] = x
+    _replace_child(left, right, parent, roots, r, x, y)
+    right[y] = x
+    parent[x] = y
+
+
+@njit(cache=True, nogil=True)
+def rb_link(left, right, parent, color, roots, r, node, at, go_left):
+    """rb_link_node + rb_insert_color: hang ``node`` under ``at`` and rebalance."""
+    left[node] = NIL
+    right[node] = NIL
+    parent[node] = at
+    color[node] = RED
+    if at == NIL:
+        roots[r] = node
+    elif go_left:
+        left[at] = node
+    else:
+        right[at] = node
+    z = node
+    while True:
+        p = parent[z]
+        if p == NIL:
+            color[z] = BLACK
+            return
+        if color[p] == BLACK:
+            return
+        g = parent[p]
+        if left[g] == p:
+            u = right[g]
+            if u != NIL and color[u] == RED:
+                color[p] = BLACK
+                color[u] = BLACK
+                color[g] = RED
+                z = g
+                continue
+            if right[p] == z:
+                _rotate_left(left, right, parent, roots, r, p)
+                z, p = p, z
+            _rotate_right(left, right, parent, roots, r, g)
+        else:
+            u = left[g]
+            if u != NIL and color[u] == RED:
+                color[p] = BLACK
+                color[u] = BLACK
+                color[g] = RED
+                z = g
+                continue
+            if left[p] == z:
+                _rotate_right(left, right, parent, roots, r, p)
+                z, p = p, z
+            _rotate_left(left, right, parent, roots, r, g)
+        color[p] = BLACK
+        color[g] = RED
+        return
+
+
+@njit(cache=True, nogil=True)
+def rb_erase(left, right, parent, color, roots, r, z):
+    """rb_erase: unlink ``z``; a node with two children is replaced by its successor."""
+    zl = left[z]
+    zr = right[z]
+    if zl == NIL or zr == NIL:
+        child = zl if zl != NIL else zr
+        p = parent[z]
+        if child != NIL:
+            parent[child] = p
+        if p == NIL:
+            roots[r] = child
+        elif left[p] == z:
+            left[p] = child
+        else:
+            right[p] = child
+        removed_black = color[z] == BLACK
+    else:
+        s = zr
+        while left[s] != NIL:
+            s = left[s]
+        removed_black = color[s] == BLACK
+        child = right[s]
+        if s == zr:
+            p = s
+        else:
+            p = parent[s]
+            left[p] = child
+            if child != NIL:
+                parent[child] = p
+            right[s] = zr
+            parent[zr] = s
+        left[s] = zl
+        parent[zl] = s
+        _replace_child(left, right, parent, roots, r, z, s)
+        color[s] = color[z]
+    if removed_black:
+        x = child
+        while x != roots[r] and (x == NIL or color[x] == BLACK):
+            if x == left[p]:
+                w = right[p]
+                if color[w] == RED:
+                    color[w] = BLACK
+                    color[p] = RED
+                    _rotate_left(left, right, parent, roots, r, p)
+                    w = right[p]
+                wl = left[w]
+                wr = right[w]
+                if (wl == NIL or color[wl] == BLACK) and (wr == NIL or color[wr] == BLACK):
+                    color[w] = RED
+                    x = p
+                    p = parent[x]
+                    continue
+                if wr == NIL or color[wr] == BLACK:
+                    color[wl] = BLACK
+                    color[w] = RED
+                    _rotate_right(left, right, parent, roots, r, w)
+                    w = right[p]
+                color[w] = color[p]
+                color[p] = BLACK
+                if right[w] != NIL:
+                    color[right[w]] = BLACK
+                _rotate_left(left, right, parent, roots, r, p)
+            else:
+                w = left[p]
+                if color[w] == RED:
+                    color[w] = BLACK
+                    color[p] = RED
+                    _rotate_right(left, right, parent, roots, r, p)
+                    w = left[p]
+                wl = left[w]
+                wr = right[w]
+                if (wl == NIL or color[wl] == BLACK) and (wr == NIL or color[wr] == BLACK):
+                    color[w] = RED
+                    x = p
+                    p = parent[x]
+                    continue
+                if wl == NIL or color[wl] == BLACK:
+                    color[wr] = BLACK
+                    color[w] = RED
+                    _rotate_left(left, right, parent, roots, r, w)
+                    w = left[p]
+                color[w] = color[p]
+                color[p] = BLACK
+                if left[w] != NIL:
+                    color[left[w]] = BLACK
+                _rotate_right(left, right, parent, roots, r, p)
+            x = roots[r]
+            break
+        if x != NIL:
+            color[x] = BLACK
+    left[z] = NIL
+    right[z] = NIL
+    parent[z] = NIL
+
+
+@njit(cache=True, nogil=True)
+def rb_replace(left, right, parent, color, roots, r, old, new):
+    """rb_replace_node: ``new`` takes ``old``'s place, links and colour."""
+    left[new] = left[old]
+    right[new] = right[old]
+    color[new] = color[old]
+    if left[new] != NIL:
+        parent[left[new]] = new
+    if right[new] != NIL:
+        parent[right[new]] = new
+    _replace_child(left, right, parent, roots, r, old, new)
+    left[old] = NIL
+    right[old] = NIL
+    parent[old] = NIL
+
+
+class NodeLinks:
+    """The link arrays of a population of nodes, and the roots of the trees over them."""
+
+    def __init__(self, capacity: int = 1024, trees: int = 1):
         self.left = np.full(capacity, NIL, dtype=np.int32)
         self.right = np.full(capacity, NIL, dtype=np.int32)
         self.parent = np.full(capacity, NIL, dtype=np.int32)
         self.color = np.zeros(capacity, dtype=np.uint8)
+        self.roots = np.full(max(trees, 1), NIL, dtype=np.int32)
 
     def grow(self, capacity: int) -> None:
         old = len(self.left)
@@ -47,216 +249,34 @@ class NodeLinks:
 
 
 class RbTree:
-    """One tree (an rb_root) over nodes whose links live in a :class:`NodeLinks`."""
+    """One tree (an rb_root): ``links.roots[index]`` holds its root."""
 
-    __slots__ = ("n", "root", "count")
+    __slots__ = ("n", "index")
 
-    def __init__(self, links: NodeLinks):
+    def __init__(self, links: NodeLinks, index: int = 0):
         self.n = links
-        self.root = NIL
-        self.count = 0
+        self.index = index
+
+    @property
+    def root(self) -> int:
+        return int(self.n.roots[self.index])
 
     def clear(self) -> None:
         """Forget every node at once (the unstable tree at each full-scan start)."""
-        self.root = NIL
-        self.count = 0
+        self.n.roots[self.index] = NIL
 
-    # -- insertion ----------------------------------------------------------------------
     def link(self, node: int, parent: int, go_left: bool) -> None:
-        """rb_link_node + rb_insert_color: hang ``node`` under ``parent`` and rebalance."""
         n = self.n
-        n.left[node] = NIL
-        n.right[node] = NIL
-        n.parent[node] = parent
-        n.color[node] = RED
-        if parent == NIL:
-            self.root = node
-        elif go_left:
-            n.left[parent] = node
-        else:
-            n.right[parent] = node
-        self.count += 1
-        self._insert_fixup(node)
+        rb_link(n.left, n.right, n.parent, n.color, n.roots, self.index, node, parent, go_left)
 
-    def _rotate_left(self, x: int) -> None:
+    def erase(self, node: int) -> None:
         n = self.n
-        y = int(n.right[x])
-        n.right[x] = n.left[y]
-        if n.left[y] != NIL:
-            n.parent[n.left[y]] = x
-        self._replace_child(x, y)
-        n.left[y] = x
-        n.parent[x] = y
-
-    def _rotate_right(self, x: int) -> None:
-        n = self.n
-        y = int(n.left[x])
-        n.left[x] = n.right[y]
-        if n.right[y] != NIL:
-            n.parent[n.right[y]] = x
-        self._replace_child(x, y)
-        n.right[y] = x
-        n.parent[x] = y
-
-    def _replace_child(self, old: int, new: int) -> None:
-        """Put ``new`` where ``old`` hangs from old's parent (or at the root)."""
-        n = self.n
-        p = int(n.parent[old])
-        n.parent[new] = p
-        if p == NIL:
-            self.root = new
-        elif n.left[p] == old:
-            n.left[p] = new
-        else:
-            n.right[p] = new
-
-    def _insert_fixup(self, z: int) -> None:
-        n = self.n
-        while True:
-            p = int(n.parent[z])
-            if p == NIL:
-                n.color[z] = BLACK
-                return
-            if n.color[p] == BLACK:
-                return
-            g = int(n.parent[p])
-            if n.left[g] == p:
-                uncle = int(n.right[g])
-                if uncle != NIL and n.color[uncle] == RED:
-                    n.color[p] = n.color[uncle] = BLACK
-                    n.color[g] = RED
-                    z = g
-                    continue
-                if n.right[p] == z:
-                    self._rotate_left(p)
-                    z, p = p, z
-                self._rotate_right(g)
-            else:
-                uncle = int(n.left[g])
-                if uncle != NIL and n.color[uncle] == RED:
-                    n.color[p] = n.color[uncle] = BLACK
-                    n.color[g] = RED
-                    z = g
-                    continue
-                if n.left[p] == z:
-                    self._rotate_right(p)
-                    z, p = p, z
-                self._rotate_left(g)
-            n.color[p] = BLACK
-            n.color[g] = RED
-            return
-
-    # -- removal ------------------------------------------------------------------------
-    def erase(self, z: int) -> None:
-        """rb_erase: unlink ``z``; a node with two children is replaced by its successor."""
-        n = self.n
-        self.count -= 1
-        left, right = int(n.left[z]), int(n.right[z])
-        if left == NIL or right == NIL:
-            child = left if left != NIL else right
-            parent = int(n.parent[z])
-            self._replace_child_or_nil(z, child, parent)
-            removed_black = n.color[z] == BLACK
-        else:
-            s = right                                   # in-order successor
-            while n.left[s] != NIL:
-                s = int(n.left[s])
-            removed_black = n.color[s] == BLACK
-            child = int(n.right[s])
-            if s == right:
-                parent = s
-            else:
-                parent = int(n.parent[s])
-                n.left[parent] = child
-                if child != NIL:
-                    n.parent[child] = parent
-                n.right[s] = right
-                n.parent[right] = s
-            n.left[s] = left
-            n.parent[left] = s
-            self._replace_child(z, s)
-            n.color[s] = n.color[z]
-        if removed_black:
-            self._erase_fixup(child, parent)
-        n.left[z] = n.right[z] = n.parent[z] = NIL
-
-    def _replace_child_or_nil(self, old: int, new: int, parent: int) -> None:
-        n = self.n
-        if new != NIL:
-            n.parent[new] = parent
-        if parent == NIL:
-            self.root = new
-        elif n.left[parent] == old:
-            n.left[parent] = new
-        else:
-            n.right[parent] = new
-
-    def _erase_fixup(self, x: int, parent: int) -> None:
-        n = self.n
-        while x != self.root and (x == NIL or n.color[x] == BLACK):
-            if x == n.left[parent]:
-                w = int(n.right[parent])
-                if n.color[w] == RED:
-                    n.color[w] = BLACK
-                    n.color[parent] = RED
-                    self._rotate_left(parent)
-                    w = int(n.right[parent])
-                wl, wr = int(n.left[w]), int(n.right[w])
-                if (wl == NIL or n.color[wl] == BLACK) and (wr == NIL or n.color[wr] == BLACK):
-                    n.color[w] = RED
-                    x = parent
-                    parent = int(n.parent[x])
-                    continue
-                if wr == NIL or n.color[wr] == BLACK:
-                    n.color[wl] = BLACK
-                    n.color[w] = RED
-                    self._rotate_right(w)
-                    w = int(n.right[parent])
-                n.color[w] = n.color[parent]
-                n.color[parent] = BLACK
-                if n.right[w] != NIL:
-                    n.color[n.right[w]] = BLACK
-                self._rotate_left(parent)
-            else:
-                w = int(n.left[parent])
-                if n.color[w] == RED:
-                    n.color[w] = BLACK
-                    n.color[parent] = RED
-                    self._rotate_right(parent)
-                    w = int(n.left[parent])
-                wl, wr = int(n.left[w]), int(n.right[w])
-                if (wl == NIL or n.color[wl] == BLACK) and (wr == NIL or n.color[wr] == BLACK):
-                    n.color[w] = RED
-                    x = parent
-                    parent = int(n.parent[x])
-                    continue
-                if wl == NIL or n.color[wl] == BLACK:
-                    n.color[wr] = BLACK
-                    n.color[w] = RED
-                    self._rotate_left(w)
-                    w = int(n.left[parent])
-                n.color[w] = n.color[parent]
-                n.color[parent] = BLACK
-                if n.left[w] != NIL:
-                    n.color[n.left[w]] = BLACK
-                self._rotate_right(parent)
-            x = self.root
-            break
-        if x != NIL:
-            n.color[x] = BLACK
+        rb_erase(n.left, n.right, n.parent, n.color, n.roots, self.index, node)
 
     def replace(self, old: int, new: int) -> None:
-        """rb_replace_node: ``new`` takes ``old``'s place, links and colour."""
         n = self.n
-        n.left[new], n.right[new], n.color[new] = n.left[old], n.right[old], n.color[old]
-        if n.left[new] != NIL:
-            n.parent[n.left[new]] = new
-        if n.right[new] != NIL:
-            n.parent[n.right[new]] = new
-        self._replace_child(old, new)
-        n.left[old] = n.right[old] = n.parent[old] = NIL
+        rb_replace(n.left, n.right, n.parent, n.color, n.roots, self.index, old, new)
 
-    # -- traversal ----------------------------------------------------------------------
     def first(self) -> int:
         node = self.root
         if node == NIL:
@@ -283,3 +303,6 @@ class RbTree:
             nxt = self.next(node)
             yield node
             node = nxt
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

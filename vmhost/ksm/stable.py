@@ -4,6 +4,8 @@ A stable node is the stable tree's record of a KSM page: ``kpfn`` is the
 frame (a pfn, not a reference: the node does not pin the page; the page's
 ``owner`` pointing back at the node is the "keyhole" that proves the node is
 still valid), ``hlist_len`` counts the rmap_items on its list (``hhead``).
+``key`` caches the memcmp key of the page's contents, which cannot change
+while the node is valid (a KSM page is write-protected everywhere).
 
 Since 4.13 a content may need several KSM pages, each shared by at most
 max_page_sharing mappings. Then the tree holds a *chain* node for the content
@@ -26,12 +28,12 @@ class StableNodes:
     _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int64, -1), ("prune_time", np.int64, 0),
                ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
                ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
-               ("dprev", np.int32, NIL))
+               ("dprev", np.int32, NIL), ("key", np.uint64, 0))
 
-    def __init__(self, capacity: int = 256):
+    def __init__(self, capacity: int = 256, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
-        self.links = NodeLinks(capacity)
+        self.links = NodeLinks(capacity, trees)
         self._free = list(range(capacity - 1, -1, -1))
         self.migrate_nodes: dict[int, None] = {}     # ordered: newest first is list_add's order
 

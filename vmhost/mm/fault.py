@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vmhost.mm import thp
-from vmhost.mm.frames import PG_DIRTY, PG_KSM, PG_MLOCKED, PG_SHMEM
+from vmhost.mm.frames import PG_DIRTY, PG_KSM, PG_MLOCKED, PG_SHMEM, PG_SWAPCACHE
 from vmhost.mm.vma import (NO_PFN, PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE,
                            PTE_YOUNG, PTE_ZERO, VmFlags, Vma)
 
@@ -40,13 +40,42 @@ def alloc_for(host: "Host", vma: Vma, offsets: np.ndarray) -> np.ndarray:
     return host.allocator.alloc_per_node(nodes, policy.allowed)
 
 
+MAX_FAULT_RETRIES = 16     # like MAX_RECLAIM_RETRIES: give up (and let OOM be final) after this
+
+
+def _oom_retry(host: "Host", vma: Vma, op) -> None:
+    """Run a whole (vectorised) fault; when an allocation fails, let ``host.oom_handler``
+    reclaim or OOM-kill (vmhost.mm.oom) and run the fault again.
+
+    A fault that fails half way leaves every PTE it already handled in a consistent
+    state, so running it again only does what is left; no page is held across the
+    retry, so reclaim in between cannot pull a page out from under the fault.
+    """
+    from vmhost.mm.page_alloc import OutOfMemory
+    attempt = 0
+    while True:
+        try:
+            return op()
+        except OutOfMemory as exc:
+            handler = getattr(host, "oom_handler", None)
+            attempt += 1
+            if handler is None or attempt > MAX_FAULT_RETRIES or not handler(exc, vma.mm, attempt):
+                raise
+
+
 def write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarray) -> None:
     """The process writes content ids ``contents`` at page offsets ``offsets`` of ``vma``."""
+    _oom_retry(host, vma, lambda: _write_fault(host, vma, offsets, contents))
+
+
+def _write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarray) -> None:
     if vma.shmem is not None:
         _shmem_fault(host, vma, offsets, write=True)
     else:
         flags = vma.ptef[offsets]
-        assert not (flags & PTE_SWAP).any(), "swapped pages need the swap subsystem"
+        if (flags & PTE_SWAP).any():                 # do_swap_page first, then the write
+            host.swap.swap_in(vma, offsets[(flags & PTE_SWAP) != 0], write=True)
+            flags = vma.ptef[offsets]
         fresh = (flags & PTE_PRESENT == 0) | (flags & PTE_ZERO != 0)
         if fresh.any():
             _fault_huge(host, vma, offsets[fresh])
@@ -63,13 +92,21 @@ def write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarra
     vma.ptef[offsets] |= np.uint8(PTE_DIRTY | PTE_YOUNG)
     if not vma.flags & VmFlags.WRITE:          # a forced write (/proc/PID/mem) maps read-only
         vma.ptef[offsets] &= np.uint8(~PTE_WRITE & 0xFF)
+    vma.mm.touch_data()
 
 
 def read_fault(host: "Host", vma: Vma, offsets: np.ndarray) -> None:
     """The process reads pages: an untouched private page gets the zero page."""
+    _oom_retry(host, vma, lambda: _read_fault(host, vma, offsets))
+
+
+def _read_fault(host: "Host", vma: Vma, offsets: np.ndarray) -> None:
     if vma.shmem is not None:
         _shmem_fault(host, vma, offsets, write=False)
         return
+    swapped = (vma.ptef[offsets] & PTE_SWAP) != 0
+    if swapped.any():
+        host.swap.swap_in(vma, offsets[swapped], write=False)
     none = vma.ptef[offsets] & (PTE_PRESENT | PTE_SWAP) == 0
     vma.ptef[offsets[none]] = PTE_PRESENT | PTE_ZERO
     vma.ptef[offsets] |= np.uint8(PTE_YOUNG)
@@ -81,6 +118,9 @@ def peek(host: "Host", vma: Vma, lo: int, hi: int) -> np.ndarray:
     out = np.zeros(hi - lo, dtype=np.uint64)
     mapped = (flags & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT
     out[mapped] = host.frames.content[vma.pte[lo:hi][mapped]]
+    swapped = (flags & PTE_SWAP) != 0
+    if swapped.any():
+        out[swapped] = host.swap.contents(vma.pte[lo:hi][swapped])
     if vma.shmem is not None:
         cached = vma.shmem.cache[vma.pgoff + lo: vma.pgoff + hi]
         hit = ~mapped & (cached != NO_PFN)
@@ -129,6 +169,10 @@ def _map_new(host: "Host", vma: Vma, offs: np.ndarray, pfns: np.ndarray) -> None
 def _copy_on_write(host: "Host", vma: Vma, offs: np.ndarray) -> None:
     frames = host.frames
     old = vma.pte[offs]
+    cached = old[frames.has(old, PG_SWAPCACHE) & (frames.mapcount[old] == 1)]
+    for pfn in cached.tolist():              # wp_can_reuse_anon_folio: drop an unneeded swap slot
+        if not frames.flags[pfn] & PG_KSM:
+            host.swap.try_free_swap(pfn)
     is_ksm = frames.has(old, PG_KSM)
     exclusive = ~is_ksm & (frames.mapcount[old] == 1) & (frames.refcount[old] == 1)
     av = host.anon_vmas.prepare(vma)
@@ -178,7 +222,10 @@ def zap(host: "Host", vma: Vma, lo: int, hi: int) -> None:
         else:
             vma.mm.rss_anon -= len(pfns)
         put_mappings(host, pfns)
-    assert not (flags & PTE_SWAP).any(), "swapped pages need the swap subsystem"
+    swapped = (flags & PTE_SWAP) != 0
+    if swapped.any():                        # free_swap_and_cache for each swap PTE
+        vma.mm.swap_ents -= int(swapped.sum())
+        host.swap.free_entries(vma.pte[lo:hi][swapped])
     vma.pte[lo:hi] = NO_PFN
     vma.ptef[lo:hi] = 0
     vma.mm.touch_ptes()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vmhost.mm.mm import MM
-from vmhost.mm.vma import PTE_WRITE, PTE_YOUNG, VmFlags, Vma
+from vmhost.mm.vma import PTE_SWAP, PTE_WRITE, PTE_YOUNG, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.host import Host
@@ -49,6 +49,10 @@ def fork_mm(host: "Host", parent: MM, child_id: int) -> MM:
             pvma.ptef[mapped] &= _CLEAR_WRITE
             cvma.ptef[mapped] &= _CLEAR_WRITE
             child.rss_anon += len(pfns)
+            swapped = (pvma.ptef & PTE_SWAP) != 0
+            if swapped.any():                     # copy_nonpresent_pte: swap_duplicate
+                host.swap.dup_entries(pvma.pte[swapped])
+                child.swap_ents += int(swapped.sum())
         child.vmas.append(cvma)
     child._reindex()
     host.ksm.fork(parent, child)

@@ -111,6 +111,10 @@ def check(host: "Host", before: Views | None = None) -> None:
                         f"(KSM: {bool(frames.flags[pfn] & PG_KSM)}) but writable in {writable_count[pfn]}")
 
     _check_free_lists(host, problems)
+    # swap: each slot's count equals the swap PTEs naming it, swap cache pages are linked
+    # both ways, MM_SWAPENTS matches (swapped pages' content is part of views() via peek)
+    from vmhost.mm import swap
+    problems.extend(swap.check(host))
     problems.extend(host.ksm.check_invariants() if hasattr(host.ksm, "check_invariants") else [])
 
     if before is not None:

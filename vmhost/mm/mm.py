@@ -51,12 +51,9 @@ class MM:
         self.policy: MemPolicy = LOCAL
         self.vmas: list[Vma] = []
         self._starts: list[int] = []
-        # KSM state kept in mm_struct
+        # KSM state kept in mm_struct (the counters live in host.mm_ksm, see below)
         self.ksm_mergeable = False      # MMF_VM_MERGEABLE: has an mm_slot
         self.ksm_merge_any = False      # MMF_VM_MERGE_ANY: prctl(PR_SET_MEMORY_MERGE)
-        self.ksm_rmap_items = 0
-        self.ksm_merging_pages = 0
-        self.ksm_zero_pages = 0
         # RSS counters
         self.rss_anon = 0
         self.rss_shmem = 0
@@ -75,6 +72,28 @@ class MM:
     def touch_ptes(self) -> None:
         """Record that some PTE of this mm changed (fault, zap, COW, swap, migration, split)."""
         self.host.pt_epoch[self.id] += 1
+        self.touch_data()
+
+    @property
+    def data_gen(self) -> int:
+        """Generation of what this mm maps: changes with any PTE change or process write."""
+        return int(self.host.data_epoch[self.id])
+
+    def touch_data(self) -> None:
+        """Record that a page this mm maps may hold other contents now."""
+        self.host.data_epoch[self.id] += 1
+        self.host.changes[0] += 1
+
+    # mm->ksm_rmap_items, ksm_merging_pages, ksm_zero_pages: a row of host.mm_ksm, so that
+    # compiled code can update them by mm id
+    def _ksm_get(i: int):
+        return property(lambda self: int(self.host.mm_ksm[self.id, i]),
+                        lambda self, v: self.host.mm_ksm.__setitem__((self.id, i), v))
+
+    ksm_rmap_items = _ksm_get(0)
+    ksm_merging_pages = _ksm_get(1)
+    ksm_zero_pages = _ksm_get(2)
+    del _ksm_get
 
     # -- lookup -------------------------------------------------------------------------
     def _reindex(self) -> None:

@@ -1,0 +1,194 @@
+"""``vmhost guests ...``: guest memory dumps (import, statistics) and the QEMU lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vmhost.commands.common import Parser, whole_number
+from vmhost.errors import InputError
+
+
+def _address(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (e.g. 0x80000000)") \
+            from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def register(sub) -> None:
+    g = sub.add_parser("guests", help="guest memory dumps and the QEMU lab")
+    gs = g.add_subparsers(dest="guests", required=True, parser_class=Parser)
+
+    imp = gs.add_parser("import", help="fingerprint a guest memory dump (ELF core or raw)")
+    imp.add_argument("dump", help="QEMU dump-guest-memory ELF core or pmemsave raw file")
+    imp.add_argument("-o", "--output", required=True, metavar="IMAGE",
+                     help="image file to write (zip of .npy arrays + header.json)")
+    imp.add_argument("--format", choices=("auto", "elf", "raw"), default="auto")
+    imp.add_argument("--jobs", type=whole_number, default=1, help="worker processes")
+    imp.add_argument("--layout", choices=("pc", "flat"), default="pc",
+                     help="pc: keep only PC guest RAM ranges (default); flat: every page")
+    imp.add_argument("--low-ram-end", type=_address, metavar="ADDR",
+                     help="end of guest RAM below 4 GiB (default: from the dump)")
+    imp.add_argument("--json", action="store_true", help="print the image header as JSON")
+    imp.set_defaults(func=_import)
+
+    info = gs.add_parser("info", help="show an image's header and statistics")
+    info.add_argument("image")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_info)
+
+    sh = gs.add_parser("sharing", help="ideal sharing across images, pages matched by content")
+    sh.add_argument("images", nargs="+")
+    sh.add_argument("--max-page-sharing", type=whole_number, default=256)
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=_sharing)
+
+    bench = gs.add_parser("bench-import", help="dump import throughput on a synthetic dump")
+    bench.add_argument("--size-mib", type=whole_number, default=1024)
+    bench.add_argument("--jobs", type=whole_number, default=1)
+    bench.add_argument("--zero-fraction", type=_fraction, default=0.33)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=_bench)
+
+    build = gs.add_parser("build", help="build (or find in the cache) the lab's guest kernel "
+                                        "and initramfs")
+    build.set_defaults(func=_build)
+
+    dump = gs.add_parser("dump", help="boot lab guests (mem-merge=off) and dump their RAM")
+    dump.add_argument("-o", "--output", required=True, metavar="DIR")
+    dump.add_argument("--guests", type=whole_number, default=1)
+    dump.add_argument("--mem", type=whole_number, default=128, help="guest RAM in MiB")
+    dump.set_defaults(func=_dump)
+
+    live = gs.add_parser("ksm-live", help="real host KSM on identical live guests (root)")
+    live.add_argument("--guests", type=whole_number, default=3)
+    live.add_argument("--mem", type=whole_number, default=128, help="guest RAM in MiB")
+    live.add_argument("--dumps", metavar="DIR", help="keep the guests' dumps here")
+    live.add_argument("--timeout", type=whole_number, default=120, help="seconds for KSM")
+    live.add_argument("--tolerance", type=whole_number, default=0,
+                      help="pages of jitter still counted as converged")
+    live.add_argument("--json", action="store_true")
+    live.set_defaults(func=_ksm_live)
+
+
+def _dump_error(exc) -> InputError:
+    return InputError(str(exc))
+
+
+def _summary(header: dict) -> str:
+    s = header["stats"]
+    src = header["source"]
+    return (f"{src['path']} ({src['format']}, {src['size']} bytes): {s['pages']} RAM pages, "
+            f"{s['zero_pages']} zero ({100 * s['zero_fraction']:.1f}%), "
+            f"{s['distinct_nonzero']} distinct non-zero, {s['pages_with_duplicate']} with a "
+            f"duplicate, ideal sharing {s['ideal_sharing']} (shared {s['ideal_shared']})")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from guests.dumps import DumpError, import_dump
+    if args.jobs < 1:
+        raise InputError(f"guests import: --jobs must be at least 1 (got {args.jobs})")
+    if args.low_ram_end is not None and not 0x100000 <= args.low_ram_end <= 1 << 32:
+        raise InputError(f"guests import: --low-ram-end {args.low_ram_end:#x} must be between "
+                         "0x100000 and 0x100000000")
+    try:
+        image = import_dump(args.dump, args.output, args.format, args.jobs, args.layout,
+                            args.low_ram_end)
+    except DumpError as exc:
+        raise _dump_error(exc) from None
+    print(json.dumps(image.header, indent=1) if args.json else _summary(image.header))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from guests.dumps import DumpError, load_image
+    try:
+        image = load_image(args.image)
+    except DumpError as exc:
+        raise _dump_error(exc) from None
+    print(json.dumps(image.header, indent=1) if args.json else _summary(image.header))
+    return 0
+
+
+def _sharing(args: argparse.Namespace) -> int:
+    from guests.dumps import DumpError, cross_sharing, load_image
+    if args.max_page_sharing < 2:
+        raise InputError("guests sharing: --max-page-sharing must be at least 2")
+    try:
+        images = [load_image(p) for p in args.images]
+    except DumpError as exc:
+        raise _dump_error(exc) from None
+    res = cross_sharing(images, args.max_page_sharing)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    t = res["total"]
+    print(f"{res['guests']} images, {t['pages']} pages, {t['zero_pages']} zero "
+          f"({100 * t['zero_fraction']:.1f}%): ideal sharing {t['ideal_sharing']} "
+          f"(shared {t['ideal_shared']}); with max_page_sharing {args.max_page_sharing}: "
+          f"sharing {t['capped_sharing']}, shared {t['capped_shared']}; self "
+          f"{res['self_sharing']}, inter-guest {res['inter_sharing']}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vmhost.benchmarks import dump_import
+    r = dump_import.run(args.size_mib, args.jobs, args.zero_fraction)
+    print(json.dumps(r) if args.json else dump_import.format_result(r))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from guests.lab import LabError, build_guest
+    try:
+        files = build_guest()
+    except LabError as exc:
+        print(f"vmhost: guests build: {exc}", file=sys.stderr)
+        return 1
+    print(f"kernel {files.kernel} ({files.kernel_package})\ninitrd {files.initrd}")
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from guests.lab import Lab, LabError
+    if args.guests < 1 or args.mem < 16:
+        raise InputError("guests dump: need --guests >= 1 and --mem >= 16")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with Lab(workdir=out, mem_mib=args.mem) as lab:
+            for g in lab.boot(args.guests):
+                elf, raw = g.dump_both(out / f"{g.name}.elf", out / f"{g.name}.raw")
+                print(f"{g.name}: {elf} {raw}")
+    except LabError as exc:
+        print(f"vmhost: guests dump: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ksm_live(args: argparse.Namespace) -> int:
+    from guests.lab import LabError
+    from vmhost.benchmarks import live_ksm
+    from vmhost.ksm.oracle import OracleError
+    if args.guests < 2 or args.mem < 16:
+        raise InputError("guests ksm-live: need --guests >= 2 and --mem >= 16")
+    try:
+        r = live_ksm.measure(args.guests, args.mem, args.dumps, timeout=args.timeout,
+                             tolerance=args.tolerance)
+    except (LabError, OracleError) as exc:
+        print(f"vmhost: guests ksm-live: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(r, indent=1) if args.json else live_ksm.format_result(r))
+    return 0 if r["converged"] else 1

@@ -1,0 +1,271 @@
+"""The compiled part of ksmd's scan: the common cases of a page visit, at native speed.
+
+A full scan visits every anonymous page of every mergeable VMA. Most visits
+end in one of a few simple ways: the page is a KSM page already merged by
+this rmap_item; its checksum changed (volatile); smart scan skips it; or it
+is new to this pass and goes into the unstable tree. ``scan_run`` does exactly
+these, over a run of one VMA's pages, on the same arrays the Python engine
+uses (rmap_items, stable nodes, both trees, frames, page tables, counters).
+
+Whenever a visit needs anything more (a merge, a stale stable node, a chain,
+a KSM zero page, an rmap_item on a stable node, a cached unstable-tree frame
+that may be out of date, the item pool running dry) it stops *before the step
+that needs it* and returns a bail code naming how far it got; the engine
+finishes that visit in Python (``Ksm._scan_page``) and calls back in. Both
+paths apply the same rules in the same order, so the result is identical to a
+pure-Python scan; ``tests/test_fastscan.py`` replays the trace corpus both
+ways to prove it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from vmhost.ksm.rbtree import NIL, rb_erase, rb_link
+
+# scan_run's return codes
+RUN_END, RUN_BUDGET = 0, 1
+BAIL_BEFORE_ITEM, BAIL_BEFORE_SKIP, BAIL_BEFORE_MERGE, BAIL_AFTER_CHECKSUM = 2, 3, 4, 5
+
+# indices of the engine's counter array
+C_SHARED, C_SHARING, C_UNSHARED, C_SCANNED, C_SKIPPED, C_ZERO, C_CHAINS, C_DUPS = range(8)
+# indices of the work counters (the CPU model's inputs)
+W_PTES, W_CHECKSUMS, W_COMPARES, W_MERGES, W_DUPS = range(5)
+# params
+P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN = range(8)
+
+_PRESENT, _ZERO = 1, 4                      # PTE_PRESENT, PTE_ZERO
+_PG_ANON, _PG_KSM, _PG_SWAPCACHE = 1, 2, 4
+_STABLE, _UNSTABLE, _SEQ = 0x200, 0x100, 0xFF
+_NODE, _DUP = 1, 2                          # stable node kinds: plain, or a dup in a chain
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def checksum_of(content, seed):
+    """The same 32-bit mix as vmhost.ksm.checksum.checksums."""
+    x = content + seed
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    x = x ^ (x >> np.uint64(31))
+    return np.uint32(x >> np.uint64(32))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def memcmp_key(content):
+    """Byte-swapped content id: its order is memcmp's order of the page."""
+    x = content
+    x = ((x & np.uint64(0x00000000FFFFFFFF)) << np.uint64(32)) | (x >> np.uint64(32))
+    x = ((x & np.uint64(0x0000FFFF0000FFFF)) << np.uint64(16)) | ((x >> np.uint64(16)) & np.uint64(0x0000FFFF0000FFFF))
+    x = ((x & np.uint64(0x00FF00FF00FF00FF)) << np.uint64(8)) | ((x >> np.uint64(8)) & np.uint64(0x00FF00FF00FF00FF))
+    return x
+
+
+@njit(cache=True, nogil=True)
+def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
+             f_content, f_flags, f_owner,
+             it_mm, it_addr, it_flags, it_sum, it_age, it_skips, it_head, it_rnext, it_nid,
+             it_tpfn, it_tgen, it_key, il, ir, ipar, icol, uroots,
+             n_kind, n_kpfn, n_nid, n_key, nl, nr, sroots,
+             free_stack, free_top, cnt, mm_ksm, data_epoch, params, block_node, work):
+    """Visit candidate pages ``cand[i:]`` of one VMA until done, out of budget, or a bail.
+
+    ``cursor`` is [slot rmap_list head, previous item, address] and is updated in place.
+    Returns (index of the next candidate, pages processed, code, rmap_item of a bail).
+    """
+    seqnr = params[P_SEQNR]
+    smart = params[P_SMART] != 0
+    across = params[P_ACROSS] != 0
+    use_zero = params[P_USE_ZERO] != 0
+    zero_sum = np.uint32(params[P_ZERO_SUM])
+    seed = np.uint64(params[P_SEED])
+    block_pages = params[P_BLOCK_PAGES]
+    clean = params[P_CLEAN] != 0        # nothing changed since the unstable tree was emptied
+    processed = 0
+    n = cand.shape[0]
+    while i < n:
+        if processed >= budget:
+            return i, processed, RUN_BUDGET, NIL
+        off = cand[i]
+        work[W_PTES] += 1
+        if (ptef[off] & (_PRESENT | _ZERO)) != _PRESENT:
+            i += 1
+            continue
+        pfn = pte[off]
+        pflags = f_flags[pfn]
+        if (pflags & (_PG_ANON | _PG_KSM)) == 0:
+            i += 1
+            continue
+        vpn = vma_start + off
+
+        # -- get_next_rmap_item: free items before vpn, find or create the one at vpn ----
+        prev = cursor[1]
+        cur = cursor[0] if prev == NIL else it_rnext[prev]
+        item = NIL
+        while cur != NIL:
+            a = it_addr[cur]
+            if a == vpn:
+                item = cur
+                break
+            if a > vpn:
+                break
+            fl = it_flags[cur]
+            if fl & _STABLE:
+                return i, processed, BAIL_BEFORE_ITEM, NIL     # freeing it touches a stable node
+            nxt = it_rnext[cur]
+            if prev == NIL:
+                cursor[0] = nxt
+            else:
+                it_rnext[prev] = nxt
+            if fl & _UNSTABLE:
+                if ((seqnr - fl) & _SEQ) == 0:
+                    rb_erase(il, ir, ipar, icol, uroots, it_nid[cur], cur)
+                cnt[C_UNSHARED] -= 1
+            mm_ksm[it_mm[cur], 0] -= 1
+            it_mm[cur] = -1
+            free_stack[free_top[0]] = cur
+            free_top[0] += 1
+            cur = nxt
+        if item == NIL:
+            if free_top[0] == 0:
+                return i, processed, BAIL_BEFORE_ITEM, NIL     # the pool must grow first
+            free_top[0] -= 1
+            item = free_stack[free_top[0]]
+            it_mm[item] = mm_id
+            it_addr[item] = vpn
+            it_flags[item] = 0
+            it_sum[item] = 0
+            it_age[item] = 0
+            it_skips[item] = 0
+            it_head[item] = NIL
+            it_nid[item] = 0
+            it_tpfn[item] = -1
+            it_tgen[item] = -1
+            it_key[item] = 0
+            il[item] = NIL
+            ir[item] = NIL
+            ipar[item] = NIL
+            mm_ksm[mm_id, 0] += 1
+            it_rnext[item] = cur
+            if prev == NIL:
+                cursor[0] = item
+            else:
+                it_rnext[prev] = item
+        cursor[1] = item
+        cursor[2] = vpn + 1
+        is_ksm = (pflags & _PG_KSM) != 0
+        ifl = it_flags[item]
+
+        # -- smart scan ----------------------------------------------------------------------
+        if (ifl & _STABLE) and not is_ksm:
+            return i, processed, BAIL_BEFORE_SKIP, item       # leaving a stable node: Python
+        if smart and not is_ksm:
+            age = it_age[item]
+            if age != 255:
+                it_age[item] = age + 1
+            if age >= 3:
+                if it_skips[item] == 0:
+                    if age <= 3:
+                        it_skips[item] = 1
+                    elif age <= 5:
+                        it_skips[item] = 2
+                    elif age <= 8:
+                        it_skips[item] = 4
+                    else:
+                        it_skips[item] = 8
+                else:
+                    cnt[C_SKIPPED] += 1
+                    it_skips[item] -= 1
+                    if ifl & _UNSTABLE:
+                        if ((seqnr - ifl) & _SEQ) == 0:
+                            rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
+                        cnt[C_UNSHARED] -= 1
+                        it_flags[item] = 0
+                    i += 1
+                    continue
+
+        # -- cmp_and_merge_page ----------------------------------------------------------------
+        nid = 0 if across else block_node[pfn // block_pages]
+        if is_ksm:
+            node = f_owner[pfn]
+            if (node != NIL and (n_kind[node] == _NODE or n_kind[node] == _DUP)
+                    and (ifl & _STABLE) and it_head[item] == node
+                    and (across or block_node[n_kpfn[node] // block_pages] == n_nid[node])):
+                cnt[C_SCANNED] += 1
+                processed += 1
+                i += 1
+                continue
+            return i, processed, BAIL_BEFORE_MERGE, item
+        if ifl & _UNSTABLE:
+            if ((seqnr - ifl) & _SEQ) == 0:
+                rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
+            cnt[C_UNSHARED] -= 1
+            it_flags[item] = 0
+        work[W_CHECKSUMS] += 1
+        content = f_content[pfn]
+        cs = checksum_of(content, seed)
+        if it_sum[item] != cs:
+            it_sum[item] = cs
+            cnt[C_SCANNED] += 1
+            processed += 1
+            i += 1
+            continue
+        if use_zero and cs == zero_sum:
+            return i, processed, BAIL_AFTER_CHECKSUM, item
+
+        key = memcmp_key(content)
+        # stable tree: a miss needs only plain, live nodes on the path
+        cur = sroots[nid]
+        while cur != NIL:
+            work[W_COMPARES] += 1
+            if n_kind[cur] != _NODE:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # a chain: Python
+            kp = n_kpfn[cur]
+            if (f_flags[kp] & _PG_KSM) == 0 or f_owner[kp] != cur:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # stale: prune in Python
+            tk = n_key[cur]
+            if key < tk:
+                cur = nl[cur]
+            elif key > tk:
+                cur = nr[cur]
+            else:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # merge into a KSM page
+        # unstable tree: search, or insert this item
+        cur = uroots[nid]
+        at = NIL
+        go_left = False
+        aborted = False
+        while cur != NIL:
+            work[W_COMPARES] += 1
+            if not clean and data_epoch[it_mm[cur]] != it_tgen[cur]:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # cached key may be stale
+            tk = it_key[cur]
+            at = cur
+            if key < tk:
+                cur = il[cur]
+                go_left = True
+            elif key > tk:
+                cur = ir[cur]
+                go_left = False
+            elif it_tpfn[cur] == pfn:
+                aborted = True                                  # our own page, through fork
+                break
+            elif not across and block_node[it_tpfn[cur] // block_pages] != nid:
+                aborted = True
+                break
+            else:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # two pages to merge
+        if not aborted:
+            it_flags[item] = _UNSTABLE | (seqnr & _SEQ)
+            it_nid[item] = nid
+            it_tpfn[item] = pfn
+            it_key[item] = key
+            it_tgen[item] = data_epoch[mm_id]
+            rb_link(il, ir, ipar, icol, uroots, nid, item, at, go_left)
+            cnt[C_UNSHARED] += 1
+        cnt[C_SCANNED] += 1
+        processed += 1
+        i += 1
+    return i, processed, RUN_END, NIL
