@@ -36,7 +36,8 @@ from vmhost.ksm.items import (MmSlot, RMAP_ITEM_BYTES, RmapItems, SEQNR_MASK, ST
                               UNSTABLE_FLAG)
 from vmhost.ksm.knobs import KNOBS_2_6_33, KNOBS_6_18, RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
 from vmhost.ksm.pages import EFAULT, ZERO_PAGE, find_mergeable_vma
-from vmhost.ksm.rbtree import NIL, RbTree
+from vmhost.ksm.keyindex import KeyIndex, ki_find
+from vmhost.ksm.rbtree import NIL, IndexedRbTree, RbTree
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE, StableNodes
 from vmhost.mm import thp
 from vmhost.mm.frames import NO_OWNER, PG_ANON, PG_COMPOUND, PG_KSM, PG_SWAPCACHE
@@ -86,7 +87,10 @@ class Ksm(KsmHooks):
         nr_nodes = host.topology.node_count
         self.items = RmapItems(trees=nr_nodes)
         self.nodes = StableNodes(trees=nr_nodes)
-        self.stable_trees = [RbTree(self.nodes.links, i) for i in range(nr_nodes)]
+        self.stable_index = KeyIndex(self.nodes)
+        self.stable_trees = [IndexedRbTree(self.nodes.links, i, self.stable_index)
+                             for i in range(nr_nodes)]
+        host.frames.on_ksm_freed = self.nodes.mark_stale
         self.unstable_trees = [RbTree(self.items.links, i) for i in range(nr_nodes)]
         self.slots: list[MmSlot] = []           # ksm_mm_head's list, in scan order
         self.slot_of: dict[int, MmSlot] = {}    # mm id -> slot (mm_slots_hash)
@@ -96,6 +100,10 @@ class Ksm(KsmHooks):
         self.seqnr = 0                          # ksm_scan.seqnr == full_scans
         self._saw_mergeable = False
         self._pass_changes = 0
+        self._uhashed = False                   # unstable tree kept as hash + log (fastscan)
+        self._uh = np.full(1024, NIL, dtype=np.int32)
+        self._ulog = np.zeros(1024, dtype=np.int32)
+        self._ulog_len = np.zeros(1, dtype=np.int64)
         self._cand_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.zero_checksum = checksum(0, self.profile.ksm_checksum)
         self.wakeup: Callable[[], None] = lambda: None   # set by ksmd
@@ -144,6 +152,7 @@ class Ksm(KsmHooks):
         frames = self.host.frames
         if (frames.flags[pfn] & PG_KSM and frames.owner[pfn] == node
                 and (frames.refcount[pfn] > 0 or frames.flags[pfn] & PG_SWAPCACHE)):
+            self.nodes.unmark_stale(node)
             return pfn
         self.remove_node_from_stable_tree(node)
         return -1
@@ -213,7 +222,12 @@ class Ksm(KsmHooks):
             age = (self.seqnr - flags) & SEQNR_MASK
             assert age <= 1, "an unstable rmap_item outlived its tree"
             if age == 0:
-                self.unstable_trees[int(items.nid[item])].erase(item)
+                if self._uhashed and self._unstable_clean():
+                    fastscan.hash_remove(self._uh, items.tree_key, items.nid, item)
+                    self._log_unstable(-item - 2)
+                else:
+                    self.build_unstable_trees()
+                    self.unstable_trees[int(items.nid[item])].erase(item)
             c.pages_unshared -= 1
             items.flags[item] = 0
 
@@ -300,6 +314,7 @@ class Ksm(KsmHooks):
         chain = self.nodes.alloc(CHAIN)
         self.nodes.prune_time[chain] = self.host.clock.now
         self.nodes.nid[chain] = self.nodes.nid[node]
+        self.nodes.key[chain] = self.nodes.key[node]
         tree.replace(node, chain)
         self.nodes.add_dup(chain, node)
         self.c.stable_node_chains += 1
@@ -316,6 +331,8 @@ class Ksm(KsmHooks):
         tree = self.stable_trees[nid]
         key = self._key(pfn)
         chains = self.profile.ksm_stable_node_chains
+        if page_node == NIL and self.stable_indexed():
+            return self._stable_lookup(pfn, key, nid, tree)
         while True:                                      # "again": restart after pruning
             cur, parent, go_left, restart = tree.root, NIL, False, False
             while cur != NIL:
@@ -351,6 +368,44 @@ class Ksm(KsmHooks):
             nodes.kind[page_node] = NODE
             tree.link(page_node, parent, go_left)
             return pfn if self._candidate(page_node) else -1
+
+    def _stable_insert_walk(self, tree, key: int) -> tuple[int, bool, int]:
+        """Walk to where ``key`` belongs (chain() on each node, restarting after a prune);
+        returns (parent, go_left, the node with an equal key or NIL)."""
+        nodes = self.nodes
+        while True:
+            cur, parent, go_left = tree.root, NIL, False
+            while cur != NIL:
+                self.work[fastscan.W_COMPARES] += 1
+                node, dup, tree_pfn = self._chain_lookup(cur, tree, prune=False)
+                if tree_pfn < 0:
+                    break
+                tkey = self._key(tree_pfn)
+                parent = node
+                if key < tkey:
+                    cur, go_left = int(nodes.links.left[node]), True
+                elif key > tkey:
+                    cur, go_left = int(nodes.links.right[node]), False
+                else:
+                    return parent, go_left, node
+            else:
+                return parent, go_left, NIL
+
+    def stable_indexed(self) -> bool:
+        """True while a stable-tree walk can only meet plain, live nodes (no chain, nothing
+        stale): then it has no side effects, and a key lookup gives the same answer."""
+        return self.c.stable_node_chains == 0 and self.nodes.stale_count == 0
+
+    def _stable_lookup(self, pfn: int, key: int, nid: int, tree) -> int:
+        nodes = self.nodes
+        node = int(ki_find(self.stable_index.slots, nodes.key, nodes.nid, np.uint64(key), nid))
+        self.work[fastscan.W_COMPARES] += fastscan._depth(self.stable_index.count)
+        if node == NIL or not self._candidate(node):
+            return -1
+        tree_pfn = self.get_page(node)
+        if self._nid_of_pfn(int(nodes.kpfn[node])) != nodes.nid[node]:
+            return self._replace_misplaced(NIL, node, node, tree, nid, pfn)
+        return tree_pfn
 
     def _chain_append(self, page_node: int, node: int, dup: int, tree: RbTree, nid: int, pfn: int) -> int:
         """A migrated KSM page with several mappings joins its content's chain as a dup."""
@@ -396,25 +451,13 @@ class Ksm(KsmHooks):
         nid = self._nid_of_pfn(kpfn)
         tree = self.stable_trees[nid]
         key = self._key(kpfn)
-        while True:
-            cur, parent, go_left, equal, restart = tree.root, NIL, False, NIL, False
-            while cur != NIL:
-                self.work[fastscan.W_COMPARES] += 1
-                node, dup, tree_pfn = self._chain_lookup(cur, tree, prune=False)
-                if tree_pfn < 0:
-                    restart = True
-                    break
-                tkey = self._key(tree_pfn)
-                parent = node
-                if key < tkey:
-                    cur, go_left = int(nodes.links.left[node]), True
-                elif key > tkey:
-                    cur, go_left = int(nodes.links.right[node]), False
-                else:
-                    equal = node
-                    break
-            if not restart:
-                break
+        if self.stable_indexed():
+            equal = int(ki_find(self.stable_index.slots, nodes.key, nodes.nid, np.uint64(key), nid))
+            parent, go_left, depth = fastscan.stable_insert_point(
+                nodes.links.left, nodes.links.right, nodes.key, tree.root, np.uint64(key))
+            self.work[fastscan.W_COMPARES] += depth
+        else:
+            parent, go_left, equal = self._stable_insert_walk(tree, key)
         if equal != NIL and not self.profile.ksm_stable_node_chains:
             return NIL                                   # 2.6.33: an equal node already exists
         new = nodes.alloc(NODE)
@@ -440,8 +483,55 @@ class Ksm(KsmHooks):
             return -1
         return pages.anon_page_at(self.host, vma, vpn - vma.start)
 
+    def _unstable_hashed(self, item: int, pfn: int) -> tuple[int, int]:
+        """The unstable tree as hash + log while nothing changed (see fastscan)."""
+        items = self.items
+        nid = self._nid_of_pfn(pfn)
+        key = np.uint64(self._key(pfn))
+        mask = len(self._uh) - 1
+        t, h = fastscan.hash_find(self._uh, mask, items.tree_key, items.nid, key, nid)
+        self.work[fastscan.W_COMPARES] += fastscan._depth(int(self._ulog_len[0]))
+        if t != NIL:
+            tpfn = int(items.tree_pfn[t])
+            if tpfn == pfn:
+                return NIL, -1
+            if not self.knobs.merge_across_nodes and int(self.host.phys.node_of(tpfn)) != nid:
+                return NIL, -1
+            return int(t), tpfn
+        items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        items.nid[item] = nid
+        items.tree_pfn[item] = pfn
+        items.tree_key[item] = key
+        items.tree_gen[item] = self._mm(item).data_gen
+        self._uh[h] = item
+        self._log_unstable(item)
+        self.c.pages_unshared += 1
+        return NIL, -1
+
+    def _log_unstable(self, entry: int) -> None:
+        n = int(self._ulog_len[0])
+        if n == len(self._ulog):
+            self._ulog = np.concatenate([self._ulog, np.zeros(n, dtype=np.int32)])
+        self._ulog[n] = entry
+        self._ulog_len[0] = n + 1
+
+    def build_unstable_trees(self) -> None:
+        """Turn the compiled loop's hash table and log into the real rbtrees (same shape)."""
+        if not self._uhashed:
+            return
+        self._uhashed = False
+        it, ln = self.items, self.items.links
+        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid,
+                                 ln.left, ln.right, ln.parent, ln.color, ln.roots)
+
+    def _unstable_clean(self) -> bool:
+        return int(self.host.changes[0]) == self._pass_changes
+
     def unstable_tree_search_insert(self, item: int, pfn: int) -> tuple[int, int]:
         """An identical page in the unstable tree (item, pfn); else insert ``item``."""
+        if self._uhashed and self._unstable_clean():
+            return self._unstable_hashed(item, pfn)
+        self.build_unstable_trees()
         nid = self._nid_of_pfn(pfn)
         tree = self.unstable_trees[nid]
         links = self.items.links
@@ -674,6 +764,16 @@ class Ksm(KsmHooks):
                 self.get_page(node)
         for tree in self.unstable_trees:
             tree.clear()
+        self._uhashed = self.fast
+        if self._uhashed:
+            size = 1 << max(10, (2 * self.items.capacity - 1).bit_length())
+            if len(self._uh) != size:
+                self._uh = np.full(size, NIL, dtype=np.int32)
+            else:
+                self._uh.fill(NIL)
+            if len(self._ulog) < self.items.capacity:
+                self._ulog = np.zeros(self.items.capacity, dtype=np.int32)
+            self._ulog_len[0] = 0
         self._cand_cache.clear()
         self._pass_changes = int(self.host.changes[0])
         self.cursor = self.slots[0] if self.slots else None
@@ -783,7 +883,12 @@ class Ksm(KsmHooks):
                            int(self.knobs.merge_across_nodes), int(self.knobs.use_zero_pages),
                            self.zero_checksum, int(fastscan_seed(self.profile.ksm_checksum)),
                            host.phys.block_pages,
-                           int(host.changes[0] == self._pass_changes)], dtype=np.int64)
+                           int(host.changes[0] == self._pass_changes), int(self._uhashed),
+                           int(self.c.stable_node_chains == 0 and nodes.stale_count == 0)],
+                          dtype=np.int64)
+        if self._uhashed and len(self._uh) < 2 * items.capacity:
+            self.build_unstable_trees()           # the item pool grew past the table: use the tree
+            params[fastscan.P_HASHED] = 0
         i, n, code, item = fastscan.scan_run(
             cand, i, budget, vma.start, vma.pte, vma.ptef, slot.mm.id, cursor,
             frames.content, frames.flags, frames.owner,
@@ -793,7 +898,9 @@ class Ksm(KsmHooks):
             items.links.parent, items.links.color, items.links.roots,
             nodes.kind, nodes.kpfn, nodes.nid, nodes.key, nodes.links.left, nodes.links.right,
             nodes.links.roots, items.free_stack, items.free_top, self.c.a, host.mm_ksm,
-            host.data_epoch, params, host.phys.block_node_array, self.work)
+            host.data_epoch, params, host.phys.block_node_array, self.work,
+            self._uh, self._ulog, self._ulog_len, self.stable_index.slots,
+            self.stable_index.count)
         slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
         return int(i), int(n), int(code), int(item)
 

@@ -15,6 +15,14 @@ finishes that visit in Python (``Ksm._scan_page``) and calls back in. Both
 paths apply the same rules in the same order, so the result is identical to a
 pure-Python scan; ``tests/test_fastscan.py`` replays the trace corpus both
 ways to prove it.
+
+The unstable tree is rebuilt from empty every full scan, and while nothing in
+any address space changes, a search of it can only end at the node whose key
+equals the page's (no node on the way can have lost its page or its
+contents). So until the first change of a pass, the compiled loop keeps the
+unstable tree as a hash table plus a log of insertions; the real rbtree is
+built from the log (``replay_unstable``, the same insertions in the same
+order, hence the same shape) the moment anything needs the tree itself.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link
 
 # scan_run's return codes
@@ -33,7 +42,8 @@ C_SHARED, C_SHARING, C_UNSHARED, C_SCANNED, C_SKIPPED, C_ZERO, C_CHAINS, C_DUPS 
 # indices of the work counters (the CPU model's inputs)
 W_PTES, W_CHECKSUMS, W_COMPARES, W_MERGES, W_DUPS = range(5)
 # params
-P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN = range(8)
+(P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
+ P_STABLE_INDEXED) = range(10)
 
 _PRESENT, _ZERO = 1, 4                      # PTE_PRESENT, PTE_ZERO
 _PG_ANON, _PG_KSM, _PG_SWAPCACHE = 1, 2, 4
@@ -63,13 +73,96 @@ def memcmp_key(content):
     return x
 
 
+
+@njit(cache=True, nogil=True, inline="always")
+def _depth(n):
+    """About how many nodes a search of an n-node red-black tree compares with."""
+    d = 0
+    while n > 0:
+        n >>= 1
+        d += 1
+    return d
+
+
+@njit(cache=True, nogil=True)
+def hash_find(uh, mask, it_key, it_nid, key, nid):
+    """The unstable-tree item with this key in tree ``nid`` (or NIL), and the slot where it
+    is or where it would be inserted (the first tombstone on the way, else the empty slot)."""
+    h = slot_of(key, nid, mask)
+    free = -1
+    while uh[h] != EMPTY:
+        t = uh[h]
+        if t == TOMB:
+            if free < 0:
+                free = h
+        elif it_key[t] == key and it_nid[t] == nid:
+            return t, h
+        h = (h + 1) & mask
+    return NIL, (free if free >= 0 else h)
+
+
+@njit(cache=True, nogil=True)
+def hash_remove(uh, it_key, it_nid, item):
+    mask = uh.shape[0] - 1
+    h = slot_of(it_key[item], it_nid[item], mask)
+    while uh[h] != item:
+        h = (h + 1) & mask
+    uh[h] = TOMB
+
+
+@njit(cache=True, nogil=True)
+def stable_insert_point(nl, nr, n_key, root, key):
+    """Where a new key goes in a stable tree whose path holds only plain live nodes."""
+    cur = root
+    at = NIL
+    go_left = False
+    depth = 0
+    while cur != NIL:
+        depth += 1
+        at = cur
+        if key < n_key[cur]:
+            cur = nl[cur]
+            go_left = True
+        else:
+            cur = nr[cur]
+            go_left = False
+    return at, go_left, depth
+
+
+@njit(cache=True, nogil=True)
+def replay_unstable(log, n, it_key, it_nid, il, ir, ipar, icol, uroots):
+    """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2),
+    keys as they were when logged (nothing changed in between, or the log would have ended)."""
+    for j in range(n):
+        item = log[j]
+        if item < 0:
+            item = -item - 2
+            rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
+            continue
+        nid = it_nid[item]
+        key = it_key[item]
+        cur = uroots[nid]
+        at = NIL
+        go_left = False
+        while cur != NIL:
+            at = cur
+            if key < it_key[cur]:
+                cur = il[cur]
+                go_left = True
+            else:
+                cur = ir[cur]
+                go_left = False
+        rb_link(il, ir, ipar, icol, uroots, nid, item, at, go_left)
+
+
 @njit(cache=True, nogil=True)
 def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
              f_content, f_flags, f_owner,
              it_mm, it_addr, it_flags, it_sum, it_age, it_skips, it_head, it_rnext, it_nid,
              it_tpfn, it_tgen, it_key, il, ir, ipar, icol, uroots,
              n_kind, n_kpfn, n_nid, n_key, nl, nr, sroots,
-             free_stack, free_top, cnt, mm_ksm, data_epoch, params, block_node, work):
+             free_stack, free_top, cnt, mm_ksm, data_epoch, params, block_node, work,
+             uh, ulog, ulog_len, sindex, stable_count):
     """Visit candidate pages ``cand[i:]`` of one VMA until done, out of budget, or a bail.
 
     ``cursor`` is [slot rmap_list head, previous item, address] and is updated in place.
@@ -83,6 +176,10 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
     seed = np.uint64(params[P_SEED])
     block_pages = params[P_BLOCK_PAGES]
     clean = params[P_CLEAN] != 0        # nothing changed since the unstable tree was emptied
+    hashed = params[P_HASHED] != 0      # the unstable tree is still a hash table and a log
+    indexed = params[P_STABLE_INDEXED] != 0   # no chain, no stale node: look stable keys up
+    stable_depth = _depth(stable_count)
+    mask = uh.shape[0] - 1
     processed = 0
     n = cand.shape[0]
     while i < n:
@@ -121,6 +218,8 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                 it_rnext[prev] = nxt
             if fl & _UNSTABLE:
                 if ((seqnr - fl) & _SEQ) == 0:
+                    if hashed:
+                        return i, processed, BAIL_BEFORE_ITEM, NIL
                     rb_erase(il, ir, ipar, icol, uroots, it_nid[cur], cur)
                 cnt[C_UNSHARED] -= 1
             mm_ksm[it_mm[cur], 0] -= 1
@@ -180,6 +279,8 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                     it_skips[item] -= 1
                     if ifl & _UNSTABLE:
                         if ((seqnr - ifl) & _SEQ) == 0:
+                            if hashed:
+                                return i, processed, BAIL_BEFORE_SKIP, item
                             rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
                         cnt[C_UNSHARED] -= 1
                         it_flags[item] = 0
@@ -200,6 +301,8 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
             return i, processed, BAIL_BEFORE_MERGE, item
         if ifl & _UNSTABLE:
             if ((seqnr - ifl) & _SEQ) == 0:
+                if hashed:
+                    return i, processed, BAIL_BEFORE_MERGE, item
                 rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
             cnt[C_UNSHARED] -= 1
             it_flags[item] = 0
@@ -217,9 +320,16 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
 
         key = memcmp_key(content)
         # stable tree: a miss needs only plain, live nodes on the path
-        cur = sroots[nid]
+        if indexed:
+            if ki_find(sindex, n_key, n_nid, key, nid) != EMPTY:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # merge into a KSM page
+            work[W_COMPARES] += stable_depth
+            cur = NIL
+        else:
+            cur = sroots[nid]
+        walked = 0                      # a bail hands the walk to Python, which counts it then
         while cur != NIL:
-            work[W_COMPARES] += 1
+            walked += 1
             if n_kind[cur] != _NODE:
                 return i, processed, BAIL_AFTER_CHECKSUM, item    # a chain: Python
             kp = n_kpfn[cur]
@@ -232,13 +342,36 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                 cur = nr[cur]
             else:
                 return i, processed, BAIL_AFTER_CHECKSUM, item    # merge into a KSM page
+        work[W_COMPARES] += walked
+        walked = 0
         # unstable tree: search, or insert this item
+        if hashed:
+            if not clean:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # the tree must be built now
+            t, h = hash_find(uh, mask, it_key, it_nid, key, nid)
+            if t == NIL:
+                it_flags[item] = _UNSTABLE | (seqnr & _SEQ)
+                it_nid[item] = nid
+                it_tpfn[item] = pfn
+                it_key[item] = key
+                it_tgen[item] = data_epoch[mm_id]
+                uh[h] = item
+                ulog[ulog_len[0]] = item
+                ulog_len[0] += 1
+                cnt[C_UNSHARED] += 1
+            elif it_tpfn[t] != pfn and (across or block_node[it_tpfn[t] // block_pages] == nid):
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # two pages to merge
+            work[W_COMPARES] += _depth(ulog_len[0])
+            cnt[C_SCANNED] += 1
+            processed += 1
+            i += 1
+            continue
         cur = uroots[nid]
         at = NIL
         go_left = False
         aborted = False
         while cur != NIL:
-            work[W_COMPARES] += 1
+            walked += 1
             if not clean and data_epoch[it_mm[cur]] != it_tgen[cur]:
                 return i, processed, BAIL_AFTER_CHECKSUM, item    # cached key may be stale
             tk = it_key[cur]
@@ -257,6 +390,7 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                 break
             else:
                 return i, processed, BAIL_AFTER_CHECKSUM, item    # two pages to merge
+        work[W_COMPARES] += walked
         if not aborted:
             it_flags[item] = _UNSTABLE | (seqnr & _SEQ)
             it_nid[item] = nid

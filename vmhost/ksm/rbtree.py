@@ -306,3 +306,25 @@ class RbTree:
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class IndexedRbTree(RbTree):
+    """An RbTree whose top-level nodes are also kept in a KeyIndex (the stable trees)."""
+
+    __slots__ = ("key_index",)
+
+    def __init__(self, links: NodeLinks, index: int, key_index):
+        super().__init__(links, index)
+        self.key_index = key_index
+
+    def link(self, node: int, parent: int, go_left: bool) -> None:
+        super().link(node, parent, go_left)
+        self.key_index.insert(node)
+
+    def erase(self, node: int) -> None:
+        super().erase(node)
+        self.key_index.delete(node)
+
+    def replace(self, old: int, new: int) -> None:
+        super().replace(old, new)
+        self.key_index.replace(old, new)

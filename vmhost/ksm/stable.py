@@ -6,6 +6,10 @@ frame (a pfn, not a reference: the node does not pin the page; the page's
 still valid), ``hlist_len`` counts the rmap_items on its list (``hhead``).
 ``key`` caches the memcmp key of the page's contents, which cannot change
 while the node is valid (a KSM page is write-protected everywhere).
+``stale`` marks a node whose page has been freed and that nobody has pruned
+yet; while no node is stale and no chain exists, a stable-tree search cannot
+meet anything but plain live nodes, which lets the compiled scan look pages
+up by key (``index``) instead of walking the tree.
 
 Since 4.13 a content may need several KSM pages, each shared by at most
 max_page_sharing mappings. Then the tree holds a *chain* node for the content
@@ -28,7 +32,7 @@ class StableNodes:
     _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int64, -1), ("prune_time", np.int64, 0),
                ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
                ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
-               ("dprev", np.int32, NIL), ("key", np.uint64, 0))
+               ("dprev", np.int32, NIL), ("key", np.uint64, 0), ("stale", np.uint8, 0))
 
     def __init__(self, capacity: int = 256, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
@@ -36,6 +40,7 @@ class StableNodes:
         self.links = NodeLinks(capacity, trees)
         self._free = list(range(capacity - 1, -1, -1))
         self.migrate_nodes: dict[int, None] = {}     # ordered: newest first is list_add's order
+        self.stale_count = 0
 
     @property
     def capacity(self) -> int:
@@ -60,8 +65,24 @@ class StableNodes:
         return node
 
     def free(self, node: int) -> None:
+        if self.stale[node]:
+            self.stale[node] = 0
+            self.stale_count -= 1
         self.kind[node] = FREE
         self._free.append(node)
+
+    def mark_stale(self, pfns: np.ndarray, owners: np.ndarray) -> None:
+        """Frames ``pfns`` that were KSM pages of ``owners`` were freed."""
+        for pfn, node in zip(pfns, owners):
+            if 0 <= node < self.capacity and self.kind[node] != FREE and self.kpfn[node] == pfn \
+                    and not self.stale[node]:
+                self.stale[node] = 1
+                self.stale_count += 1
+
+    def unmark_stale(self, node: int) -> None:
+        if self.stale[node]:
+            self.stale[node] = 0
+            self.stale_count -= 1
 
     def live(self) -> np.ndarray:
         return np.flatnonzero(self.kind != FREE)

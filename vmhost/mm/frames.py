@@ -49,6 +49,7 @@ class FrameTable:
         self.flags = np.zeros(nr_frames, dtype=np.uint16)
         self.owner = np.full(nr_frames, NO_OWNER, dtype=np.int32)
         self.index = np.zeros(nr_frames, dtype=np.int64)
+        self.on_ksm_freed = None    # KSM's callback (pfns, their stable nodes) when KSM pages go
 
     _FIELDS = ("content", "mapcount", "refcount", "flags", "owner", "index")
 
@@ -79,7 +80,11 @@ class FrameTable:
         self.index[pfns] = indices
 
     def clear(self, pfns: np.ndarray) -> None:
-        """Reset frames that have just been freed."""
+        """Reset frames that have just been freed (every freed frame passes here)."""
+        if self.on_ksm_freed is not None:
+            ksm = pfns[(self.flags[pfns] & PG_KSM) != 0]
+            if len(ksm):
+                self.on_ksm_freed(ksm, self.owner[ksm])
         self.content[pfns] = 0
         self.mapcount[pfns] = 0
         self.refcount[pfns] = 0

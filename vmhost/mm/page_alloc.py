@@ -255,6 +255,17 @@ class PageAllocator:
                 self._area(blk).small.push(pfns[blocks == b])
             # frames of a block going offline stay isolated: offlining collects them
 
+    def free_one(self, pfn: int) -> None:
+        """free() for a single frame."""
+        blk = self.phys.blocks[pfn // self.phys.block_pages]
+        if blk.state.value == "online":
+            small = self._area(blk).small
+            if small.top == len(small.pfns):
+                small.push(np.array([pfn], dtype=np.int64))
+            else:
+                small.pfns[small.top] = pfn
+                small.top += 1
+
     def free_huge(self, head: int) -> None:
         """Return a whole 2 MiB chunk (a freed transparent huge page)."""
         blk = self.phys.blocks[head // self.phys.block_pages]

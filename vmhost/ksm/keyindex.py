@@ -1,0 +1,95 @@
+"""A hash index from page key to tree node, for lookups that need no tree walk.
+
+Open addressing with linear probing over an int32 slot array; deletions leave
+tombstones and the table is rebuilt when it fills up. The node arrays hold
+the keys (``key``) and tree numbers (``nid``) the index matches against, so
+the index itself stores only node ids. Lookups are compiled so that the scan
+loop (``fastscan``) can use them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+EMPTY, TOMB = -1, -2
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xBF58476D1CE4E5B9)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def slot_of(key, nid, mask):
+    x = (key ^ np.uint64(nid)) * _GOLDEN
+    x = (x ^ (x >> np.uint64(29))) * _MIX
+    return np.int64(x >> np.uint64(32)) & mask
+
+
+@njit(cache=True, nogil=True)
+def ki_find(slots, keys, nids, key, nid):
+    mask = slots.shape[0] - 1
+    h = slot_of(key, nid, mask)
+    while slots[h] != EMPTY:
+        t = slots[h]
+        if t >= 0 and keys[t] == key and nids[t] == nid:
+            return t
+        h = (h + 1) & mask
+    return EMPTY
+
+
+@njit(cache=True, nogil=True)
+def ki_insert(slots, keys, nids, node):
+    mask = slots.shape[0] - 1
+    h = slot_of(keys[node], nids[node], mask)
+    while slots[h] >= 0:
+        h = (h + 1) & mask
+    reused = slots[h] == TOMB
+    slots[h] = node
+    return reused
+
+
+@njit(cache=True, nogil=True)
+def ki_locate(slots, keys, nids, node):
+    mask = slots.shape[0] - 1
+    h = slot_of(keys[node], nids[node], mask)
+    while slots[h] != EMPTY:
+        if slots[h] == node:
+            return h
+        h = (h + 1) & mask
+    return -1
+
+
+class KeyIndex:
+    """Node ids by (key, tree); ``keys`` and ``nids`` are read from the owner's arrays."""
+
+    def __init__(self, owner, capacity: int = 1024):
+        self.owner = owner                      # has .key and .nid arrays
+        self.slots = np.full(capacity, EMPTY, dtype=np.int32)
+        self.count = 0
+        self.tombs = 0
+
+    def insert(self, node: int) -> None:
+        if 2 * (self.count + self.tombs + 1) > len(self.slots):
+            self._rebuild(max(len(self.slots), 4 * (self.count + 1)))
+        if ki_insert(self.slots, self.owner.key, self.owner.nid, node):
+            self.tombs -= 1
+        self.count += 1
+
+    def delete(self, node: int) -> None:
+        h = ki_locate(self.slots, self.owner.key, self.owner.nid, node)
+        assert h >= 0, "node missing from the key index"
+        self.slots[h] = TOMB
+        self.count -= 1
+        self.tombs += 1
+
+    def replace(self, old: int, new: int) -> None:
+        """``new`` (same key and tree) takes ``old``'s entry."""
+        h = ki_locate(self.slots, self.owner.key, self.owner.nid, old)
+        assert h >= 0, "node missing from the key index"
+        self.slots[h] = new
+
+    def _rebuild(self, size: int) -> None:
+        live = self.slots[self.slots >= 0]
+        self.slots = np.full(1 << (int(size) - 1).bit_length(), EMPTY, dtype=np.int32)
+        self.tombs = 0
+        for node in live:
+            ki_insert(self.slots, self.owner.key, self.owner.nid, int(node))
