@@ -1,0 +1,102 @@
+"""The red-black tree and the key index under random insertions and removals."""
+
+import random
+
+import numpy as np
+
+from vmhost.ksm.keyindex import EMPTY, KeyIndex, ki_find
+from vmhost.ksm.rbtree import BLACK, NIL, RED, NodeLinks, RbTree
+
+
+def check_rb(tree: RbTree, keys: dict) -> None:
+    n = tree.n
+
+    def black_height(x):
+        if x == NIL:
+            return 1
+        left, right = int(n.left[x]), int(n.right[x])
+        if n.color[x] == RED:
+            assert all(c == NIL or n.color[c] == BLACK for c in (left, right)), "red node with red child"
+        for c in (left, right):
+            assert c == NIL or n.parent[c] == x, "broken parent link"
+        hl, hr = black_height(left), black_height(right)
+        assert hl == hr, "unequal black heights"
+        return hl + (n.color[x] == BLACK)
+
+    assert tree.root == NIL or n.color[tree.root] == BLACK
+    black_height(tree.root)
+    in_order = [keys[x] for x in tree]
+    assert in_order == sorted(in_order)
+
+
+def test_rbtree_stays_balanced_and_ordered():
+    rng = random.Random(5)
+    links = NodeLinks(4000, trees=2)
+    trees = [RbTree(links, 0), RbTree(links, 1)]
+    keys, live = {}, [[], []]
+    for node in range(3000):
+        t = node % 2
+        if live[t] and rng.random() < 0.4:
+            victim = live[t].pop(rng.randrange(len(live[t])))
+            trees[t].erase(victim)
+            continue
+        keys[node] = rng.random()
+        at, cur, go_left = NIL, trees[t].root, False
+        while cur != NIL:
+            at, go_left = cur, keys[node] < keys[cur]
+            cur = int(links.left[cur] if go_left else links.right[cur])
+        trees[t].link(node, at, go_left)
+        live[t].append(node)
+        if node % 97 == 0:
+            check_rb(trees[t], keys)
+    for t in (0, 1):
+        check_rb(trees[t], keys)
+        assert sorted(trees[t]) == sorted(live[t])
+
+
+def test_replace_keeps_shape():
+    links = NodeLinks(16)
+    tree = RbTree(links)
+    keys = {i: i for i in range(8)}
+    for i in range(8):
+        at, cur, go_left = NIL, tree.root, False
+        while cur != NIL:
+            at, go_left = cur, i < keys[cur]
+            cur = int(links.left[cur] if go_left else links.right[cur])
+        tree.link(i, at, go_left)
+    before = [(int(links.left[x]), int(links.right[x])) for x in range(8)]
+    keys[12] = keys[3]
+    tree.replace(3, 12)
+    assert [keys[x] for x in tree] == list(range(8))
+    assert (int(links.left[12]), int(links.right[12])) == before[3]
+
+
+class Owner:
+    def __init__(self, n):
+        self.key = np.zeros(n, dtype=np.uint64)
+        self.nid = np.zeros(n, dtype=np.int16)
+
+
+def test_key_index_insert_delete_replace_and_growth():
+    rng = np.random.default_rng(3)
+    owner = Owner(5000)
+    owner.key[:] = rng.integers(0, 1 << 62, 5000, dtype=np.uint64)
+    owner.nid[:] = rng.integers(0, 2, 5000)
+    index = KeyIndex(owner, capacity=16)
+    present = set()
+    for node in range(4000):
+        index.insert(node)
+        present.add(node)
+        if node % 3 == 0:
+            gone = node // 2
+            if gone in present:
+                index.delete(gone)
+                present.discard(gone)
+    for node in range(4000):
+        found = ki_find(index.slots, owner.key, owner.nid, owner.key[node], owner.nid[node])
+        assert (found == node) == (node in present) and (found in (node, EMPTY))
+    old = max(present)
+    owner.key[4500], owner.nid[4500] = owner.key[old], owner.nid[old]
+    index.replace(old, 4500)
+    assert ki_find(index.slots, owner.key, owner.nid, owner.key[old], owner.nid[old]) == 4500
+    assert index.count == len(present)
