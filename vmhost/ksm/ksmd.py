@@ -5,22 +5,21 @@ always ends the batch), then sleeps ``sleep_millisecs``; with nothing
 registered, or run != 1, it waits to be woken (by a run=1 write or the first
 mm registering). While memory goes offline it is parked.
 
-CPU time is modelled per operation, from the engine's work counters:
+CPU time is modelled per operation, from the engine's work counters, with
+costs fitted to the real ksmd on this project's machines (ksmd's own CPU time
+from /proc/<ksmd>/schedstat over first, merging, steady and merged passes;
+data, method and fit in ``ksmd_calibration.json``, relative RMS error 0.10):
 
 ==================  ========  ================================================
-operation           cost      why
+operation           cost      what it stands for
 ==================  ========  ================================================
-page visited        200 ns    PTE walk, rmap_item lookup (a pass over merged
-                              pages runs at 4-5 M pages/s here)
-checksum            550 ns    xxhash32 of 4 KiB (first pass ~1.3 M pages/s)
-tree comparison     200 ns    memcmp of two pages, mostly cache misses (a
-                              steady pass over unique pages: 0.2-0.26 M/s)
-merge               2 us      write-protect, TLB flush, PTE replace
+page visited        560 ns    PTE walk, rmap_item lookup (a pass over merged
+                              pages runs at about 1.8 M pages/s)
+checksum            778 ns    xxhash32 of 4 KiB (a first pass: ~0.76 M pages/s)
+tree comparison     380 ns    memcmp of two pages, mostly cache misses
+merge               449 ns    write-protect, TLB flush, PTE replace (poorly
+                              determined: it moves with tree comparisons)
 ==================  ========  ================================================
-
-The figures are those measured for the real ksmd on this project's machines
-(``../shared/spec/platform.md`` section 1); ``vmhost bench ksm`` compares the
-model's scan times with the real kernel's.
 
 The scan-time advisor (advisor_mode=scan-time) retunes pages_to_scan at the
 end of every full scan from the scan time and ksmd's CPU share, as 6.8 does.
@@ -35,7 +34,7 @@ from vmhost.clock import NS_PER_MS, Clock, Event
 if TYPE_CHECKING:
     from vmhost.ksm.engine import Ksm
 
-COST_NS = {"pages": 200, "checksums": 550, "tree_compares": 200, "merges": 2000, "dups_walked": 100}
+COST_NS = {"pages": 560, "checksums": 778, "tree_compares": 380, "merges": 449, "dups_walked": 100}
 EWMA_WEIGHT = 30
 ADVISOR_MIN_CPU = 10
 
