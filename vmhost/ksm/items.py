@@ -14,9 +14,7 @@ An item is in at most one tree:
   ``links``);
 - stable: ``flags`` has STABLE; ``head`` is its stable_node and it sits on
   that node's list (``hnext``/``hprev``), holding a reference on the
-  ``anon_vma`` of its VMA so that rmap can reach the mapping. (``head``,
-  ``hnext`` and ``hprev`` are the tree link arrays under other names, like
-  the kernel's union of rb_node and the stable list fields.)
+  ``anon_vma`` of its VMA so that rmap can reach the mapping.
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
 ``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
@@ -50,6 +48,7 @@ RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in 
 class RmapItems:
     _FIELDS = (("mm", np.int32, -1), ("address", np.int64, 0), ("flags", np.uint16, 0),
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
+               ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
                ("tree_pfn", np.int64, -1), ("tree_gen", np.int64, -1), ("tree_key", np.uint64, 0))
 
@@ -63,21 +62,6 @@ class RmapItems:
     @property
     def capacity(self) -> int:
         return len(self.mm)
-
-    # An item is in the unstable tree or on a stable node's list, never both, so (as in the
-    # kernel's union) the list links share the tree's link arrays.
-    @property
-    def head(self) -> np.ndarray:
-        """The stable node an item on a stable list belongs to (shares the rb parent links)."""
-        return self.links.parent
-
-    @property
-    def hnext(self) -> np.ndarray:
-        return self.links.left
-
-    @property
-    def hprev(self) -> np.ndarray:
-        return self.links.right
 
     @property
     def count(self) -> int:
@@ -110,7 +94,6 @@ class RmapItems:
         item = int(self.free_stack[self.free_top[0]])
         for name, _, fill in self._FIELDS:
             getattr(self, name)[item] = fill
-        self.links.left[item] = self.links.right[item] = self.links.parent[item] = NIL
         self.mm[item] = mm_id
         self.address[item] = address
         return item
