@@ -14,6 +14,11 @@ A read of an untouched private page maps the shared zero page, which has no
 frame. ``zap`` removes mappings (munmap, MADV_DONTNEED, exit) and frees frames
 whose last reference went; a freed KSM page leaves its stable node stale, to
 be pruned when KSM next touches it.
+
+A swapped PTE is first swapped in (``vmhost.mm.swap``: do_swap_page with the
+KSM copy rule); ``zap`` releases swap entries (free_swap_and_cache). When an
+allocation fails, the whole fault is retried after ``host.oom_handler``
+reclaimed memory or OOM-killed a process (``vmhost.mm.oom``).
 """
 
 from __future__ import annotations
@@ -195,6 +200,9 @@ def _copy_on_write(host: "Host", vma: Vma, offs: np.ndarray) -> None:
 
 def put_mappings(host: "Host", pfns: np.ndarray) -> None:
     """Drop one mapping (and its reference) per entry; free frames left unreferenced."""
+    if len(pfns) == 1:
+        _put_one_mapping(host, int(pfns[0]))
+        return
     frames = host.frames
     np.subtract.at(frames.mapcount, pfns, 1)
     np.subtract.at(frames.refcount, pfns, 1)
@@ -206,6 +214,26 @@ def put_mappings(host: "Host", pfns: np.ndarray) -> None:
         frames.clear(dead)
         host.allocator.free(dead)
     thp.free_unmapped_folios(host, unmapped)
+    for pfn in unmapped[frames.has(unmapped, PG_SWAPCACHE)].tolist():
+        host.swap.try_free_swap(pfn)        # free_swap_cache: unmapped, no swap PTE left
+
+
+def _put_one_mapping(host: "Host", pfn: int) -> None:
+    """put_mappings for a single frame (KSM merges one page at a time), in scalar code."""
+    frames = host.frames
+    frames.mapcount[pfn] -= 1
+    frames.refcount[pfn] -= 1
+    if frames.mapcount[pfn]:
+        return
+    flags = int(frames.flags[pfn])
+    frames.flags[pfn] = flags & ~PG_MLOCKED
+    if frames.refcount[pfn] == 0:
+        frames.clear(np.array([pfn], dtype=np.int64))
+        host.allocator.free_one(pfn)
+    elif flags & thp.PG_COMPOUND:
+        thp.free_unmapped_folios(host, np.array([pfn], dtype=np.int64))
+    elif flags & PG_SWAPCACHE:
+        host.swap.try_free_swap(pfn)
 
 
 def zap(host: "Host", vma: Vma, lo: int, hi: int) -> None:

@@ -1,0 +1,346 @@
+"""Guest images: what a guest's RAM holds, by content class, deterministic from a seed.
+
+A catalog image (``guests/catalog/*.yaml``) describes a guest's memory as *content classes*:
+
+==========  ==================================================================  ============
+class       what                                                                shared by
+==========  ==================================================================  ============
+zero        pages that read as zero (free memory; Windows zeroes all of it)    (id 0)
+kernel      kernel text and data                                                same kernel build
+pagecache   page cache of packages (binaries, libraries, data files)           same package set
+app         application data common to every instance of one application       same app
+unique      per-guest data (heaps, buffers, logs)                               nobody
+pattern     a few repeated fill patterns (poisoned/initialised memory)          same kernel build
+==========  ==================================================================  ============
+
+Each class has a size (``fraction`` of guest RAM, or ``mib``; the zero class gets the rest),
+``distinct`` (fraction of its pages with distinct contents; below 1 the guest shares pages with
+itself), ``pool`` (cross-guest classes: the population of pages the guest draws its pages from,
+relative to its own; 1 = every guest holds the same pages, 2 = two guests overlap by about
+half), a boot phase (``boot.touched``: fraction of the class's pages written at boot -- the host
+allocates only those; a Windows guest zeroes all its RAM: ``zero.boot.touched: 1``) and a
+steady-state write model (``steady.rate`` pages rewritten per second, over a hot set of
+``steady.hot`` of the class's pages; a rewritten page gets content nobody else has).
+
+Sharing domains: every non-zero content id is salted by the guest's ``domain`` (a tenant), so
+guests in different domains never share a non-zero page (salted page sharing, as VMware does
+by default since 2015). Content ids are 64-bit (``guests.interning``): the top byte names the
+class, so different classes never collide; 0 is the zero page.
+
+Imported dumps are images too: :func:`from_dump` wraps a ``guests.dumps.GuestImage`` whose
+fingerprints are interned (one :class:`guests.interning.Interner` per run, so equal pages of
+different dumps get equal ids).
+
+This module knows nothing about the host (``vmhost`` consumes :class:`GuestMemory`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from guests.interning import Interner, key64, tagged
+
+CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
+PAGES_PER_MIB = 256
+CLASSES = ("zero", "kernel", "pagecache", "app", "unique", "pattern")
+SHARED_KEY = {"kernel": "kernel", "pattern": "kernel", "pagecache": "packages", "app": "app"}
+DEFAULT_CHUNK = 16            # pages per layout chunk (64 KiB): classes interleave in RAM
+
+
+class ImageError(ValueError):
+    """A catalog entry that cannot be used (one-line message naming the file and field)."""
+
+
+@dataclass
+class ClassSpec:
+    name: str
+    fraction: float | None = None
+    mib: float | None = None
+    distinct: float = 1.0
+    pool: float = 1.0
+    boot_touched: float = 1.0
+    steady_rate: float = 0.0      # pages rewritten per second
+    steady_hot: float = 0.0       # fraction of the class's pages that are rewritten
+
+
+@dataclass
+class Image:
+    name: str
+    description: str
+    memory_mib: int
+    classes: dict[str, ClassSpec]
+    kernel: str = "kernel"
+    packages: str = "packages"
+    app: str = "app"
+    os: str = "linux"
+    chunk_pages: int = DEFAULT_CHUNK
+    assumptions: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    expect: dict = field(default_factory=dict)
+    path: str | None = None
+
+    def class_pages(self, memory_mib: int | None = None) -> dict[str, int]:
+        """Pages of each class for a guest of ``memory_mib`` (default: the image's size)."""
+        total = (memory_mib or self.memory_mib) * PAGES_PER_MIB
+        out, used = {}, 0
+        for name, c in self.classes.items():
+            if name == "zero":
+                continue
+            n = int(round(c.mib * PAGES_PER_MIB)) if c.mib is not None else \
+                int(round((c.fraction or 0.0) * total))
+            out[name] = n
+            used += n
+        if used > total:
+            raise ImageError(f"{self.path or self.name}: classes need {used} pages, the guest "
+                             f"has {total}")
+        out["zero"] = total - used
+        return out
+
+    def instantiate(self, name: str = "guest", seed: int = 0, domain: str = "default",
+                    memory_mib: int | None = None) -> "GuestMemory":
+        return GuestMemory.build(self, name, seed, domain, memory_mib or self.memory_mib)
+
+
+def _num(path, where, value, lo=0.0, hi=None) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ImageError(f"{path}: {where}: {value!r} is not a number") from None
+    if v < lo or (hi is not None and v > hi) or math.isnan(v):
+        raise ImageError(f"{path}: {where}: {v} is outside [{lo}, {hi if hi is not None else 'inf'}]")
+    return v
+
+
+def parse_image(data: dict, path: str = "<image>") -> Image:
+    if not isinstance(data, dict):
+        raise ImageError(f"{path}: an image is a mapping")
+    for key in ("name", "memory_mib", "classes"):
+        if key not in data:
+            raise ImageError(f"{path}: missing field {key!r}")
+    classes = {}
+    raw = data["classes"]
+    if not isinstance(raw, dict):
+        raise ImageError(f"{path}: classes: a mapping of class name -> settings")
+    for cname, c in raw.items():
+        if cname not in CLASSES:
+            raise ImageError(f"{path}: classes: unknown class {cname!r} (known: {', '.join(CLASSES)})")
+        c = c or {}
+        where = f"classes.{cname}"
+        boot, steady = c.get("boot", {}) or {}, c.get("steady", {}) or {}
+        spec = ClassSpec(
+            cname,
+            fraction=_num(path, where + ".fraction", c["fraction"], 0, 1) if "fraction" in c else None,
+            mib=_num(path, where + ".mib", c["mib"]) if "mib" in c else None,
+            distinct=_num(path, where + ".distinct", c.get("distinct", 1.0), 0, 1),
+            pool=_num(path, where + ".pool", c.get("pool", 1.0), 1),
+            boot_touched=_num(path, where + ".boot.touched", boot.get("touched", 1.0), 0, 1),
+            steady_rate=_num(path, where + ".steady.rate", steady.get("rate", 0.0)),
+            steady_hot=_num(path, where + ".steady.hot", steady.get("hot", 0.0), 0, 1))
+        if cname != "zero" and spec.fraction is None and spec.mib is None:
+            raise ImageError(f"{path}: {where}: needs fraction or mib")
+        if spec.distinct == 0 and cname != "zero":
+            raise ImageError(f"{path}: {where}.distinct must be above 0")
+        classes[cname] = spec
+    classes.setdefault("zero", ClassSpec("zero", boot_touched=0.0))
+    img = Image(name=str(data["name"]), description=str(data.get("description", "")),
+                memory_mib=int(_num(path, "memory_mib", data["memory_mib"], 1)), classes=classes,
+                kernel=str(data.get("kernel", "kernel")), packages=str(data.get("packages", "packages")),
+                app=str(data.get("app", "app")), os=str(data.get("os", "linux")),
+                chunk_pages=int(_num(path, "chunk_pages", data.get("chunk_pages", DEFAULT_CHUNK), 1)),
+                assumptions=list(data.get("assumptions", [])), sources=list(data.get("sources", [])),
+                expect=dict(data.get("expect", {}) or {}), path=path)
+    img.class_pages()            # validates the sizes
+    return img
+
+
+def load_image(path: str | Path) -> Image:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ImageError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+    return parse_image(data, str(path))
+
+
+def catalog(directory: str | Path | None = None) -> dict[str, Image]:
+    """Every image of the catalog directory, by name."""
+    d = Path(directory) if directory else CATALOG_DIR
+    out = {}
+    for p in sorted(d.glob("*.yaml")):
+        img = load_image(p)
+        if img.name in out:
+            raise ImageError(f"{p}: image name {img.name!r} is also used by {out[img.name].path}")
+        out[img.name] = img
+    return out
+
+
+def get_image(name: str) -> Image:
+    cat = catalog()
+    if name not in cat:
+        raise ImageError(f"no guest image {name!r} (catalog: {', '.join(sorted(cat))})")
+    return cat[name]
+
+
+# --------------------------------------------------------------------------------------------
+# One guest's memory
+
+
+@dataclass
+class GuestMemory:
+    """The contents of one guest's RAM: per guest frame, its class, boot content and whether
+    the guest writes it at boot; plus the steady-state writer."""
+
+    name: str
+    image: str
+    seed: int
+    domain: str
+    pages: int
+    class_names: tuple[str, ...]
+    klass: np.ndarray            # (pages,) int8 index into class_names
+    content: np.ndarray          # (pages,) uint64 content id after boot
+    touched: np.ndarray          # (pages,) bool: written at boot (the host allocates it)
+    steady: list[tuple[str, np.ndarray, float]] = field(default_factory=list)  # (class, hot gpfns, rate)
+    _versions: int = 0
+
+    @classmethod
+    def build(cls, img: Image, name: str, seed: int, domain: str, memory_mib: int) -> "GuestMemory":
+        sizes = img.class_pages(memory_mib)
+        total = memory_mib * PAGES_PER_MIB
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, key64(name) & 0xFFFFFFFF])
+        names = tuple(c for c in CLASSES if c in sizes)
+        # layout: classes interleaved in chunks, in a seeded order
+        chunk = img.chunk_pages
+        labels = np.concatenate([np.full(sizes[c], i, dtype=np.int8) for i, c in enumerate(names)])
+        nchunks = -(-total // chunk)
+        pad = nchunks * chunk - total
+        lab = np.concatenate([labels, np.full(pad, -1, dtype=np.int8)]).reshape(nchunks, chunk)
+        klass = lab[rng.permutation(nchunks)].reshape(-1)
+        klass = klass[klass >= 0]
+        content = np.zeros(total, dtype=np.uint64)
+        touched = np.zeros(total, dtype=bool)
+        steady = []
+        for i, cname in enumerate(names):
+            spec = img.classes[cname]
+            gpfns = np.flatnonzero(klass == i)
+            n = len(gpfns)
+            if n == 0:
+                continue
+            if cname != "zero":
+                content[gpfns] = _class_ids(img, spec, cname, n, domain, name, seed, rng)
+            k = int(round(spec.boot_touched * n))
+            if k:
+                touched[gpfns[np.sort(rng.choice(n, k, replace=False))]] = True
+            if spec.steady_rate > 0 and spec.steady_hot > 0:
+                hot = gpfns[np.sort(rng.choice(n, max(1, int(round(spec.steady_hot * n))),
+                                               replace=False))]
+                steady.append((cname, hot, spec.steady_rate))
+        return cls(name, img.name, seed, domain, total, names, klass, content, touched, steady)
+
+    # -- what the guest does --------------------------------------------------------------
+    def boot_writes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Guest frames written at boot and their contents (zero pages written as 0)."""
+        g = np.flatnonzero(self.touched)
+        return g, self.content[g]
+
+    def steady_step(self, now_ns: int, dt_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        """Writes of one period of ``dt_ns`` at ``now_ns``: deterministic in (seed, now)."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(now_ns // 1000) & 0xFFFFFFFF,
+                                     key64(self.name) & 0xFFFFFFFF])
+        gs, cs = [], []
+        for cname, hot, rate in self.steady:
+            expect = rate * dt_ns / 1e9
+            n = int(expect) + (1 if rng.random() < expect - int(expect) else 0)
+            if n <= 0:
+                continue
+            g = hot[rng.integers(0, len(hot), n)]
+            self._versions += n
+            ids = tagged("rewrite", key64(self.domain, self.name, self.seed, cname),
+                         np.arange(self._versions - n, self._versions) + (now_ns << 20))
+            gs.append(g)
+            cs.append(ids)
+            self.content[g] = ids
+        if not gs:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        return np.concatenate(gs), np.concatenate(cs)
+
+    # -- statistics -------------------------------------------------------------------------
+    def class_counts(self) -> dict[str, int]:
+        return {c: int(np.count_nonzero(self.klass == i)) for i, c in enumerate(self.class_names)}
+
+
+def _class_ids(img: Image, spec: ClassSpec, cname: str, n: int, domain: str, guest: str,
+               seed: int, rng) -> np.ndarray:
+    """Content ids of a class's ``n`` pages in one guest."""
+    distinct = max(1, int(math.ceil(spec.distinct * n)))
+    if cname == "unique":
+        stream = key64("unique", domain, img.name, guest, seed)
+        pop = distinct
+    else:
+        stream = key64(cname, domain, getattr(img, SHARED_KEY[cname]))
+        pop = int(math.ceil(distinct * spec.pool))
+    # which of the population's contents this guest holds (the same ones when pool = 1)
+    held = np.arange(distinct) if pop == distinct else \
+        np.sort(rng.choice(pop, distinct, replace=False))
+    # self-duplicates: the remaining pages repeat contents the guest already holds; repeats
+    # are drawn by a key that does not depend on the guest, so that identical guests repeat
+    # the same contents
+    extra = n - distinct
+    if extra > 0:
+        dup_rng = np.random.default_rng(key64(stream, "dups") & 0xFFFFFFFF) if cname != "unique" \
+            else rng
+        if distinct <= 16:
+            reps = held[np.arange(extra) % distinct]
+        else:
+            reps = held[np.sort(dup_rng.integers(0, distinct, extra))]
+        idx = np.concatenate([held, reps])
+    else:
+        idx = held
+    tag = "pattern" if cname == "pattern" else cname
+    return tagged("boot_fill" if tag == "pattern" else tag, stream, idx)
+
+
+def from_dump(image, interner: Interner, name: str = "dump", domain: str = "default",
+              zero_touched: bool = False) -> GuestMemory:
+    """A ``guests.dumps.GuestImage`` as guest memory: content ids from the interner; frames
+    with non-zero contents are written at boot, zero frames too if ``zero_touched``."""
+    ids = interner.intern_image(image)
+    if domain != "default":
+        from guests.interning import LOW_MASK, mix64
+        salt = np.uint64(key64("domain", domain))
+        nz = ids != 0
+        with np.errstate(over="ignore"):
+            ids[nz] = (ids[nz] & ~np.uint64(LOW_MASK)) | (mix64(ids[nz] ^ salt) & np.uint64(LOW_MASK))
+    pages = int(image.pfn.max()) + 1 if image.pages else 0
+    content = np.zeros(pages, dtype=np.uint64)
+    pfn = image.pfn.astype(np.int64)
+    content[pfn] = ids
+    touched = np.zeros(pages, dtype=bool)
+    touched[pfn] = (ids != 0) | zero_touched
+    klass = np.where(content == 0, 0, 1).astype(np.int8)
+    return GuestMemory(name, image.header.get("source", {}).get("path", "dump"), 0, domain, pages,
+                       ("zero", "dump"), klass, content, touched)
+
+
+def sharing(memories: list[GuestMemory]) -> dict:
+    """Ideal sharing among the boot contents of the touched pages (excluding zero pages):
+    total, per guest (self) and across guests, as fractions of all guest memory too."""
+    allc = np.concatenate([m.content[m.touched] for m in memories])
+    nz = allc[allc != 0]
+    total_pages = sum(m.pages for m in memories)
+    ideal = int(len(nz) - len(np.unique(nz)))
+    self_s = 0
+    for m in memories:
+        c = m.content[m.touched]
+        c = c[c != 0]
+        self_s += int(len(c) - len(np.unique(c)))
+    return {"pages": total_pages, "nonzero": int(len(nz)), "ideal_sharing": ideal,
+            "self_sharing": self_s, "inter_sharing": ideal - self_s,
+            "sharing_fraction": ideal / total_pages if total_pages else 0.0,
+            "self_fraction_of_sharing": self_s / ideal if ideal else 1.0}

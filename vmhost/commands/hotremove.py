@@ -1,0 +1,45 @@
+"""``vmhost hotremove``: memory hot-remove scenarios with merged pages, and the offline benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vmhost.commands.common import whole_number
+from vmhost.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("hotremove", help="run a memory hot-remove scenario (or --bench)")
+    p.add_argument("scenario", nargs="?", help="scenario YAML (see vmhost/hotremove.py)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--report", metavar="DIR", help="also write result.json and report.txt to DIR")
+    p.add_argument("--bench", action="store_true",
+                   help="benchmark: offline blocks full of merged pages, report pages/s")
+    p.add_argument("--gib", type=whole_number, default=16, help="--bench: GiB to offline (default 16)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.bench:
+        if args.scenario:
+            raise InputError("hotremove: give a scenario or --bench, not both")
+        if args.gib <= 0:
+            raise InputError("hotremove: --gib must be positive")
+        from vmhost.benchmarks import offline
+        result = offline.run(args.gib)
+        if args.report:
+            from pathlib import Path
+            Path(args.report).mkdir(parents=True, exist_ok=True)
+            (Path(args.report) / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result) if args.json else offline.format_result(result))
+        return 0
+    if not args.scenario:
+        raise InputError("hotremove: a scenario file is required (or --bench)")
+    from vmhost.hotremove import Runner, _jsonable, format_result, load_scenario, write_report
+    scn = load_scenario(args.scenario)          # every input error is raised here, before any output
+    result = Runner(scn).run()
+    if args.report:
+        write_report(result, args.report)
+    print(json.dumps(result, default=_jsonable) if args.json else format_result(result))
+    return 0 if result["content_unchanged"] else 1
