@@ -131,6 +131,7 @@ class HostConfig:
     movable_nodes: tuple[int, ...] = ()
     swap: list[dict] = field(default_factory=list)
     ksm: list[tuple[str, str]] = field(default_factory=list)
+    guests: list = field(default_factory=list)      # GuestSpec, from a `guests:` list
 
     def build(self):
         """A Host as configured (KSM engine not attached: see ``apply_ksm``)."""
@@ -284,5 +285,23 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_config(path: str | Path) -> HostConfig:
-    """Read and validate a host configuration file."""
-    return parse_host_config(read_yaml(path), str(path))
+    """Read and validate a host configuration file (host, ksm and optionally guests)."""
+    doc = read_yaml(path)
+    cfg = parse_host_config(doc, str(path), extra_keys=("guests",))
+    if isinstance(doc, dict) and "guests" in doc:
+        cfg.guests = parse_guests(doc["guests"], str(path))
+    return cfg
+
+
+def parse_guests(entries: Any, path: str) -> list:
+    """A ``guests:`` list (GuestSpec fields, as `vmhost import libvirt` writes them)."""
+    from guests.libvirt_import import guest_from_dict
+    if not isinstance(entries, list):
+        raise _err(path, "guests", "must be a list of guests")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(guest_from_dict(entry, f"guests[{i}]"))
+        except ValueError as exc:
+            raise InputError(f"{path}: {exc}") from None
+    return out

@@ -1124,6 +1124,8 @@ class Ksm(KsmHooks):
         if name in ("max_page_sharing", "merge_across_nodes"):
             if getattr(k, name) == value:
                 return 0
+            if k.run & RUN_OFFLINE:
+                return -errno.EBUSY     # the writer would block until offlining ends
             if self.c.pages_shared or not self.remove_all_stable_nodes():
                 return -errno.EBUSY
             setattr(k, name, value)

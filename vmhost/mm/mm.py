@@ -289,7 +289,8 @@ class MM:
             fault.zap(self.host, vma, 0, vma.pages)
             return 0
         if advice in (MADV_MERGEABLE, MADV_UNMERGEABLE):
-            return self.host.ksm.madvise(vma, advice == MADV_MERGEABLE)
+            rc = self.host.ksm.madvise(vma, advice == MADV_MERGEABLE)
+            return -errno.EAGAIN if rc == -errno.ENOMEM else rc   # madvise reports EAGAIN
         if advice == MADV_HUGEPAGE:
             vma.flags = (vma.flags | VmFlags.HUGEPAGE) & ~VmFlags.NOHUGEPAGE
             return 0
