@@ -42,6 +42,7 @@ from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE, StableNodes
 from vmhost.mm import thp
 from vmhost.mm.frames import NO_OWNER, PG_ANON, PG_COMPOUND, PG_KSM, PG_SWAPCACHE
 from vmhost.mm.hooks import KsmHooks
+from vmhost.mm.fault import retry_fault
 from vmhost.mm.page_alloc import OutOfMemory
 from vmhost.mm.vma import PTE_KSM_ZERO, PTE_PRESENT, PTE_ZERO, VmFlags, Vma
 
@@ -955,7 +956,8 @@ class Ksm(KsmHooks):
         targets = np.flatnonzero(ksm | ((flags & PTE_KSM_ZERO) != 0)) + lo
         try:
             for off in targets:
-                pages.break_ksm(self.host, vma, int(off))
+                # the unshare fault allocates like any fault: reclaim, then the OOM killer
+                retry_fault(self.host, vma, lambda off=int(off): pages.break_ksm(self.host, vma, off))
         except OutOfMemory:
             return -errno.ENOMEM
         return 0

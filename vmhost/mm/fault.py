@@ -48,7 +48,7 @@ def alloc_for(host: "Host", vma: Vma, offsets: np.ndarray) -> np.ndarray:
 MAX_FAULT_RETRIES = 16     # like MAX_RECLAIM_RETRIES: give up (and let OOM be final) after this
 
 
-def _oom_retry(host: "Host", vma: Vma, op) -> None:
+def retry_fault(host: "Host", vma: Vma, op) -> None:
     """Run a whole (vectorised) fault; when an allocation fails, let ``host.oom_handler``
     reclaim or OOM-kill (vmhost.mm.oom) and run the fault again.
 
@@ -66,11 +66,14 @@ def _oom_retry(host: "Host", vma: Vma, op) -> None:
             attempt += 1
             if handler is None or attempt > MAX_FAULT_RETRIES or not handler(exc, vma.mm, attempt):
                 raise
+            current = getattr(host, "current_task", None)
+            if current is not None and not current.alive:
+                raise              # the task doing the work was killed: it stops (signal pending)
 
 
 def write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarray) -> None:
     """The process writes content ids ``contents`` at page offsets ``offsets`` of ``vma``."""
-    _oom_retry(host, vma, lambda: _write_fault(host, vma, offsets, contents))
+    retry_fault(host, vma, lambda: _write_fault(host, vma, offsets, contents))
 
 
 def _write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarray) -> None:
@@ -102,7 +105,7 @@ def _write_fault(host: "Host", vma: Vma, offsets: np.ndarray, contents: np.ndarr
 
 def read_fault(host: "Host", vma: Vma, offsets: np.ndarray) -> None:
     """The process reads pages: an untouched private page gets the zero page."""
-    _oom_retry(host, vma, lambda: _read_fault(host, vma, offsets))
+    retry_fault(host, vma, lambda: _read_fault(host, vma, offsets))
 
 
 def _read_fault(host: "Host", vma: Vma, offsets: np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """The OOM killer, and what a failed allocation does before it gives up.
 
 The flow when an allocation fails (installed as ``host.oom_handler`` and run
-by the fault code around every fault, see ``fault._oom_retry``):
+by the fault code around every fault, see ``fault.retry_fault``):
 
 1. direct reclaim on the nodes the allocation may use (``Reclaim``), asking
    for what was wanted plus the gap to the high watermark; if it freed
@@ -174,35 +174,12 @@ class OomKiller:
         unmerge = str(value).strip() == "2"
         if unmerge and writer is not None:
             self.origins.add(writer.pid)
+        self.host.current_task = writer       # whose allocations these are (the writer's)
         try:
-            from vmhost.mm.fault import MAX_FAULT_RETRIES
-            for _ in range(MAX_FAULT_RETRIES):
-                rc = ksm.write_knob("run", value)
-                if rc != -errno.ENOMEM:
-                    return rc
-                # the unshare faults' allocations failed: reclaim and write again (pages
-                # already unmerged stay so); with nothing reclaimable the OOM killer runs
-                if self.host.reclaim.direct_reclaim(range(self.host.topology.node_count), 1) == 0:
-                    self.out_of_memory()
-                    return rc
-            return rc
+            # the unshare faults reclaim and OOM-kill on their own (fault.retry_fault); once
+            # the writer is killed the unmerge stops and the write fails
+            return ksm.write_knob("run", value)
         finally:
+            self.host.current_task = None
             if writer is not None:
                 self.origins.discard(writer.pid)
-
-    def madvise(self, proc: "Process", start: int, pages: int, advice) -> int:
-        """madvise(2): like MM.madvise, but an unmerge short of memory tries reclaim and the
-        OOM killer and is retried; a final failure is reported as -EAGAIN."""
-        mm = proc.mm
-        from vmhost.mm.fault import MAX_FAULT_RETRIES
-        for attempt in range(1, MAX_FAULT_RETRIES + 1):
-            rc = mm.madvise(start, pages, advice)
-            if rc != -errno.ENOMEM or not mm.is_mapped(start, start + max(pages, 1)):
-                return rc
-            exc = OutOfMemory(1, list(range(self.host.topology.node_count)))
-            try:
-                if not self.handle_alloc_failure(exc, mm, attempt):
-                    return -errno.EAGAIN
-            except OomKilled:
-                return -errno.EINTR                  # the caller itself was killed
-        return -errno.EAGAIN
