@@ -174,9 +174,8 @@ class QemuProcess:
         self._next_top: int | None = None
         cells = spec.numa_cells or []
         if cells:
-            if sum(c.memory_mib for c in cells) != spec.memory_mib:
-                # libvirt accepts this only when memory devices make up the rest; cells rule
-                pass
+            # guest RAM is laid out per cell; where cells and <memory> disagree (libvirt
+            # allows it when memory devices make up the rest), the cells rule
             gpfn = 0
             for c in sorted(cells, key=lambda c: c.id):
                 pages = c.memory_mib * PAGES_PER_MIB
