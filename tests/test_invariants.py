@@ -92,3 +92,39 @@ def test_flags_lost(forked):
     h.frames.owner[vma.pte[0]] = -1
     h.frames.refcount[vma.pte[3]] = 0
     assert "maps a free frame" in violation(h)
+
+
+@pytest.fixture
+def merged(host):
+    from vmhost.ksm.engine import Ksm
+    from vmhost.ksm.ksmd import Ksmd
+    ksm = Ksm(host)
+    ksmd = Ksmd(ksm, host.clock)
+    ksm.write_knob("pages_to_scan", "10000")
+    p = host.spawn("p")
+    vma = p.mm.mmap(6)
+    p.mm.write(vma.start, ids(1, 1, 1, 2, 2, 3))
+    p.mm.madvise(vma.start, 6, "mergeable")
+    ksm.write_knob("run", "1")
+    ksmd.run_full_scans(2)
+    invariants.check(host)
+    return host, ksm
+
+
+def test_ksm_counter_out_of_step(merged):
+    h, ksm = merged
+    ksm.c.pages_sharing += 1
+    assert "sharing" in violation(h)
+
+
+def test_ksm_item_off_its_list(merged):
+    h, ksm = merged
+    item = int(ksm.nodes.hhead[ksm.nodes.live()[0]])
+    ksm.items.head[item] = -1
+    assert "does not belong" in violation(h)
+
+
+def test_ksm_lost_zero_page_count(merged):
+    h, ksm = merged
+    ksm.c.ksm_zero_pages += 2
+    assert "ksm_zero_pages" in violation(h)

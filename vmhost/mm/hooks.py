@@ -35,3 +35,7 @@ class KsmHooks:
     def rmap_walk(self, pfn: int, visit: Callable[["Vma", int], bool]) -> int:
         """Visit every mapping of a KSM page; returns the number of VMAs looked at."""
         return 0
+
+    def check_invariants(self) -> list[str]:
+        """KSM's own consistency problems, for the invariant checker (none without KSM)."""
+        return []

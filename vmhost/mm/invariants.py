@@ -115,7 +115,7 @@ def check(host: "Host", before: Views | None = None) -> None:
     # both ways, MM_SWAPENTS matches (swapped pages' content is part of views() via peek)
     from vmhost.mm import swap
     problems.extend(swap.check(host))
-    problems.extend(host.ksm.check_invariants() if hasattr(host.ksm, "check_invariants") else [])
+    problems.extend(host.ksm.check_invariants())
 
     if before is not None:
         _check_views(host, before, problems)
