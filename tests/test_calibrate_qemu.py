@@ -8,7 +8,6 @@ for the emulator's five or six full scans.
 
 import fcntl
 import os
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@
 import errno
 
 import numpy as np
-import pytest
 
 from hw.memory import BlockState, Zone
 from hw.topology import Topology

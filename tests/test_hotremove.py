@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from vmhost.errors import InputError
 from vmhost.hotremove import Runner, load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field

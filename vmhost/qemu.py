@@ -44,7 +44,7 @@ Everything is in 4 KiB pages unless a name says MiB.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np

@@ -40,7 +40,6 @@ madvise_vma_behavior turns -ENOMEM into -EAGAIN.
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -1,0 +1,240 @@
+"""The scan: the cursor over mm_slots, VMAs and rmap_items, batch by batch.
+
+scan_get_next_rmap_item's walk, get_next_rmap_item's list upkeep, smart scan and
+ksm_do_scan, with the compiled loop taking the common visits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vmhost.ksm import fastscan, pages
+from vmhost.ksm.checksum import SEEDS
+from vmhost.ksm.items import MmSlot
+from vmhost.ksm.rbtree import NIL
+from vmhost.mm.frames import PG_KSM
+from vmhost.mm.vma import VmFlags, Vma
+
+if TYPE_CHECKING:
+    from vmhost.mm.mm import MM
+
+
+def fastscan_seed(algorithm: str) -> int:
+    """The checksum seed as a signed 64-bit value, for the compiled loop's parameter array."""
+    seed = int(SEEDS[algorithm])
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+class ScanMixin:
+    """Part of :class:`vmhost.ksm.engine.Ksm` (see the module docstring)."""
+
+    def _should_skip(self, item: int, pfn: int) -> bool:
+        """Smart scan: pages that never merge are visited less and less often."""
+        if not (self.profile.ksm_smart_scan and self.knobs.smart_scan):
+            return False
+        if self.host.frames.flags[pfn] & PG_KSM:
+            return False
+        items = self.items
+        age = int(items.age[item])
+        if age != 255:
+            items.age[item] = age + 1
+        if age < 3:
+            return False
+        if items.remaining_skips[item] == 0:
+            items.remaining_skips[item] = 1 if age <= 3 else 2 if age <= 5 else 4 if age <= 8 else 8
+            return False
+        self.c.pages_skipped += 1
+        items.remaining_skips[item] -= 1
+        self.remove_rmap_item_from_tree(item)
+        return True
+
+    def _next_item(self, slot: MmSlot, vpn: int) -> int:
+        """get_next_rmap_item: the item for ``vpn``, freeing the ones before it."""
+        items = self.items
+        prev = self.prev_item
+        cur = slot.rmap_list if prev == NIL else int(items.rnext[prev])
+        while cur != NIL:
+            addr = int(items.address[cur])
+            if addr == vpn:
+                return cur
+            if addr > vpn:
+                break
+            nxt = int(items.rnext[cur])
+            self._unlink_item(slot, prev, nxt)
+            self.remove_rmap_item_from_tree(cur)
+            self._free_item(cur)
+            cur = nxt
+        new = items.alloc(slot.mm.id, vpn)
+        slot.mm.ksm_rmap_items += 1
+        items.rnext[new] = cur
+        self._unlink_item(slot, prev, new)
+        return new
+
+    def _unlink_item(self, slot: MmSlot, prev: int, nxt: int) -> None:
+        if prev == NIL:
+            slot.rmap_list = nxt
+        else:
+            self.items.rnext[prev] = nxt
+
+    def _free_item(self, item: int) -> None:
+        self._mm(item).ksm_rmap_items -= 1
+        self.items.free(item)
+
+    def _remove_trailing(self, slot: MmSlot, prev: int) -> None:
+        cur = slot.rmap_list if prev == NIL else int(self.items.rnext[prev])
+        self._unlink_item(slot, prev, NIL)
+        while cur != NIL:
+            nxt = int(self.items.rnext[cur])
+            self.remove_rmap_item_from_tree(cur)
+            self._free_item(cur)
+            cur = nxt
+
+    def _candidates(self, vma: Vma) -> np.ndarray:
+        cached = self._cand_cache.get(id(vma))
+        if cached is None or cached[0] != vma.mm.pt_gen or cached[2] is not vma:
+            cached = (vma.mm.pt_gen, pages.candidate_offsets(self.host, vma), vma)
+            self._cand_cache[id(vma)] = cached
+        return cached[1]
+
+    def _start_full_scan(self) -> bool:
+        if not self.knobs.merge_across_nodes:
+            for node in list(self.nodes.migrate_nodes):
+                self.get_page(node)
+        for tree in self.unstable_trees:
+            tree.clear()
+        self._uhashed = self.fast
+        if self._uhashed:
+            size = 1 << max(10, (2 * self.items.capacity - 1).bit_length())
+            if len(self._uh) != size:
+                self._uh = np.full(size, NIL, dtype=np.int32)
+            else:
+                self._uh.fill(NIL)
+            if len(self._ulog) < self.items.capacity:
+                self._ulog = np.zeros(self.items.capacity, dtype=np.int32)
+            self._ulog_len[0] = 0
+        self._cand_cache.clear()
+        self._pass_changes = int(self.host.changes[0])
+        self.cursor = self.slots[0] if self.slots else None
+        self.on_scan_start()
+        return self.cursor is not None
+
+    # The scan is scan_get_next_rmap_item + cmp_and_merge_page of mm/ksm.c, driven VMA by
+    # VMA: the compiled loop (fastscan) takes the common visits, and every visit it cannot
+    # finish is finished here from the stage it reached.
+    STAGE_FRESH, STAGE_ITEM, STAGE_SKIPPED, STAGE_CHECKSUMMED = 0, 1, 2, 3
+
+    _BAIL_STAGE = {fastscan.BAIL_BEFORE_ITEM: STAGE_FRESH, fastscan.BAIL_BEFORE_SKIP: STAGE_ITEM,
+                   fastscan.BAIL_BEFORE_MERGE: STAGE_SKIPPED,
+                   fastscan.BAIL_AFTER_CHECKSUM: STAGE_CHECKSUMMED}
+
+    def _next_mergeable_vma(self, mm: "MM") -> Vma | None:
+        """The next VM_MERGEABLE VMA with an anon_vma at or after the cursor's address."""
+        for vma in mm.vmas_overlapping(self.address, 1 << 62):
+            if not vma.flags & VmFlags.MERGEABLE:
+                continue
+            self._saw_mergeable = True
+            if self.address < vma.start:
+                self.address = vma.start
+            if vma.anon_vma is None:
+                self.address = vma.end
+                continue
+            return vma
+        return None
+
+    def _end_of_mm(self, slot: MmSlot) -> None:
+        """Free trailing items, drop a slot without mergeable VMAs, move the cursor on."""
+        if slot.mm.exiting:
+            self.prev_item, self._saw_mergeable = NIL, False
+        self._remove_trailing(slot, self.prev_item)
+        idx = self.slots.index(slot)
+        nxt = self.slots[idx + 1] if idx + 1 < len(self.slots) else None
+        if not self._saw_mergeable:
+            self._drop_slot(slot)
+        self.cursor = nxt
+        if nxt is not None:
+            self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
+        else:
+            self.on_scan_end()
+            self.seqnr += 1
+
+    def do_scan(self, budget: int) -> int:
+        """ksm_do_scan: process up to ``budget`` pages; a full-scan end also ends the batch."""
+        done = 0
+        while done < budget:
+            if self.cursor is None:
+                if not self.slots or not self._start_full_scan():
+                    break
+                self.address, self.prev_item, self._saw_mergeable = 0, NIL, False
+            slot = self.cursor
+            vma = None if slot.mm.exiting else self._next_mergeable_vma(slot.mm)
+            if vma is None:
+                self._end_of_mm(slot)
+                if self.cursor is None:
+                    break
+                continue
+            cand = self._candidates(vma)
+            i = int(np.searchsorted(cand, self.address - vma.start))
+            while i < len(cand) and done < budget:
+                stage = self.STAGE_FRESH
+                item = NIL
+                if self.fast:
+                    i, n, code, item = self._run_compiled(slot, vma, cand, i, budget - done)
+                    done += n
+                    if code in (fastscan.RUN_END, fastscan.RUN_BUDGET):
+                        break
+                    stage = self._BAIL_STAGE[code]
+                done += self._scan_page(slot, vma, int(cand[i]), stage, item)
+                i += 1
+            if i >= len(cand):
+                self.address = vma.end
+        return done
+
+    def _scan_page(self, slot: MmSlot, vma: Vma, off: int, stage: int, item: int) -> int:
+        """One visit, from ``stage`` on; returns 1 if the page was processed (pages_scanned)."""
+        pfn = pages.anon_page_at(self.host, vma, off)
+        if stage == self.STAGE_FRESH:
+            self.work[fastscan.W_PTES] += 1
+            if pfn < 0:
+                return 0
+            vpn = vma.start + off
+            item = self._next_item(slot, vpn)
+            self.prev_item = item
+            self.address = vpn + 1
+        if stage <= self.STAGE_ITEM and self._should_skip(item, pfn):
+            return 0
+        if stage <= self.STAGE_SKIPPED:
+            self.cmp_and_merge_page(pfn, item)
+        else:
+            self.after_checksum(pfn, item)
+        self.c.pages_scanned += 1
+        return 1
+
+    def _run_compiled(self, slot: MmSlot, vma: Vma, cand: np.ndarray, i: int, budget: int):
+        items, nodes, frames, host = self.items, self.nodes, self.host.frames, self.host
+        cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
+        params = np.array([self.seqnr, int(self.profile.ksm_smart_scan and self.knobs.smart_scan),
+                           int(self.knobs.merge_across_nodes), int(self.knobs.use_zero_pages),
+                           self.zero_checksum, int(fastscan_seed(self.profile.ksm_checksum)),
+                           host.phys.block_pages,
+                           int(host.changes[0] == self._pass_changes), int(self._uhashed),
+                           int(self.c.stable_node_chains == 0 and nodes.stale_count == 0)],
+                          dtype=np.int64)
+        if self._uhashed and len(self._uh) < 2 * items.capacity:
+            self.build_unstable_trees()           # the item pool grew past the table: use the tree
+            params[fastscan.P_HASHED] = 0
+        i, n, code, item = fastscan.scan_run(
+            cand, i, budget, vma.start, vma.pte, vma.ptef, slot.mm.id, cursor,
+            frames.content, frames.flags, frames.owner,
+            items.mm, items.address, items.flags, items.oldchecksum, items.age,
+            items.remaining_skips, items.head, items.rnext, items.nid, items.tree_pfn,
+            items.tree_gen, items.tree_key, items.links.left, items.links.right,
+            items.links.parent, items.links.color, items.links.roots,
+            nodes.kind, nodes.kpfn, nodes.nid, nodes.key, nodes.links.left, nodes.links.right,
+            nodes.links.roots, items.free_stack, items.free_top, self.c.a, host.mm_ksm,
+            host.data_epoch, params, host.phys.block_node_array, self.work,
+            self._uh, self._ulog, self._ulog_len, self.stable_index.slots,
+            self.stable_index.count)
+        slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
+        return int(i), int(n), int(code), int(item)

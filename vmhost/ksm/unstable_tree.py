@@ -1,0 +1,108 @@
+"""The unstable tree: pages unchanged for a pass, sorted by their current contents.
+
+Rebuilt from empty every full scan. While nothing has changed since the pass began it
+is kept as a hash table plus a log of insertions (see fastscan), and built as the real
+red-black tree, from the log, the moment a walk needs the tree itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vmhost.ksm import fastscan, pages
+from vmhost.ksm.items import SEQNR_MASK, UNSTABLE_FLAG
+from vmhost.ksm.pages import find_mergeable_vma
+from vmhost.ksm.rbtree import NIL
+
+
+class UnstableTreeMixin:
+    """Part of :class:`vmhost.ksm.engine.Ksm` (see the module docstring)."""
+
+    def get_mergeable_page(self, item: int) -> int:
+        mm = self._mm(item)
+        vpn = int(self.items.address[item])
+        vma = find_mergeable_vma(mm, vpn)
+        if vma is None:
+            return -1
+        return pages.anon_page_at(self.host, vma, vpn - vma.start)
+
+    def _unstable_hashed(self, item: int, pfn: int) -> tuple[int, int]:
+        """The unstable tree as hash + log while nothing changed (see fastscan)."""
+        items = self.items
+        nid = self._nid_of_pfn(pfn)
+        key = np.uint64(self._key(pfn))
+        mask = len(self._uh) - 1
+        t, h = fastscan.hash_find(self._uh, mask, items.tree_key, items.nid, key, nid)
+        self.work[fastscan.W_COMPARES] += fastscan._depth(int(self._ulog_len[0]))
+        if t != NIL:
+            tpfn = int(items.tree_pfn[t])
+            if tpfn == pfn:
+                return NIL, -1
+            if not self.knobs.merge_across_nodes and int(self.host.phys.node_of(tpfn)) != nid:
+                return NIL, -1
+            return int(t), tpfn
+        items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        items.nid[item] = nid
+        items.tree_pfn[item] = pfn
+        items.tree_key[item] = key
+        items.tree_gen[item] = self._mm(item).data_gen
+        self._uh[h] = item
+        self._log_unstable(item)
+        self.c.pages_unshared += 1
+        return NIL, -1
+
+    def _log_unstable(self, entry: int) -> None:
+        n = int(self._ulog_len[0])
+        if n == len(self._ulog):
+            self._ulog = np.concatenate([self._ulog, np.zeros(n, dtype=np.int32)])
+        self._ulog[n] = entry
+        self._ulog_len[0] = n + 1
+
+    def build_unstable_trees(self) -> None:
+        """Turn the compiled loop's hash table and log into the real rbtrees (same shape)."""
+        if not self._uhashed:
+            return
+        self._uhashed = False
+        it, ln = self.items, self.items.links
+        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid,
+                                 ln.left, ln.right, ln.parent, ln.color, ln.roots)
+
+    def _unstable_clean(self) -> bool:
+        return int(self.host.changes[0]) == self._pass_changes
+
+    def unstable_tree_search_insert(self, item: int, pfn: int) -> tuple[int, int]:
+        """An identical page in the unstable tree (item, pfn); else insert ``item``."""
+        if self._uhashed and self._unstable_clean():
+            return self._unstable_hashed(item, pfn)
+        self.build_unstable_trees()
+        nid = self._nid_of_pfn(pfn)
+        tree = self.unstable_trees[nid]
+        links = self.items.links
+        key = self._key(pfn)
+        cur, parent, go_left = tree.root, NIL, False
+        while cur != NIL:
+            self.work[fastscan.W_COMPARES] += 1
+            tree_pfn = self.get_mergeable_page(cur)
+            if tree_pfn < 0 or tree_pfn == pfn:
+                return NIL, -1          # a page vanished, or this very page reached by fork
+            self.items.tree_pfn[cur] = tree_pfn          # still right under this generation
+            self.items.tree_key[cur] = self._key(tree_pfn)
+            self.items.tree_gen[cur] = self._mm(cur).data_gen
+            tkey = self._key(tree_pfn)
+            parent = cur
+            if key < tkey:
+                cur, go_left = int(links.left[cur]), True
+            elif key > tkey:
+                cur, go_left = int(links.right[cur]), False
+            elif not self.knobs.merge_across_nodes and int(self.host.phys.node_of(tree_pfn)) != nid:
+                return NIL, -1
+            else:
+                return cur, tree_pfn
+        self.items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        self.items.nid[item] = nid
+        self.items.tree_pfn[item] = pfn
+        self.items.tree_key[item] = key
+        self.items.tree_gen[item] = self._mm(item).data_gen
+        tree.link(item, parent, go_left)
+        self.c.pages_unshared += 1
+        return NIL, -1
