@@ -1,0 +1,197 @@
+"""KSM tuning policies: who turns ksmd on and how hard it scans, over time.
+
+A policy runs on the host's virtual clock and writes KSM's knobs the way the
+real tool would write /sys/kernel/mm/ksm. Each is a small class with
+``attach(host, ksm)`` that schedules its own wake-ups:
+
+- ``fixed``: the configured knobs, once.
+- ``ksmtuned``: the ksmtuned daemon's loop (RHEL, Proxmox): every 60 s, if the
+  guests' committed memory (the QEMU processes' RSS) plus a threshold still
+  fits in RAM and free memory is above the threshold, KSM is stopped;
+  otherwise ksmd runs, pages_to_scan grows by 300 (up to 1250) while free
+  memory is under the threshold and shrinks by 50 (down to 64) when it is not,
+  and sleep_millisecs is 10 ms scaled by 16 GiB over the host's RAM (at least
+  10). The threshold is 20% of RAM, at least 2048 MiB.
+- ``mom``: oVirt MOM's KSM controller: the same rule with the same constants,
+  evaluated every 10 s, with "committed" taken as the resident size of the
+  guests rather than their configured size.
+- ``kubevirt``: KubeVirt's node handler: KSM runs only while the node is under
+  memory pressure (available memory below 20%), with fixed knobs; it stops
+  when available memory is back above the threshold plus a 5% margin.
+- ``advisor``: the kernel's own scan-time advisor (advisor_mode=scan-time,
+  6.8+), which retunes pages_to_scan after every full scan.
+
+The constants are the published defaults of those tools (``field.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from vmhost.clock import NS_PER_S
+
+if TYPE_CHECKING:
+    from vmhost.host import Host
+    from vmhost.ksm.engine import Ksm
+
+MIB_PAGES = 256          # 4 KiB pages in a MiB
+
+
+def _host_pages(host: "Host") -> int:
+    return int(host.allocator.managed.sum())
+
+
+def _free_pages(host: "Host") -> int:
+    return host.allocator.free_pages()
+
+
+def _guest_rss_pages(host: "Host") -> int:
+    return sum(p.mm.rss_anon + p.mm.rss_shmem for p in host.processes.values())
+
+
+@dataclass
+class Decision:
+    """What a policy did at one wake-up (kept for reports)."""
+    at_ns: int
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    reason: str
+
+
+@dataclass
+class Policy:
+    name: str = "fixed"
+    knobs: dict = field(default_factory=dict)
+    history: list[Decision] = field(default_factory=list)
+
+    def attach(self, host: "Host", ksm: "Ksm") -> None:
+        self.host, self.ksm = host, ksm
+        for name, value in self.knobs.items():
+            rc = ksm.write_knob(name, str(value))
+            if rc:
+                raise ValueError(f"policy {self.name}: KSM refuses {name}={value} (errno {-rc})")
+        self._record("configured knobs")
+
+    def _record(self, reason: str) -> None:
+        k = self.ksm.knobs
+        self.history.append(Decision(self.host.clock.now, k.run, k.pages_to_scan,
+                                     k.sleep_millisecs, reason))
+
+    def _write(self, **knobs) -> None:
+        for name, value in knobs.items():
+            if getattr(self.ksm.knobs, name) != value:
+                self.ksm.write_knob(name, str(value))
+
+
+@dataclass
+class KsmTuned(Policy):
+    """ksmtuned's adjust() loop."""
+    name: str = "ksmtuned"
+    interval_s: float = 60.0
+    boost: int = 300
+    decay: int = 50
+    npages_min: int = 64
+    npages_max: int = 1250
+    thres_coef: int = 20                # percent of RAM
+    thres_const_mib: int = 2048
+    sleep_msec: int = 10                # for a 16 GiB host
+    committed: Callable[["Host"], int] | None = None
+
+    def attach(self, host: "Host", ksm: "Ksm") -> None:
+        super().attach(host, ksm)
+        self.npages = 0
+        host.clock.after(0, self._tick)
+
+    def _committed_pages(self) -> int:
+        if self.committed is not None:
+            return self.committed(self.host)
+        # ksmtuned sums the qemu processes' RSS
+        return _guest_rss_pages(self.host)
+
+    def _tick(self) -> None:
+        host = self.host
+        total = _host_pages(host)
+        thres = max(total * self.thres_coef // 100, self.thres_const_mib * MIB_PAGES)
+        sleep = max(self.sleep_msec * 16 * 1024 * MIB_PAGES // max(total, 1), 10)
+        if self._committed_pages() + thres < total and _free_pages(host) > thres:
+            self._write(run=0)
+            self._record("committed memory fits: KSM stopped")
+        else:
+            if _free_pages(host) < thres:
+                self.npages = min(self.npages + self.boost, self.npages_max)
+                reason = "free memory under threshold: boost"
+            else:
+                self.npages = max(self.npages - self.decay, self.npages_min)
+                reason = "free memory above threshold: decay"
+            self._write(pages_to_scan=self.npages, sleep_millisecs=sleep, run=1)
+            self._record(reason)
+        host.clock.after(int(self.interval_s * NS_PER_S), self._tick)
+
+
+@dataclass
+class Mom(KsmTuned):
+    """oVirt MOM's KSM controller: ksmtuned's rule, every 10 s, on resident guest memory."""
+    name: str = "mom"
+    interval_s: float = 10.0
+
+
+@dataclass
+class KubeVirt(Policy):
+    """KSM only under memory pressure, with fixed knobs."""
+    name: str = "kubevirt"
+    interval_s: float = 10.0
+    pressure_percent: int = 20
+    margin_percent: int = 5
+    pages_to_scan: int = 100
+    sleep_millisecs: int = 20
+
+    def attach(self, host: "Host", ksm: "Ksm") -> None:
+        super().attach(host, ksm)
+        host.clock.after(0, self._tick)
+
+    def _tick(self) -> None:
+        total = _host_pages(self.host)
+        available = _free_pages(self.host) * 100 // max(total, 1)
+        if available < self.pressure_percent:
+            self._write(pages_to_scan=self.pages_to_scan, sleep_millisecs=self.sleep_millisecs, run=1)
+            self._record(f"available {available}% < {self.pressure_percent}%: KSM on")
+        elif available >= self.pressure_percent + self.margin_percent and self.ksm.knobs.run:
+            self._write(run=0)
+            self._record(f"available {available}%: pressure over, KSM off")
+        self.host.clock.after(int(self.interval_s * NS_PER_S), self._tick)
+
+
+@dataclass
+class Advisor(Policy):
+    """The kernel's scan-time advisor drives pages_to_scan."""
+    name: str = "advisor"
+    target_scan_time_s: int = 200
+    max_cpu_percent: int = 70
+
+    def attach(self, host: "Host", ksm: "Ksm") -> None:
+        super().attach(host, ksm)
+        for name, value in (("advisor_mode", "scan-time"),
+                            ("advisor_target_scan_time", self.target_scan_time_s),
+                            ("advisor_max_cpu", self.max_cpu_percent), ("run", 1)):
+            ksm.write_knob(name, str(value))
+        self._record("scan-time advisor")
+
+
+POLICIES = {"fixed": Policy, "ksmtuned": KsmTuned, "mom": Mom, "kubevirt": KubeVirt,
+            "advisor": Advisor}
+
+
+def make_policy(name: str, **options) -> Policy:
+    """A policy by name, with its options (each policy's dataclass fields)."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown KSM policy {name!r} (known: {', '.join(POLICIES)})") from None
+    known = set(cls.__dataclass_fields__) - {"name", "history"}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"KSM policy {name!r}: unknown option(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(known))})")
+    return cls(**options)
