@@ -32,7 +32,7 @@ def test_pure_python_scan_gives_the_same_result(path):
     assert run.run() == json.loads(json.dumps(Replay(load_trace(path)).run()))
 
 
-def churn(fast: bool, seed: int = 7):
+def churn(fast: bool, seed: int = 7, prune_ms: int = 2000):
     """Four processes, small batches, random writes and forks between batches."""
     rng = np.random.default_rng(seed)
     h = Host(Topology.uniform(1, 256 << 20), block_pages=4096)
@@ -41,6 +41,7 @@ def churn(fast: bool, seed: int = 7):
     ksmd = Ksmd(ksm, h.clock)
     ksm.write_knob("pages_to_scan", "300")
     ksm.write_knob("max_page_sharing", "8")
+    ksm.write_knob("stable_node_chains_prune_millisecs", str(prune_ms))
     procs = []
     for i in range(4):
         p = h.spawn(f"p{i}")
@@ -50,7 +51,7 @@ def churn(fast: bool, seed: int = 7):
         procs.append((p, vma.start))
     ksm.write_knob("run", "1")
     history = []
-    for step in range(60):
+    for step in range(150):
         ksmd._tick()
         p, start = procs[rng.integers(len(procs))]
         offs = rng.integers(0, 2048, 20)
@@ -67,8 +68,11 @@ def churn(fast: bool, seed: int = 7):
     return history
 
 
-def test_compiled_scan_follows_changes_between_batches():
-    assert churn(fast=True) == churn(fast=False)
+@pytest.mark.parametrize("prune_ms", [0, 2000])
+def test_compiled_scan_follows_changes_between_batches(prune_ms):
+    fast, pure = churn(fast=True, prune_ms=prune_ms), churn(fast=False, prune_ms=prune_ms)
+    assert fast == pure
+    assert max(s["stable_node_chains"] for s in pure) > 0        # chains were on the paths
 
 
 def thp_pairs(fast: bool):

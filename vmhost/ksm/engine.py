@@ -109,6 +109,9 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self._uh = np.full(1024, NIL, dtype=np.int32)
         self._ulog = np.zeros(1024, dtype=np.int32)
         self._ulog_len = np.zeros(1, dtype=np.int64)
+        self._eff_chain = np.zeros(128, dtype=np.int32)     # scratch for the compiled walk
+        self._eff_found = np.zeros(128, dtype=np.int32)
+        self._eff_prune = np.zeros(128, dtype=np.bool_)
         self._cand_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.zero_checksum = checksum(0, self.profile.ksm_checksum)
         self.wakeup: Callable[[], None] = lambda: None   # set by ksmd

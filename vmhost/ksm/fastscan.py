@@ -43,12 +43,12 @@ C_SHARED, C_SHARING, C_UNSHARED, C_SCANNED, C_SKIPPED, C_ZERO, C_CHAINS, C_DUPS 
 W_PTES, W_CHECKSUMS, W_COMPARES, W_MERGES, W_DUPS = range(5)
 # params
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
- P_STABLE_INDEXED) = range(10)
+ P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS) = range(13)
 
 _PRESENT, _ZERO = 1, 4                      # PTE_PRESENT, PTE_ZERO
 _PG_ANON, _PG_KSM, _PG_SWAPCACHE = 1, 2, 4
 _STABLE, _UNSTABLE, _SEQ = 0x200, 0x100, 0xFF
-_NODE, _DUP = 1, 2                          # stable node kinds: plain, or a dup in a chain
+_NODE, _DUP, _CHAIN = 1, 2, 3              # stable node kinds: plain, a dup, a chain
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
@@ -162,7 +162,8 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
              it_tpfn, it_tgen, it_key, il, ir, ipar, icol, uroots,
              n_kind, n_kpfn, n_nid, n_key, nl, nr, sroots,
              free_stack, free_top, cnt, mm_ksm, data_epoch, params, block_node, work,
-             uh, ulog, ulog_len, sindex, stable_count):
+             uh, ulog, ulog_len, sindex, stable_count,
+             n_dhead, n_dnext, n_dprev, n_hlen, n_prune, eff_chain, eff_found, eff_prune):
     """Visit candidate pages ``cand[i:]`` of one VMA until done, out of budget, or a bail.
 
     ``cursor`` is [slot rmap_list head, previous item, address] and is updated in place.
@@ -179,6 +180,9 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
     hashed = params[P_HASHED] != 0      # the unstable tree is still a hash table and a log
     indexed = params[P_STABLE_INDEXED] != 0   # no chain, no stale node: look stable keys up
     stable_depth = _depth(stable_count)
+    now = params[P_NOW]
+    prune_ns = params[P_PRUNE_NS]
+    mps = params[P_MPS]
     mask = uh.shape[0] - 1
     processed = 0
     n = cand.shape[0]
@@ -328,13 +332,47 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
         else:
             cur = sroots[nid]
         walked = 0                      # a bail hands the walk to Python, which counts it then
+        dups_seen = 0
+        effects = 0                     # chain upkeep to apply if the walk ends in a miss
         while cur != NIL:
             walked += 1
-            if n_kind[cur] != _NODE:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # a chain: Python
-            kp = n_kpfn[cur]
-            if (f_flags[kp] & _PG_KSM) == 0 or f_owner[kp] != cur:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # stale: prune in Python
+            kind = n_kind[cur]
+            if kind == _CHAIN:
+                # stable_node_dup, first without side effects: a stale dup, a collapse or an
+                # empty chain is left to Python; pruning times and moves to the head of the
+                # chain are applied below once the whole walk is known to need nothing else
+                prune = now >= n_prune[cur] + prune_ns
+                found = NIL
+                found_len = 0
+                d = n_dhead[cur]
+                while d != NIL:
+                    dups_seen += 1
+                    kp = n_kpfn[d]
+                    if (f_flags[kp] & _PG_KSM) == 0 or f_owner[kp] != d:
+                        return i, processed, BAIL_AFTER_CHECKSUM, item
+                    hl = n_hlen[d]
+                    sharable = hl > 0 and hl < mps
+                    if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
+                                                      or hl > found_len)):
+                        found = d
+                        found_len = hl
+                        if not prune and sharable:
+                            break
+                    d = n_dnext[d]
+                if found == NIL or (n_dhead[cur] == found and n_dnext[found] == NIL):
+                    return i, processed, BAIL_AFTER_CHECKSUM, item
+                move = n_dhead[cur] != found and found_len > 0 and found_len + 1 < mps
+                if prune or move:
+                    eff_chain[effects] = cur
+                    eff_found[effects] = found if move else NIL
+                    eff_prune[effects] = prune
+                    effects += 1
+            elif kind == _NODE:
+                kp = n_kpfn[cur]
+                if (f_flags[kp] & _PG_KSM) == 0 or f_owner[kp] != cur:
+                    return i, processed, BAIL_AFTER_CHECKSUM, item    # stale: prune in Python
+            else:
+                return i, processed, BAIL_AFTER_CHECKSUM, item
             tk = n_key[cur]
             if key < tk:
                 cur = nl[cur]
@@ -342,6 +380,27 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                 cur = nr[cur]
             else:
                 return i, processed, BAIL_AFTER_CHECKSUM, item    # merge into a KSM page
+        for e in range(effects):
+            chain = eff_chain[e]
+            if eff_prune[e]:
+                n_prune[chain] = now
+            found = eff_found[e]
+            if found != NIL:                                   # move the dup to the head
+                prev = n_dprev[found]
+                nxt = n_dnext[found]
+                if prev == NIL:
+                    n_dhead[chain] = nxt
+                else:
+                    n_dnext[prev] = nxt
+                if nxt != NIL:
+                    n_dprev[nxt] = prev
+                first = n_dhead[chain]
+                n_dnext[found] = first
+                n_dprev[found] = NIL
+                if first != NIL:
+                    n_dprev[first] = found
+                n_dhead[chain] = found
+        work[W_DUPS] += dups_seen
         work[W_COMPARES] += walked
         walked = 0
         # unstable tree: search, or insert this item

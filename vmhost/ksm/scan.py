@@ -219,7 +219,9 @@ class ScanMixin:
                            self.zero_checksum, int(fastscan_seed(self.profile.ksm_checksum)),
                            host.phys.block_pages,
                            int(host.changes[0] == self._pass_changes), int(self._uhashed),
-                           int(self.c.stable_node_chains == 0 and nodes.stale_count == 0)],
+                           int(self.c.stable_node_chains == 0 and nodes.stale_count == 0),
+                           host.clock.now, self.knobs.stable_node_chains_prune_millisecs * 1_000_000,
+                           min(self._mps(), 1 << 62)],
                           dtype=np.int64)
         if self._uhashed and len(self._uh) < 2 * items.capacity:
             self.build_unstable_trees()           # the item pool grew past the table: use the tree
@@ -235,6 +237,7 @@ class ScanMixin:
             nodes.links.roots, items.free_stack, items.free_top, self.c.a, host.mm_ksm,
             host.data_epoch, params, host.phys.block_node_array, self.work,
             self._uh, self._ulog, self._ulog_len, self.stable_index.slots,
-            self.stable_index.count)
+            self.stable_index.count, nodes.dhead, nodes.dnext, nodes.dprev, nodes.hlist_len,
+            nodes.prune_time, self._eff_chain, self._eff_found, self._eff_prune)
         slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
         return int(i), int(n), int(code), int(item)
