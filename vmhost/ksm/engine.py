@@ -112,6 +112,9 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self._eff_chain = np.zeros(128, dtype=np.int32)     # scratch for the compiled walk
         self._eff_found = np.zeros(128, dtype=np.int32)
         self._eff_prune = np.zeros(128, dtype=np.bool_)
+        self._freed = np.zeros(4096, dtype=np.int64)      # frames freed by compiled merges
+        self._freed_n = np.zeros(1, dtype=np.int64)
+        self._av_gets = np.zeros(1, dtype=np.int64)        # anon_vma references they took
         self._cand_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.zero_checksum = checksum(0, self.profile.ksm_checksum)
         self.wakeup: Callable[[], None] = lambda: None   # set by ksmd

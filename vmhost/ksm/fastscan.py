@@ -46,7 +46,9 @@ W_PTES, W_CHECKSUMS, W_COMPARES, W_MERGES, W_DUPS = range(5)
  P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS) = range(13)
 
 _PRESENT, _ZERO = 1, 4                      # PTE_PRESENT, PTE_ZERO
-_PG_ANON, _PG_KSM, _PG_SWAPCACHE = 1, 2, 4
+_PG_ANON, _PG_KSM, _PG_SWAPCACHE, _PG_DIRTY, _PG_MLOCKED = 1, 2, 4, 8, 16
+_PG_COMPOUND = (1 << 10) | (1 << 11)
+_WRITE, _DIRTY, _YOUNG = 2, 64, 32            # PTE_WRITE, PTE_DIRTY, PTE_YOUNG
 _STABLE, _UNSTABLE, _SEQ = 0x200, 0x100, 0xFF
 _NODE, _DUP, _CHAIN = 1, 2, 3              # stable node kinds: plain, a dup, a chain
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -156,6 +158,58 @@ def replay_unstable(log, n, it_key, it_nid, il, ir, ipar, icol, uroots):
 
 
 @njit(cache=True, nogil=True)
+def _merge_into(node, item, mm_id, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
+                f_flags, f_owner, f_mapcount, f_refcount, f_content, f_index,
+                it_flags, it_head, it_hnext, it_hprev, it_anon_vma, n_kpfn, n_hlen, n_hhead,
+                cnt, mm_ksm, work, freed, freed_n, av_gets):
+    """try_to_merge_with_ksm_page + stable_tree_append for an ordinary page (the plain case:
+    not a huge page, not in the swap cache), exactly as Ksm._merge_one and
+    Ksm.stable_tree_append do it; the freed frame and the anon_vma reference are handed
+    back for Python to settle (allocator, anon_vma refcount)."""
+    kp = n_kpfn[node]
+    flags = ptef[off]
+    if flags & (_WRITE | _DIRTY):                     # write_protect_page
+        if f_mapcount[pfn] != f_refcount[pfn]:
+            return                                    # pinned: the merge fails, retried later
+        if flags & _DIRTY:
+            f_flags[pfn] |= _PG_DIRTY
+        ptef[off] = flags & ~np.uint8(_WRITE | _DIRTY)
+    work[W_MERGES] += 1
+    f_mapcount[kp] += 1                               # replace_page
+    f_refcount[kp] += 1
+    if vma_locked:
+        f_flags[kp] |= _PG_MLOCKED
+    pte[off] = kp
+    ptef[off] = _PRESENT | _YOUNG
+    f_mapcount[pfn] -= 1
+    f_refcount[pfn] -= 1
+    if f_mapcount[pfn] == 0:
+        f_flags[pfn] &= ~np.uint16(_PG_MLOCKED)
+    if f_refcount[pfn] == 0:                          # the old page is free (Python frees it)
+        f_content[pfn] = 0
+        f_flags[pfn] = 0
+        f_owner[pfn] = -1
+        f_index[pfn] = 0
+        freed[freed_n[0]] = pfn
+        freed_n[0] += 1
+    it_anon_vma[item] = vma_anon_vma                  # a reference on the VMA's anon_vma
+    av_gets[0] += 1
+    n_hlen[node] += 1                                 # stable_tree_append
+    it_head[item] = node
+    it_flags[item] |= _STABLE
+    first = n_hhead[node]
+    it_hnext[item] = first
+    it_hprev[item] = NIL
+    if first != NIL:
+        it_hprev[first] = item
+        cnt[C_SHARING] += 1
+    else:
+        cnt[C_SHARED] += 1
+    n_hhead[node] = item
+    mm_ksm[mm_id, 1] += 1
+
+
+@njit(cache=True, nogil=True)
 def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
              f_content, f_flags, f_owner,
              it_mm, it_addr, it_flags, it_sum, it_age, it_skips, it_head, it_rnext, it_nid,
@@ -163,7 +217,9 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
              n_kind, n_kpfn, n_nid, n_key, nl, nr, sroots,
              free_stack, free_top, cnt, mm_ksm, data_epoch, params, block_node, work,
              uh, ulog, ulog_len, sindex, stable_count,
-             n_dhead, n_dnext, n_dprev, n_hlen, n_prune, eff_chain, eff_found, eff_prune):
+             n_dhead, n_dnext, n_dprev, n_hlen, n_prune, eff_chain, eff_found, eff_prune,
+             f_mapcount, f_refcount, f_index, it_hnext, it_hprev, it_anon_vma, n_hhead,
+             vma_locked, vma_anon_vma, freed, freed_n, av_gets):
     """Visit candidate pages ``cand[i:]`` of one VMA until done, out of budget, or a bail.
 
     ``cursor`` is [slot rmap_list head, previous item, address] and is updated in place.
@@ -324,16 +380,18 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
 
         key = memcmp_key(content)
         # stable tree: a miss needs only plain, live nodes on the path
+        target = NIL                    # the KSM page (its node) to merge into, if any
         if indexed:
-            if ki_find(sindex, n_key, n_nid, key, nid) != EMPTY:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # merge into a KSM page
+            target = ki_find(sindex, n_key, n_nid, key, nid)
+            if target == EMPTY:
+                target = NIL
             work[W_COMPARES] += stable_depth
             cur = NIL
         else:
             cur = sroots[nid]
         walked = 0                      # a bail hands the walk to Python, which counts it then
         dups_seen = 0
-        effects = 0                     # chain upkeep to apply if the walk ends in a miss
+        effects = 0                     # chain upkeep to apply once the walk needs nothing else
         while cur != NIL:
             walked += 1
             kind = n_kind[cur]
@@ -379,7 +437,16 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
             elif key > tk:
                 cur = nr[cur]
             else:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # merge into a KSM page
+                target = found if kind == _CHAIN else cur
+                break
+        if target != NIL:
+            # merge into that KSM page here only in the plain case; anything else is Python's
+            tl = n_hlen[target]
+            if (not (tl > 0 and tl < mps)
+                    or (not across and block_node[n_kpfn[target] // block_pages] != n_nid[target])
+                    or (pflags & (_PG_COMPOUND | _PG_SWAPCACHE)) != 0
+                    or freed_n[0] >= freed.shape[0]):
+                return i, processed, BAIL_AFTER_CHECKSUM, item
         for e in range(effects):
             chain = eff_chain[e]
             if eff_prune[e]:
@@ -401,6 +468,16 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                     n_dprev[first] = found
                 n_dhead[chain] = found
         work[W_DUPS] += dups_seen
+        if target != NIL:
+            work[W_COMPARES] += walked
+            _merge_into(target, item, mm_id, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
+                        f_flags, f_owner, f_mapcount, f_refcount, f_content, f_index,
+                        it_flags, it_head, it_hnext, it_hprev, it_anon_vma, n_kpfn, n_hlen,
+                        n_hhead, cnt, mm_ksm, work, freed, freed_n, av_gets)
+            cnt[C_SCANNED] += 1
+            processed += 1
+            i += 1
+            continue
         work[W_COMPARES] += walked
         walked = 0
         # unstable tree: search, or insert this item

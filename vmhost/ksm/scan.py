@@ -238,6 +238,21 @@ class ScanMixin:
             host.data_epoch, params, host.phys.block_node_array, self.work,
             self._uh, self._ulog, self._ulog_len, self.stable_index.slots,
             self.stable_index.count, nodes.dhead, nodes.dnext, nodes.dprev, nodes.hlist_len,
-            nodes.prune_time, self._eff_chain, self._eff_found, self._eff_prune)
+            nodes.prune_time, self._eff_chain, self._eff_found, self._eff_prune,
+            frames.mapcount, frames.refcount, frames.index, items.hnext, items.hprev,
+            items.anon_vma, nodes.hhead, bool(vma.flags & VmFlags.LOCKED),
+            vma.anon_vma.id, self._freed, self._freed_n, self._av_gets)
         slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
+        self._settle_compiled_merges(vma)
         return int(i), int(n), int(code), int(item)
+
+    def _settle_compiled_merges(self, vma: Vma) -> None:
+        """What the compiled merges leave to Python: freeing frames, anon_vma references."""
+        n = int(self._freed_n[0])
+        if n:
+            self.host.allocator.free(self._freed[:n].copy())
+            self._freed_n[0] = 0
+        gets = int(self._av_gets[0])
+        if gets:
+            vma.anon_vma.refcount += gets
+            self._av_gets[0] = 0
