@@ -75,7 +75,8 @@ def test_emulator_reaches_expected_steady_state():
     assert first["checksums"] == 4096 and first.get("tree_compares", 0) == 0
     assert merging["pages"] == 4096 and merging["merges"] > 0
     m = e["memory"]
-    assert m["total"] == m["frames"] + m["page_tables"] + m["rmap_items"] + m["stable_nodes"]
+    assert m["total"] == (m["frames"] + m["page_tables"] + m["rmap_items"] + m["stable_nodes"]
+                          + m["indexes"])
     assert m["rmap_item_count"] == 4096
     assert m["bytes_per_page"] == m["total"] / 4096
 

@@ -97,8 +97,11 @@ def emulator_memory(host, ksm) -> dict:
     frames = host.frames.nbytes
     ptes = sum(v.pte.nbytes + v.ptef.nbytes for p in host.processes.values() for v in p.mm.vmas)
     items, nodes = ksm.items.nbytes, ksm.nodes.nbytes
+    # the scan's indexes: the hashed unstable tree and its log, the stable-tree key index
+    indexes = ksm._uh.nbytes + ksm._ulog.nbytes + ksm.stable_index.slots.nbytes
     return {"frames": frames, "page_tables": ptes, "rmap_items": items, "stable_nodes": nodes,
-            "total": frames + ptes + items + nodes, "frame_count": len(host.frames),
+            "indexes": indexes, "total": frames + ptes + items + nodes + indexes,
+            "frame_count": len(host.frames),
             "rmap_item_count": ksm.items.count, "rmap_item_capacity": ksm.items.capacity,
             "stable_node_capacity": ksm.nodes.capacity,
             "stable_node_count": int(len(ksm.nodes.live()))}
