@@ -1,0 +1,258 @@
+"""``vmhost density``: a hand-computed case, every limit binding, the curves, bad configs, the examples."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmhost.density import DensityRunner, boot_sequence, load_density, run_density
+from vmhost.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "configs").glob("density-*.yaml"))
+
+# A guest of 4 MiB = 1024 pages: 512 kernel pages identical in every guest of a domain (all
+# distinct inside one guest), 256 pages of its own, 256 zero pages it writes at boot.
+UNIT_IMAGE = """\
+name: unit
+memory_mib: 4
+kernel: unit-kernel
+classes:
+  kernel: {fraction: 0.5, distinct: 1.0, pool: 1}
+  unique: {fraction: 0.25, distinct: 1.0}
+  zero: {boot: {touched: 1.0}}
+"""
+# Writes 400 pages/s over half of its 922 private pages; never touches its zero pages.
+HOT_IMAGE = """\
+name: hot
+memory_mib: 4
+classes:
+  unique: {fraction: 0.9, distinct: 1.0, steady: {rate: 400, hot: 0.5}}
+  zero: {boot: {touched: 0.0}}
+"""
+# 32 MiB host = 8192 pages; watermarks: min = isqrt(32768 KiB x 16) = 724 KiB = 181 pages,
+# high = 181 + 2 x 45 = 271; so the analytic curves have 8192 - 271 = 7921 pages.
+HAND = """\
+host:
+  thp: never
+  block_size: 1MiB
+  nodes: [{memory: 32MiB, cpus: 2}]
+ksm: {pages_to_scan: 100000, sleep_millisecs: 20, run: 1}
+density:
+  mix: [{image: unit.yaml}]
+  max_guests: 40
+"""
+
+
+def vmhost(*args):
+    return subprocess.run([sys.executable, "-m", "vmhost.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def write(tmp_path, text, name="density.yaml"):
+    (tmp_path / "unit.yaml").write_text(UNIT_IMAGE)
+    (tmp_path / "hot.yaml").write_text(HOT_IMAGE)
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory):
+    return run_density(write(tmp_path_factory.mktemp("hand"), HAND))
+
+
+def test_hand_computed_case(hand):
+    res = hand
+    assert res["resolution"] == 1 and res["host"]["capacity_pages"] == 7921
+    # (a) 1024 pages a guest: 7 x 1024 = 7168 <= 7921 < 8192
+    # (c) 512 kernel + 256 per guest + 1 zero page: 513 + 256 N <= 7921 -> N = 28
+    assert res["vms_per_host"]["no_ksm"] == 7 and res["vms_per_host"]["ideal"] == 28
+    for row in res["curve"]:
+        n = row["guests"]
+        assert row["no_ksm_pages"] == 1024 * n and row["ideal_pages"] == 513 + 256 * n
+    # (b) KSM: the kernel pages are shared once; the zero page's 256 N mappings are spread
+    # over N dups (max_page_sharing 256), each keeping one page: shared 512 + N (N >= 2),
+    # sharing 512 (N - 1) + 256 N - N; the host holds 257 N + 512 pages
+    for s in res["steps"][:-1]:
+        n = s["guests"]
+        assert s["ok"] and s["steady"] and not s["oom_kills"]
+        assert s["pages_shared"] == (1 if n == 1 else 512 + n)
+        assert s["pages_sharing"] == 512 * (n - 1) + 255 * n
+        assert s["used_pages"] == (769 if n == 1 else 257 * n + 512)
+        assert s["free_pages"] == 8192 - s["used_pages"]
+        assert s["ideal_now_pages"] == 513 + 256 * n
+        assert s["saved_pages"] == s["pages_sharing"]
+    # booting guest N needs its 1024 pages before KSM merges them: with no swap, the guest
+    # fits while 8192 - (257 (N-1) + 512) - 1024 >= 181 (min watermark): N <= 26
+    assert res["vms_per_host"]["ksm"] == 26
+    last = res["steps"][-1]
+    assert last["guests"] == 27 and last["oom_kills"] and not last["ok"]
+    assert res["limited_by"][0].startswith("OOM kill")
+
+
+def test_curves_monotonic(hand):
+    curve = hand["curve"]
+    for a, b in zip(curve, curve[1:]):
+        assert b["no_ksm_pages"] >= a["no_ksm_pages"] and b["ideal_pages"] >= a["ideal_pages"]
+        assert not (b["fits_no_ksm"] and not a["fits_no_ksm"])
+        assert not (b["fits_ideal"] and not a["fits_ideal"])
+    ok = [s for s in hand["steps"] if s["ok"]]
+    for a, b in zip(ok, ok[1:]):
+        assert b["saved_pages"] > a["saved_pages"] and b["used_pages"] > a["used_pages"]
+    v = hand["vms_per_host"]
+    assert v["no_ksm"] <= v["ksm"] <= v["ideal"]
+    for s in ok:
+        assert s["used_pages"] >= s["ideal_now_pages"]
+
+
+def _limit(tmp_path, text):
+    return run_density(write(tmp_path, HAND.replace("  max_guests: 40\n", text)))
+
+
+def test_ksmd_cpu_limit_binds(tmp_path):
+    # one full scan per batch: its cost grows with the guests, the 20 ms sleep does not
+    res = _limit(tmp_path, "  max_guests: 40\n  limits: {ksmd_cpu: 30%}\n")
+    bad = res["steps"][-1]
+    assert not bad["ok"] and bad["violations"][0].startswith("ksmd CPU") and bad["ksmd_cpu_share"] > 0.3
+    assert all(s["ksmd_cpu_share"] <= 0.3 for s in res["steps"][:-1])
+    assert res["vms_per_host"]["ksm"] == bad["guests"] - 1 < 26
+
+
+def test_free_headroom_limit_binds(tmp_path):
+    res = _limit(tmp_path, "  max_guests: 40\n  limits: {free_headroom: 16MiB}\n")
+    # free = 8192 - (257 N + 512) >= 4096 -> N <= 13
+    assert res["vms_per_host"]["ksm"] == 13
+    assert res["steps"][-1]["violations"][0].startswith("free memory")
+    # the analytic curves keep the headroom too: 7921 - 4096 = 3825 pages
+    assert res["host"]["capacity_pages"] == 3825
+    assert res["vms_per_host"]["no_ksm"] == 3 and res["vms_per_host"]["ideal"] == 12
+
+
+def test_swapin_limit_binds(tmp_path):
+    text = """\
+host:
+  thp: never
+  block_size: 1MiB
+  nodes: [{memory: 16MiB, cpus: 2}]
+  swap: [{name: sda, size: 64MiB}]
+ksm: {run: 0}
+density:
+  mix: [{image: hot.yaml, nosharepages: true}]
+  max_guests: 10
+  settle: {time: 5s}
+  write_period: 100ms
+  limits: {swapin_rate: 50}
+"""
+    res = run_density(write(tmp_path, text))
+    bad = res["steps"][-1]
+    assert bad["violations"] and bad["violations"][0].startswith("swap-in rate") and bad["swapin_rate"] > 50
+    assert not bad["oom_kills"]
+    assert all(s["swapin_rate"] == 0 for s in res["steps"][:-1])
+    assert res["vms_per_host"]["ksm"] == len(res["steps"]) - 1 >= 3
+
+
+def test_unmerge_storm_model(tmp_path):
+    res = _limit(tmp_path, "  max_guests: 6\n  unmerge_storm: {fraction: 0.5, window: 10s}\n")
+    for s in res["steps"]:
+        st = s["storm"]
+        assert st["storm_pages"] == -(-s["saved_pages"] // 2)
+        assert st["churn_pages"] == 0            # no guest writes: nothing breaks merges
+        assert st["survives"] == (st["available_pages"] >= st["headroom_pages"])
+    assert res["vms_surviving_storm"] == 6
+
+
+def test_boot_orders(tmp_path):
+    base = HAND.replace("  mix: [{image: unit.yaml}]\n  max_guests: 40\n", "")
+    mix = ("  mix:\n    - {image: unit.yaml, count: 2, weight: 1}\n    - {image: tiny-linux, memory: 16MiB, count: 1}\n"
+           "    - {image: unit.yaml, weight: 3, domain: b}\n")
+    seqs = {}
+    for order in ("as-listed", "round-robin", "weighted"):
+        p = write(tmp_path, base + mix + f"  order: {order}\n  max_guests: 7\n  seed: 3\n", f"{order}.yaml")
+        seqs[order] = load_density(p).sequence
+    assert seqs["as-listed"] == [0, 0, 1, 2, 2, 2, 2]
+    assert seqs["round-robin"] == [0, 1, 2, 0, 2, 2, 2]
+    w = seqs["weighted"]
+    assert len(w) == 7 and w.count(0) <= 2 and w.count(1) <= 1 and w.count(2) >= 4
+    again = load_density(tmp_path / "weighted.yaml")
+    assert boot_sequence(again) == w                 # deterministic with the seed
+
+
+def test_resolution_agrees_with_exact(tmp_path):
+    text = HAND.replace("nodes: [{memory: 32MiB, cpus: 2}]", "nodes: [{memory: 64MiB, cpus: 2}]").replace(
+        "  mix: [{image: unit.yaml}]\n  max_guests: 40\n",
+        "  mix: [{image: tiny-linux, memory: 16MiB}]\n  max_guests: 3\n")
+    exact = run_density(write(tmp_path, text, "exact.yaml"))
+    half = run_density(write(tmp_path, text + "  resolution: 4\n", "half.yaml"))
+    assert half["resolution"] == 4 and "1/4" in half["resolution_note"]
+    for a, b in zip(exact["steps"], half["steps"]):
+        assert abs(a["saved_pages"] - b["saved_pages"]) <= 0.05 * a["saved_pages"]
+
+
+def test_cli_json_report_and_bench(tmp_path):
+    cfg = write(tmp_path, HAND.replace("max_guests: 40", "max_guests: 3"))
+    r = vmhost("density", str(cfg), "--json", "--report", str(tmp_path / "rep"), "--bench")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["vms_per_host"]["ksm"] == 3 and out["bench"]["resolution"] == 1 and out["bench"]["wall_s"] > 0
+    assert json.loads((tmp_path / "rep" / "result.json").read_text())["config"] == str(cfg)
+    text = (tmp_path / "rep" / "report.txt").read_text()
+    assert "VMs per host" in text and "resolution: 1/1" in text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".rep")] == []
+    r = vmhost("density", str(cfg), "--quiet", "--bench")
+    assert r.returncode == 0 and "bench:" in r.stdout and "wall time" in r.stdout and r.stderr == ""
+
+
+BAD = [
+    ("{image: unit.yaml}", "{image: no-such-image}", "density.mix[0].image", "unknown image"),
+    ("{image: unit.yaml}", "{image: unit.yaml, memory: -4MiB}", "density.mix[0].memory", "negative"),
+    ("{image: unit.yaml}", "{image: unit.yaml, memory: -4}", "density.mix[0].memory", "not a positive size"),
+    ("{image: unit.yaml}", "{image: unit.yaml, colour: red}", "density.mix[0].colour", "unknown key"),
+    ("  max_guests: 40", "  max_guests: 40\n  speed: 11", "density.speed", "unknown key"),
+    ("  max_guests: 40", "  max_guests: 40\n  order: random", "density.order", "not one of"),
+    ("  max_guests: 40", "  max_guests: 40\n  limits: {ksmd_cpu: 150%}", "density.limits.ksmd_cpu", "out of range"),
+    ("  max_guests: 40", "  max_guests: 40\n  resolution: 3", "density.resolution", "does not divide"),
+    ("  max_guests: 40", "  max_guests: 40\n  settle: {time: 5s, scans: 2}", "density.settle", "either"),
+    ("{image: unit.yaml}", "{image: unit.yaml, count: 0}", "density.mix[0].count", "out of range"),
+    ("run: 1}", "run: 7}", "ksm.run", "EINVAL"),
+]
+
+
+@pytest.mark.parametrize("old, new, key, words", BAD, ids=[f"{b[2]}-{b[3]}" for b in BAD])
+def test_bad_config_is_one_line_status_2_nothing_written(tmp_path, old, new, key, words):
+    assert old in HAND
+    bad = write(tmp_path, HAND.replace(old, new), "bad.yaml")
+    report = tmp_path / "rep"
+    r = vmhost("density", str(bad), "--report", str(report))
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and key in lines[0] and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not report.exists()
+    with pytest.raises(InputError):
+        load_density(bad)
+
+
+def test_missing_file_and_section(tmp_path):
+    r = vmhost("density", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    p = write(tmp_path, HAND.split("density:")[0])
+    r = vmhost("density", str(p))
+    assert r.returncode == 2 and "density: missing" in r.stderr
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_run(path):
+    cfg = load_density(path)
+    if path.name == "density-256g.yaml":
+        # the benchmark (run by hand with --bench): here only its first guests
+        cfg.max_guests = 3
+        cfg.sequence = boot_sequence(cfg)
+    res = DensityRunner(cfg).run()
+    assert res["steps"] and res["steps"][0]["ok"]
+    assert res["resolution"] == cfg.resolution
+    v = res["vms_per_host"]
+    assert v["no_ksm"] <= v["ideal"] and v["ksm"] >= 1
+    assert all(s["saved_pages"] >= 0 for s in res["steps"])

@@ -1,0 +1,49 @@
+"""``vmhost density``: how many guests of an image mix fit on a host, without KSM, with it, ideally."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
+    p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density.py)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--report", metavar="DIR", help="also write result.json and report.txt to DIR "
+                                                   "(atomically: a temporary directory renamed)")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
+    p.add_argument("--bench", action="store_true",
+                   help="benchmark: run the search and print its wall time (and the resolution)")
+    p.set_defaults(func=_run)
+
+
+def _progress(step: dict) -> None:
+    verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
+    print(f"density: {step['guests']} guests ({step['image']}): saved {step['saved_pages']} pages, "
+          f"{step['full_scans']} scans, {verdict}", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vmhost.density import DensityRunner, _jsonable, format_result, load_density, write_report
+    cfg = load_density(args.config)        # every input error is raised here, before any output
+    wall0 = time.perf_counter()
+    result = DensityRunner(cfg, progress=None if args.quiet or args.json else _progress).run()
+    wall = time.perf_counter() - wall0
+    if args.bench:
+        result["bench"] = {"wall_s": round(wall, 3), "resolution": cfg.resolution,
+                           "guests_simulated": len(result["steps"]),
+                           "host_gib": round(result["host"]["ram_pages"] / 262144, 3)}
+    if args.report:
+        write_report(result, args.report)
+    if args.json:
+        print(json.dumps(result, default=_jsonable))
+    else:
+        print(format_result(result))
+        if args.bench:
+            b = result["bench"]
+            print(f"bench: {b['host_gib']} GiB host, {b['guests_simulated']} guests simulated at resolution "
+                  f"1/{b['resolution']}: wall time {b['wall_s']:.1f} s")
+    return 0
