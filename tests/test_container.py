@@ -182,3 +182,22 @@ def test_cli_rejects_a_bad_image_name(capsys):
     assert main(["container", "build", "--tag", "bad name"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vmhost: container build: ") and err.count("\n") == 1
+
+
+def test_density_example_runs_in_container(client, built):
+    """The density example gives the same answer in the image as on this host."""
+    config = "configs/density-tiny.yaml"
+    res = _timed(f"run /{config}", container.run, client, TAG, ["density", f"/{config}", "--json"],
+                 network_mode="none", timeout=300)
+    assert res.status == 0, res.stderr[-2000:]
+    inside = json.loads(res.stdout)
+    from vmhost.cli import main
+    import contextlib
+    import io as _io
+    out = _io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["density", config, "--json", "--quiet"]) == 0
+    here = json.loads(out.getvalue())
+    assert inside["vms_per_host"] == here["vms_per_host"]
+    assert inside["vms_per_host"]["ksm"] >= inside["vms_per_host"]["no_ksm"]
+    assert not client.containers.list(all=True, filters={"ancestor": TAG})
