@@ -261,7 +261,6 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
             settle_s: float = 2.0, paused: bool = True) -> dict:
     """Boot, snapshot, dump, and let the real KSM converge (see the module doc)."""
     from vmhost.benchmarks import live_ksm
-    from vmhost.ksm.oracle import exclusive_kernel_ksm, write_knob
 
     files = lab.build_guest()
     tmp = None
@@ -279,42 +278,32 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
     snaps: list[ProcessSnapshot] = []
     images: list[dumps.GuestImage] = []
     try:
-        with exclusive_kernel_ksm():
-            for name, value in out["knobs"].items():
-                err = write_knob(name, value)
-                if err:
-                    raise lab.LabError(f"cannot set KSM knob {name}={value}: {err}")
-            with lab.Lab(files, workdir=dump_dir, mem_mib=mem_mib, merge=True) as the_lab:
-                t = time.monotonic()
-                running = the_lab.boot(guests)
-                out["boot_seconds"] = round(time.monotonic() - t, 2)
-                out["pids"] = {g.name: g.pid for g in running}
-                time.sleep(settle_s)
-                paths = []
-                for g in running:
-                    g.stop()
-                    # dump first: its reads map the zero page over untouched guest and VGA
-                    # RAM, and the snapshot should show the page tables KSM will walk
-                    paths.append(g.dump_elf(dump_dir / f"{g.name}.elf"))
-                    snaps.append(snapshot_process(g.pid, g.name, mem_mib))
-                    if not paused:
-                        g.cont()
-                out["snapshot_seconds"] = round(time.monotonic() - t - out["boot_seconds"]
-                                                - settle_s, 2)
-                conv = live_ksm._converge(timeout, stable_scans, tolerance)
-                out["kernel"] = {k: conv[k] for k in (
-                    "converged", "pages_shared", "pages_sharing", "pages_unshared",
-                    "pages_volatile", "full_scans", "full_scans_to_converge",
-                    "seconds_to_converge", "thp_split_page", "cow_ksm")}
-                out["kernel"]["samples"] = [
-                    {k: s[k] for k in ("full_scans", "pages_shared", "pages_sharing",
-                                       "pages_unshared", "pages_volatile", "seconds")}
-                    for s in conv["samples"]]
-                out["kernel"]["processes"] = {g.name: live_ksm._proc_memory(g.pid)
-                                              for g in running}
-                out["kernel"]["census_before"] = {s.guest: census(s) for s in snaps}
-                out["kernel"]["census_after"] = {g.name: census(pid=g.pid) for g in running}
-                write_knob("run", 0)
+        with live_ksm.merging_guests(files, guests, mem_mib, dump_dir, out["knobs"], out,
+                                     settle_s) as running:
+            t_snap = time.monotonic()
+            paths = []
+            for g in running:
+                g.stop()
+                # dump first: its reads map the zero page over untouched guest and VGA
+                # RAM, and the snapshot should show the page tables KSM will walk
+                paths.append(g.dump_elf(dump_dir / f"{g.name}.elf"))
+                snaps.append(snapshot_process(g.pid, g.name, mem_mib))
+                if not paused:
+                    g.cont()
+            out["snapshot_seconds"] = round(time.monotonic() - t_snap, 2)
+            conv = live_ksm._converge(timeout, stable_scans, tolerance)
+            out["kernel"] = {k: conv[k] for k in (
+                "converged", "pages_shared", "pages_sharing", "pages_unshared",
+                "pages_volatile", "full_scans", "full_scans_to_converge",
+                "seconds_to_converge", "thp_split_page", "cow_ksm")}
+            out["kernel"]["samples"] = [
+                {k: s[k] for k in ("full_scans", "pages_shared", "pages_sharing",
+                                   "pages_unshared", "pages_volatile", "seconds")}
+                for s in conv["samples"]]
+            out["kernel"]["processes"] = {g.name: live_ksm._proc_memory(g.pid)
+                                          for g in running}
+            out["kernel"]["census_before"] = {s.guest: census(s) for s in snaps}
+            out["kernel"]["census_after"] = {g.name: census(pid=g.pid) for g in running}
         images = [dumps.fingerprint_dump(p) for p in paths]
     finally:
         if tmp is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from guests import dumps, lab
@@ -100,26 +101,14 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
                     "stable_scans": stable_scans, "tolerance": tolerance}
     started = time.monotonic()
     try:
-        with exclusive_kernel_ksm():
-            for name, value in (("pages_to_scan", PAGES_TO_SCAN), ("sleep_millisecs", SLEEP_MS)):
-                err = write_knob(name, value)
-                if err:
-                    raise lab.LabError(f"cannot set KSM knob {name}={value}: {err}")
-            with lab.Lab(files, workdir=dump_dir, mem_mib=mem_mib, merge=True) as the_lab:
-                t = time.monotonic()
-                running = the_lab.boot(guests)
-                result["boot_seconds"] = round(time.monotonic() - t, 2)
-                result["pids"] = {g.name: g.pid for g in running}
-                time.sleep(settle_s)
-                paths = []
-                for g in running:
-                    paths.append(g.dump_both(dump_dir / f"{g.name}.elf",
-                                             dump_dir / f"{g.name}.raw"))
-                result["dumps"] = [[str(e), str(r)] for e, r in paths]
-                result["before"] = {g.name: _proc_memory(g.pid) for g in running}
-                result.update(_converge(timeout, stable_scans, tolerance))
-                result["processes"] = {g.name: _proc_memory(g.pid) for g in running}
-                write_knob("run", 0)
+        knobs = {"pages_to_scan": PAGES_TO_SCAN, "sleep_millisecs": SLEEP_MS}
+        with merging_guests(files, guests, mem_mib, dump_dir, knobs, result, settle_s) as running:
+            paths = [g.dump_both(dump_dir / f"{g.name}.elf", dump_dir / f"{g.name}.raw")
+                     for g in running]
+            result["dumps"] = [[str(e), str(r)] for e, r in paths]
+            result["before"] = {g.name: _proc_memory(g.pid) for g in running}
+            result.update(_converge(timeout, stable_scans, tolerance))
+            result["processes"] = {g.name: _proc_memory(g.pid) for g in running}
         result["wall_seconds"] = round(time.monotonic() - started, 2)
         if fingerprint:
             images = [dumps.fingerprint_dump(elf) for elf, _ in paths]
@@ -129,6 +118,27 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
         if tmp is not None:
             tmp.cleanup()
     return result
+
+
+@contextmanager
+def merging_guests(files, guests: int, mem_mib: int, workdir: Path, knobs: dict, record: dict,
+                   settle_s: float):
+    """Real KSM held for us, its knobs set, ``guests`` QEMU guests booted with mem-merge on
+    and left to settle: yields the running guests (and records boot time and pids).
+    ksmd is stopped on the way out; exclusive_kernel_ksm restores everything else."""
+    with exclusive_kernel_ksm():
+        for name, value in knobs.items():
+            err = write_knob(name, value)
+            if err:
+                raise lab.LabError(f"cannot set KSM knob {name}={value}: {err}")
+        with lab.Lab(files, workdir=workdir, mem_mib=mem_mib, merge=True) as the_lab:
+            t = time.monotonic()
+            running = the_lab.boot(guests)
+            record["boot_seconds"] = round(time.monotonic() - t, 2)
+            record["pids"] = {g.name: g.pid for g in running}
+            time.sleep(settle_s)
+            yield running
+            write_knob("run", 0)
 
 
 def _converge(timeout: float, stable_scans: int, tolerance: int) -> dict:
