@@ -86,7 +86,24 @@ class Policy:
 
 
 @dataclass
-class KsmTuned(Policy):
+class Periodic(Policy):
+    """A policy that looks at the host every ``interval_s`` seconds (its ``adjust``)."""
+    interval_s: float = 60.0
+
+    def attach(self, host: "Host", ksm: "Ksm") -> None:
+        super().attach(host, ksm)
+        host.clock.after(0, self._tick)
+
+    def _tick(self) -> None:
+        self.adjust()
+        self.host.clock.after(int(self.interval_s * NS_PER_S), self._tick)
+
+    def adjust(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class KsmTuned(Periodic):
     """ksmtuned's adjust() loop."""
     name: str = "ksmtuned"
     interval_s: float = 60.0
@@ -100,9 +117,8 @@ class KsmTuned(Policy):
     committed: Callable[["Host"], int] | None = None
 
     def attach(self, host: "Host", ksm: "Ksm") -> None:
-        super().attach(host, ksm)
         self.npages = 0
-        host.clock.after(0, self._tick)
+        super().attach(host, ksm)
 
     def _committed_pages(self) -> int:
         if self.committed is not None:
@@ -110,7 +126,7 @@ class KsmTuned(Policy):
         # ksmtuned sums the qemu processes' RSS
         return _guest_rss_pages(self.host)
 
-    def _tick(self) -> None:
+    def adjust(self) -> None:
         host = self.host
         total = _host_pages(host)
         thres = max(total * self.thres_coef // 100, self.thres_const_mib * MIB_PAGES)
@@ -127,7 +143,6 @@ class KsmTuned(Policy):
                 reason = "free memory above threshold: decay"
             self._write(pages_to_scan=self.npages, sleep_millisecs=sleep, run=1)
             self._record(reason)
-        host.clock.after(int(self.interval_s * NS_PER_S), self._tick)
 
 
 @dataclass
@@ -138,7 +153,7 @@ class Mom(KsmTuned):
 
 
 @dataclass
-class KubeVirt(Policy):
+class KubeVirt(Periodic):
     """KSM only under memory pressure, with fixed knobs."""
     name: str = "kubevirt"
     interval_s: float = 10.0
@@ -147,11 +162,7 @@ class KubeVirt(Policy):
     pages_to_scan: int = 100
     sleep_millisecs: int = 20
 
-    def attach(self, host: "Host", ksm: "Ksm") -> None:
-        super().attach(host, ksm)
-        host.clock.after(0, self._tick)
-
-    def _tick(self) -> None:
+    def adjust(self) -> None:
         total = _host_pages(self.host)
         available = _free_pages(self.host) * 100 // max(total, 1)
         if available < self.pressure_percent:
@@ -160,7 +171,6 @@ class KubeVirt(Policy):
         elif available >= self.pressure_percent + self.margin_percent and self.ksm.knobs.run:
             self._write(run=0)
             self._record(f"available {available}%: pressure over, KSM off")
-        self.host.clock.after(int(self.interval_s * NS_PER_S), self._tick)
 
 
 @dataclass
