@@ -261,8 +261,10 @@ class GuestMemory:
                 continue
             g = hot[rng.integers(0, len(hot), n)]
             self._versions += n
+            # every rewrite gets a content never seen before: the guest's running count of
+            # rewrites is unique on its own (times would overflow 64 bits within hours)
             ids = tagged("rewrite", key64(self.domain, self.name, self.seed, cname),
-                         np.arange(self._versions - n, self._versions) + (now_ns << 20))
+                         np.arange(self._versions - n, self._versions))
             gs.append(g)
             cs.append(ids)
             self.content[g] = ids

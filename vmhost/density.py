@@ -107,7 +107,6 @@ MIX_KEYS = ("image", "memory", "weight", "count", "domain", "nosharepages", "loc
 SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
 LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
 STORM_KEYS = ("fraction", "window")
-STEADY_WRAP_NS = 1 << 42
 MIN_BATCH_PAGES = 256
 SCALED_KNOBS = ("pages_to_scan", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan")
 
@@ -551,9 +550,7 @@ class DensityRunner:
         def tick() -> None:
             if not g.qp.proc.alive:
                 return
-            # guests.images.GuestMemory.steady_step overflows int64 past 2**43 ns (2.4 h of
-            # virtual time: now_ns << 20); its time only seeds the writes, so it is wrapped
-            gp, ids = g.gm.steady_step(clock.now % STEADY_WRAP_NS, period)
+            gp, ids = g.gm.steady_step(clock.now, period)
             self._write(g, gp, ids)
             g.event = clock.after(period, tick)
 
