@@ -113,8 +113,10 @@ def hash_remove(uh, it_key, it_nid, item):
 
 
 @njit(cache=True, nogil=True)
-def stable_insert_point(nl, nr, n_key, root, key):
-    """Where a new key goes in a stable tree whose path holds only plain live nodes."""
+def insert_point(left, right, keys, root, key):
+    """Where a new key goes in a tree whose nodes' keys are ``keys`` (no side effects on the
+    way: a stable tree of plain live nodes, or an unstable tree rebuilt from its log);
+    returns (parent, go_left, nodes compared)."""
     cur = root
     at = NIL
     go_left = False
@@ -122,11 +124,11 @@ def stable_insert_point(nl, nr, n_key, root, key):
     while cur != NIL:
         depth += 1
         at = cur
-        if key < n_key[cur]:
-            cur = nl[cur]
+        if key < keys[cur]:
+            cur = left[cur]
             go_left = True
         else:
-            cur = nr[cur]
+            cur = right[cur]
             go_left = False
     return at, go_left, depth
 
@@ -142,18 +144,7 @@ def replay_unstable(log, n, it_key, it_nid, il, ir, ipar, icol, uroots):
             rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
             continue
         nid = it_nid[item]
-        key = it_key[item]
-        cur = uroots[nid]
-        at = NIL
-        go_left = False
-        while cur != NIL:
-            at = cur
-            if key < it_key[cur]:
-                cur = il[cur]
-                go_left = True
-            else:
-                cur = ir[cur]
-                go_left = False
+        at, go_left, _ = insert_point(il, ir, it_key, uroots[nid], it_key[item])
         rb_link(il, ir, ipar, icol, uroots, nid, item, at, go_left)
 
 

@@ -290,7 +290,7 @@ class StableTreeMixin:
         key = self._key(kpfn)
         if self.stable_indexed():
             equal = int(ki_find(self.stable_index.slots, nodes.key, nodes.nid, np.uint64(key), nid))
-            parent, go_left, depth = fastscan.stable_insert_point(
+            parent, go_left, depth = fastscan.insert_point(
                 nodes.links.left, nodes.links.right, nodes.key, tree.root, np.uint64(key))
             self.work[fastscan.W_COMPARES] += depth
         else:
