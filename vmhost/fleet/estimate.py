@@ -1,0 +1,84 @@
+"""A VM's expected KSM savings on a host, from its image's content classes (no simulation).
+
+Placement has to compare thousands of (VM, host) pairs, so it cannot build guest memories;
+it predicts, from the same class parameters that :class:`guests.images.GuestMemory` draws
+contents from, what KSM would merge at steady state:
+
+* a class of ``n`` pages, written at boot with probability ``t`` and rewritten (a hot page,
+  given contents nobody has) with probability ``h``, has ``m = n t (1 - h)`` mergeable
+  resident pages;
+* zero pages all merge (into one KSM page, or the zero page): ``m`` saved;
+* a class with ``D0 = ceil(distinct n)`` distinct contents, each repeated ``n / D0`` times,
+  keeps ``D = D0 (1 - (1 - f)^(n / D0))`` distinct contents among its ``f = t (1 - h)``
+  resident fraction: ``m - D`` pages saved inside the guest (self-sharing);
+* a cross-guest class (kernel, pattern, page cache, application data) draws its contents
+  from a population shared by every guest of the same sharing domain and the same kernel
+  build / package set / application (the content salt of :mod:`guests.images`), ``pool``
+  times the guest's own: a guest holds a given content of the population resident with
+  probability ``a = f / pool``. A new guest's contents are already on the host with
+  probability ``1 - prod(1 - a_j)`` over the guests there, which is what it saves.
+
+Guests with ``nosharepages`` save nothing and add nothing. Not modelled: merge_across_nodes=0
+on multi-node hosts (one copy per node), ksmd not reaching steady state, THP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from guests.images import SHARED_KEY
+
+PAGES_PER_MIB = 256
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one VM brings to a host, for the estimate."""
+    pages: int                                      # configured memory
+    self_saved: float                               # pages saved inside the guest
+    shared: tuple[tuple[tuple, float, float], ...]  # (content key, distinct resident D, a)
+
+
+def profile(img, memory_mib: int, domain: str, mergeable: bool) -> Profile:
+    pages = memory_mib * PAGES_PER_MIB
+    if not mergeable:
+        return Profile(pages, 0.0, ())
+    self_saved, shared = 0.0, []
+    for cname, n in img.class_pages(memory_mib).items():
+        if n == 0:
+            continue
+        spec = img.classes[cname]
+        h = spec.steady_hot if spec.steady_rate > 0 else 0.0
+        f = spec.boot_touched * (1.0 - h)
+        m = n * f
+        if cname == "zero":
+            self_saved += m
+            continue
+        d0 = max(1, math.ceil(spec.distinct * n))
+        d = d0 * (1.0 - (1.0 - f) ** (n / d0))
+        self_saved += m - d
+        if cname in SHARED_KEY:
+            key = (cname, domain, getattr(img, SHARED_KEY[cname]))
+            shared.append((key, d, f / spec.pool))
+    return Profile(pages, self_saved, tuple(shared))
+
+
+@dataclass
+class HostEstimate:
+    """The running estimate for one host: for each content population, the probability that
+    a given content of it is on none of the host's guests."""
+    absent: dict[tuple, float] = field(default_factory=dict)
+    saved: float = 0.0
+
+    def saving(self, p: Profile) -> float:
+        """Pages KSM would save by merging ``p``'s guest into this host."""
+        return p.self_saved + self.cross_saving(p)
+
+    def cross_saving(self, p: Profile) -> float:
+        return sum(d * (1.0 - self.absent.get(k, 1.0)) for k, d, _a in p.shared)
+
+    def add(self, p: Profile) -> None:
+        self.saved += self.saving(p)
+        for k, _d, a in p.shared:
+            self.absent[k] = self.absent.get(k, 1.0) * (1.0 - min(a, 1.0))
