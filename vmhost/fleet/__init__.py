@@ -8,7 +8,6 @@ optionally, a sweep::
         count: 100                         # hosts of this model available (default: no limit)
         host: {...}                        # exactly as in a host config file (vmhost.config)
         ksm: {...}
-        policy: {...}                      # optional KSM tuning policy (vmhost.policies)
     inventory:                             # any of the three sources, concatenated in this order
       vms:                                 # inline
         - {image: linux-server, memory: 4GiB, count: 8, domain: tenant-a, name: web,

@@ -35,7 +35,7 @@ from vmhost.errors import InputError
 
 PAGE_SIZE = 4096
 TOP_KEYS = ("hosts", "inventory", "placement", "simulation", "sweep")
-MODEL_KEYS = ("name", "count", "host", "ksm", "policy")
+MODEL_KEYS = ("name", "count", "host", "ksm")
 INVENTORY_KEYS = ("vms", "generate", "libvirt")
 VM_KEYS = ("image", "memory", "count", "domain", "nosharepages", "locked", "name")
 GENERATE_KEYS = ("count", "seed", "mix")
@@ -43,7 +43,8 @@ MIX_KEYS = ("image", "memory", "weight", "domain", "nosharepages", "locked", "na
 LIBVIRT_KEYS = ("file", "image", "domain", "state")
 PLACEMENT_KEYS = ("policy", "reserve")
 POLICIES = ("first-fit", "first-fit-ksm", "sharing-aware")
-SIMULATION_KEYS = ("resolution", "seed", "settle", "write_period")
+SIMULATION_KEYS = ("resolution", "seed", "settle", "write_period", "boot")
+BOOTS = ("staggered", "together")
 SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
 SWEEP_KEYS = ("key", "values")
 _TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)((?:\[\d+\])*)$")
@@ -54,7 +55,7 @@ class HostModel:
     index: int
     name: str
     count: int | None            # hosts of this model available (None: no limit)
-    doc: dict                    # the model's host/ksm/policy sections, as written
+    doc: dict                    # the model's host and ksm sections, as written
     config: HostConfig
 
     @property
@@ -80,6 +81,7 @@ class Simulation:
     seed: int = 1
     settle: dict | None = None
     write_period: str | int = "10s"
+    boot: str = "staggered"
 
 
 @dataclass
@@ -217,26 +219,13 @@ def _models(entries: Any, path: str) -> list[HostModel]:
         count = None
         if m.get("count") is not None:
             count = expect_int(m["count"], path, f"{key}.count", 1, 1_000_000)
-        doc = {k: copy.deepcopy(m[k]) for k in ("host", "ksm", "policy") if k in m}
+        doc = {k: copy.deepcopy(m[k]) for k in ("host", "ksm") if k in m}
         try:
-            cfg = parse_host_config({k: v for k, v in doc.items() if k != "policy"}, path)
+            cfg = parse_host_config(doc, path)
         except ConfigError as exc:
             raise InputError(f"{path}: {key}.{_strip(exc, path)}") from None
-        if "policy" in doc:
-            _policy(doc["policy"], path, f"{key}.policy")
         out.append(HostModel(i, name, count, doc, cfg))
     return out
-
-
-def _policy(value: Any, path: str, key: str) -> None:
-    """A KSM tuning policy: ``name`` plus that policy's options (vmhost.policies)."""
-    from vmhost.policies import make_policy
-    expect_mapping(value, path, key, tuple(value) if isinstance(value, dict) else (), ("name",))
-    opts = {k: v for k, v in value.items() if k != "name"}
-    try:
-        make_policy(value["name"], **opts)
-    except (ValueError, TypeError) as exc:
-        raise _err(path, key, str(exc)) from None
 
 
 def _reserve(value: Any, model: HostModel, path: str) -> int:
@@ -403,6 +392,9 @@ def _simulation(s: Any, path: str) -> Simulation:
     sim = Simulation()
     sim.resolution = expect_int(s.get("resolution", 1), path, "simulation.resolution", 1, 1 << 16)
     sim.seed = expect_int(s.get("seed", 1), path, "simulation.seed", 0, 2**32 - 1)
+    sim.boot = s.get("boot", "staggered")
+    if sim.boot not in BOOTS:
+        raise _err(path, "simulation.boot", f"{sim.boot!r} is not one of {', '.join(BOOTS)}")
     if "write_period" in s:
         parse_duration_ns(s["write_period"], path, "simulation.write_period")
         sim.write_period = s["write_period"]

@@ -18,7 +18,10 @@ contents from, what KSM would merge at steady state:
   probability ``a = f / pool``. A new guest's contents are already on the host with
   probability ``1 - prod(1 - a_j)`` over the guests there, which is what it saves.
 
-Guests with ``nosharepages`` save nothing and add nothing. Not modelled: merge_across_nodes=0
+A guest's boot footprint -- what the host must hold before ksmd merges anything -- is the
+pages it writes at boot (all of them if locked). Guests with ``nosharepages`` save nothing and
+add nothing. The estimate is meant to err low: a hot page counts as never merged, although the
+slow writers of idle guests leave most hot pages merged between rewrites. Not modelled: merge_across_nodes=0
 on multi-node hosts (one copy per node), ksmd not reaching steady state, THP.
 """
 
@@ -36,16 +39,19 @@ PAGES_PER_MIB = 256
 class Profile:
     """What one VM brings to a host, for the estimate."""
     pages: int                                      # configured memory
+    boot_pages: float                               # written at boot, before any merging
     self_saved: float                               # pages saved inside the guest
     shared: tuple[tuple[tuple, float, float], ...]  # (content key, distinct resident D, a)
 
 
-def profile(img, memory_mib: int, domain: str, mergeable: bool) -> Profile:
+def profile(img, memory_mib: int, domain: str, mergeable: bool, locked: bool = False) -> Profile:
     pages = memory_mib * PAGES_PER_MIB
+    sizes = img.class_pages(memory_mib)
+    boot = float(pages) if locked else sum(n * img.classes[c].boot_touched for c, n in sizes.items())
     if not mergeable:
-        return Profile(pages, 0.0, ())
+        return Profile(pages, boot, 0.0, ())
     self_saved, shared = 0.0, []
-    for cname, n in img.class_pages(memory_mib).items():
+    for cname, n in sizes.items():
         if n == 0:
             continue
         spec = img.classes[cname]
@@ -61,7 +67,7 @@ def profile(img, memory_mib: int, domain: str, mergeable: bool) -> Profile:
         if cname in SHARED_KEY:
             key = (cname, domain, getattr(img, SHARED_KEY[cname]))
             shared.append((key, d, f / spec.pool))
-    return Profile(pages, self_saved, tuple(shared))
+    return Profile(pages, boot, self_saved, tuple(shared))
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Each host has room for its model's RAM minus the reserve. A new host is opened, when no open
 host takes the VM, of the first model that has hosts left and room for the VM; a VM no model
-can take any more is left unplaced (and reported).
+can take any more is left unplaced (and reported). A policy that credits KSM must also leave
+room for the boot transient, since a guest's boot writes are resident before ksmd has merged
+them: with staggered boots (``simulation.boot``) a host holds its earlier guests merged plus
+the new guest's boot footprint; with boots together, all of its guests' boot footprints.
 
 - ``first-fit``: VMs in inventory order, each onto the first open host whose VMs' configured
   memory leaves room for it: what a scheduler does that ignores KSM.
@@ -34,6 +37,7 @@ class PlacedHost:
     vms: list[int] = field(default_factory=list)   # indices into scenario.vms, in boot order
     configured_pages: int = 0
     charged_pages: float = 0.0                  # what the policy counted against the room
+    boot_pages: float = 0.0                     # the guests' boot footprints, summed
     estimate: HostEstimate = field(default_factory=HostEstimate)
 
 
@@ -49,14 +53,15 @@ class _Packer:
 
     def __init__(self, scn: Scenario, credit_ksm: bool):
         self.scn, self.credit_ksm = scn, credit_ksm
+        self.together = scn.sim.boot == "together"
         self.hosts: list[PlacedHost] = []
         self.left = {m.index: m.count for m in scn.models}
         cache: dict[tuple, Profile] = {}
         self.profiles = []
         for vm in scn.vms:
-            k = (vm.image, vm.memory_mib, vm.domain, vm.nosharepages)
+            k = (vm.image, vm.memory_mib, vm.domain, vm.nosharepages, vm.locked)
             if k not in cache:
-                cache[k] = profile(vm.img, vm.memory_mib, vm.domain, not vm.nosharepages)
+                cache[k] = profile(vm.img, vm.memory_mib, vm.domain, not vm.nosharepages, vm.locked)
             self.profiles.append(cache[k])
 
     def charge(self, h: PlacedHost, i: int) -> float:
@@ -64,11 +69,18 @@ class _Packer:
         return p.pages - h.estimate.saving(p) if self.credit_ksm else p.pages
 
     def fits(self, h: PlacedHost, i: int) -> bool:
-        return h.charged_pages + self.charge(h, i) <= h.capacity_pages
+        charge, boot = self.charge(h, i), self.profiles[i].boot_pages
+        if not self.credit_ksm:
+            return h.charged_pages + charge <= h.capacity_pages     # boot <= configured
+        if self.together:
+            return (h.charged_pages + charge <= h.capacity_pages
+                    and h.boot_pages + boot <= h.capacity_pages)
+        return h.charged_pages + max(charge, boot) <= h.capacity_pages
 
     def put(self, h: PlacedHost, i: int) -> None:
         h.charged_pages += self.charge(h, i)
         h.configured_pages += self.profiles[i].pages
+        h.boot_pages += self.profiles[i].boot_pages
         h.estimate.add(self.profiles[i])
         h.vms.append(i)
 

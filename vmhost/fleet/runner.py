@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 from vmhost.errors import InputError
-from vmhost.fleet.tasks import ResultStore, run_host_task
+from vmhost.fleet.config import Fleet
+from vmhost.fleet.placement import Placement, place
+from vmhost.fleet.result import summarize
+from vmhost.fleet.tasks import ResultStore, host_task, run_host_task, task_key
 from vmhost.progress import Progress
 
 
@@ -82,3 +85,28 @@ def run_tasks(tasks: dict[str, dict], store: ResultStore, client, *, quiet: bool
     stats = RunStats(len(tasks), resumed, len(todo), workers, client.scheduler.address,
                      round(time.perf_counter() - t0, 3))
     return records, stats
+
+
+def plan(fleet: Fleet) -> tuple[list[Placement], list[list[str]], dict[str, dict]]:
+    """Every scenario placed; per scenario its hosts' task keys; the distinct tasks."""
+    placements = [place(s) for s in fleet.scenarios]
+    keys, tasks = [], {}
+    for scn, pl in zip(fleet.scenarios, placements):
+        ks = []
+        for h in pl.hosts:
+            t = host_task(scn, h, fleet.path)
+            k = task_key(t)
+            tasks.setdefault(k, t)
+            ks.append(k)
+        keys.append(ks)
+    return placements, keys, tasks
+
+
+def run_fleet(fleet: Fleet, store: ResultStore, client, *, quiet: bool = False,
+              on_result: Callable[[str, dict], None] | None = None) -> dict:
+    """Place, simulate every host on Dask, and sum up (see :mod:`vmhost.fleet.result`)."""
+    placements, keys, tasks = plan(fleet)
+    records, stats = run_tasks(tasks, store, client, quiet=quiet, on_result=on_result)
+    res = summarize(fleet, placements, keys, records)
+    res["run"] = {**asdict(stats), "tasks_per_s": stats.tasks_per_s, "state": str(store.dir)}
+    return res

@@ -42,7 +42,7 @@ def host_task(scn: Scenario, h: PlacedHost, fleet_path: str) -> dict:
         "vms": [{"name": v.name, "image": v.image, "memory_mib": v.memory_mib, "domain": v.domain,
                  "nosharepages": v.nosharepages, "locked": v.locked} for v in vms],
         "resolution": scn.sim.resolution, "seed": scn.sim.seed, "settle": scn.sim.settle,
-        "write_period": scn.sim.write_period,
+        "write_period": scn.sim.write_period, "boot": scn.sim.boot,
         "path": f"{fleet_path}: hosts[{model.index}]",
     }
 
@@ -81,7 +81,7 @@ def run_host_task(key: str, task: dict) -> dict:
     t0 = time.perf_counter()
     result = simulate_host(task["host"], [VmSpec(**v) for v in task["vms"]],
                            resolution=task["resolution"], seed=task["seed"], settle=task["settle"],
-                           write_period=task["write_period"], path=task["path"])
+                           write_period=task["write_period"], boot=task["boot"], path=task["path"])
     wall = time.perf_counter() - t0
     log = os.environ.get(TASK_LOG_ENV)
     if log:

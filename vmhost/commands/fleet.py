@@ -1,0 +1,56 @@
+"""``vmhost fleet``: hosts needed by a VM inventory per placement policy and sweep value, on Dask."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vmhost.commands.common import whole_number
+from vmhost.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fleet", help="place a VM inventory on host models and simulate every host "
+                                     "(on Dask distributed)")
+    p.add_argument("config", help="fleet YAML (hosts, inventory, placement, simulation, sweep; "
+                                  "see vmhost/fleet/__init__.py)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="an existing Dask scheduler (e.g. tcp://10.0.0.5:8786); default: a local cluster")
+    p.add_argument("--workers", type=whole_number, metavar="N",
+                   help="worker processes of the local cluster (default: the CPU count)")
+    p.add_argument("--report", metavar="DIR", help="also write report.html, result.json and CSV tables "
+                                                   "to DIR (atomically)")
+    p.add_argument("--state", metavar="DIR",
+                   help="where finished host simulations are kept, so that a re-run resumes "
+                        "(default: $XDG_CACHE_HOME/vmhost/fleet)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr: only the result")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vmhost.fleet.config import load_fleet
+    from vmhost.fleet.report import write_report
+    from vmhost.fleet.result import format_result
+    from vmhost.fleet.runner import dask_client, run_fleet
+    from vmhost.fleet.tasks import ResultStore, default_state_dir
+    if args.scheduler and args.workers is not None:
+        raise InputError("fleet: --workers sizes the local cluster; an existing scheduler has its own workers")
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise InputError(f"fleet: --workers must be at least 1 (got {workers})")
+    fleet = load_fleet(args.config)        # every input error is raised here, before any output
+    store = ResultStore(args.state or default_state_dir())
+    try:
+        with dask_client(args.scheduler, workers, quiet=args.quiet) as client:
+            result = run_fleet(fleet, store, client, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"vmhost: fleet: interrupted; the finished host simulations are kept in {store.dir}: "
+              f"run the same command again to resume", file=sys.stderr)
+        return 130
+    if args.report:
+        write_report(result, args.report)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
