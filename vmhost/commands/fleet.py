@@ -44,8 +44,8 @@ def _run(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.config)        # every input error is raised here, before any output
     store = ResultStore(args.state or default_state_dir())
     try:
-        with dask_client(args.scheduler, workers, quiet=args.quiet) as client:
-            result = run_fleet(fleet, store, client, quiet=args.quiet)
+        result = run_fleet(fleet, store, lambda: dask_client(args.scheduler, workers, quiet=args.quiet),
+                           quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"vmhost: fleet: interrupted; the finished host simulations are kept in {store.dir}: "
               f"run the same command again to resume", file=sys.stderr)

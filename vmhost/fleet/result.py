@@ -85,14 +85,16 @@ def format_result(res: dict) -> str:
     lines = [f"fleet {res['config']}: {len(res['scenarios'])} scenario(s)"
              + (f", sweep over {res['sweep']}" if res["sweep"] else "")]
     if run:
-        lines.append(f"tasks: {run['tasks']} ({run['resumed']} resumed, {run['computed']} computed) "
-                     f"on {run['workers']} worker(s) at {run['scheduler']} in {run['wall_s']:.1f}s")
-    lines.append(f"{'scenario':<32} {'hosts':>5} {'VMs':>7} {'conf GiB':>9} {'used GiB':>9} "
+        where = f" on {run['workers']} worker(s) at {run['scheduler']}" if run["computed"] else ""
+        lines.append(f"host simulations: {run['tasks']} ({run['resumed']} resumed, {run['computed']} "
+                     f"computed){where} in {run['wall_s']:.1f}s")
+    w = max([8] + [len(s["name"]) for s in res["scenarios"]])
+    lines.append(f"{'scenario':<{w}} {'hosts':>5} {'VMs':>7} {'conf GiB':>9} {'used GiB':>9} "
                  f"{'saved GiB':>9} {'saved':>6} {'est GiB':>8} {'swapin':>8} {'swapout':>8} "
                  f"{'OOM':>4} {'ksmd CPU-s':>10} {'cpu max':>7}")
     for s in res["scenarios"]:
         vms = f"{s['vms_placed']}/{s['vms']}"
-        lines.append(f"{s['name'][:32]:<32} {s['hosts_needed']:>5} {vms:>7} {_gib(s['configured_pages']):>9} "
+        lines.append(f"{s['name']:<{w}} {s['hosts_needed']:>5} {vms:>7} {_gib(s['configured_pages']):>9} "
                      f"{_gib(s['used_pages']):>9} {_gib(s['saved_pages']):>9} {s['saved_fraction']:>6.1%} "
                      f"{_gib(s['estimated_saved_pages']):>8} {s['swapin_pages']:>8} {s['swapout_pages']:>8} "
                      f"{len(s['oom_kills']):>4} {s['ksmd_cpu_s']:>10.1f} {s['ksmd_cpu_share_max']:>7.1%}")

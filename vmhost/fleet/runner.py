@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 from vmhost.errors import InputError
 from vmhost.fleet.config import Fleet
@@ -31,7 +31,7 @@ class RunStats:
     resumed: int
     computed: int
     workers: int
-    scheduler: str
+    scheduler: str | None                # None: nothing was left to compute
     wall_s: float
 
     @property
@@ -58,31 +58,38 @@ def dask_client(scheduler: str | None = None, workers: int = 2, quiet: bool = Fa
         yield client
 
 
-def run_tasks(tasks: dict[str, dict], store: ResultStore, client, *, quiet: bool = False,
-              on_result: Callable[[str, dict], None] | None = None) -> tuple[dict[str, dict], RunStats]:
-    """Every task's record (key -> record), from the store or computed on ``client``."""
+def run_tasks(tasks: dict[str, dict], store: ResultStore, connect: Callable[[], ContextManager], *,
+              quiet: bool = False, on_result: Callable[[str, dict], None] | None = None,
+              ) -> tuple[dict[str, dict], RunStats]:
+    """Every task's record (key -> record): from the store, or computed on the Dask client
+    that ``connect()`` yields (entered only if something is left to compute)."""
     from distributed import as_completed
     t0 = time.perf_counter()
     records = {k: r for k in tasks if (r := store.load(k)) is not None}
     resumed = len(records)
     todo = [k for k in tasks if k not in records]
-    workers = len(client.scheduler_info().get("workers", {}))
+    workers, address = 0, None
     with Progress(len(tasks), "fleet", quiet=quiet) as prog:
         if resumed:
             prog.advance(resumed, note=f"{resumed} resumed from {store.dir}")
-        futures = [client.submit(run_host_task, k, tasks[k], key=f"vmhost-fleet-{k}") for k in todo]
-        try:
-            for fut in as_completed(futures):
-                record = fut.result()
-                store.save(record)
-                records[record["key"]] = record
-                prog.advance(1, note=f"host of {len(tasks[record['key']]['vms'])} VMs in "
-                                     f"{record['wall_s']:.2f}s")
-                if on_result is not None:
-                    on_result(record["key"], record)
-        finally:
-            client.cancel([f for f in futures if not f.done()])
-    stats = RunStats(len(tasks), resumed, len(todo), workers, client.scheduler.address,
+        if todo:
+            with connect() as client:
+                workers = len(client.scheduler_info().get("workers", {}))
+                address = client.scheduler.address
+                futures = [client.submit(run_host_task, k, tasks[k], key=f"vmhost-fleet-{k}")
+                           for k in todo]
+                try:
+                    for fut in as_completed(futures):
+                        record = fut.result()
+                        store.save(record)
+                        records[record["key"]] = record
+                        prog.advance(1, note=f"host of {len(tasks[record['key']]['vms'])} VMs "
+                                             f"in {record['wall_s']:.2f}s")
+                        if on_result is not None:
+                            on_result(record["key"], record)
+                finally:
+                    client.cancel([f for f in futures if not f.done()])
+    stats = RunStats(len(tasks), resumed, len(todo), workers, address,
                      round(time.perf_counter() - t0, 3))
     return records, stats
 
@@ -102,11 +109,11 @@ def plan(fleet: Fleet) -> tuple[list[Placement], list[list[str]], dict[str, dict
     return placements, keys, tasks
 
 
-def run_fleet(fleet: Fleet, store: ResultStore, client, *, quiet: bool = False,
-              on_result: Callable[[str, dict], None] | None = None) -> dict:
+def run_fleet(fleet: Fleet, store: ResultStore, connect: Callable[[], ContextManager], *,
+              quiet: bool = False, on_result: Callable[[str, dict], None] | None = None) -> dict:
     """Place, simulate every host on Dask, and sum up (see :mod:`vmhost.fleet.result`)."""
     placements, keys, tasks = plan(fleet)
-    records, stats = run_tasks(tasks, store, client, quiet=quiet, on_result=on_result)
+    records, stats = run_tasks(tasks, store, connect, quiet=quiet, on_result=on_result)
     res = summarize(fleet, placements, keys, records)
     res["run"] = {**asdict(stats), "tasks_per_s": stats.tasks_per_s, "state": str(store.dir)}
     return res
