@@ -4,9 +4,10 @@ By default a local cluster of ``workers`` processes with one thread each (a host
 holds the GIL); with ``scheduler`` an existing Dask scheduler. Tasks already in the
 :class:`~vmhost.fleet.tasks.ResultStore` are not submitted (they are *resumed*); the others
 are submitted one future each and collected with ``as_completed``, each result saved the
-moment it arrives. If a worker dies, the scheduler resubmits its running tasks elsewhere; what
-had already arrived is on disk and never recomputed, and an interrupted run leaves the store
-with every task that had finished.
+moment it arrives and then released (the scheduler would otherwise recompute a result it
+lost with a worker, although it is on disk). If a worker dies, the scheduler resubmits its
+running tasks elsewhere; what had already arrived is never recomputed, and an interrupted run
+leaves the store with every task that had finished.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def run_tasks(tasks: dict[str, dict], store: ResultStore, connect: Callable[[], 
                     for fut in as_completed(futures):
                         record = fut.result()
                         store.save(record)
+                        # kept on disk now: let the scheduler forget it, or a worker's death
+                        # would have the result it holds recomputed
+                        fut.release()
                         records[record["key"]] = record
                         prog.advance(1, note=f"host of {len(tasks[record['key']]['vms'])} VMs "
                                              f"in {record['wall_s']:.2f}s")

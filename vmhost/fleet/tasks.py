@@ -115,7 +115,7 @@ class ResultStore:
 
     def save(self, record: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.dir)
+        fd, tmp = tempfile.mkstemp(prefix=f".{record['key']}.", suffix=".tmp", dir=self.dir)
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(record, fh)
