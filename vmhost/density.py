@@ -1,6 +1,8 @@
 """Density search: how many guests of an image mix fit on one host, with and without KSM.
 
-A density file is a host configuration (``vmhost.config``: ``host:`` and ``ksm:``) plus::
+A density file is a host configuration (``vmhost.config``: ``host:``, ``ksm:`` and optionally
+``policy:``, a KSM tuning policy of ``vmhost.policies`` that runs on the clock from the first
+boot, e.g. ``policy: {name: ksmtuned}``) plus::
 
     density:
       mix:                                 # the guest image mix
@@ -109,6 +111,8 @@ LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
 STORM_KEYS = ("fraction", "window")
 MIN_BATCH_PAGES = 256
 TIMELINE_POINTS_PER_STEP = 64
+DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MILLISECS = 100, 20     # the kernel's defaults
+POLICY_CHANGES_KEPT = 200
 SCALED_KNOBS = ("pages_to_scan", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan")
 
 
@@ -475,6 +479,11 @@ class DensityRunner:
             rc = self.ksm.write_knob(name, value)
             if rc:
                 raise _err(self.cfg.path, f"ksm.{name}", f"the write is refused at resolution {self.r}")
+        self.policy = self.cfg.host.make_policy(self.r)
+        configured = dict(self.cfg.host.ksm)
+        self.policy.attach(self.host, self.ksm, {
+            "pages_to_scan": int(configured.get("pages_to_scan", DEFAULT_PAGES_TO_SCAN)),
+            "sleep_millisecs": int(configured.get("sleep_millisecs", DEFAULT_SLEEP_MILLISECS))})
         self.guests: list[_Guest] = []
         self.samples: list[tuple[int, int, int]] = []  # (time, saved pages, ksmd CPU), simulated scale
         self.timeline: list[dict] = []                   # every step's samples, thinned, full scale
@@ -643,9 +652,24 @@ class DensityRunner:
         step = self._step(len(booted), booted, mark)
         facts = [_guest_facts(g.gm, g.entry, thp) for g in booted]
         step["no_ksm_pages"] = sum(f.footprint for f in facts) * self.r
+        step["policy"] = self._policy_summary()
         step["timeline"] = self.timeline
         step["wall_s"] = round(time.perf_counter() - wall0, 3)
         return step
+
+    def _policy_summary(self) -> dict:
+        """The tuning policy and the decisions that changed something (full-scale knobs)."""
+        name, options = self.cfg.host.policy or ("fixed", {})
+        changes, last = [], None
+        for d in self.policy.history:
+            now = (d.run, d.pages_to_scan, d.sleep_millisecs)
+            if now != last:
+                changes.append({"t_s": round(d.at_ns / 1e9, 3), "run": d.run,
+                                "pages_to_scan": d.pages_to_scan,
+                                "sleep_millisecs": d.sleep_millisecs, "reason": d.reason})
+                last = now
+        return {"name": name, "options": options, "wakeups": len(self.policy.history),
+                "changes": changes[:POLICY_CHANGES_KEPT]}
 
     def _mark(self) -> tuple:
         """What a step is measured from: time, ksmd CPU, savings, OOM kills, swap-ins."""
@@ -829,6 +853,7 @@ class DensityRunner:
             "host": {"ram_pages": sum(n.mem_bytes for n in cfg.host.topology.nodes) // PAGE_SIZE,
                      "capacity_pages": cap, "headroom_pages": self.headroom_pages(),
                      "thp": self.host.thp_mode, "knobs": dict(self.knobs)},
+            "policy": self._policy_summary(),
             "order": cfg.order, "sequence_length": len(cfg.sequence),
             "limits": {"oom_kills": 0, "swapin_rate": cfg.swapin_rate, "ksmd_cpu": cfg.ksmd_cpu,
                        "free_headroom_pages": self.headroom_pages() if (
@@ -887,6 +912,13 @@ def format_result(res: dict) -> str:
                  + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
                     if res.get("capped_curves") else ""))
     lines.append(f"KSM limited by: {'; '.join(res['limited_by'])}")
+    pol = res.get("policy")
+    if pol and pol["name"] != "fixed":
+        last = pol["changes"][-1] if pol["changes"] else None
+        lines.append(f"KSM policy {pol['name']}: {pol['wakeups']} wake-ups, {len(pol['changes'])} "
+                     f"changes" + (f"; last at {last['t_s']:g}s: run={last['run']} pages_to_scan="
+                                   f"{last['pages_to_scan']} sleep_millisecs={last['sleep_millisecs']} "
+                                   f"({last['reason']})" if last else ""))
     b = res.get("at_best")
     if b:
         lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct(b['ksmd_cpu_share'])} "
