@@ -104,6 +104,7 @@ SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
 LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
 STORM_KEYS = ("fraction", "window")
 MIN_BATCH_PAGES = 256
+TIMELINE_POINTS_PER_STEP = 64
 SCALED_KNOBS = ("pages_to_scan", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan")
 
 
@@ -142,6 +143,7 @@ class DensityConfig:
     storm_fraction: float | None = None
     storm_window_ns: int | None = None
     sequence: list[int] = field(default_factory=list)     # mix index of each guest, in boot order
+    guest_names: list[str] | None = None                  # exact names (a fleet host's VMs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,7 +472,8 @@ class DensityRunner:
             if rc:
                 raise _err(self.cfg.path, f"ksm.{name}", f"the write is refused at resolution {self.r}")
         self.guests: list[_Guest] = []
-        self.samples: list[tuple[int, int]] = []      # (time, saved pages), simulated scale
+        self.samples: list[tuple[int, int, int]] = []  # (time, saved pages, ksmd CPU), simulated scale
+        self.timeline: list[dict] = []                   # every step's samples, thinned, full scale
         self._sampler = None
 
     def capacity_pages(self) -> int:
@@ -514,7 +517,7 @@ class DensityRunner:
         from guests.images import GuestMemory
         from guests.spec import GuestSpec
         from vmhost.qemu import QemuProcess
-        name = f"{entry.name}-{n}"
+        name = self.cfg.guest_names[n - 1] if self.cfg.guest_names else f"{entry.name}-{n}"
         img = self.images[entry.index]
         mem = entry.memory_mib // self.r
         gm = GuestMemory.build(img, name, self.cfg.seed * 100_003 + n, entry.domain, mem)
@@ -598,79 +601,18 @@ class DensityRunner:
     # -- the search ---------------------------------------------------------------------------
     def run(self) -> dict:
         wall0 = time.perf_counter()
-        cfg, r = self.cfg, self.r
+        cfg = self.cfg
         self._build()
-        host, ksm = self.host, self.ksm
-        seq = cfg.sequence
-        thp = host.thp_mode in ("always", "madvise")
+        thp = self.host.thp_mode in ("always", "madvise")
         steps: list[dict] = []
         failed_at: dict | None = None
         facts: list[_GuestFacts] = []
-        for n, idx in enumerate(seq, start=1):
+        for n, idx in enumerate(cfg.sequence, start=1):
             entry = cfg.mix[idx]
-            t0 = host.clock.now
-            cpu0 = self.ksmd.cpu_ns
-            saved0 = self._saved()
-            kills0 = len(host.oom.kills)
-            pswpin0 = host.vmstat["pswpin"]
+            mark = self._mark()
             g = self._boot(n, entry)
             facts.append(_guest_facts(g.gm, entry, thp))
-            self.samples = [(t0, saved0, cpu0)]
-            self._sample_dt = max(self._scan_time_estimate() // cfg.samples_per_scan, 1_000_000)
-            if self._sampler is not None:
-                self._sampler.cancel()
-            self._sampler = host.clock.after(self._sample_dt, self._sample)
-            st = self._settle(cfg.max_scans, g.gm.pages)
-            self._sampler.cancel()
-            self._sampler = None
-            now = self._eff_now()
-            saved = self._saved()
-            self.samples.append((host.clock.now, saved, self.ksmd.cpu_ns))
-            win_t0, win_cpu, win_cow = st.pop("window")
-            win_dt = max(now - win_t0, 1)
-            # at resolution r a batch would cost r x the CPU while the sleeps stay the same
-            dcpu = self.ksmd.cpu_ns - win_cpu
-            cpu_share = r * dcpu / max(r * dcpu + max(win_dt - dcpu, 0), 1)
-            cow_rate = (host.vmstat["cow_ksm"] - win_cow) / (win_dt / 1e9) * r
-            step_dt = max(host.clock.now - t0, 1)
-            swapin_rate = (host.vmstat["pswpin"] - pswpin0) / (step_dt / 1e9) * r
-            free = host.allocator.free_pages() * r
-            min_wm = sum(w.min for w in host.allocator.watermarks) * r
-            kills = host.oom.kills[kills0:]
-            c = ksm.c
-            step = {
-                "guests": n, "image": entry.image.name, "mix": idx, "guest": g.qp.spec.name,
-                "memory_mib": entry.memory_mib, "domain": entry.domain,
-                "steady": st["steady"], "settled_by": st.get("settled_by"), "full_scans": st["scans"],
-                "virtual_s": round((host.clock.now - t0) / 1e9, 3),
-                "used_pages": (host.used_pages()) * r,
-                "free_pages": free,
-                "pages_shared": int(c.pages_shared) * r, "pages_sharing": int(c.pages_sharing) * r,
-                "ksm_zero_pages": int(c.ksm_zero_pages) * r,
-                "pages_unshared": int(c.pages_unshared) * r,
-                "saved_pages": saved * r,
-                "ksmd_cpu_share": round(cpu_share, 6),
-                "ksmd_cpu_s_total": round(self.ksmd.cpu_ns * r / 1e9, 6),
-                "swapin_rate": round(swapin_rate, 3),
-                "cow_ksm_rate": round(cow_rate, 3),
-                "oom_kills": [{"pid": k.pid, "name": k.name, "freed_pages": k.freed_pages * r}
-                              for k in kills],
-                "time_to": self._time_to(t0, cpu0, saved0, saved),
-                "ideal_now_pages": self._ideal_now() * r,
-                "swapped_pages": int(host.swap.total_pages - host.swap.free_pages) * r,
-            }
-            gib_saved = step["saved_pages"] / GIB_PAGES
-            step["cpu_s_per_gib_saved"] = (round(step["ksmd_cpu_s_total"] / gib_saved, 6)
-                                           if gib_saved > 0 else None)
-            if cfg.storm_fraction is not None:
-                storm = cfg.storm_fraction * step["saved_pages"]
-                churn = cow_rate * cfg.storm_window_ns / 1e9
-                need = int(math.ceil(storm + churn))
-                step["storm"] = {"storm_pages": int(math.ceil(storm)), "churn_pages": int(math.ceil(churn)),
-                                 "headroom_pages": need, "available_pages": max(free - min_wm, 0),
-                                 "survives": free - min_wm >= need}
-            step["violations"] = self._violations(step, kills)
-            step["ok"] = not step["violations"]
+            step = self._step(n, [g], mark)
             steps.append(step)
             if self.progress:
                 self.progress(step)
@@ -679,12 +621,112 @@ class DensityRunner:
                 break
         # extend the analytic curves beyond the simulated steps
         from guests.images import GuestMemory
-        for n in range(len(facts) + 1, len(seq) + 1):
-            entry = cfg.mix[seq[n - 1]]
+        for n in range(len(facts) + 1, len(cfg.sequence) + 1):
+            entry = cfg.mix[cfg.sequence[n - 1]]
             gm = GuestMemory.build(self.images[entry.index], f"{entry.name}-{n}",
-                                   cfg.seed * 100_003 + n, entry.domain, entry.memory_mib // r)
+                                   cfg.seed * 100_003 + n, entry.domain, entry.memory_mib // self.r)
             facts.append(_guest_facts(gm, entry, thp))
         return self._result(steps, facts, failed_at, time.perf_counter() - wall0)
+
+    def run_together(self) -> dict:
+        """Boot the whole sequence at once, then run to steady state: one step (a fleet host)."""
+        wall0 = time.perf_counter()
+        cfg = self.cfg
+        self._build()
+        thp = self.host.thp_mode in ("always", "madvise")
+        mark = self._mark()
+        booted = [self._boot(n, cfg.mix[idx]) for n, idx in enumerate(cfg.sequence, start=1)]
+        step = self._step(len(booted), booted, mark)
+        facts = [_guest_facts(g.gm, g.entry, thp) for g in booted]
+        step["no_ksm_pages"] = sum(f.footprint for f in facts) * self.r
+        step["timeline"] = self.timeline
+        step["wall_s"] = round(time.perf_counter() - wall0, 3)
+        return step
+
+    def _mark(self) -> tuple:
+        """What a step is measured from: time, ksmd CPU, savings, OOM kills, swap-ins."""
+        host = self.host
+        return (host.clock.now, self.ksmd.cpu_ns, self._saved(), len(host.oom.kills),
+                host.vmstat["pswpin"], host.vmstat["pswpout"])
+
+    def _step(self, n: int, booted: list[_Guest], mark: tuple) -> dict:
+        """Run the step's guests to steady state and measure it (full-scale numbers)."""
+        cfg, r, host, ksm = self.cfg, self.r, self.host, self.ksm
+        t0, cpu0, saved0, kills0, pswpin0, pswpout0 = mark
+        self.samples = [(t0, saved0, cpu0)]
+        self._sample_dt = max(self._scan_time_estimate() // cfg.samples_per_scan, 1_000_000)
+        if self._sampler is not None:
+            self._sampler.cancel()
+        self._sampler = host.clock.after(self._sample_dt, self._sample)
+        st = self._settle(cfg.max_scans, sum(g.gm.pages for g in booted))
+        self._sampler.cancel()
+        self._sampler = None
+        now = self._eff_now()
+        saved = self._saved()
+        self.samples.append((host.clock.now, saved, self.ksmd.cpu_ns))
+        self._keep_timeline(n)
+        win_t0, win_cpu, win_cow = st.pop("window")
+        win_dt = max(now - win_t0, 1)
+        # at resolution r a batch would cost r x the CPU while the sleeps stay the same
+        dcpu = self.ksmd.cpu_ns - win_cpu
+        cpu_share = r * dcpu / max(r * dcpu + max(win_dt - dcpu, 0), 1)
+        cow_rate = (host.vmstat["cow_ksm"] - win_cow) / (win_dt / 1e9) * r
+        step_dt = max(host.clock.now - t0, 1)
+        swapin_rate = (host.vmstat["pswpin"] - pswpin0) / (step_dt / 1e9) * r
+        free = host.allocator.free_pages() * r
+        min_wm = sum(w.min for w in host.allocator.watermarks) * r
+        kills = host.oom.kills[kills0:]
+        c = ksm.c
+        last = booted[-1]
+        step = {
+            "guests": n, "image": last.entry.image.name, "mix": last.entry.index,
+            "guest": last.qp.spec.name, "memory_mib": last.entry.memory_mib,
+            "domain": last.entry.domain,
+            "steady": st["steady"], "settled_by": st.get("settled_by"), "full_scans": st["scans"],
+            "virtual_s": round((host.clock.now - t0) / 1e9, 3),
+            "used_pages": (host.used_pages()) * r,
+            "free_pages": free,
+            "per_node": [{"node": nd, "total_pages": int(host.allocator.managed[nd]) * r,
+                          "free_pages": host.allocator.free_pages(nd) * r}
+                         for nd in range(len(host.allocator.managed))],
+            "pages_shared": int(c.pages_shared) * r, "pages_sharing": int(c.pages_sharing) * r,
+            "ksm_zero_pages": int(c.ksm_zero_pages) * r,
+            "pages_unshared": int(c.pages_unshared) * r,
+            "saved_pages": saved * r,
+            "ksmd_cpu_share": round(cpu_share, 6),
+            "ksmd_cpu_s_total": round(self.ksmd.cpu_ns * r / 1e9, 6),
+            "swapin_rate": round(swapin_rate, 3),
+            "swapin_pages": (host.vmstat["pswpin"] - pswpin0) * r,
+            "swapout_pages": (host.vmstat["pswpout"] - pswpout0) * r,
+            "cow_ksm_rate": round(cow_rate, 3),
+            "oom_kills": [{"pid": k.pid, "name": k.name, "freed_pages": k.freed_pages * r}
+                          for k in kills],
+            "time_to": self._time_to(t0, cpu0, saved0, saved),
+            "ideal_now_pages": self._ideal_now() * r,
+            "swapped_pages": int(host.swap.total_pages - host.swap.free_pages) * r,
+        }
+        gib_saved = step["saved_pages"] / GIB_PAGES
+        step["cpu_s_per_gib_saved"] = (round(step["ksmd_cpu_s_total"] / gib_saved, 6)
+                                       if gib_saved > 0 else None)
+        if cfg.storm_fraction is not None:
+            storm = cfg.storm_fraction * step["saved_pages"]
+            churn = cow_rate * cfg.storm_window_ns / 1e9
+            need = int(math.ceil(storm + churn))
+            step["storm"] = {"storm_pages": int(math.ceil(storm)), "churn_pages": int(math.ceil(churn)),
+                             "headroom_pages": need, "available_pages": max(free - min_wm, 0),
+                             "survives": free - min_wm >= need}
+        step["violations"] = self._violations(step, kills)
+        step["ok"] = not step["violations"]
+        return step
+
+    def _keep_timeline(self, n: int) -> None:
+        """The step's samples, thinned to at most TIMELINE_POINTS_PER_STEP, onto the timeline."""
+        r = self.r
+        pts = self.samples
+        stride = max(1, -(-len(pts) // TIMELINE_POINTS_PER_STEP))
+        keep = pts[::stride] + ([pts[-1]] if (len(pts) - 1) % stride else [])
+        self.timeline.extend({"t_s": round(t / 1e9, 3), "guests": n, "saved_pages": s * r,
+                              "ksmd_cpu_s": round(cpu * r / 1e9, 6)} for t, s, cpu in keep)
 
     def _ideal_now(self) -> int:
         """Every identical page of the guests' present contents merged (simulated scale)."""
@@ -793,6 +835,7 @@ class DensityRunner:
                           [f"the boot sequence ended at {len(cfg.sequence)} guests (max_guests or counts)"],
             "curve": curve,
             "steps": steps,
+            "timeline": self.timeline,
             "wall_s": round(wall_s, 3),
         }
         for k in ("no_ksm", "ideal"):
