@@ -123,7 +123,7 @@ def _per_node(res: dict) -> BarPlot:
                                                    for n in per]))
         series.append(Series(f"node {node} free", [_gib(n["free_pages"]) if n else None for n in per]))
     return BarPlot(
-        "Memory per NUMA node after each step", "GiB", [f"{s['guests']} guests" for s in steps], series,
+        "Memory per NUMA node after each step", "GiB", [f"{s['guests']} guest{'s' if s['guests'] != 1 else ''}" for s in steps], series,
         note=("Used and free memory of each node at the step's steady state." if steps else
               "This result has no per-node memory."))
 

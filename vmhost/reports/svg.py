@@ -5,7 +5,8 @@ JavaScript library or a CDN: it is SVG markup written here, which any browser dr
 script at all. The drawing is deliberately plain: a frame with round-number ticks
 (``numbers.nice_ticks``), lines or grouped bars in distinct colours, a legend under the plot,
 and a ``<title>`` on every point and bar, which browsers show as a tooltip. Every element that
-draws data has class ``mark``, so that a test can count what was drawn.
+draws data has class ``mark``, and the plot area class ``frame``, so that a test can find what
+was drawn and where.
 
 Missing values (None, NaN) break a line or leave out a bar; a point with no neighbour still
 gets a marker, so a single point is visible; a plot with nothing to draw says "no data".
@@ -27,7 +28,7 @@ RIGHT = 24
 FONT = 11
 CHAR_W = 6.6             # average width of a FONT-px sans-serif character
 HEADROOM = 0.04         # of the y range, above the highest value of a line plot
-LINE_WIDTHS = (2.0, 5.0)  # the last (or only) series' line and the first's
+LINE_WIDTHS = (2.0, 7.0)  # the last (or only) series' line and the first's
 MAX_MARKERS = 120        # more points than this in a series: the line alone (markers would hide it)
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -107,7 +108,7 @@ def _y_axis(f: _Frame, label: str) -> list[str]:
 
 
 def _frame_box(f: _Frame) -> str:
-    return (f'<rect x="{_n(f.left)}" y="{_n(f.top)}" width="{_n(f.w)}" height="{_n(f.h)}" '
+    return (f'<rect class="frame" x="{_n(f.left)}" y="{_n(f.top)}" width="{_n(f.w)}" height="{_n(f.h)}" '
             f'fill="none" stroke="#888"/>')
 
 
@@ -201,7 +202,7 @@ def _line(p: LinePlot) -> str:
             if lonely_only and len(r) > 1:
                 continue
             for x, y in r:
-                g.append(f'<circle class="mark" cx="{_n(f.x(x))}" cy="{_n(f.y(y))}" r="{_n(width / 2 + 1.5)}">'
+                g.append(f'<circle class="mark" cx="{_n(f.x(x))}" cy="{_n(f.y(y))}" r="{_n(width / 2 + 2)}">'
                          f'<title>{_e(s.name)}: {_e(p.x_label)} {_e(fmt(x))}, {_e(p.y_label)} {_e(fmt(y))}'
                          f'</title></circle>')
         g.append("</g>")
