@@ -109,8 +109,8 @@ def _savings_over_time(res: dict) -> LinePlot:
         "KSM savings over time", "virtual time (s)", "GiB saved",
         [Series("saved (pages_sharing + ksm_zero_pages)", [p["t_s"] for p in tl],
                 [_gib(p["saved_pages"]) for p in tl])],
-        note=("Each guest boots at a jump in the curve; KSM then merges its pages over the "
-              "following scans." if tl else "This result has no timeline of savings."))
+        note=("Each step starts with a guest's boot; the savings then rise as KSM merges its pages "
+              "over the following scans." if tl else "This result has no timeline of savings."))
 
 
 def _per_node(res: dict) -> BarPlot:

@@ -8,7 +8,8 @@ and a ``<title>`` on every point and bar, which browsers show as a tooltip. Ever
 draws data has class ``mark``, and the plot area class ``frame``, so that a test can find what
 was drawn and where.
 
-Missing values (None, NaN) break a line or leave out a bar; a point with no neighbour still
+The y axis always includes zero: these plots compare amounts, and a cut axis would make small
+differences look large. Missing values (None, NaN) break a line or leave out a bar; a point with no neighbour still
 gets a marker, so a single point is visible; a plot with nothing to draw says "no data".
 """
 
