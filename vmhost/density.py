@@ -83,11 +83,7 @@ stays 512 pages), small classes rounding to whole pages, and pages_to_scan round
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -959,24 +955,9 @@ def format_result(res: dict) -> str:
 
 
 def write_report(res: dict, directory: str | Path) -> None:
-    """result.json and report.txt, written into a temporary directory renamed into place."""
-    d = Path(directory)
-    parent = d.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=parent))
-    try:
-        (tmp / "result.json").write_text(json.dumps(res, indent=2, default=_jsonable) + "\n")
-        (tmp / "report.txt").write_text(format_result(res) + "\n")
-        if d.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{d.name}.old.", dir=parent))
-            os.rename(d, old / "x")
-            os.rename(tmp, d)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """The report directory (HTML, JSON, text, CSV): see vmhost.reports.density."""
+    from vmhost.reports.density import write_density_report
+    write_density_report(res, directory)
 
 
 def _jsonable(o):
