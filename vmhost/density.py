@@ -25,6 +25,7 @@ boot, e.g. ``policy: {name: ksmtuned}``) plus::
         max_scans: 30                      # bound: not steady after this many scans
         time: 30s                          # ... or instead: a fixed virtual time per step
       write_period: 1s                     # guests' steady-state writes are issued this often
+      warm_start: true                     # each guest's hot set is written once at boot (default)
       limits:                              # the service limits (OOM kills always fail a step)
         swapin_rate: 100                   # pages/s swapped in (at full scale), over the step
         ksmd_cpu: 0.25                     # ksmd's CPU share (fraction of one CPU), steady state
@@ -41,7 +42,11 @@ The models
 model, guest contents from ``guests.images``, steady-state writers on the virtual clock, the
 complete KSM with ksmd). After each boot the clock runs until KSM is at steady state (``settle``)
 and the step is checked against the limits; the first step that breaks one ends the search and
-the answer is the step before. Curve (b) is this simulation.
+the answer is the step before. Curve (b) is this simulation. With ``warm_start`` (the default)
+each guest writes its whole hot set once right after its boot writes, as a guest that has run
+for a while would have: a step then settles to the long-run state that curves (a) and (c)
+describe (without it, hot frames still holding their boot contents can merge for a while, and
+a short step can come out better than the long-run ideal).
 
 **No KSM (a)** and **ideal (c)** are computed from the same guests' contents for every step up
 to ``max_guests``: (a) a guest's footprint is the frames it writes (boot writes plus its
@@ -51,8 +56,9 @@ identical page: the distinct non-zero contents of all mergeable guests (a hot-se
 counted as its own content: it is rewritten with contents nobody has) plus the zero page
 handling: one KSM page (``use_zero_pages=0``) or none (``use_zero_pages=1``); non-mergeable
 guests count their whole footprint. Each simulated step also reports ``ideal_now_pages``: the
-same ideal over the guests' contents at that moment (frames written so far). Both curves fit while the pages needed stay within the capacity:
-RAM managed by the allocator minus the high watermarks minus ``free_headroom``.
+same ideal over the guests' contents at that moment (frames written so far). Both curves fit
+while the pages needed stay within the capacity: RAM managed by the allocator minus the high
+watermarks minus ``free_headroom``.
 
 **Savings** are pages_sharing + ksm_zero_pages (pages_shared are the copies kept).
 **Time to X%** of a step's steady-state savings is virtual time from the guest's boot until the
@@ -100,7 +106,7 @@ HPAGE = 512
 GIB_PAGES = (1 << 30) // PAGE_SIZE
 ORDERS = ("as-listed", "round-robin", "weighted")
 DENSITY_KEYS = ("mix", "order", "seed", "max_guests", "resolution", "settle", "write_period",
-                "limits", "unmerge_storm", "samples_per_scan")
+                "warm_start", "limits", "unmerge_storm", "samples_per_scan")
 MIX_KEYS = ("image", "memory", "weight", "count", "domain", "nosharepages", "locked", "name")
 SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
 LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
@@ -139,6 +145,7 @@ class DensityConfig:
     max_scans: int = 30
     settle_time_ns: int | None = None
     write_period_ns: int = 1_000_000_000
+    warm_start: bool = True
     samples_per_scan: int = 32
     swapin_rate: float | None = None
     ksmd_cpu: float | None = None
@@ -256,6 +263,8 @@ def parse_density(doc: Any, path: str) -> DensityConfig:
         cfg.max_guests = max(1, min(100_000, 4 * ram_mib // smallest))
     if "write_period" in d:
         cfg.write_period_ns = parse_duration_ns(d["write_period"], path, "density.write_period")
+    if "warm_start" in d:
+        cfg.warm_start = _bool(d["warm_start"], path, "density.warm_start")
     settle = d.get("settle", {}) or {}
     expect_mapping(settle, path, "density.settle", SETTLE_KEYS)
     if "time" in settle:
@@ -537,6 +546,8 @@ class DensityRunner:
         self.guests.append(g)
         gpfns, ids = gm.boot_writes()
         self._write(g, gpfns, ids)
+        if self.cfg.warm_start:
+            self._write(g, *gm.warm_writes())
         if gm.steady:
             self._schedule_writes(g)
         return g
