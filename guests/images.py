@@ -272,6 +272,22 @@ class GuestMemory:
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
         return np.concatenate(gs), np.concatenate(cs)
 
+    def warm_writes(self) -> tuple[np.ndarray, np.ndarray]:
+        """One rewrite of every frame of every hot set: where a guest that has run for a while
+        stands (its hot frames hold contents of their own), without waiting for its writers."""
+        gs, cs = [], []
+        for cname, hot, _rate in self.steady:
+            n = len(hot)
+            self._versions += n
+            ids = tagged("rewrite", key64(self.domain, self.name, self.seed, cname),
+                         np.arange(self._versions - n, self._versions))
+            self.content[hot] = ids
+            gs.append(hot)
+            cs.append(ids)
+        if not gs:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        return np.concatenate(gs), np.concatenate(cs)
+
     # -- statistics -------------------------------------------------------------------------
     def class_counts(self) -> dict[str, int]:
         return {c: int(np.count_nonzero(self.klass == i)) for i, c in enumerate(self.class_names)}

@@ -217,6 +217,10 @@ BAD = [
     ("  max_guests: 40", "  max_guests: 40\n  settle: {time: 5s, scans: 2}", "density.settle", "either"),
     ("{image: unit.yaml}", "{image: unit.yaml, count: 0}", "density.mix[0].count", "out of range"),
     ("run: 1}", "run: 7}", "ksm.run", "EINVAL"),
+    ("density:", "policy: {name: ksmtunned}\ndensity:", "policy.name", "unknown KSM policy"),
+    ("density:", "policy: {name: ksmtuned, boost: fast}\ndensity:", "policy.boost", "whole number"),
+    ("density:", "policy: {name: ksmtuned, speed: 3}\ndensity:", "policy.speed", "not an option"),
+    ("density:", "policy: {name: fixed, knobs: {run: 9}}\ndensity:", "policy.knobs.run", "EINVAL"),
 ]
 
 

@@ -82,3 +82,66 @@ def test_unknown_policy_or_option():
         make_policy("magic")
     with pytest.raises(ValueError, match="unknown option"):
         make_policy("ksmtuned", boots=3)
+
+
+def test_scaled_scan_knobs_keep_the_scan_rate():
+    from vmhost.policies import scaled_scan_knobs
+    assert scaled_scan_knobs(300, 40, 1) == (300, 40)
+    for pts, sleep, r in [(300, 40, 64), (1250, 10, 256), (64, 10, 512), (5120, 20, 512)]:
+        spts, ssleep = scaled_scan_knobs(pts, sleep, r)
+        assert spts >= 256 or spts * r >= pts                 # batches of at least 256 pages
+        full_rate = pts / sleep
+        assert abs(spts * r / ssleep - full_rate) <= 0.01 * full_rate + r / ssleep
+
+
+def test_ksmtuned_in_a_density_run_decides_at_full_scale(tmp_path):
+    """At resolution 256 a 32 GiB host with 12 GiB of guests: committed + 6.4 GiB threshold fits,
+    so ksmtuned keeps KSM stopped, exactly as it would on the real host (and nothing merges)."""
+    from vmhost.density import DensityRunner, load_density
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("""
+host: {thp: never, nodes: [{memory: 32GiB, cpus: 4}]}
+ksm: {run: 1}
+policy: {name: ksmtuned, interval_s: 60}
+density:
+  mix: [{image: linux-server, memory: 4GiB}]
+  order: as-listed
+  max_guests: 3
+  resolution: 256
+  settle: {time: 120s}
+""")
+    res = DensityRunner(load_density(cfg)).run()
+    pol = res["policy"]
+    assert pol["name"] == "ksmtuned" and pol["wakeups"] >= 6          # every 60 s over 3 x 120 s
+    assert pol["changes"][-1]["run"] == 0
+    assert pol["changes"][-1]["reason"].startswith("committed memory fits")
+    assert res["steps"][-1]["saved_pages"] == 0
+
+
+def test_ksmtuned_boosts_on_a_crowded_scaled_host(tmp_path):
+    """Guests of 8 GiB filling the 32 GiB host: free memory under the threshold (6.4 GiB), so
+    ksmtuned runs KSM and
+    boosts pages_to_scan by 300 a minute; the simulated knobs are the full-scale ones / 256."""
+    from vmhost.density import DensityRunner, load_density
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("""
+host: {thp: never, nodes: [{memory: 32GiB, cpus: 4}]}
+policy: {name: ksmtuned}
+density:
+  mix: [{image: linux-server, memory: 8GiB}]
+  order: as-listed
+  max_guests: 5
+  resolution: 256
+  settle: {time: 240s}
+""")
+    runner = DensityRunner(load_density(cfg))
+    res = runner.run()
+    boosts = [c for c in res["policy"]["changes"] if c["reason"].endswith("boost")]
+    assert boosts and boosts[0]["pages_to_scan"] == 300
+    assert [c["pages_to_scan"] for c in boosts][:3] == [300, 600, 900][:len(boosts[:3])]
+    k = runner.ksm.knobs
+    last = res["policy"]["changes"][-1]
+    # the simulation scans at the full-scale rate / 256 (batches of >= 256 pages, coarser grain)
+    assert abs(k.pages_to_scan * 256 / k.sleep_millisecs - last["pages_to_scan"] / last["sleep_millisecs"]) \
+        <= 0.01 * last["pages_to_scan"] / last["sleep_millisecs"] + 256 / k.sleep_millisecs
+    assert res["steps"][-1]["saved_pages"] > 0

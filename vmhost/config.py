@@ -132,6 +132,15 @@ class HostConfig:
     swap: list[dict] = field(default_factory=list)
     ksm: list[tuple[str, str]] = field(default_factory=list)
     guests: list = field(default_factory=list)      # GuestSpec, from a `guests:` list
+    policy: tuple[str, dict] | None = None          # KSM tuning policy (vmhost.policies): name, options
+
+    def make_policy(self, resolution: int = 1):
+        """The configured tuning policy (fixed knobs when none is configured), not attached."""
+        from vmhost.policies import make_policy
+        name, options = self.policy or ("fixed", {})
+        policy = make_policy(name, **options)
+        policy.resolution = resolution
+        return policy
 
     def build(self):
         """A Host as configured (KSM engine not attached: see ``apply_ksm``)."""
@@ -156,7 +165,7 @@ def _knob_text(value: Any) -> str:
 
 def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = ()) -> HostConfig:
     """Validate a document with ``host:`` and ``ksm:`` (plus ``extra_keys`` left to the caller)."""
-    expect_mapping(doc, path, "", ("host", "ksm") + extra_keys, ("host",))
+    expect_mapping(doc, path, "", ("host", "ksm", "policy") + extra_keys, ("host",))
     host = expect_mapping(doc["host"], path, "host", HOST_KEYS, ("nodes",))
     cfg = HostConfig(path)
     if "profile" in host:
@@ -251,21 +260,59 @@ def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = ()) -> 
     expect_mapping(knobs, path, "ksm", tuple(knobs) if isinstance(knobs, dict) else ())
     cfg.ksm = [(str(k), _knob_text(v)) for k, v in knobs.items()]
     _check_knobs(cfg)
+    if doc.get("policy") is not None:
+        cfg.policy = parse_policy(doc["policy"], path)
+        _check_knobs(cfg, list(cfg.policy[1].get("knobs", {}).items()), "policy.knobs")
     return cfg
 
 
-def _check_knobs(cfg: HostConfig) -> None:
+def parse_policy(doc: Any, path: str) -> tuple[str, dict]:
+    """``policy: {name: ksmtuned, interval_s: 60, ...}``: a policy of vmhost.policies and its
+    options (the policy's own fields, each of the type of its default)."""
+    from vmhost.policies import POLICIES
+    if isinstance(doc, str):
+        doc = {"name": doc}
+    if not isinstance(doc, dict) or "name" not in doc:
+        raise _err(path, "policy", "expected a policy name or a mapping with a name")
+    name = doc["name"]
+    if name not in POLICIES:
+        raise _err(path, "policy.name", f"unknown KSM policy {name!r} (known: {', '.join(POLICIES)})")
+    cls = POLICIES[name]
+    fields = {f: cls.__dataclass_fields__[f] for f in cls.__dataclass_fields__
+              if f not in ("name", "history", "resolution", "committed")}
+    options = {}
+    for key, value in doc.items():
+        if key == "name":
+            continue
+        if key not in fields:
+            raise _err(path, f"policy.{key}", f"not an option of policy {name!r} "
+                                              f"(known: {', '.join(sorted(fields))})")
+        if key == "knobs":
+            expect_mapping(value, path, "policy.knobs", tuple(value) if isinstance(value, dict) else ())
+            options[key] = {str(k): _knob_text(v) for k, v in value.items()}
+            continue
+        default = fields[key].default
+        kind = float if isinstance(default, float) else int
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                or (kind is int and value != int(value)):
+            raise _err(path, f"policy.{key}", f"expected a non-negative {'number' if kind is float else 'whole number'}, got {value!r}")
+        options[key] = kind(value)
+    return name, options
+
+
+def _check_knobs(cfg: HostConfig, pairs: list[tuple[str, str]] | None = None,
+                 prefix: str = "ksm") -> None:
     """Write the knobs to a scratch engine of the same profile: each must be accepted."""
     from vmhost.host import Host
     from vmhost.ksm.engine import Ksm
     scratch = Host(Topology.uniform(1, 4 << 20), block_pages=1024, profile=cfg.profile)
     ksm = Ksm(scratch)
-    for name, value in cfg.ksm:
+    for name, value in (cfg.ksm if pairs is None else pairs):
         rc = ksm.write_knob(name, value)
         if rc == -errno.ENOENT:
-            raise _err(cfg.path, f"ksm.{name}", f"no such KSM knob in profile {cfg.profile}")
+            raise _err(cfg.path, f"{prefix}.{name}", f"no such KSM knob in profile {cfg.profile}")
         if rc:
-            raise _err(cfg.path, f"ksm.{name}", f"{value!r} is refused ({errno.errorcode[-rc]})")
+            raise _err(cfg.path, f"{prefix}.{name}", f"{value!r} is refused ({errno.errorcode[-rc]})")
 
 
 def read_yaml(path: str | Path) -> Any:

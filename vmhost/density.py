@@ -1,6 +1,8 @@
 """Density search: how many guests of an image mix fit on one host, with and without KSM.
 
-A density file is a host configuration (``vmhost.config``: ``host:`` and ``ksm:``) plus::
+A density file is a host configuration (``vmhost.config``: ``host:``, ``ksm:`` and optionally
+``policy:``, a KSM tuning policy of ``vmhost.policies`` that runs on the clock from the first
+boot, e.g. ``policy: {name: ksmtuned}``) plus::
 
     density:
       mix:                                 # the guest image mix
@@ -23,6 +25,7 @@ A density file is a host configuration (``vmhost.config``: ``host:`` and ``ksm:`
         max_scans: 30                      # bound: not steady after this many scans
         time: 30s                          # ... or instead: a fixed virtual time per step
       write_period: 1s                     # guests' steady-state writes are issued this often
+      warm_start: true                     # each guest's hot set is written once at boot (default)
       limits:                              # the service limits (OOM kills always fail a step)
         swapin_rate: 100                   # pages/s swapped in (at full scale), over the step
         ksmd_cpu: 0.25                     # ksmd's CPU share (fraction of one CPU), steady state
@@ -39,7 +42,11 @@ The models
 model, guest contents from ``guests.images``, steady-state writers on the virtual clock, the
 complete KSM with ksmd). After each boot the clock runs until KSM is at steady state (``settle``)
 and the step is checked against the limits; the first step that breaks one ends the search and
-the answer is the step before. Curve (b) is this simulation.
+the answer is the step before. Curve (b) is this simulation. With ``warm_start`` (the default)
+each guest writes its whole hot set once right after its boot writes, as a guest that has run
+for a while would have: a step then settles to the long-run state that curves (a) and (c)
+describe (without it, hot frames still holding their boot contents can merge for a while, and
+a short step can come out better than the long-run ideal).
 
 **No KSM (a)** and **ideal (c)** are computed from the same guests' contents for every step up
 to ``max_guests``: (a) a guest's footprint is the frames it writes (boot writes plus its
@@ -49,8 +56,9 @@ identical page: the distinct non-zero contents of all mergeable guests (a hot-se
 counted as its own content: it is rewritten with contents nobody has) plus the zero page
 handling: one KSM page (``use_zero_pages=0``) or none (``use_zero_pages=1``); non-mergeable
 guests count their whole footprint. Each simulated step also reports ``ideal_now_pages``: the
-same ideal over the guests' contents at that moment (frames written so far). Both curves fit while the pages needed stay within the capacity:
-RAM managed by the allocator minus the high watermarks minus ``free_headroom``.
+same ideal over the guests' contents at that moment (frames written so far). Both curves fit
+while the pages needed stay within the capacity: RAM managed by the allocator minus the high
+watermarks minus ``free_headroom``.
 
 **Savings** are pages_sharing + ksm_zero_pages (pages_shared are the copies kept).
 **Time to X%** of a step's steady-state savings is virtual time from the guest's boot until the
@@ -81,11 +89,7 @@ stays 512 pages), small classes rounding to whole pages, and pages_to_scan round
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,13 +106,15 @@ HPAGE = 512
 GIB_PAGES = (1 << 30) // PAGE_SIZE
 ORDERS = ("as-listed", "round-robin", "weighted")
 DENSITY_KEYS = ("mix", "order", "seed", "max_guests", "resolution", "settle", "write_period",
-                "limits", "unmerge_storm", "samples_per_scan")
+                "warm_start", "limits", "unmerge_storm", "samples_per_scan")
 MIX_KEYS = ("image", "memory", "weight", "count", "domain", "nosharepages", "locked", "name")
 SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
 LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
 STORM_KEYS = ("fraction", "window")
 MIN_BATCH_PAGES = 256
 TIMELINE_POINTS_PER_STEP = 64
+DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MILLISECS = 100, 20     # the kernel's defaults
+POLICY_CHANGES_KEPT = 200
 SCALED_KNOBS = ("pages_to_scan", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan")
 
 
@@ -139,6 +145,7 @@ class DensityConfig:
     max_scans: int = 30
     settle_time_ns: int | None = None
     write_period_ns: int = 1_000_000_000
+    warm_start: bool = True
     samples_per_scan: int = 32
     swapin_rate: float | None = None
     ksmd_cpu: float | None = None
@@ -256,6 +263,8 @@ def parse_density(doc: Any, path: str) -> DensityConfig:
         cfg.max_guests = max(1, min(100_000, 4 * ram_mib // smallest))
     if "write_period" in d:
         cfg.write_period_ns = parse_duration_ns(d["write_period"], path, "density.write_period")
+    if "warm_start" in d:
+        cfg.warm_start = _bool(d["warm_start"], path, "density.warm_start")
     settle = d.get("settle", {}) or {}
     expect_mapping(settle, path, "density.settle", SETTLE_KEYS)
     if "time" in settle:
@@ -475,6 +484,11 @@ class DensityRunner:
             rc = self.ksm.write_knob(name, value)
             if rc:
                 raise _err(self.cfg.path, f"ksm.{name}", f"the write is refused at resolution {self.r}")
+        self.policy = self.cfg.host.make_policy(self.r)
+        configured = dict(self.cfg.host.ksm)
+        self.policy.attach(self.host, self.ksm, {
+            "pages_to_scan": int(configured.get("pages_to_scan", DEFAULT_PAGES_TO_SCAN)),
+            "sleep_millisecs": int(configured.get("sleep_millisecs", DEFAULT_SLEEP_MILLISECS))})
         self.guests: list[_Guest] = []
         self.samples: list[tuple[int, int, int]] = []  # (time, saved pages, ksmd CPU), simulated scale
         self.timeline: list[dict] = []                   # every step's samples, thinned, full scale
@@ -532,6 +546,8 @@ class DensityRunner:
         self.guests.append(g)
         gpfns, ids = gm.boot_writes()
         self._write(g, gpfns, ids)
+        if self.cfg.warm_start:
+            self._write(g, *gm.warm_writes())
         if gm.steady:
             self._schedule_writes(g)
         return g
@@ -643,9 +659,24 @@ class DensityRunner:
         step = self._step(len(booted), booted, mark)
         facts = [_guest_facts(g.gm, g.entry, thp) for g in booted]
         step["no_ksm_pages"] = sum(f.footprint for f in facts) * self.r
+        step["policy"] = self._policy_summary()
         step["timeline"] = self.timeline
         step["wall_s"] = round(time.perf_counter() - wall0, 3)
         return step
+
+    def _policy_summary(self) -> dict:
+        """The tuning policy and the decisions that changed something (full-scale knobs)."""
+        name, options = self.cfg.host.policy or ("fixed", {})
+        changes, last = [], None
+        for d in self.policy.history:
+            now = (d.run, d.pages_to_scan, d.sleep_millisecs)
+            if now != last:
+                changes.append({"t_s": round(d.at_ns / 1e9, 3), "run": d.run,
+                                "pages_to_scan": d.pages_to_scan,
+                                "sleep_millisecs": d.sleep_millisecs, "reason": d.reason})
+                last = now
+        return {"name": name, "options": options, "wakeups": len(self.policy.history),
+                "changes": changes[:POLICY_CHANGES_KEPT]}
 
     def _mark(self) -> tuple:
         """What a step is measured from: time, ksmd CPU, savings, OOM kills, swap-ins."""
@@ -829,6 +860,7 @@ class DensityRunner:
             "host": {"ram_pages": sum(n.mem_bytes for n in cfg.host.topology.nodes) // PAGE_SIZE,
                      "capacity_pages": cap, "headroom_pages": self.headroom_pages(),
                      "thp": self.host.thp_mode, "knobs": dict(self.knobs)},
+            "policy": self._policy_summary(),
             "order": cfg.order, "sequence_length": len(cfg.sequence),
             "limits": {"oom_kills": 0, "swapin_rate": cfg.swapin_rate, "ksmd_cpu": cfg.ksmd_cpu,
                        "free_headroom_pages": self.headroom_pages() if (
@@ -887,6 +919,13 @@ def format_result(res: dict) -> str:
                  + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
                     if res.get("capped_curves") else ""))
     lines.append(f"KSM limited by: {'; '.join(res['limited_by'])}")
+    pol = res.get("policy")
+    if pol and pol["name"] != "fixed":
+        last = pol["changes"][-1] if pol["changes"] else None
+        lines.append(f"KSM policy {pol['name']}: {pol['wakeups']} wake-ups, {len(pol['changes'])} "
+                     f"changes" + (f"; last at {last['t_s']:g}s: run={last['run']} pages_to_scan="
+                                   f"{last['pages_to_scan']} sleep_millisecs={last['sleep_millisecs']} "
+                                   f"({last['reason']})" if last else ""))
     b = res.get("at_best")
     if b:
         lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct(b['ksmd_cpu_share'])} "
@@ -927,24 +966,9 @@ def format_result(res: dict) -> str:
 
 
 def write_report(res: dict, directory: str | Path) -> None:
-    """result.json and report.txt, written into a temporary directory renamed into place."""
-    d = Path(directory)
-    parent = d.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=parent))
-    try:
-        (tmp / "result.json").write_text(json.dumps(res, indent=2, default=_jsonable) + "\n")
-        (tmp / "report.txt").write_text(format_result(res) + "\n")
-        if d.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{d.name}.old.", dir=parent))
-            os.rename(d, old / "x")
-            os.rename(tmp, d)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """The report directory (HTML, JSON, text, CSV): see vmhost.reports.density."""
+    from vmhost.reports.density import write_density_report
+    write_density_report(res, directory)
 
 
 def _jsonable(o):

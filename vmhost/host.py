@@ -57,7 +57,6 @@ class Host:
         self.ksm: KsmHooks = KsmHooks()
         self.processes: dict[int, Process] = {}
         self.pt_epoch = np.zeros(64, dtype=np.int64)   # per-mm page-table generation (by mm id)
-        self.data_epoch = np.zeros(64, dtype=np.int64)  # per-mm generation of PTEs or contents
         self.changes = np.zeros(1, dtype=np.int64)      # total changes, all mms
         self.mm_ksm = np.zeros((64, 3), dtype=np.int64)  # per-mm KSM counters (by mm id)
         self._pids = itertools.count(1)
@@ -75,7 +74,6 @@ class Host:
         pid = next(self._pids)
         if pid >= len(self.pt_epoch):
             self.pt_epoch = np.concatenate([self.pt_epoch, np.zeros(len(self.pt_epoch), np.int64)])
-            self.data_epoch = np.concatenate([self.data_epoch, np.zeros_like(self.data_epoch)])
             self.mm_ksm = np.concatenate([self.mm_ksm, np.zeros_like(self.mm_ksm)])
         return pid
 

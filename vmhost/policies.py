@@ -38,16 +38,15 @@ if TYPE_CHECKING:
 MIB_PAGES = 256          # 4 KiB pages in a MiB
 
 
-def _host_pages(host: "Host") -> int:
-    return int(host.allocator.managed.sum())
-
-
-def _free_pages(host: "Host") -> int:
-    return host.allocator.free_pages()
-
-
-def _guest_rss_pages(host: "Host") -> int:
-    return sum(p.mm.rss_anon + p.mm.rss_shmem for p in host.processes.values())
+def scaled_scan_knobs(pages_to_scan: int, sleep_millisecs: int, resolution: int,
+                      min_batch: int = 256) -> tuple[int, int]:
+    """pages_to_scan and sleep_millisecs for a host simulated at 1/``resolution`` of its pages:
+    the same full-scan time and CPU share, with batches of at least ``min_batch`` pages (both
+    knobs multiplied by the same factor: a coarser time grain, not a different scan rate)."""
+    if resolution == 1:
+        return pages_to_scan, sleep_millisecs
+    grain = max(1, -(-min_batch * resolution // max(pages_to_scan, 1)))
+    return max(1, round(pages_to_scan * grain / resolution)), sleep_millisecs * grain
 
 
 @dataclass
@@ -62,27 +61,56 @@ class Decision:
 
 @dataclass
 class Policy:
+    """Fixed knobs, and the base of the others.
+
+    A host simulated at 1/``resolution`` of its pages (density and fleet studies) is seen by the
+    policy at full scale: page counts are multiplied back and the scan knobs it writes are
+    scaled down (``scaled_scan_knobs``), so every decision is the one the tool would take on
+    the real host, and its history records those full-scale values.
+    """
     name: str = "fixed"
     knobs: dict = field(default_factory=dict)
     history: list[Decision] = field(default_factory=list)
+    resolution: int = 1
 
-    def attach(self, host: "Host", ksm: "Ksm") -> None:
+    def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
+        """Start on ``host``; ``full_scale_knobs`` are the configured pages_to_scan and
+        sleep_millisecs of the real host when the simulation runs at another resolution."""
         self.host, self.ksm = host, ksm
-        for name, value in self.knobs.items():
-            rc = ksm.write_knob(name, str(value))
-            if rc:
-                raise ValueError(f"policy {self.name}: KSM refuses {name}={value} (errno {-rc})")
+        base = full_scale_knobs or {}
+        self.intent = {"pages_to_scan": int(base.get("pages_to_scan", ksm.knobs.pages_to_scan)),
+                       "sleep_millisecs": int(base.get("sleep_millisecs", ksm.knobs.sleep_millisecs))}
+        self._write(**self.knobs)
         self._record("configured knobs")
 
+    # -- the host as the tool sees it (full scale) -----------------------------------------------
+    def host_pages(self) -> int:
+        return int(self.host.allocator.managed.sum()) * self.resolution
+
+    def free_pages(self) -> int:
+        return self.host.allocator.free_pages() * self.resolution
+
+    def guest_rss_pages(self) -> int:
+        return sum(p.mm.rss_anon + p.mm.rss_shmem for p in self.host.processes.values()) * self.resolution
+
+    # -- knobs ----------------------------------------------------------------------------------
     def _record(self, reason: str) -> None:
-        k = self.ksm.knobs
-        self.history.append(Decision(self.host.clock.now, k.run, k.pages_to_scan,
-                                     k.sleep_millisecs, reason))
+        self.history.append(Decision(self.host.clock.now, self.ksm.knobs.run,
+                                     self.intent["pages_to_scan"], self.intent["sleep_millisecs"],
+                                     reason))
 
     def _write(self, **knobs) -> None:
+        scan = {k: int(knobs.pop(k)) for k in ("pages_to_scan", "sleep_millisecs") if k in knobs}
+        if scan:
+            self.intent.update(scan)
+            pts, sleep = scaled_scan_knobs(self.intent["pages_to_scan"],
+                                           self.intent["sleep_millisecs"], self.resolution)
+            knobs = {"pages_to_scan": pts, "sleep_millisecs": sleep, **knobs}
         for name, value in knobs.items():
-            if getattr(self.ksm.knobs, name) != value:
-                self.ksm.write_knob(name, str(value))
+            if str(getattr(self.ksm.knobs, name, None)) != str(value):
+                rc = self.ksm.write_knob(name, str(value))
+                if rc:
+                    raise ValueError(f"policy {self.name}: KSM refuses {name}={value} (errno {-rc})")
 
 
 @dataclass
@@ -90,8 +118,8 @@ class Periodic(Policy):
     """A policy that looks at the host every ``interval_s`` seconds (its ``adjust``)."""
     interval_s: float = 60.0
 
-    def attach(self, host: "Host", ksm: "Ksm") -> None:
-        super().attach(host, ksm)
+    def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
+        super().attach(host, ksm, full_scale_knobs)
         host.clock.after(0, self._tick)
 
     def _tick(self) -> None:
@@ -116,26 +144,25 @@ class KsmTuned(Periodic):
     sleep_msec: int = 10                # for a 16 GiB host
     committed: Callable[["Host"], int] | None = None
 
-    def attach(self, host: "Host", ksm: "Ksm") -> None:
+    def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
         self.npages = 0
-        super().attach(host, ksm)
+        super().attach(host, ksm, full_scale_knobs)
 
     def _committed_pages(self) -> int:
         if self.committed is not None:
             return self.committed(self.host)
         # ksmtuned sums the qemu processes' RSS
-        return _guest_rss_pages(self.host)
+        return self.guest_rss_pages()
 
     def adjust(self) -> None:
-        host = self.host
-        total = _host_pages(host)
+        total = self.host_pages()
         thres = max(total * self.thres_coef // 100, self.thres_const_mib * MIB_PAGES)
         sleep = max(self.sleep_msec * 16 * 1024 * MIB_PAGES // max(total, 1), 10)
-        if self._committed_pages() + thres < total and _free_pages(host) > thres:
+        if self._committed_pages() + thres < total and self.free_pages() > thres:
             self._write(run=0)
             self._record("committed memory fits: KSM stopped")
         else:
-            if _free_pages(host) < thres:
+            if self.free_pages() < thres:
                 self.npages = min(self.npages + self.boost, self.npages_max)
                 reason = "free memory under threshold: boost"
             else:
@@ -163,8 +190,8 @@ class KubeVirt(Periodic):
     sleep_millisecs: int = 20
 
     def adjust(self) -> None:
-        total = _host_pages(self.host)
-        available = _free_pages(self.host) * 100 // max(total, 1)
+        total = self.host_pages()
+        available = self.free_pages() * 100 // max(total, 1)
         if available < self.pressure_percent:
             self._write(pages_to_scan=self.pages_to_scan, sleep_millisecs=self.sleep_millisecs, run=1)
             self._record(f"available {available}% < {self.pressure_percent}%: KSM on")
@@ -180,12 +207,13 @@ class Advisor(Policy):
     target_scan_time_s: int = 200
     max_cpu_percent: int = 70
 
-    def attach(self, host: "Host", ksm: "Ksm") -> None:
-        super().attach(host, ksm)
-        for name, value in (("advisor_mode", "scan-time"),
-                            ("advisor_target_scan_time", self.target_scan_time_s),
-                            ("advisor_max_cpu", self.max_cpu_percent), ("run", 1)):
-            ksm.write_knob(name, str(value))
+    def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
+        super().attach(host, ksm, full_scale_knobs)
+        r = self.resolution
+        self._write(advisor_mode="scan-time", advisor_target_scan_time=self.target_scan_time_s,
+                    advisor_max_cpu=self.max_cpu_percent,
+                    advisor_min_pages_to_scan=max(1, 500 // r),
+                    advisor_max_pages_to_scan=max(1, 30000 // r), run=1)
         self._record("scan-time advisor")
 
 
@@ -199,7 +227,7 @@ def make_policy(name: str, **options) -> Policy:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown KSM policy {name!r} (known: {', '.join(POLICIES)})") from None
-    known = set(cls.__dataclass_fields__) - {"name", "history"}
+    known = set(cls.__dataclass_fields__) - {"name", "history", "resolution", "committed"}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"KSM policy {name!r}: unknown option(s) {', '.join(sorted(unknown))} "

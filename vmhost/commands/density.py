@@ -12,8 +12,9 @@ def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
     p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density.py)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--report", metavar="DIR", help="also write result.json and report.txt to DIR "
-                                                   "(atomically: a temporary directory renamed)")
+    p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
+                                                   "report.txt and CSV tables to DIR (atomically: a temporary "
+                                                   "directory renamed)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
     p.add_argument("--bench", action="store_true",
                    help="benchmark: run the search and print its wall time (and the resolution)")

@@ -206,7 +206,7 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
              it_mm, it_addr, it_flags, it_sum, it_age, it_skips, it_head, it_rnext, it_nid,
              it_tpfn, it_tgen, it_key, il, ir, ipar, icol, uroots,
              n_kind, n_kpfn, n_nid, n_key, nl, nr, sroots,
-             free_stack, free_top, cnt, mm_ksm, data_epoch, params, block_node, work,
+             free_stack, free_top, cnt, mm_ksm, pt_epoch, params, block_node, work,
              uh, ulog, ulog_len, sindex, stable_count,
              n_dhead, n_dnext, n_dprev, n_hlen, n_prune, eff_chain, eff_found, eff_prune,
              f_mapcount, f_refcount, f_index, it_hnext, it_hprev, it_anon_vma, n_hhead,
@@ -481,7 +481,7 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                 it_nid[item] = nid
                 it_tpfn[item] = pfn
                 it_key[item] = key
-                it_tgen[item] = data_epoch[mm_id]
+                it_tgen[item] = pt_epoch[mm_id]
                 uh[h] = item
                 ulog[ulog_len[0]] = item
                 ulog_len[0] += 1
@@ -499,9 +499,15 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
         aborted = False
         while cur != NIL:
             walked += 1
-            if not clean and data_epoch[it_mm[cur]] != it_tgen[cur]:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # cached key may be stale
-            tk = it_key[cur]
+            if clean:
+                tk = it_key[cur]
+            elif pt_epoch[it_mm[cur]] == it_tgen[cur]:
+                # no PTE of that mm changed since: the item still maps the same frame, whose
+                # contents may have changed under it (a write): compare them as they are now
+                tk = memcmp_key(f_content[it_tpfn[cur]])
+                it_key[cur] = tk
+            else:
+                return i, processed, BAIL_AFTER_CHECKSUM, item    # the page may have moved
             at = cur
             if key < tk:
                 cur = il[cur]
@@ -523,7 +529,7 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
             it_nid[item] = nid
             it_tpfn[item] = pfn
             it_key[item] = key
-            it_tgen[item] = data_epoch[mm_id]
+            it_tgen[item] = pt_epoch[mm_id]
             rb_link(il, ir, ipar, icol, uroots, nid, item, at, go_left)
             cnt[C_UNSHARED] += 1
         cnt[C_SCANNED] += 1

@@ -18,11 +18,12 @@ An item is in at most one tree:
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
 ``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
-tree also remembers the frame it was inserted with, that frame's memcmp key and
-its mm's data generation then (``tree_pfn``, ``tree_key``, ``tree_gen``):
-while the generation is unchanged the same frame with the same contents is
-mapped there, so the compiled scan loop can compare against the cached key
-without a page-table walk.
+tree also remembers the frame it was last seen mapping, that frame's memcmp key
+and its mm's page-table generation then (``tree_pfn``, ``tree_key``,
+``tree_gen``): while the generation is unchanged the same frame is still mapped
+there, so the compiled scan loop reads the frame's contents directly instead of
+walking page tables (and, while nothing at all has changed in the pass, trusts
+the cached key).
 
 Free items are kept on a stack (``free_stack``/``free_top``) that the
 compiled loop can pop from too.

@@ -235,7 +235,7 @@ class ScanMixin:
             items.links.parent, items.links.color, items.links.roots,
             nodes.kind, nodes.kpfn, nodes.nid, nodes.key, nodes.links.left, nodes.links.right,
             nodes.links.roots, items.free_stack, items.free_top, self.c.a, host.mm_ksm,
-            host.data_epoch, params, host.phys.block_node_array, self.work,
+            host.pt_epoch, params, host.phys.block_node_array, self.work,
             self._uh, self._ulog, self._ulog_len, self.stable_index.slots,
             self.stable_index.count, nodes.dhead, nodes.dnext, nodes.dprev, nodes.hlist_len,
             nodes.prune_time, self._eff_chain, self._eff_found, self._eff_prune,

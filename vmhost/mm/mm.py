@@ -74,14 +74,8 @@ class MM:
         self.host.pt_epoch[self.id] += 1
         self.touch_data()
 
-    @property
-    def data_gen(self) -> int:
-        """Generation of what this mm maps: changes with any PTE change or process write."""
-        return int(self.host.data_epoch[self.id])
-
     def touch_data(self) -> None:
         """Record that a page this mm maps may hold other contents now."""
-        self.host.data_epoch[self.id] += 1
         self.host.changes[0] += 1
 
     # mm->ksm_rmap_items, ksm_merging_pages, ksm_zero_pages: a row of host.mm_ksm, so that

@@ -1,0 +1,166 @@
+"""The density report: ``vmhost density CONFIG --report DIR``.
+
+Built from the result dict alone (``vmhost.density.DensityRunner.run``), so that a saved
+``result.json`` can be reported again. The page answers the density question in the order one
+asks it: the headline numbers (how many VMs fit, what limited KSM, what it saved and cost),
+then the plots: the three density curves against the capacity (where each crosses it is the
+answer), the savings over virtual time (how fast KSM gets there after each boot), the memory
+of each NUMA node after each step, ksmd's CPU share against its limit and the time to 50, 90
+and 99% of each step's savings. Older results without a timeline or per-node memory still
+report: those plots say they have no data, and why.
+
+All plots are in GiB (full-scale pages / 262,144); the CSV tables keep the exact page counts
+of the result: ``curve.csv`` (the three curves), ``steps.csv`` (one row per simulated step),
+``timeline.csv`` (the savings samples) and ``nodes.csv`` (per step and NUMA node).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmhost.density import GIB_PAGES, format_result
+from vmhost.reports.model import BarPlot, LinePlot, Series, Table
+from vmhost.reports.numbers import fmt
+from vmhost.reports.report import Report
+
+CURVE_COLUMNS = ["guests", "no_ksm_pages", "ksm_pages", "ideal_pages", "saved_pages",
+                 "fits_no_ksm", "fits_ksm", "fits_ideal"]
+STEP_COLUMNS = ["guests", "image", "guest", "domain", "ok", "steady", "settled_by", "full_scans",
+                "virtual_s", "used_pages", "free_pages", "pages_shared", "pages_sharing",
+                "ksm_zero_pages", "pages_unshared", "saved_pages", "ideal_now_pages", "swapped_pages",
+                "ksmd_cpu_share", "ksmd_cpu_s_total", "cpu_s_per_gib_saved", "swapin_rate",
+                "cow_ksm_rate", "p50_s", "p90_s", "p99_s", "storm_headroom_pages",
+                "storm_available_pages", "storm_survives", "oom_kills", "violations"]
+TIMELINE_COLUMNS = ["t_s", "guests", "saved_pages", "ksmd_cpu_s"]
+NODE_COLUMNS = ["guests", "node", "total_pages", "free_pages", "used_pages"]
+
+
+def _gib(pages):
+    return None if pages is None else pages / GIB_PAGES
+
+
+def _step_row(s: dict) -> list:
+    storm = s.get("storm") or {}
+    t = s.get("time_to") or {}
+    row = dict(s, p50_s=t.get("p50_s"), p90_s=t.get("p90_s"), p99_s=t.get("p99_s"),
+               storm_headroom_pages=storm.get("headroom_pages"),
+               storm_available_pages=storm.get("available_pages"), storm_survives=storm.get("survives"),
+               oom_kills=len(s.get("oom_kills") or ()), violations="; ".join(s.get("violations") or ()))
+    return [row.get(c) for c in STEP_COLUMNS]
+
+
+def tables(res: dict) -> list[Table]:
+    steps = res["steps"]
+    nodes = [[s["guests"], n["node"], n["total_pages"], n["free_pages"], n["total_pages"] - n["free_pages"]]
+             for s in steps for n in s.get("per_node", ())]
+    return [Table("curve", CURVE_COLUMNS, [[row.get(c) for c in CURVE_COLUMNS] for row in res["curve"]]),
+            Table("steps", STEP_COLUMNS, [_step_row(s) for s in steps]),
+            Table("timeline", TIMELINE_COLUMNS, [[p[c] for c in TIMELINE_COLUMNS] for p in res.get("timeline", ())]),
+            Table("nodes", NODE_COLUMNS, nodes)]
+
+
+def headline(res: dict) -> list[str]:
+    v = res["vms_per_host"]
+    out = [f"VMs per host: {v['no_ksm']} without KSM, {v['ksm']} with KSM, {v['ideal']} if every identical "
+           f"page were merged" + (f" (at least: {', '.join(res['capped_curves'])} reached the end of the boot "
+                                  f"sequence)" if res.get("capped_curves") else "") + ".",
+           f"KSM was limited by: {'; '.join(res['limited_by'])}."]
+    b = res.get("at_best")
+    if b:
+        out.append(f"At {b['guests']} guests KSM saves {fmt(b['saved_gib'])} GiB; ksmd uses "
+                   f"{fmt(100 * b['ksmd_cpu_share'])}% of one CPU at steady state, "
+                   f"{fmt(b['cpu_s_per_gib_saved'])} CPU-seconds per GiB saved.")
+        t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
+        out.append(f"Time to 50/90/99% of a step's steady-state savings: the first guest "
+                   f"{fmt(t1['p50_s'])}/{fmt(t1['p90_s'])}/{fmt(t1['p99_s'])} s, guest {b['guests']} "
+                   f"{fmt(tl['p50_s'])}/{fmt(tl['p90_s'])}/{fmt(tl['p99_s'])} s (virtual).")
+        if b.get("storm"):
+            s = b["storm"]
+            out.append(f"An unmerge storm at {b['guests']} guests needs {fmt(_gib(s['headroom_pages']))} GiB; "
+                       f"{fmt(_gib(s['available_pages']))} GiB are free above the min watermark: it "
+                       f"{'survives' if s['survives'] else 'does not survive'}. The most guests that "
+                       f"survive one: {res.get('vms_surviving_storm')}.")
+    h = res["host"]
+    out.append(f"Capacity for guests: {fmt(_gib(h['capacity_pages']))} GiB of {fmt(_gib(h['ram_pages']))} GiB "
+               f"RAM (less the high watermarks and the free headroom). Resolution 1/{res['resolution']}: "
+               f"{res['resolution_note']}.")
+    out.extend(f"Note: {n}" for n in res["notes"])
+    return out
+
+
+def _density_curves(res: dict) -> LinePlot:
+    curve = res["curve"]
+    ksm = [row for row in curve if "ksm_pages" in row]
+    return LinePlot(
+        "Memory needed for N VMs", "VMs on the host", "GiB needed",
+        [Series("no KSM", [r["guests"] for r in curve], [_gib(r["no_ksm_pages"]) for r in curve]),
+         Series("KSM (simulated)", [r["guests"] for r in ksm], [_gib(r["ksm_pages"]) for r in ksm]),
+         Series("ideal (every identical page merged)", [r["guests"] for r in curve],
+                [_gib(r["ideal_pages"]) for r in curve])],
+        hlines=[("capacity", _gib(res["host"]["capacity_pages"]))],
+        note="A curve fits while it stays under the capacity (RAM less the high watermarks and the "
+             "free headroom). KSM is simulated up to the first step that breaks a limit; the other "
+             "two are computed for the whole boot sequence.")
+
+
+def _savings_over_time(res: dict) -> LinePlot:
+    tl = res.get("timeline") or []
+    return LinePlot(
+        "KSM savings over time", "virtual time (s)", "GiB saved",
+        [Series("saved (pages_sharing + ksm_zero_pages)", [p["t_s"] for p in tl],
+                [_gib(p["saved_pages"]) for p in tl])],
+        note=("Each step starts with a guest's boot; the savings then rise as KSM merges its pages "
+              "over the following scans." if tl else "This result has no timeline of savings."))
+
+
+def _per_node(res: dict) -> BarPlot:
+    steps = [s for s in res["steps"] if s.get("per_node")]
+    nodes = sorted({n["node"] for s in steps for n in s["per_node"]})
+    series = []
+    for node in nodes:
+        per = [{n["node"]: n for n in s["per_node"]}.get(node) for s in steps]
+        series.append(Series(f"node {node} used", [_gib(n["total_pages"] - n["free_pages"]) if n else None
+                                                   for n in per]))
+        series.append(Series(f"node {node} free", [_gib(n["free_pages"]) if n else None for n in per]))
+    return BarPlot(
+        "Memory per NUMA node after each step", "GiB", [f"{s['guests']} guest{'s' if s['guests'] != 1 else ''}" for s in steps], series,
+        note=("Used and free memory of each node at the step's steady state." if steps else
+              "This result has no per-node memory."))
+
+
+def _ksmd_cpu(res: dict) -> LinePlot:
+    steps = res["steps"]
+    limit = res["limits"].get("ksmd_cpu")
+    return LinePlot(
+        "ksmd CPU at steady state", "VMs on the host", "% of one CPU",
+        [Series("ksmd", [s["guests"] for s in steps], [100 * s["ksmd_cpu_share"] for s in steps])],
+        hlines=[("limit", 100 * limit)] if limit is not None else [])
+
+
+def _time_to(res: dict) -> LinePlot:
+    steps = res["steps"]
+    return LinePlot(
+        "Time to X% of each step's savings", "VMs on the host", "virtual seconds after the boot",
+        [Series(f"{pct}%", [s["guests"] for s in steps], [(s.get("time_to") or {}).get(f"p{pct}_s") for s in steps])
+         for pct in (50, 90, 99)],
+        note="Virtual time from a guest's boot until the savings gained in its step reach X% of "
+             "what the step gained at steady state.")
+
+
+def build(res: dict) -> Report:
+    h = res["host"]
+    rep = Report(f"Density: {res['config']}",
+                 f"{res['profile']}: host {fmt(_gib(h['ram_pages']))} GiB, THP {h['thp']}, order {res['order']}, "
+                 f"{res['sequence_length']} guests in the boot sequence")
+    for p in headline(res):
+        rep.text(p)
+    for plot in (_density_curves(res), _savings_over_time(res), _per_node(res), _ksmd_cpu(res), _time_to(res)):
+        rep.plot(plot)
+    for t in tables(res):
+        rep.table(t)
+    return rep
+
+
+def write_density_report(res: dict, directory: str | Path) -> None:
+    """report.html, result.json, report.txt and the CSV tables, atomically."""
+    build(res).write(directory, res, files={"report.txt": format_result(res) + "\n"})
