@@ -87,6 +87,7 @@ def _staggered(res: dict, vms: list[VmSpec]) -> dict:
     step["oom_kills"] = [k for s in steps for k in s["oom_kills"]]
     step["no_ksm_pages"] = res["curve"][len(steps) - 1]["no_ksm_pages"]
     step["timeline"] = res["timeline"]
+    step["policy"] = res["policy"]
     step["wall_s"] = res["wall_s"]
     step["not_booted"] = [vm.name for vm in vms[len(steps):]]
     return step

@@ -8,6 +8,7 @@ optionally, a sweep::
         count: 100                         # hosts of this model available (default: no limit)
         host: {...}                        # exactly as in a host config file (vmhost.config)
         ksm: {...}
+        policy: {name: ksmtuned}           # optional KSM tuning policy, as in a host config
     inventory:                             # any of the three sources, concatenated in this order
       vms:                                 # inline
         - {image: linux-server, memory: 4GiB, count: 8, domain: tenant-a, name: web,

@@ -35,7 +35,7 @@ from vmhost.errors import InputError
 
 PAGE_SIZE = 4096
 TOP_KEYS = ("hosts", "inventory", "placement", "simulation", "sweep")
-MODEL_KEYS = ("name", "count", "host", "ksm")
+MODEL_KEYS = ("name", "count", "host", "ksm", "policy")
 INVENTORY_KEYS = ("vms", "generate", "libvirt")
 VM_KEYS = ("image", "memory", "count", "domain", "nosharepages", "locked", "name")
 GENERATE_KEYS = ("count", "seed", "mix")
@@ -55,12 +55,20 @@ class HostModel:
     index: int
     name: str
     count: int | None            # hosts of this model available (None: no limit)
-    doc: dict                    # the model's host and ksm sections, as written
+    doc: dict                    # the model's host, ksm and policy sections, as written
     config: HostConfig
 
     @property
     def ram_pages(self) -> int:
         return sum(n.mem_bytes for n in self.config.topology.nodes) // PAGE_SIZE
+
+    def kept_free_pages(self, resolution: int = 1) -> int:
+        """What the kernel keeps free on this host (its high watermarks), full scale, on the
+        host simulated at ``resolution``: watermarks grow with the square root of RAM, so a
+        scaled-down host keeps relatively more free."""
+        from vmhost.mm.page_alloc import watermarks
+        managed = [n.mem_bytes // PAGE_SIZE // resolution for n in self.config.topology.nodes]
+        return sum(high for _min, _low, high in watermarks(managed)) * resolution
 
 
 @dataclass
@@ -91,8 +99,9 @@ class Scenario:
     models: list[HostModel]
     vms: list[Vm]
     policy: str = "sharing-aware"
-    reserve_pages: dict[int, int] = field(default_factory=dict)   # per model index
-    sim: Simulation = field(default_factory=Simulation)
+    room_pages: dict[int, int] = field(default_factory=dict)   # per model index: RAM minus the
+    sim: Simulation = field(default_factory=Simulation)        # reserve and the watermarks
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -191,12 +200,21 @@ def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
     if policy not in POLICIES:
         raise _err(path, "placement.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
     scn = Scenario(name, value, models, vms, policy)
+    scn.sim = _simulation(doc.get("simulation", {}) or {}, path)
+    _check_resolution(scn, path)
     reserve = pl.get("reserve", "5%")
     for m in models:
-        scn.reserve_pages[m.index] = _reserve(reserve, m, path)
-    scn.sim = _simulation(doc.get("simulation", {}) or {}, path)
+        kept, kept_full = m.kept_free_pages(scn.sim.resolution), m.kept_free_pages()
+        scn.room_pages[m.index] = m.ram_pages - _reserve(reserve, m, path) - kept
+        if scn.room_pages[m.index] <= 0:
+            raise _err(path, "placement.reserve", f"{reserve!r} leaves no room on host model {m.name!r} "
+                                                  f"({m.ram_pages // 256} MiB, of which the kernel "
+                                                  f"keeps {kept // 256} MiB free)")
+        if kept > 2 * kept_full:
+            scn.notes.append(f"host model {m.name}: simulated at 1/{scn.sim.resolution}, the kernel keeps "
+                             f"{kept / 256:.0f} MiB free (its watermarks grow with the square root of "
+                             f"RAM), {kept_full / 256:.0f} MiB at full size; placement leaves the former")
     _check_fit(scn, path)
-    _check_resolution(scn, path)
     return scn
 
 
@@ -219,7 +237,7 @@ def _models(entries: Any, path: str) -> list[HostModel]:
         count = None
         if m.get("count") is not None:
             count = expect_int(m["count"], path, f"{key}.count", 1, 1_000_000)
-        doc = {k: copy.deepcopy(m[k]) for k in ("host", "ksm") if k in m}
+        doc = {k: copy.deepcopy(m[k]) for k in ("host", "ksm", "policy") if k in m}
         try:
             cfg = parse_host_config(doc, path)
         except ConfigError as exc:
@@ -238,11 +256,7 @@ def _reserve(value: Any, model: HostModel, path: str) -> int:
         if not 0 <= pct < 100:
             raise _err(path, "placement.reserve", f"{value} is out of range [0%, 100%)")
         return int(math.ceil(pct / 100 * ram))
-    pages = -(-parse_size(value, path, "placement.reserve", minimum=0) // PAGE_SIZE)
-    if pages >= ram:
-        raise _err(path, "placement.reserve", f"{value!r} leaves nothing of host model "
-                                              f"{model.name!r} ({ram // 256} MiB)")
-    return pages
+    return -(-parse_size(value, path, "placement.reserve", minimum=0) // PAGE_SIZE)
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,11 +427,12 @@ def _simulation(s: Any, path: str) -> Simulation:
 
 def _check_fit(scn: Scenario, path: str) -> None:
     """Every VM fits an empty host of some model by its configured memory."""
-    room = max(m.ram_pages - scn.reserve_pages[m.index] for m in scn.models)
+    room = max(scn.room_pages.values())
     for vm in scn.vms:
         if vm.memory_mib * 256 > room:
             raise _err(path, vm.where, f"VM {vm.name} ({vm.memory_mib} MiB) fits no host model "
-                                       f"(the most room is {room // 256} MiB after the reserve)")
+                                       f"(the most room is {room // 256} MiB, after the reserve and "
+                                       f"what the kernel keeps free)")
 
 
 def _check_resolution(scn: Scenario, path: str) -> None:

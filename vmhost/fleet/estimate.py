@@ -6,7 +6,8 @@ contents from, what KSM would merge at steady state:
 
 * a class of ``n`` pages, written at boot with probability ``t`` and rewritten (a hot page,
   given contents nobody has) with probability ``h``, has ``m = n t (1 - h)`` mergeable
-  resident pages;
+  resident pages; a guest writes its hot set once at boot (the simulation's warm start), so
+  ``n (1 - (1 - t)(1 - h))`` pages are resident before ksmd merges anything (all if locked);
 * zero pages all merge (into one KSM page, or the zero page): ``m`` saved;
 * a class with ``D0 = ceil(distinct n)`` distinct contents, each repeated ``n / D0`` times,
   keeps ``D = D0 (1 - (1 - f)^(n / D0))`` distinct contents among its ``f = t (1 - h)``
@@ -18,10 +19,9 @@ contents from, what KSM would merge at steady state:
   probability ``a = f / pool``. A new guest's contents are already on the host with
   probability ``1 - prod(1 - a_j)`` over the guests there, which is what it saves.
 
-A guest's boot footprint -- what the host must hold before ksmd merges anything -- is the
-pages it writes at boot (all of them if locked). Guests with ``nosharepages`` save nothing and
-add nothing. The estimate is meant to err low: a hot page counts as never merged, although the
-slow writers of idle guests leave most hot pages merged between rewrites. Not modelled: merge_across_nodes=0
+Guests with ``nosharepages`` save nothing and add nothing. The estimate errs low: a hot page
+counts as never merged, although a slowly written one may stay merged between rewrites. Not
+modelled: merge_across_nodes=0
 on multi-node hosts (one copy per node), ksmd not reaching steady state, THP.
 """
 
@@ -39,7 +39,7 @@ PAGES_PER_MIB = 256
 class Profile:
     """What one VM brings to a host, for the estimate."""
     pages: int                                      # configured memory
-    boot_pages: float                               # written at boot, before any merging
+    boot_pages: float                               # resident before any merging
     self_saved: float                               # pages saved inside the guest
     shared: tuple[tuple[tuple, float, float], ...]  # (content key, distinct resident D, a)
 
@@ -47,7 +47,9 @@ class Profile:
 def profile(img, memory_mib: int, domain: str, mergeable: bool, locked: bool = False) -> Profile:
     pages = memory_mib * PAGES_PER_MIB
     sizes = img.class_pages(memory_mib)
-    boot = float(pages) if locked else sum(n * img.classes[c].boot_touched for c, n in sizes.items())
+    written = sum(n * (1.0 - (1.0 - img.classes[c].boot_touched) * (1.0 - _hot(img.classes[c])))
+                  for c, n in sizes.items())
+    boot = float(pages) if locked else written
     if not mergeable:
         return Profile(pages, boot, 0.0, ())
     self_saved, shared = 0.0, []
@@ -55,7 +57,7 @@ def profile(img, memory_mib: int, domain: str, mergeable: bool, locked: bool = F
         if n == 0:
             continue
         spec = img.classes[cname]
-        h = spec.steady_hot if spec.steady_rate > 0 else 0.0
+        h = _hot(spec)
         f = spec.boot_touched * (1.0 - h)
         m = n * f
         if cname == "zero":
@@ -68,6 +70,11 @@ def profile(img, memory_mib: int, domain: str, mergeable: bool, locked: bool = F
             key = (cname, domain, getattr(img, SHARED_KEY[cname]))
             shared.append((key, d, f / spec.pool))
     return Profile(pages, boot, self_saved, tuple(shared))
+
+
+def _hot(spec) -> float:
+    """The fraction of a class's pages its steady-state writers rewrite."""
+    return spec.steady_hot if spec.steady_rate > 0 else 0.0
 
 
 @dataclass

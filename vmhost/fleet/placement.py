@@ -1,6 +1,7 @@
 """Placing a scenario's VMs onto hosts: the three policies.
 
-Each host has room for its model's RAM minus the reserve. A new host is opened, when no open
+Each host has room for its model's RAM minus the reserve and minus what the kernel keeps free
+(the high watermarks of the host as simulated). A new host is opened, when no open
 host takes the VM, of the first model that has hosts left and room for the VM; a VM no model
 can take any more is left unplaced (and reported). A policy that credits KSM must also leave
 room for the boot transient, since a guest's boot writes are resident before ksmd has merged
@@ -33,7 +34,7 @@ from vmhost.fleet.estimate import HostEstimate, Profile, profile
 class PlacedHost:
     index: int
     model: int                                  # index into scenario.models
-    capacity_pages: int                         # RAM minus the reserve
+    capacity_pages: int                         # the model's room
     vms: list[int] = field(default_factory=list)   # indices into scenario.vms, in boot order
     configured_pages: int = 0
     charged_pages: float = 0.0                  # what the policy counted against the room
@@ -88,7 +89,7 @@ class _Packer:
         for m in self.scn.models:
             if self.left[m.index] is not None and self.left[m.index] <= 0:
                 continue
-            h = PlacedHost(len(self.hosts), m.index, m.ram_pages - self.scn.reserve_pages[m.index])
+            h = PlacedHost(len(self.hosts), m.index, self.scn.room_pages[m.index])
             if self.fits(h, i):
                 if self.left[m.index] is not None:
                     self.left[m.index] -= 1

@@ -55,7 +55,8 @@ def summarize(fleet: Fleet, placements: list[Placement], keys: list[list[str]],
         kills = [name for row in rows for name in row["oom_kills"]]
         scenarios.append({
             "name": scn.name, "value": scn.value, "policy": pl.policy,
-            "resolution": scn.sim.resolution,
+            "resolution": scn.sim.resolution, "notes": scn.notes,
+            "room_pages": {m.name: scn.room_pages[m.index] for m in scn.models},
             "hosts_needed": len(pl.hosts), "hosts_by_model": by_model,
             "vms": len(scn.vms), "vms_placed": len(scn.vms) - len(pl.unplaced),
             "unplaced": [scn.vms[i].name for i in pl.unplaced],
@@ -72,7 +73,8 @@ def summarize(fleet: Fleet, placements: list[Placement], keys: list[list[str]],
             "ksmd_cpu_share_max": max(shares, default=0.0),
             "hosts_not_steady": sum(1 for row in rows if not row["steady"]),
         })
-    return {"config": fleet.path, "sweep": fleet.sweep_key, "scenarios": scenarios,
+    notes = list(dict.fromkeys(n for s in fleet.scenarios for n in s.notes))
+    return {"config": fleet.path, "sweep": fleet.sweep_key, "notes": notes, "scenarios": scenarios,
             "hosts": [row for rows in per_host for row in rows]}
 
 
@@ -84,6 +86,7 @@ def format_result(res: dict) -> str:
     run = res.get("run", {})
     lines = [f"fleet {res['config']}: {len(res['scenarios'])} scenario(s)"
              + (f", sweep over {res['sweep']}" if res["sweep"] else "")]
+    lines.extend(f"note: {n}" for n in res["notes"])
     if run:
         where = f" on {run['workers']} worker(s) at {run['scheduler']}" if run["computed"] else ""
         lines.append(f"host simulations: {run['tasks']} ({run['resumed']} resumed, {run['computed']} "

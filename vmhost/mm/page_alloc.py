@@ -163,14 +163,8 @@ class PageAllocator:
         self._recompute_watermarks()
 
     def _recompute_watermarks(self) -> None:
-        total_kib = int(self.managed.sum()) * PAGE_KIB
-        min_free_kib = min(max(int(math.isqrt(total_kib * 16)), 128), 262144)
-        for n, wm in enumerate(self.watermarks):
-            share = int(self.managed[n]) / max(int(self.managed.sum()), 1)
-            wm.min = int(min_free_kib * share) // PAGE_KIB
-            gap = max(wm.min // 4, int(self.managed[n]) * WATERMARK_SCALE_FACTOR // 10000)
-            wm.low = wm.min + gap
-            wm.high = wm.min + 2 * gap
+        for wm, (wmin, low, high) in zip(self.watermarks, watermarks(self.managed.tolist())):
+            wm.min, wm.low, wm.high = wmin, low, high
 
     # -- queries ------------------------------------------------------------------------
     def free_pages(self, node: int | None = None) -> int:
@@ -271,3 +265,18 @@ class PageAllocator:
         blk = self.phys.blocks[head // self.phys.block_pages]
         if blk.state.value == "online":
             self._area(blk).chunks.push(np.array([head], dtype=np.int64))
+
+
+def watermarks(managed: list[int]) -> list[tuple[int, int, int]]:
+    """(min, low, high) in pages for nodes managing ``managed`` pages each: min_free_kbytes =
+    sqrt(16 x KiB managed), clamped, shared among the nodes by size; low and high one and two
+    gaps above it (a quarter of min, or watermark_scale_factor of the node)."""
+    total = sum(managed)
+    min_free_kib = min(max(int(math.isqrt(total * PAGE_KIB * 16)), 128), 262144)
+    out = []
+    for pages in managed:
+        wmin = int(min_free_kib * (pages / max(total, 1))) // PAGE_KIB
+        gap = max(wmin // 4, pages * WATERMARK_SCALE_FACTOR // 10000)
+        out.append((wmin, wmin + gap, wmin + 2 * gap))
+    return out
+
