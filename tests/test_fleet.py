@@ -389,7 +389,10 @@ def example_results(cluster, tmp_path_factory):
 @pytest.mark.parametrize("example", [p.name for p in EXAMPLES])
 def test_examples_run(example_results, example):
     res, report = example_results[example]
-    assert sorted(p.name for p in report.iterdir()) == ["hosts.csv", "result.json", "scenarios.csv"]
+    assert sorted(p.name for p in report.iterdir()) == ["hosts.csv", "report.html", "report.txt",
+                                                        "result.json", "scenarios.csv"]
+    html = (report / "report.html").read_text()
+    assert "<svg" in html and "Hosts needed per scenario" in html and "://" not in html   # offline
     assert json.loads((report / "result.json").read_text()) == res
     assert len(res["scenarios"]) > 1
     for s in res["scenarios"]:

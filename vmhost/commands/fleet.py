@@ -20,8 +20,8 @@ def register(sub) -> None:
                    help="an existing Dask scheduler (e.g. tcp://10.0.0.5:8786); default: a local cluster")
     p.add_argument("--workers", type=whole_number, metavar="N",
                    help="worker processes of the local cluster (default: the CPU count)")
-    p.add_argument("--report", metavar="DIR", help="also write report.html, result.json and CSV tables "
-                                                   "to DIR (atomically)")
+    p.add_argument("--report", metavar="DIR", help="also write report.html (offline), result.json, "
+                                                   "report.txt and CSV tables to DIR (atomically)")
     p.add_argument("--state", metavar="DIR",
                    help="where finished host simulations are kept, so that a re-run resumes "
                         "(default: $XDG_CACHE_HOME/vmhost/fleet)")
@@ -32,10 +32,10 @@ def register(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from vmhost.fleet.config import load_fleet
-    from vmhost.fleet.report import write_report
     from vmhost.fleet.result import format_result
     from vmhost.fleet.runner import dask_client, run_fleet
     from vmhost.fleet.tasks import ResultStore, default_state_dir
+    from vmhost.reports.fleet import write_fleet_report
     if args.scheduler and args.workers is not None:
         raise InputError("fleet: --workers sizes the local cluster; an existing scheduler has its own workers")
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -51,6 +51,6 @@ def _run(args: argparse.Namespace) -> int:
               f"run the same command again to resume", file=sys.stderr)
         return 130
     if args.report:
-        write_report(result, args.report)
+        write_fleet_report(result, args.report)
     print(json.dumps(result) if args.json else format_result(result))
     return 0

@@ -37,5 +37,5 @@ scenarios; :mod:`~vmhost.fleet.estimate` predicts a VM's KSM savings on a host f
 content classes; :mod:`~vmhost.fleet.placement` packs the inventory onto hosts;
 :mod:`~vmhost.fleet.tasks` is the per-host simulation task and its content-addressed result
 store; :mod:`~vmhost.fleet.runner` runs the tasks on Dask distributed; :mod:`~vmhost.fleet.result`
-sums them up per scenario; :mod:`~vmhost.fleet.report` writes the report directory.
+sums them up per scenario (the report directory is :mod:`vmhost.reports.fleet`).
 """
