@@ -411,3 +411,12 @@ def test_sharing_aware_needs_fewer_hosts(example_results):
     assert sa["vms_placed"] == sa["vms"] and not sa["oom_kills"]
     assert sa["swapin_pages"] == sa["swapout_pages"] == 0
     assert sa["saved_pages"] > max(by["first-fit"]["saved_pages"], by["first-fit-ksm"]["saved_pages"])
+
+
+def test_bench_fleet_small():
+    r = vmhost("bench", "fleet", "--hosts", 2, "--scenarios", 2, "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["hosts_per_scenario"] == [2, 2] and res["distinct_tasks"] == 4
+    assert [x["workers"] for x in res["runs"]] == [1, 2] and res["identical_results"]
+    assert all(x["tasks"] == 4 and x["tasks_per_s"] > 0 for x in res["runs"])

@@ -33,6 +33,13 @@ def register(sub) -> None:
     ksm.add_argument("--verbose", action="store_true", help="progress on stderr")
     ksm.add_argument("--json", action="store_true", help="print JSON")
     ksm.set_defaults(func=_ksm)
+    fleet = bench_sub.add_parser("fleet", help="fleet host simulations per second on Dask: 1 worker against 2")
+    fleet.add_argument("--hosts", type=whole_number, default=200, help="hosts per scenario (default 200)")
+    fleet.add_argument("--scenarios", type=whole_number, default=3, help="scenarios (default 3)")
+    fleet.add_argument("--workers", default="1,2", help="worker counts to compare, comma-separated (default 1,2)")
+    fleet.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    fleet.add_argument("--json", action="store_true", help="print JSON")
+    fleet.set_defaults(func=_fleet)
 
 
 def _rmap(args: argparse.Namespace) -> int:
@@ -64,4 +71,16 @@ def _ksm(args: argparse.Namespace) -> int:
         result = ksm.run(args.pages, args.procs, args.scans, kernel=not args.emulator_only,
                          emulator=not args.kernel_only, log=log)
     print(json.dumps(result) if args.json else ksm.format_table(result))
+    return 0
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from vmhost.benchmarks import fleet
+    from vmhost.errors import InputError
+    try:
+        workers = tuple(int(w) for w in args.workers.split(","))
+    except ValueError:
+        raise InputError(f"bench fleet: --workers {args.workers!r} is not a comma-separated list of counts") from None
+    result = fleet.run(args.hosts, args.scenarios, workers, quiet=args.quiet)
+    print(json.dumps(result) if args.json else fleet.format_table(result))
     return 0
