@@ -2,7 +2,7 @@
 
 Per scenario: hosts needed (and of which model), VMs placed and left unplaced, memory
 configured vs used, KSM savings (simulated, and what placement estimated), swap-in/out,
-OOM kills, ksmd CPU. Page counts are full-scale 4 KiB pages (the simulation scales them back
+OOM kills (and, with staggered boots, the VMs an OOM kill kept from booting), ksmd CPU. Page counts are full-scale 4 KiB pages (the simulation scales them back
 from its resolution); ``saved_fraction`` is saved pages over the pages the same VMs would use
 without KSM.
 """
@@ -32,7 +32,8 @@ def scenario_hosts(fleet: Fleet, placements: list[Placement], keys: list[list[st
                 "no_ksm_pages": r["no_ksm_pages"], "used_pages": r["used_pages"],
                 "saved_pages": r["saved_pages"], "free_pages": r["free_pages"],
                 "swapin_pages": r["swapin_pages"], "swapout_pages": r["swapout_pages"],
-                "oom_kills": r["oom_kills"], "ksmd_cpu_s": r["ksmd_cpu_s"],
+                "oom_kills": r["oom_kills"], "not_booted": r.get("not_booted", []),
+                "ksmd_cpu_s": r["ksmd_cpu_s"],
                 "ksmd_cpu_share": r["ksmd_cpu_share"], "steady": r["steady"],
                 "task": k, "wall_s": records[k]["wall_s"],
             })
@@ -68,6 +69,7 @@ def summarize(fleet: Fleet, placements: list[Placement], keys: list[list[str]],
             "swapin_pages": total("swapin_pages"), "swapout_pages": total("swapout_pages"),
             "hosts_swapping": sum(1 for row in rows if row["swapin_pages"] or row["swapout_pages"]),
             "oom_kills": kills, "hosts_with_oom": sum(1 for row in rows if row["oom_kills"]),
+            "not_booted": [name for row in rows for name in row["not_booted"]],
             "ksmd_cpu_s": round(total("ksmd_cpu_s"), 6),
             "ksmd_cpu_share_mean": round(sum(shares) / len(shares), 6) if shares else 0.0,
             "ksmd_cpu_share_max": max(shares, default=0.0),
@@ -105,6 +107,8 @@ def format_result(res: dict) -> str:
             lines.append(f"  unplaced (no host left): {', '.join(s['unplaced'])}")
         if s["oom_kills"]:
             lines.append(f"  OOM kills: {', '.join(s['oom_kills'])}")
+        if s["not_booted"]:
+            lines.append(f"  not booted (an OOM kill ended the host's boots): {', '.join(s['not_booted'])}")
         if s["hosts_not_steady"]:
             lines.append(f"  {s['hosts_not_steady']} host(s) did not reach KSM steady state")
     return "\n".join(lines)

@@ -52,6 +52,10 @@ def dask_client(scheduler: str | None = None, workers: int = 2, quiet: bool = Fa
         except (OSError, TimeoutError, ValueError) as exc:
             raise InputError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
         with client:
+            try:
+                client.wait_for_workers(1, timeout=60)
+            except TimeoutError:
+                raise InputError(f"--scheduler {scheduler}: no worker joined within 60 s") from None
             yield client
         return
     with LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,

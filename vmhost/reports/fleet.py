@@ -25,11 +25,11 @@ from vmhost.reports.report import Report
 SCENARIO_COLUMNS = ["name", "policy", "hosts_needed", "vms", "vms_placed", "ram_pages",
                     "configured_pages", "no_ksm_pages", "used_pages", "saved_pages", "saved_fraction",
                     "estimated_saved_pages", "swapin_pages", "swapout_pages", "hosts_swapping",
-                    "oom_kills", "hosts_with_oom", "ksmd_cpu_s", "ksmd_cpu_share_mean",
+                    "oom_kills", "hosts_with_oom", "not_booted", "ksmd_cpu_s", "ksmd_cpu_share_mean",
                     "ksmd_cpu_share_max", "hosts_not_steady", "unplaced"]
 HOST_COLUMNS = ["scenario", "host", "model", "vms", "ram_pages", "configured_pages", "charged_pages",
                 "estimated_saved_pages", "no_ksm_pages", "used_pages", "saved_pages", "free_pages",
-                "swapin_pages", "swapout_pages", "oom_kills", "ksmd_cpu_s", "ksmd_cpu_share", "steady",
+                "swapin_pages", "swapout_pages", "oom_kills", "not_booted", "ksmd_cpu_s", "ksmd_cpu_share", "steady",
                 "task"]
 
 
@@ -62,7 +62,8 @@ def headline(res: dict) -> list[str]:
                    f"({fmt(100 * s['saved_fraction'])}% of {fmt(_gib(s['no_ksm_pages']))} GiB; placement "
                    f"estimated {fmt(_gib(s['estimated_saved_pages']))}); ksmd {fmt(s['ksmd_cpu_s'])} CPU-s, "
                    f"at most {fmt(100 * s['ksmd_cpu_share_max'])}% of a CPU on one host; "
-                   f"{s['hosts_swapping']} hosts swapping, {len(s['oom_kills'])} OOM kills.")
+                   f"{s['hosts_swapping']} hosts swapping, {len(s['oom_kills'])} OOM kills"
+                   + (f", {len(s['not_booted'])} VMs not booted after one" if s["not_booted"] else "") + ".")
     if len(sc) > 1:
         best = min(sc, key=lambda s: (s["hosts_needed"], -s["saved_pages"]))
         out.append(f"Fewest hosts: {_label(best)} ({best['hosts_needed']}).")
