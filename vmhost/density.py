@@ -986,6 +986,10 @@ def format_result(res: dict) -> str:
         lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct(b['ksmd_cpu_share'])} "
                      f"(steady); {b['cpu_s_per_gib_saved'] if b['cpu_s_per_gib_saved'] is not None else '-'}"
                      f" ksmd CPU-s per GiB saved")
+        swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]), 0)
+        if swapped:
+            lines.append(f"at {b['guests']} guests {_gib(swapped)} GiB are swapped out: the KSM count "
+                         f"uses swap, the no-KSM and ideal curves count RAM only")
         t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
         lines.append(f"time to 50/90/99% of steady-state savings: first guest {_t(t1['p50_s'])}/"
                      f"{_t(t1['p90_s'])}/{_t(t1['p99_s'])}; guest {b['guests']} "
@@ -998,7 +1002,7 @@ def format_result(res: dict) -> str:
                          f"{'survives' if s['survives'] else 'does NOT survive'}; "
                          f"largest N surviving: {res.get('vms_surviving_storm')}")
     lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
-                 f"{'cpu':>7} {'swapin/s':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
+                 f"{'cpu':>7} {'swapin/s':>8} {'swap GiB':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
                  f"{'scans':>5} verdict")
     steps = {s["guests"]: s for s in res["steps"]}
     for row in res["curve"]:
@@ -1013,7 +1017,8 @@ def format_result(res: dict) -> str:
             verdict += f" (not steady: {s['settled_by']})"
         lines.append(f"{row['guests']:>4} {s['image'][:16]:<16} {_gib(row['no_ksm_pages']):>9} "
                      f"{_gib(s['used_pages']):>8} {_gib(row['ideal_pages']):>9} {_gib(s['saved_pages']):>9} "
-                     f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib(s['free_pages']):>8} "
+                     f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib(s['swapped_pages']):>8} "
+                     f"{_gib(s['free_pages']):>8} "
                      f"{_t(s['time_to']['p50_s']):>8} {_t(s['time_to']['p90_s']):>8} "
                      f"{_t(s['time_to']['p99_s']):>8} {s['full_scans']:>5} {verdict}")
     lines.append(f"wall time {res['wall_s']:.1f}s")
