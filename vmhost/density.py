@@ -120,7 +120,7 @@ LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
 STORM_KEYS = ("fraction", "window")
 MIN_BATCH_PAGES = 256
 TIMELINE_POINTS_PER_STEP = 64
-WRITES_PER_SCAN = 16
+WRITES_PER_SCAN = 8
 STRIDE_FROM, STRIDE_MAX = 8, 16
 DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MILLISECS = 100, 20     # the kernel's defaults
 POLICY_CHANGES_KEPT = 200
@@ -582,7 +582,7 @@ class DensityRunner:
         self._writer = self.host.clock.after(self._write_dt, self._writer_tick)
 
     def _pace_writes(self) -> None:
-        """The write period of the coming step: the configured one, or a sixteenth of a full
+        """The write period of the coming step: the configured one, or an eighth of a full
         scan if that is longer. What KSM sees of the writes is how many land on each page
         between two visits, which is the same in fewer, larger batches; the number of clock
         events per step then stays proportional to the guests, not to guests x scan time."""
