@@ -208,6 +208,13 @@ class GuestMemory:
     touched: np.ndarray          # (pages,) bool: written at boot (the host allocates it)
     steady: list[tuple[str, np.ndarray, float]] = field(default_factory=list)  # (class, hot gpfns, rate)
     _versions: int = 0
+    _keys: dict = field(default_factory=dict, repr=False)     # stream keys, computed once
+
+    def _key(self, *parts) -> int:
+        k = self._keys.get(parts)
+        if k is None:
+            k = self._keys[parts] = key64(*parts)
+        return k
 
     @classmethod
     def build(cls, img: Image, name: str, seed: int, domain: str, memory_mib: int) -> "GuestMemory":
@@ -252,7 +259,7 @@ class GuestMemory:
     def steady_step(self, now_ns: int, dt_ns: int) -> tuple[np.ndarray, np.ndarray]:
         """Writes of one period of ``dt_ns`` at ``now_ns``: deterministic in (seed, now)."""
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(now_ns // 1000) & 0xFFFFFFFF,
-                                     key64(self.name) & 0xFFFFFFFF])
+                                     self._key(self.name) & 0xFFFFFFFF])
         gs, cs = [], []
         for cname, hot, rate in self.steady:
             expect = rate * dt_ns / 1e9
@@ -263,7 +270,7 @@ class GuestMemory:
             self._versions += n
             # every rewrite gets a content never seen before: the guest's running count of
             # rewrites is unique on its own (times would overflow 64 bits within hours)
-            ids = tagged("rewrite", key64(self.domain, self.name, self.seed, cname),
+            ids = tagged("rewrite", self._key(self.domain, self.name, self.seed, cname),
                          np.arange(self._versions - n, self._versions))
             gs.append(g)
             cs.append(ids)
@@ -279,7 +286,7 @@ class GuestMemory:
         for cname, hot, _rate in self.steady:
             n = len(hot)
             self._versions += n
-            ids = tagged("rewrite", key64(self.domain, self.name, self.seed, cname),
+            ids = tagged("rewrite", self._key(self.domain, self.name, self.seed, cname),
                          np.arange(self._versions - n, self._versions))
             self.content[hot] = ids
             gs.append(hot)

@@ -260,3 +260,38 @@ def test_example_configs_run(path):
     v = res["vms_per_host"]
     assert v["no_ksm"] <= v["ideal"] and v["ksm"] >= 1
     assert all(s["saved_pages"] >= 0 for s in res["steps"])
+
+
+def test_strided_search_gives_the_one_by_one_answer(tmp_path, hand):
+    """stride auto (the hand case's default) against stride 1: the same VMs per host, and the
+    same counters wherever both simulated the same number of guests."""
+    exact = run_density(write(tmp_path, HAND.replace("  max_guests: 40", "  max_guests: 40\n  stride: 1")))
+    assert [s["booted"] for s in exact["steps"]] == [1] * len(exact["steps"])
+    assert any(s["booted"] > 1 for s in hand["steps"])           # the default did stride
+    assert hand["vms_per_host"] == exact["vms_per_host"]
+    one = {s["guests"]: s for s in exact["steps"]}
+    for s in hand["steps"]:
+        e = one[s["guests"]]
+        assert (s["pages_shared"], s["pages_sharing"], s["used_pages"], s["ok"]) == \
+               (e["pages_shared"], e["pages_sharing"], e["used_pages"], e["ok"])
+
+
+def test_a_snapshot_restores_the_whole_simulation(tmp_path):
+    """Two steps after a snapshot, restore, the same two steps again: the same numbers (the
+    clock's callbacks, writers and ksmd included, act on the restored state)."""
+    cfg = load_density(ROOT / "configs" / "density-tiny.yaml")
+    runner = DensityRunner(cfg)
+    runner._build()
+    runner._boot_step(0, 1)
+    snap = runner._snapshot()
+
+    def two_steps():
+        a = runner._boot_step(1, 1)
+        b = runner._boot_step(2, 1)
+        return [(s["pages_shared"], s["pages_sharing"], s["used_pages"], s["ksmd_cpu_s_total"],
+                 s["virtual_s"]) for s in (a, b)]
+
+    first = two_steps()
+    runner._restore(snap)
+    assert len(runner.guests) == 1 and runner.ksm.c.pages_sharing < first[0][1] // cfg.resolution
+    assert two_steps() == first

@@ -26,6 +26,7 @@ boot, e.g. ``policy: {name: ksmtuned}``) plus::
         time: 30s                          # ... or instead: a fixed virtual time per step
       write_period: 1s                     # guests' steady-state writes are issued this often
       warm_start: true                     # each guest's hot set is written once at boot (default)
+      stride: auto                         # guests per step: auto (grows with sqrt(n)) or a number
       limits:                              # the service limits (OOM kills always fail a step)
         swapin_rate: 100                   # pages/s swapped in (at full scale), over the step
         ksmd_cpu: 0.25                     # ksmd's CPU share (fraction of one CPU), steady state
@@ -42,7 +43,13 @@ The models
 model, guest contents from ``guests.images``, steady-state writers on the virtual clock, the
 complete KSM with ksmd). After each boot the clock runs until KSM is at steady state (``settle``)
 and the step is checked against the limits; the first step that breaks one ends the search and
-the answer is the step before. Curve (b) is this simulation. With ``warm_start`` (the default)
+the answer is the step before. Curve (b) is this simulation. Each step scans every guest
+booted so far, so one guest a step would cost the square of the guest count; with ``stride:
+auto`` (the default) a step boots several guests once there are 8 (about sqrt(n / 2), at most
+16). A step that meets every limit counts for all of its guests; one that breaks a limit is
+undone (the simulation is restored from a snapshot taken before it) and redone one guest at a
+time, so the answer is the one-by-one answer wherever the limits only get harder with more
+guests (``stride: 1`` steps one by one throughout). With ``warm_start`` (the default)
 each guest writes its whole hot set once right after its boot writes, as a guest that has run
 for a while would have: a step then settles to the long-run state that curves (a) and (c)
 describe (without it, hot frames still holding their boot contents can merge for a while, and
@@ -106,13 +113,15 @@ HPAGE = 512
 GIB_PAGES = (1 << 30) // PAGE_SIZE
 ORDERS = ("as-listed", "round-robin", "weighted")
 DENSITY_KEYS = ("mix", "order", "seed", "max_guests", "resolution", "settle", "write_period",
-                "warm_start", "limits", "unmerge_storm", "samples_per_scan")
+                "warm_start", "stride", "limits", "unmerge_storm", "samples_per_scan")
 MIX_KEYS = ("image", "memory", "weight", "count", "domain", "nosharepages", "locked", "name")
 SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
 LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
 STORM_KEYS = ("fraction", "window")
 MIN_BATCH_PAGES = 256
 TIMELINE_POINTS_PER_STEP = 64
+WRITES_PER_SCAN = 8
+STRIDE_FROM, STRIDE_MAX = 8, 16
 DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MILLISECS = 100, 20     # the kernel's defaults
 POLICY_CHANGES_KEPT = 200
 SCALED_KNOBS = ("pages_to_scan", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan")
@@ -146,6 +155,7 @@ class DensityConfig:
     settle_time_ns: int | None = None
     write_period_ns: int = 1_000_000_000
     warm_start: bool = True
+    stride: str | int = "auto"
     samples_per_scan: int = 32
     swapin_rate: float | None = None
     ksmd_cpu: float | None = None
@@ -265,6 +275,8 @@ def parse_density(doc: Any, path: str) -> DensityConfig:
         cfg.write_period_ns = parse_duration_ns(d["write_period"], path, "density.write_period")
     if "warm_start" in d:
         cfg.warm_start = _bool(d["warm_start"], path, "density.warm_start")
+    if "stride" in d and d["stride"] != "auto":
+        cfg.stride = expect_int(d["stride"], path, "density.stride", 1, 4096)
     settle = d.get("settle", {}) or {}
     expect_mapping(settle, path, "density.settle", SETTLE_KEYS)
     if "time" in settle:
@@ -461,7 +473,6 @@ def _guest_facts(gm, entry: MixEntry, thp: bool) -> _GuestFacts:
 class _Guest:
     def __init__(self, qp, gm, entry: MixEntry):
         self.qp, self.gm, self.entry = qp, gm, entry
-        self.event = None
         self.written = np.zeros(gm.pages, dtype=bool)     # frames the guest has written
 
 
@@ -492,6 +503,8 @@ class DensityRunner:
         self.guests: list[_Guest] = []
         self.samples: list[tuple[int, int, int]] = []  # (time, saved pages, ksmd CPU), simulated scale
         self.timeline: list[dict] = []                   # every step's samples, thinned, full scale
+        self._writer = None                              # the steady-state writers' next event
+        self._write_dt = self.cfg.write_period_ns
         self._sampler = None
 
     def capacity_pages(self) -> int:
@@ -548,8 +561,6 @@ class DensityRunner:
         self._write(g, gpfns, ids)
         if self.cfg.warm_start:
             self._write(g, *gm.warm_writes())
-        if gm.steady:
-            self._schedule_writes(g)
         return g
 
     def _write(self, g: _Guest, gpfns, ids) -> None:
@@ -562,18 +573,22 @@ class DensityRunner:
         except OutOfMemory:
             pass            # the OOM kill is recorded in host.oom.kills (the step fails)
 
-    def _schedule_writes(self, g: _Guest) -> None:
-        period = self.cfg.write_period_ns
-        clock = self.host.clock
+    def _writer_tick(self) -> None:
+        """Every guest's steady-state writes of one write period (one clock event for all)."""
+        now = self.host.clock.now
+        for g in self.guests:
+            if g.gm.steady and g.qp.proc.alive:
+                self._write(g, *g.gm.steady_step(now, self._write_dt))
+        self._writer = self.host.clock.after(self._write_dt, self._writer_tick)
 
-        def tick() -> None:
-            if not g.qp.proc.alive:
-                return
-            gp, ids = g.gm.steady_step(clock.now, period)
-            self._write(g, gp, ids)
-            g.event = clock.after(period, tick)
-
-        g.event = clock.after(period, tick)
+    def _pace_writes(self) -> None:
+        """The write period of the coming step: the configured one, or an eighth of a full
+        scan if that is longer. What KSM sees of the writes is how many land on each page
+        between two visits, which is the same in fewer, larger batches; the number of clock
+        events per step then stays proportional to the guests, not to guests x scan time."""
+        self._write_dt = max(self.cfg.write_period_ns, self._scan_time_estimate() // WRITES_PER_SCAN)
+        if self._writer is None and any(g.gm.steady for g in self.guests):
+            self._writer = self.host.clock.after(self._write_dt, self._writer_tick)
 
     def _settle(self, deadline_scans: int, new_pages: int = 1) -> dict:
         """Run until steady state (or the configured time); returns what the step measured."""
@@ -623,42 +638,80 @@ class DensityRunner:
         wall0 = time.perf_counter()
         cfg = self.cfg
         self._build()
-        thp = self.host.thp_mode in ("always", "madvise")
         steps: list[dict] = []
         failed_at: dict | None = None
-        facts: list[_GuestFacts] = []
+        n = 0
+        while n < len(cfg.sequence) and failed_at is None:
+            stride = min(self._stride(n), len(cfg.sequence) - n)
+            snapshot = self._snapshot() if stride > 1 else None
+            step = self._boot_step(n, stride)
+            if step["ok"] or stride == 1:
+                steps.append(step)
+                failed_at = None if step["ok"] else step
+                n += stride
+                continue
+            # a limit broke somewhere in the stride: back to before it, one guest at a time
+            self._restore(snapshot)
+            for _ in range(stride):
+                step = self._boot_step(n, 1)
+                steps.append(step)
+                n += 1
+                if not step["ok"]:
+                    failed_at = step
+                    break
+        facts = self._all_facts()
+        return self._result(steps, facts, failed_at, time.perf_counter() - wall0)
+
+    def _stride(self, n: int) -> int:
+        """Guests booted by the next step. ``stride: auto`` grows it with sqrt(n) (each step
+        scans every guest booted so far, so one guest a step costs n^2 scans over a search to
+        n): a step that meets the limits counts for every guest in it, and one that breaks a
+        limit is redone from before it one guest at a time, so the answer is the same."""
+        if self.cfg.stride != "auto":
+            return int(self.cfg.stride)
+        return 1 if n < STRIDE_FROM else min(STRIDE_MAX, math.isqrt(n // 2))
+
+    def _boot_step(self, n: int, count: int) -> dict:
+        mark = self._mark()
+        booted = [self._boot(n + j, self.cfg.mix[self.cfg.sequence[n + j - 1]])
+                  for j in range(1, count + 1)]
+        step = self._step(n + count, booted, mark)
+        step["booted"] = count
+        if self.progress:
+            self.progress(step)
+        return step
+
+    def _snapshot(self) -> dict:
+        """A deep copy of the simulation (host, KSM, clock, guests); the configuration and the
+        images are shared, and callbacks bound to this runner stay bound to it."""
+        keep = {id(self): self, id(self.cfg): self.cfg, id(self.images): self.images,
+                id(self.progress): self.progress}
+        return copy.deepcopy({k: v for k, v in self.__dict__.items()
+                              if k not in ("cfg", "images", "progress")}, keep)
+
+    def _restore(self, snapshot: dict) -> None:
+        self.__dict__.update(snapshot)
+
+    def _all_facts(self) -> list[_GuestFacts]:
+        """Curves (a) and (c) for the whole boot sequence, from each guest's own contents."""
+        from guests.images import GuestMemory
+        cfg = self.cfg
+        thp = self.host.thp_mode in ("always", "madvise")
+        facts = []
         for n, idx in enumerate(cfg.sequence, start=1):
             entry = cfg.mix[idx]
-            mark = self._mark()
-            g = self._boot(n, entry)
-            facts.append(_guest_facts(g.gm, entry, thp))
-            step = self._step(n, [g], mark)
-            steps.append(step)
-            if self.progress:
-                self.progress(step)
-            if not step["ok"]:
-                failed_at = step
-                break
-        # extend the analytic curves beyond the simulated steps
-        from guests.images import GuestMemory
-        for n in range(len(facts) + 1, len(cfg.sequence) + 1):
-            entry = cfg.mix[cfg.sequence[n - 1]]
-            gm = GuestMemory.build(self.images[entry.index], f"{entry.name}-{n}",
-                                   cfg.seed * 100_003 + n, entry.domain, entry.memory_mib // self.r)
+            name = cfg.guest_names[n - 1] if cfg.guest_names else f"{entry.name}-{n}"
+            gm = GuestMemory.build(self.images[entry.index], name, cfg.seed * 100_003 + n,
+                                   entry.domain, entry.memory_mib // self.r)
             facts.append(_guest_facts(gm, entry, thp))
-        return self._result(steps, facts, failed_at, time.perf_counter() - wall0)
+        return facts
 
     def run_together(self) -> dict:
         """Boot the whole sequence at once, then run to steady state: one step (a fleet host)."""
         wall0 = time.perf_counter()
-        cfg = self.cfg
         self._build()
-        thp = self.host.thp_mode in ("always", "madvise")
-        mark = self._mark()
-        booted = [self._boot(n, cfg.mix[idx]) for n, idx in enumerate(cfg.sequence, start=1)]
-        step = self._step(len(booted), booted, mark)
-        facts = [_guest_facts(g.gm, g.entry, thp) for g in booted]
-        step["no_ksm_pages"] = sum(f.footprint for f in facts) * self.r
+        step = self._boot_step(0, len(self.cfg.sequence))
+        step["no_ksm_pages"] = sum(f.footprint for f in self._all_facts()) * self.r
         step["policy"] = self._policy_summary()
         step["timeline"] = self.timeline
         step["wall_s"] = round(time.perf_counter() - wall0, 3)
@@ -688,6 +741,7 @@ class DensityRunner:
         """Run the step's guests to steady state and measure it (full-scale numbers)."""
         cfg, r, host, ksm = self.cfg, self.r, self.host, self.ksm
         t0, cpu0, saved0, kills0, pswpin0, pswpout0 = mark
+        self._pace_writes()
         self.samples = [(t0, saved0, cpu0)]
         self._sample_dt = max(self._scan_time_estimate() // cfg.samples_per_scan, 1_000_000)
         if self._sampler is not None:
@@ -819,6 +873,7 @@ class DensityRunner:
         cap = self.capacity_pages()
         use_zero = bool(self.ksm.knobs.use_zero_pages)
         curve = []
+        by_guests = {s["guests"]: s for s in steps}
         noksm = 0
         seen = np.zeros(0, dtype=np.uint64)
         nonmerge = 0
@@ -833,8 +888,8 @@ class DensityRunner:
             ideal = (len(seen) + nonmerge + (1 if zero_any and not use_zero else 0)) * r
             row = {"guests": n, "no_ksm_pages": noksm, "ideal_pages": ideal,
                    "fits_no_ksm": noksm <= cap, "fits_ideal": ideal <= cap}
-            if n <= len(steps):
-                s = steps[n - 1]
+            s = by_guests.get(n)
+            if s is not None:
                 row.update(ksm_pages=s["used_pages"], saved_pages=s["saved_pages"], fits_ksm=s["ok"])
             curve.append(row)
 
@@ -849,7 +904,7 @@ class DensityRunner:
 
         ok_steps = [s for s in steps if s["ok"]]
         best = ok_steps[-1] if ok_steps else None
-        vms_ksm = len(ok_steps)
+        vms_ksm = best["guests"] if best else 0
         res = {
             "config": cfg.path, "profile": self.host.profile.name,
             "resolution": r,
@@ -931,6 +986,10 @@ def format_result(res: dict) -> str:
         lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct(b['ksmd_cpu_share'])} "
                      f"(steady); {b['cpu_s_per_gib_saved'] if b['cpu_s_per_gib_saved'] is not None else '-'}"
                      f" ksmd CPU-s per GiB saved")
+        swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]), 0)
+        if swapped:
+            lines.append(f"at {b['guests']} guests {_gib(swapped)} GiB are swapped out: the KSM count "
+                         f"uses swap, the no-KSM and ideal curves count RAM only")
         t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
         lines.append(f"time to 50/90/99% of steady-state savings: first guest {_t(t1['p50_s'])}/"
                      f"{_t(t1['p90_s'])}/{_t(t1['p99_s'])}; guest {b['guests']} "
@@ -943,7 +1002,7 @@ def format_result(res: dict) -> str:
                          f"{'survives' if s['survives'] else 'does NOT survive'}; "
                          f"largest N surviving: {res.get('vms_surviving_storm')}")
     lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
-                 f"{'cpu':>7} {'swapin/s':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
+                 f"{'cpu':>7} {'swapin/s':>8} {'swap GiB':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
                  f"{'scans':>5} verdict")
     steps = {s["guests"]: s for s in res["steps"]}
     for row in res["curve"]:
@@ -958,7 +1017,8 @@ def format_result(res: dict) -> str:
             verdict += f" (not steady: {s['settled_by']})"
         lines.append(f"{row['guests']:>4} {s['image'][:16]:<16} {_gib(row['no_ksm_pages']):>9} "
                      f"{_gib(s['used_pages']):>8} {_gib(row['ideal_pages']):>9} {_gib(s['saved_pages']):>9} "
-                     f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib(s['free_pages']):>8} "
+                     f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib(s['swapped_pages']):>8} "
+                     f"{_gib(s['free_pages']):>8} "
                      f"{_t(s['time_to']['p50_s']):>8} {_t(s['time_to']['p90_s']):>8} "
                      f"{_t(s['time_to']['p99_s']):>8} {s['full_scans']:>5} {verdict}")
     lines.append(f"wall time {res['wall_s']:.1f}s")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 
@@ -15,23 +14,23 @@ def register(sub) -> None:
     p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
                                                    "report.txt and CSV tables to DIR (atomically: a temporary "
                                                    "directory renamed)")
-    p.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.add_argument("--bench", action="store_true",
                    help="benchmark: run the search and print its wall time (and the resolution)")
     p.set_defaults(func=_run)
 
 
-def _progress(step: dict) -> None:
-    verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
-    print(f"density: {step['guests']} guests ({step['image']}): saved {step['saved_pages']} pages, "
-          f"{step['full_scans']} scans, {verdict}", file=sys.stderr, flush=True)
-
-
 def _run(args: argparse.Namespace) -> int:
     from vmhost.density import DensityRunner, _jsonable, format_result, load_density, write_report
+    from vmhost.progress import Progress
     cfg = load_density(args.config)        # every input error is raised here, before any output
     wall0 = time.perf_counter()
-    result = DensityRunner(cfg, progress=None if args.quiet or args.json else _progress).run()
+    with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json) as bar:
+        def progress(step: dict) -> None:
+            verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
+            bar.advance(step["booted"], f"{step['guests']} guests ({step['image']}): saved "
+                                        f"{step['saved_pages']} pages, {step['full_scans']} scans, {verdict}")
+        result = DensityRunner(cfg, progress=progress).run()
     wall = time.perf_counter() - wall0
     if args.bench:
         result["bench"] = {"wall_s": round(wall, 3), "resolution": cfg.resolution,

@@ -26,6 +26,8 @@ allocation does before the OOM killer (see ``vmhost.mm.oom``).
 
 from __future__ import annotations
 
+import functools
+
 from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
@@ -58,7 +60,7 @@ class Reclaim:
         if node in self._pending or not self._can_reclaim():
             return
         self._pending.add(node)
-        self.host.clock.after(0, lambda: self.kswapd(node))
+        self.host.clock.after(0, functools.partial(self.kswapd, node))
 
     def kswapd(self, node: int) -> int:
         """balance_pgdat: reclaim until the node is at its high watermark again."""
