@@ -67,6 +67,13 @@ same ideal over the guests' contents at that moment (frames written so far). Bot
 while the pages needed stay within the capacity: RAM managed by the allocator minus the high
 watermarks minus ``free_headroom``.
 
+**Steady state and smart scan.** A step is steady when the counters stood still for
+``settle.scans`` full scans. With smart_scan (6.18's default) a page that has not merged for a
+while is visited only every 2 to 9 scans, and two identical pages merge only in a pass that
+visits both, so pages of a guest booted next to an old one can merge many scans after the
+counters first stand still (or, out of phase, not at all: the kernel behaves the same). A
+short settle window therefore stops early; ``settle.scans: 9`` covers a whole skip cycle.
+
 **Savings** are pages_sharing + ksm_zero_pages (pages_shared are the copies kept).
 **Time to X%** of a step's steady-state savings is virtual time from the guest's boot until the
 savings gained in the step reach X% of what the step gained at steady state (sampled
