@@ -295,3 +295,16 @@ def test_a_snapshot_restores_the_whole_simulation(tmp_path):
     runner._restore(snap)
     assert len(runner.guests) == 1 and runner.ksm.c.pages_sharing < first[0][1] // cfg.resolution
     assert two_steps() == first
+
+
+def test_a_scaled_host_keeps_the_full_size_hosts_watermarks():
+    """At resolution N the watermarks are the full-size host's / N (not those of a host N
+    times smaller, which the square root would make relatively N^0.5 times larger)."""
+    from vmhost.mm.page_alloc import watermarks
+    full = watermarks([8 << 20, 8 << 20])                 # two 32 GiB nodes
+    for r in (64, 512):
+        scaled = watermarks([(8 << 20) // r] * 2, r)
+        for (fmin, _, fhigh), (smin, _, shigh) in zip(full, scaled):
+            assert abs(smin * r - fmin) <= r and abs(shigh * r - fhigh) <= 3 * r
+        naive = watermarks([(8 << 20) // r] * 2)
+        assert naive[0][0] * r > 5 * full[0][0]            # what it would be without the scale

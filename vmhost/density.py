@@ -94,10 +94,12 @@ class sizes and write rates are divided by N), on a host with 1/N of its RAM, bl
 swap (size and bandwidth), and with ksmd's ``pages_to_scan`` divided by N so that a full scan
 takes the same virtual time; when that leaves fewer than 256 pages a batch, pages_to_scan and
 sleep_millisecs are both multiplied by the same factor (the same scan rate and CPU share, a
-coarser time grain; said in the output). Page counts, CPU time and swap-in rates are reported scaled back
-(x N); virtual times get back the (N - 1) x ksmd CPU time per batch that the smaller
-batches did not take (time to X%); the settle windows themselves are shorter. Effects that do not scale: watermarks (sqrt of RAM), THP (2 MiB
-stays 512 pages), small classes rounding to whole pages, and pages_to_scan rounding.
+coarser time grain; said in the output). Page counts, CPU time and swap-in rates are reported
+scaled back (x N); virtual times get back the (N - 1) x ksmd CPU time per batch that the
+smaller batches did not take (time to X%); the settle windows themselves are shorter. The
+watermarks are the full-size host's / N (the kernel's grow with the square root of RAM).
+Effects that do not scale: THP (2 MiB stays 512 pages), small classes rounding to whole pages,
+and pages_to_scan rounding.
 """
 
 from __future__ import annotations
@@ -496,6 +498,7 @@ class DensityRunner:
         from vmhost.ksm.engine import Ksm
         from vmhost.ksm.ksmd import Ksmd
         self.host = self.hcfg.build()
+        self.host.allocator.scale_watermarks(self.r)
         self.ksm = Ksm(self.host)
         self.ksmd = Ksmd(self.ksm, self.host.clock)
         for name, value in self.knobs:

@@ -64,11 +64,11 @@ class HostModel:
 
     def kept_free_pages(self, resolution: int = 1) -> int:
         """What the kernel keeps free on this host (its high watermarks), full scale, on the
-        host simulated at ``resolution``: watermarks grow with the square root of RAM, so a
-        scaled-down host keeps relatively more free."""
+        host simulated at ``resolution`` (whose watermarks are the full-size host's / N, up to
+        rounding)."""
         from vmhost.mm.page_alloc import watermarks
         managed = [n.mem_bytes // PAGE_SIZE // resolution for n in self.config.topology.nodes]
-        return sum(high for _min, _low, high in watermarks(managed)) * resolution
+        return sum(high for _min, _low, high in watermarks(managed, resolution)) * resolution
 
 
 @dataclass

@@ -137,6 +137,7 @@ class PageAllocator:
         self._areas = {(n, z): _FreeArea() for n in range(nodes) for z in Zone}
         self.managed = np.zeros(nodes, dtype=np.int64)   # online pages per node
         self.watermarks = [Watermarks() for _ in range(nodes)]
+        self.watermark_scale = 1                          # 1/N-scale host: see scale_watermarks
         self.on_low: Callable[[int], None] | None = None  # kswapd wake-up hook
         self._fallback = [phys.topology.fallback_order(n) for n in range(nodes)]
 
@@ -163,8 +164,14 @@ class PageAllocator:
         self._recompute_watermarks()
 
     def _recompute_watermarks(self) -> None:
-        for wm, (wmin, low, high) in zip(self.watermarks, watermarks(self.managed.tolist())):
+        for wm, (wmin, low, high) in zip(self.watermarks, watermarks(self.managed.tolist(),
+                                                                      self.watermark_scale)):
             wm.min, wm.low, wm.high = wmin, low, high
+
+    def scale_watermarks(self, scale: int) -> None:
+        """Watermarks of the host this one stands for at 1/``scale`` of its pages."""
+        self.watermark_scale = scale
+        self._recompute_watermarks()
 
     # -- queries ------------------------------------------------------------------------
     def free_pages(self, node: int | None = None) -> int:
@@ -267,15 +274,17 @@ class PageAllocator:
             self._area(blk).chunks.push(np.array([head], dtype=np.int64))
 
 
-def watermarks(managed: list[int]) -> list[tuple[int, int, int]]:
+def watermarks(managed: list[int], scale: int = 1) -> list[tuple[int, int, int]]:
     """(min, low, high) in pages for nodes managing ``managed`` pages each: min_free_kbytes =
     sqrt(16 x KiB managed), clamped, shared among the nodes by size; low and high one and two
-    gaps above it (a quarter of min, or watermark_scale_factor of the node)."""
+    gaps above it (a quarter of min, or watermark_scale_factor of the node). A host simulated
+    at 1/``scale`` of its pages gets 1/``scale`` of the full-size host's watermarks (the square
+    root would otherwise keep a scaled-down host relatively far more free)."""
     total = sum(managed)
-    min_free_kib = min(max(int(math.isqrt(total * PAGE_KIB * 16)), 128), 262144)
+    min_free_kib = min(max(int(math.isqrt(total * scale * PAGE_KIB * 16)), 128), 262144)
     out = []
     for pages in managed:
-        wmin = int(min_free_kib * (pages / max(total, 1))) // PAGE_KIB
+        wmin = int(min_free_kib * (pages / max(total, 1))) // PAGE_KIB // scale
         gap = max(wmin // 4, pages * WATERMARK_SCALE_FACTOR // 10000)
         out.append((wmin, wmin + gap, wmin + 2 * gap))
     return out
