@@ -221,6 +221,8 @@ BAD = [
     ("density:", "policy: {name: ksmtuned, boost: fast}\ndensity:", "policy.boost", "whole number"),
     ("density:", "policy: {name: ksmtuned, speed: 3}\ndensity:", "policy.speed", "not an option"),
     ("density:", "policy: {name: fixed, knobs: {run: 9}}\ndensity:", "policy.knobs.run", "EINVAL"),
+    ("density:", "policy: {name: kubevirt, interval_s: 0}\ndensity:", "policy.interval_s", "too short"),
+    ("density:", "policy: advisor\ndensity:\n  resolution: 2", "policy.name", "only at resolution 1"),
 ]
 
 
@@ -308,3 +310,12 @@ def test_a_scaled_host_keeps_the_full_size_hosts_watermarks():
             assert abs(smin * r - fmin) <= r and abs(shigh * r - fhigh) <= 3 * r
         naive = watermarks([(8 << 20) // r] * 2)
         assert naive[0][0] * r > 5 * full[0][0]            # what it would be without the scale
+
+
+def test_progress_counts_each_kept_guest_once(tmp_path):
+    """A stride that breaks a limit is redone one by one: progress reports only what is kept."""
+    seen = []
+    cfg = load_density(write(tmp_path, HAND))
+    res = DensityRunner(cfg, progress=seen.append).run()
+    assert seen == res["steps"]
+    assert sum(s["booted"] for s in seen) == seen[-1]["guests"] <= len(cfg.sequence)

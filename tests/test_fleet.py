@@ -420,3 +420,15 @@ def test_bench_fleet_small():
     assert res["hosts_per_scenario"] == [2, 2] and res["distinct_tasks"] == 4
     assert [x["workers"] for x in res["runs"]] == [1, 2] and res["identical_results"]
     assert all(x["tasks"] == 4 and x["tasks_per_s"] > 0 for x in res["runs"])
+
+
+def test_staggered_boot_settles_after_every_vm():
+    """More VMs than the density search's stride threshold: still one VM, then KSM, each."""
+    from vmhost.hostsim import VmSpec, simulate_host
+    doc = {"host": {"thp": "never", "block_size": "16MiB", "nodes": [{"memory": "4GiB", "cpus": 4}]},
+           "ksm": {"pages_to_scan": 4000, "run": 1}}
+    vms = [VmSpec(f"vm{i}", "tiny-linux", 128) for i in range(12)]
+    step = simulate_host(doc, vms, resolution=8, boot="staggered")
+    assert step["guests"] == 12 and step["not_booted"] == [] and step["booted"] == 1
+    together = simulate_host(doc, vms, resolution=8, boot="together")
+    assert step["no_ksm_pages"] == together["no_ksm_pages"]

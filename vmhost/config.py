@@ -266,6 +266,9 @@ def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = ()) -> 
     return cfg
 
 
+MIN_POLICY_INTERVAL_S = 0.1
+
+
 def parse_policy(doc: Any, path: str) -> tuple[str, dict]:
     """``policy: {name: ksmtuned, interval_s: 60, ...}``: a policy of vmhost.policies and its
     options (the policy's own fields, each of the type of its default)."""
@@ -296,6 +299,9 @@ def parse_policy(doc: Any, path: str) -> tuple[str, dict]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
                 or (kind is int and value != int(value)):
             raise _err(path, f"policy.{key}", f"expected a non-negative {'number' if kind is float else 'whole number'}, got {value!r}")
+        if key == "interval_s" and value < MIN_POLICY_INTERVAL_S:
+            raise _err(path, f"policy.{key}", f"{value!r} is too short (at least "
+                                              f"{MIN_POLICY_INTERVAL_S:g} s between wake-ups)")
         options[key] = kind(value)
     return name, options
 

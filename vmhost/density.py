@@ -325,6 +325,10 @@ def _check_resolution(cfg: DensityConfig, d: dict) -> None:
     r, path = cfg.resolution, cfg.path
     if r == 1:
         return
+    if cfg.host.policy and cfg.host.policy[0] == "advisor":
+        # the advisor reads ksmd's CPU per batch and scan times of the simulated host: neither
+        # is the full-size host's at 1/N of the pages
+        raise _err(path, "policy.name", f"the advisor policy runs only at resolution 1, not {r}")
     for e in cfg.mix:
         if e.memory_mib % r:
             raise _err(path, "density.resolution",
@@ -396,36 +400,29 @@ def _scaled_host(cfg: DensityConfig) -> tuple[HostConfig, list[tuple[str, str]],
     r, h = cfg.resolution, cfg.host
     notes: list[str] = []
     knobs = []
+    configured = dict(h.ksm)
     for name, value in h.ksm:
-        if name in SCALED_KNOBS and r > 1:
-            v = int(value)
-            sv = max(1, int(round(v / r)))
-            if abs(sv * r - v) > 0.01 * v:
-                notes.append(f"ksm.{name} {v} / resolution {r} rounds to {sv}: a full scan takes "
-                             f"{v / (sv * r):.3g} x the time it would at full scale")
-            knobs.append((name, str(sv)))
-        else:
+        if name in SCALED_KNOBS and name != "pages_to_scan" and r > 1:
+            knobs.append((name, str(max(1, int(round(int(value) / r))))))
+        elif name not in ("pages_to_scan", "sleep_millisecs") or r == 1:
             knobs.append((name, value))
-    if r > 1 and not any(n == "pages_to_scan" for n, _ in h.ksm):
-        sv = max(1, round(100 / r))
-        knobs.insert(0, ("pages_to_scan", str(sv)))
-        if sv * r != 100:
-            notes.append(f"ksm.pages_to_scan (default 100) / resolution {r} rounds to {sv}")
     if r > 1:
-        # ksmd's batches are resolution-invariant in number (pages_to_scan / r over pages / r),
-        # and each one is a Python event: coarsen time so that a batch holds at least
-        # MIN_BATCH_PAGES pages (pages_to_scan and sleep_millisecs both x m: the same scan rate
-        # and the same CPU share, only a coarser time grain)
-        kn = dict(knobs)
-        pts = int(kn.get("pages_to_scan", 100))
-        sleep = int(kn.get("sleep_millisecs", 20))
-        if pts < MIN_BATCH_PAGES and "advisor_mode" not in kn:
-            m = -(-MIN_BATCH_PAGES // pts)
-            kn["pages_to_scan"], kn["sleep_millisecs"] = str(pts * m), str(sleep * m)
-            knobs = [(n, kn[n]) for n, _ in knobs] + [(n, kn[n]) for n in ("sleep_millisecs",)
-                                                        if n not in dict(knobs)]
-            notes.append(f"time grain coarsened x{m}: ksmd simulated as {pts * m} pages every "
-                         f"{sleep * m} ms (the same scan rate and CPU share)")
+        # pages_to_scan / r per wake-up keeps a full scan's time; batches of fewer than
+        # MIN_BATCH_PAGES pages are grouped (both knobs x the same factor: the same scan rate
+        # and CPU share at a coarser time grain), since each batch is a Python event
+        from vmhost.policies import scaled_scan_knobs
+        pts = int(configured.get("pages_to_scan", DEFAULT_PAGES_TO_SCAN))
+        sleep = int(configured.get("sleep_millisecs", DEFAULT_SLEEP_MILLISECS))
+        min_batch = 1 if "advisor_mode" in configured else MIN_BATCH_PAGES
+        spts, ssleep = scaled_scan_knobs(pts, sleep, r, min_batch)
+        knobs = [("pages_to_scan", str(spts)), ("sleep_millisecs", str(ssleep))] + knobs
+        if ssleep != sleep:
+            notes.append(f"time grain coarsened x{ssleep // sleep}: ksmd simulated as {spts} pages "
+                         f"every {ssleep} ms (the same scan rate and CPU share)")
+        if abs(spts * sleep / ssleep * r - pts) > 0.01 * pts:
+            notes.append(f"ksm.pages_to_scan {pts} at resolution {r} rounds to {spts} pages every "
+                         f"{ssleep} ms: a full scan takes {pts * ssleep / (spts * sleep * r):.3g} x "
+                         f"the time it would at full scale")
     if r == 1:
         return h, knobs, notes
     s = copy.copy(h)
@@ -656,7 +653,7 @@ class DensityRunner:
             snapshot = self._snapshot() if stride > 1 else None
             step = self._boot_step(n, stride)
             if step["ok"] or stride == 1:
-                steps.append(step)
+                self._keep(steps, step)
                 failed_at = None if step["ok"] else step
                 n += stride
                 continue
@@ -664,7 +661,7 @@ class DensityRunner:
             self._restore(snapshot)
             for _ in range(stride):
                 step = self._boot_step(n, 1)
-                steps.append(step)
+                self._keep(steps, step)
                 n += 1
                 if not step["ok"]:
                     failed_at = step
@@ -687,9 +684,12 @@ class DensityRunner:
                   for j in range(1, count + 1)]
         step = self._step(n + count, booted, mark)
         step["booted"] = count
+        return step
+
+    def _keep(self, steps: list[dict], step: dict) -> None:
+        steps.append(step)
         if self.progress:
             self.progress(step)
-        return step
 
     def _snapshot(self) -> dict:
         """A deep copy of the simulation (host, KSM, clock, guests); the configuration and the

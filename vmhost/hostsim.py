@@ -58,11 +58,10 @@ def simulate_host(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, see
                            write_period=write_period)
     cfg = parse_density(doc, path)
     cfg.guest_names = [vm.name for vm in vms]
-    if not vms:
-        cfg.sequence = []
     if boot == "together":
         step = DensityRunner(cfg).run_together()
     elif boot == "staggered":
+        cfg.stride = 1                  # KSM settles after every VM, as a host filled in service
         step = _staggered(DensityRunner(cfg).run(), vms)
     else:
         raise ValueError(f"boot must be together or staggered, not {boot!r}")
@@ -85,9 +84,10 @@ def _staggered(res: dict, vms: list[VmSpec]) -> dict:
     step["virtual_s"] = round(sum(s["virtual_s"] for s in steps), 3)
     step["swapin_rate"] = round(step["swapin_pages"] / step["virtual_s"], 3) if step["virtual_s"] else 0.0
     step["oom_kills"] = [k for s in steps for k in s["oom_kills"]]
-    step["no_ksm_pages"] = res["curve"][len(steps) - 1]["no_ksm_pages"]
+    booted = step["guests"]
+    step["no_ksm_pages"] = res["curve"][booted - 1]["no_ksm_pages"]
     step["timeline"] = res["timeline"]
     step["policy"] = res["policy"]
     step["wall_s"] = res["wall_s"]
-    step["not_booted"] = [vm.name for vm in vms[len(steps):]]
+    step["not_booted"] = [vm.name for vm in vms[booted:]]
     return step

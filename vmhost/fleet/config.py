@@ -202,18 +202,17 @@ def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
     scn = Scenario(name, value, models, vms, policy)
     scn.sim = _simulation(doc.get("simulation", {}) or {}, path)
     _check_resolution(scn, path)
+    if scn.sim.resolution > 1:
+        scn.notes.append(f"every host and VM simulated at 1/{scn.sim.resolution} of its pages; "
+                         f"page counts and CPU scaled back x{scn.sim.resolution}")
     reserve = pl.get("reserve", "5%")
     for m in models:
-        kept, kept_full = m.kept_free_pages(scn.sim.resolution), m.kept_free_pages()
+        kept = m.kept_free_pages(scn.sim.resolution)
         scn.room_pages[m.index] = m.ram_pages - _reserve(reserve, m, path) - kept
         if scn.room_pages[m.index] <= 0:
             raise _err(path, "placement.reserve", f"{reserve!r} leaves no room on host model {m.name!r} "
                                                   f"({m.ram_pages // 256} MiB, of which the kernel "
                                                   f"keeps {kept // 256} MiB free)")
-        if kept > 2 * kept_full:
-            scn.notes.append(f"host model {m.name}: simulated at 1/{scn.sim.resolution}, the kernel keeps "
-                             f"{kept / 256:.0f} MiB free (its watermarks grow with the square root of "
-                             f"RAM), {kept_full / 256:.0f} MiB at full size; placement leaves the former")
     _check_fit(scn, path)
     return scn
 
@@ -445,6 +444,10 @@ def _check_resolution(scn: Scenario, path: str) -> None:
             raise _err(path, key, f"{r} does not divide the memory of VM {vm.name} ({vm.memory_mib} MiB)")
     for m in scn.models:
         c = m.config
+        if c.policy and c.policy[0] == "advisor":
+            raise _err(path, f"hosts[{m.index}].policy.name",
+                       f"the advisor policy runs only at resolution 1, not {r} (its CPU reading "
+                       f"and scan times are the simulated host's)")
         if c.block_pages % r:
             raise _err(path, key, f"{r} does not divide host model {m.name!r}'s block size "
                                   f"({c.block_pages} pages)")
