@@ -311,9 +311,12 @@ def _check_knobs(cfg: HostConfig, pairs: list[tuple[str, str]] | None = None,
     """Write the knobs to a scratch engine of the same profile: each must be accepted."""
     from vmhost.host import Host
     from vmhost.ksm.engine import Ksm
+    pairs = cfg.ksm if pairs is None else pairs
+    if not pairs:
+        return
     scratch = Host(Topology.uniform(1, 4 << 20), block_pages=1024, profile=cfg.profile)
     ksm = Ksm(scratch)
-    for name, value in (cfg.ksm if pairs is None else pairs):
+    for name, value in pairs:
         rc = ksm.write_knob(name, value)
         if rc == -errno.ENOENT:
             raise _err(cfg.path, f"{prefix}.{name}", f"no such KSM knob in profile {cfg.profile}")

@@ -115,6 +115,7 @@ import numpy as np
 
 from vmhost.config import (HostConfig, _err, expect_int, expect_mapping, parse_duration_ns,
                            parse_host_config, parse_size, read_yaml)
+from vmhost.policies import resolution_refusal
 
 PAGE_SIZE = 4096
 PAGES_PER_MIB = 256
@@ -325,10 +326,8 @@ def _check_resolution(cfg: DensityConfig, d: dict) -> None:
     r, path = cfg.resolution, cfg.path
     if r == 1:
         return
-    if cfg.host.policy and cfg.host.policy[0] == "advisor":
-        # the advisor reads ksmd's CPU per batch and scan times of the simulated host: neither
-        # is the full-size host's at 1/N of the pages
-        raise _err(path, "policy.name", f"the advisor policy runs only at resolution 1, not {r}")
+    if cfg.host.policy and (why := resolution_refusal(cfg.host.policy[0], r)):
+        raise _err(path, "policy.name", why)
     for e in cfg.mix:
         if e.memory_mib % r:
             raise _err(path, "density.resolution",
@@ -552,15 +551,11 @@ class DensityRunner:
         return max(batches * k.sleep_millisecs * 1_000_000, 1_000_000)
 
     def _boot(self, n: int, entry: MixEntry) -> _Guest:
-        from guests.images import GuestMemory
         from guests.spec import GuestSpec
         from vmhost.qemu import QemuProcess
-        name = self.cfg.guest_names[n - 1] if self.cfg.guest_names else f"{entry.name}-{n}"
-        img = self.images[entry.index]
-        mem = entry.memory_mib // self.r
-        gm = GuestMemory.build(img, name, self.cfg.seed * 100_003 + n, entry.domain, mem)
-        spec = GuestSpec(name, mem, nosharepages=entry.nosharepages, locked=entry.locked,
-                         image=entry.image.name)
+        gm = self._guest_memory(n, entry)
+        spec = GuestSpec(gm.name, entry.memory_mib // self.r, nosharepages=entry.nosharepages,
+                         locked=entry.locked, image=entry.image.name)
         qp = QemuProcess(self.host, spec)
         g = _Guest(qp, gm, entry)
         self.guests.append(g)
@@ -703,18 +698,23 @@ class DensityRunner:
         self.__dict__.update(snapshot)
 
     def _all_facts(self) -> list[_GuestFacts]:
-        """Curves (a) and (c) for the whole boot sequence, from each guest's own contents."""
-        from guests.images import GuestMemory
-        cfg = self.cfg
+        """Curves (a) and (c) for the whole boot sequence, from each guest's own contents (the
+        booted guests' memory as it is: writes only ever replace hot frames, which the facts
+        count as contents of their own anyway)."""
         thp = self.host.thp_mode in ("always", "madvise")
         facts = []
-        for n, idx in enumerate(cfg.sequence, start=1):
-            entry = cfg.mix[idx]
-            name = cfg.guest_names[n - 1] if cfg.guest_names else f"{entry.name}-{n}"
-            gm = GuestMemory.build(self.images[entry.index], name, cfg.seed * 100_003 + n,
-                                   entry.domain, entry.memory_mib // self.r)
+        for n, idx in enumerate(self.cfg.sequence, start=1):
+            entry = self.cfg.mix[idx]
+            gm = self.guests[n - 1].gm if n <= len(self.guests) else self._guest_memory(n, entry)
             facts.append(_guest_facts(gm, entry, thp))
         return facts
+
+    def _guest_memory(self, n: int, entry: MixEntry):
+        """The contents of the n-th guest of the boot sequence (the same on every run)."""
+        from guests.images import GuestMemory
+        name = self.cfg.guest_names[n - 1] if self.cfg.guest_names else f"{entry.name}-{n}"
+        return GuestMemory.build(self.images[entry.index], name, self.cfg.seed * 100_003 + n,
+                                 entry.domain, entry.memory_mib // self.r)
 
     def run_together(self) -> dict:
         """Boot the whole sequence at once, then run to steady state: one step (a fleet host)."""

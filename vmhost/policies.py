@@ -27,7 +27,7 @@ The constants are the published defaults of those tools (``field.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from vmhost.clock import NS_PER_S
 
@@ -72,6 +72,7 @@ class Policy:
     knobs: dict = field(default_factory=dict)
     history: list[Decision] = field(default_factory=list)
     resolution: int = 1
+    SCALES: ClassVar[bool] = True       # faithful on a host simulated at 1/N of its pages
 
     def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
         """Start on ``host``; ``full_scale_knobs`` are the configured pages_to_scan and
@@ -206,6 +207,9 @@ class Advisor(Policy):
     name: str = "advisor"
     target_scan_time_s: int = 200
     max_cpu_percent: int = 70
+    # the kernel's advisor reads ksmd's CPU per batch and the scan times of the host it runs
+    # on: at 1/N of the pages neither is the full-size host's
+    SCALES: ClassVar[bool] = False
 
     def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
         super().attach(host, ksm, full_scale_knobs)
@@ -219,6 +223,13 @@ class Advisor(Policy):
 
 POLICIES = {"fixed": Policy, "ksmtuned": KsmTuned, "mom": Mom, "kubevirt": KubeVirt,
             "advisor": Advisor}
+
+
+def resolution_refusal(name: str, resolution: int) -> str | None:
+    """Why policy ``name`` cannot drive a host simulated at 1/``resolution``, or None."""
+    if resolution > 1 and not POLICIES[name].SCALES:
+        return f"the {name} policy runs only at resolution 1, not {resolution}"
+    return None
 
 
 def make_policy(name: str, **options) -> Policy:

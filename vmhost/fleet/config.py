@@ -32,6 +32,7 @@ from vmhost.config import (ConfigError, HostConfig, _err, expect_int, expect_map
                            read_yaml)
 from vmhost.density import _bool, _image, _number
 from vmhost.errors import InputError
+from vmhost.policies import resolution_refusal
 
 PAGE_SIZE = 4096
 TOP_KEYS = ("hosts", "inventory", "placement", "simulation", "sweep")
@@ -444,10 +445,8 @@ def _check_resolution(scn: Scenario, path: str) -> None:
             raise _err(path, key, f"{r} does not divide the memory of VM {vm.name} ({vm.memory_mib} MiB)")
     for m in scn.models:
         c = m.config
-        if c.policy and c.policy[0] == "advisor":
-            raise _err(path, f"hosts[{m.index}].policy.name",
-                       f"the advisor policy runs only at resolution 1, not {r} (its CPU reading "
-                       f"and scan times are the simulated host's)")
+        if c.policy and (why := resolution_refusal(c.policy[0], r)):
+            raise _err(path, f"hosts[{m.index}].policy.name", why)
         if c.block_pages % r:
             raise _err(path, key, f"{r} does not divide host model {m.name!r}'s block size "
                                   f"({c.block_pages} pages)")
