@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from vmhost.benchmarks import ksm as bench  # noqa: E402
 from vmhost.benchmarks.ksm_workload import Workload  # noqa: E402
-from vmhost.ksm import oracle  # noqa: E402
+from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 from vmhost.ksm.trace import page_bytes  # noqa: E402
 
 

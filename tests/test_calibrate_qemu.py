@@ -11,10 +11,10 @@ import os
 
 import pytest
 
-from guests import lab
-from vmhost import calibrate
+from vmhost.reality import lab
+from vmhost.reality import calibrate
 from vmhost.cli import build_parser
-from vmhost.ksm import oracle
+from vmhost.reality import ksm_oracle as oracle
 
 
 @pytest.fixture(scope="module")

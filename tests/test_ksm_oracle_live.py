@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from any directory
 
 from vmhost.errors import InputError  # noqa: E402
-from vmhost.ksm import oracle  # noqa: E402
+from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 from vmhost.ksm.trace import compare_results, load_trace  # noqa: E402
 
 CORPUS = ROOT / "tests" / "ksm_traces"
@@ -50,7 +50,7 @@ def worker_pids():
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"vmhost.ksm.oracle\x00--worker" in cmd:
+            if b"vmhost.reality.ksm_oracle\x00--worker" in cmd:
                 pids.append(int(entry))
     return pids
 
@@ -126,12 +126,12 @@ def test_cli_entry_point(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nprocesses: {}\nsteps:\n  - scan: 0\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "vmhost.ksm.oracle", str(bad), "--json"],
+    run = subprocess.run([sys.executable, "-m", "vmhost.reality.ksm_oracle", str(bad), "--json"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "step 0 (scan): field 'scan'" in run.stderr
     good = CORPUS / "selftest_t1_10_pages.yaml"
-    run = subprocess.run([sys.executable, "-m", "vmhost.ksm.oracle", str(good), "--json"],
+    run = subprocess.run([sys.executable, "-m", "vmhost.reality.ksm_oracle", str(good), "--json"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     recorded = json.loads(good.with_suffix(".kernel.json").read_text())

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guests import dumps, lab  # noqa: E402
-from vmhost.benchmarks import live_ksm  # noqa: E402
-from vmhost.ksm import oracle  # noqa: E402
+from vmhost.reality import live_ksm  # noqa: E402
+from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 
 # platform.md section 2, measured on this kind of machine
 REF_PAGES_SHARED = 7167

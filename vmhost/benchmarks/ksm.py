@@ -5,7 +5,7 @@ quarter in pairs, a quarter in groups of 8; smart_scan=0; ksmd stepped one full 
 (pages_to_scan > pages, sleep_millisecs 50). Both engines run until steady state (the counters
 pages_shared/sharing/unshared/volatile did not change over a pass) and then ``scans`` more passes.
 
-Kernel side (inside :func:`vmhost.ksm.oracle.exclusive_kernel_ksm`): one fresh interpreter per
+Kernel side (inside :func:`vmhost.reality.ksm_oracle.exclusive_kernel_ksm`): one fresh interpreter per
 process maps, fills and registers its share; the benchmark polls ``full_scans`` every
 millisecond and, at each increment, reads ksmd's CPU time (``/proc/PID/schedstat``, ns) and the
 counters. Per pass: CPU seconds of ksmd, and wall seconds between increments minus the sleep.
@@ -260,7 +260,7 @@ class _Children:
 
 def run_kernel(w: Workload, scans: int = 2, max_passes: int = 12, pass_timeout: float = 300.0,
                log=None) -> dict:
-    from vmhost.ksm.oracle import exclusive_kernel_ksm, read_knob, write_knob
+    from vmhost.reality.ksm_oracle import exclusive_kernel_ksm, read_knob, write_knob
 
     def knob(name, value):
         err = write_knob(name, value)

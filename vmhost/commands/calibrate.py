@@ -26,10 +26,10 @@ def register(sub) -> None:
 
 
 def _qemu(args: argparse.Namespace) -> int:
-    from guests.lab import LabError
-    from vmhost import calibrate
+    from vmhost.reality.lab import LabError
+    from vmhost.reality import calibrate
     from vmhost.errors import InputError
-    from vmhost.ksm.oracle import OracleError
+    from vmhost.reality.ksm_oracle import OracleError
     if args.guests < 2:
         raise InputError("calibrate qemu: --guests must be at least 2")
     if args.mem < 64:

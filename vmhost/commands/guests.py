@@ -149,7 +149,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from guests.lab import LabError, build_guest
+    from vmhost.reality.lab import LabError, build_guest
     try:
         files = build_guest()
     except LabError as exc:
@@ -162,7 +162,7 @@ def _build(args: argparse.Namespace) -> int:
 def _dump(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from guests.lab import Lab, LabError
+    from vmhost.reality.lab import Lab, LabError
     if args.guests < 1 or args.mem < 16:
         raise InputError("guests dump: need --guests >= 1 and --mem >= 16")
     out = Path(args.output)
@@ -179,9 +179,9 @@ def _dump(args: argparse.Namespace) -> int:
 
 
 def _ksm_live(args: argparse.Namespace) -> int:
-    from guests.lab import LabError
-    from vmhost.benchmarks import live_ksm
-    from vmhost.ksm.oracle import OracleError
+    from vmhost.reality.lab import LabError
+    from vmhost.reality import live_ksm
+    from vmhost.reality.ksm_oracle import OracleError
     if args.guests < 2 or args.mem < 16:
         raise InputError("guests ksm-live: need --guests >= 2 and --mem >= 16")
     try:

@@ -42,7 +42,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _oracle(args: argparse.Namespace) -> int:
-    from vmhost.ksm.oracle import OracleError, run_oracle
+    from vmhost.reality.ksm_oracle import OracleError, run_oracle
     from vmhost.ksm.trace import load_trace
     trace = load_trace(args.trace)
     try:

@@ -18,7 +18,7 @@ normal exit, exception or Ctrl-C -- each guest is asked to ``quit`` over QMP and
 does not go within a few seconds. Every wait (boot, QMP replies, process exit) is bounded.
 
 This module knows nothing about the host kernel or vmhost; it only starts guests and dumps
-their memory. Measuring the host's KSM on live guests lives in ``vmhost.benchmarks.live_ksm``.
+their memory. Measuring the host's KSM on live guests lives in ``vmhost.reality.live_ksm``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``vmhost calibrate qemu`` (:func:`run`):
 
 1. **Kernel side** (:func:`measure`). Inside ``exclusive_kernel_ksm()``: boot N identical small
-   guests (``guests.lab``, same kernel and initramfs, ``mem-merge=on``), let them idle, then for
+   guests (``vmhost.reality.lab``, same kernel and initramfs, ``mem-merge=on``), let them idle, then for
    each guest, paused: record the ground truth of its QEMU process from ``/proc`` -- every
    mergeable VMA (QEMU registers *every* RAM block: guest RAM, VGA RAM, ROMs, ACPI tables;
    ``VmFlags: mg`` in smaps), and for each page of it, from ``/proc/PID/pagemap`` (bit 63
@@ -15,7 +15,7 @@
    shared zero page over untouched guest RAM; the snapshot sees that too). Then ksmd runs with the oracle's stepping (``pages_to_scan``
    1,000,000, ``sleep_millisecs`` 50: one full scan per wake-up, other knobs at their defaults)
    until pages_shared and pages_sharing have not moved for ``stable_scans`` full scans
-   (``vmhost.benchmarks.live_ksm``'s loop). By default the guests stay paused while KSM runs
+   (``vmhost.reality.live_ksm``'s loop). By default the guests stay paused while KSM runs
    (``paused=True``), so the memory KSM merges is exactly the memory that was dumped; with
    ``paused=False`` they run on (idle), as in ``live_ksm.measure``.
 
@@ -41,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from guests import dumps, lab
+from guests import dumps
 from guests.interning import Interner
 from guests.spec import GuestSpec
+from vmhost.reality import lab
 
 PAGE = 4096
 HPAGE = 512
@@ -260,7 +261,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
             timeout: float = 90.0, stable_scans: int = 2, tolerance: int = 0,
             settle_s: float = 2.0, paused: bool = True) -> dict:
     """Boot, snapshot, dump, and let the real KSM converge (see the module doc)."""
-    from vmhost.benchmarks import live_ksm
+    from vmhost.reality import live_ksm
 
     files = lab.build_guest()
     tmp = None

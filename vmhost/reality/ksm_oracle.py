@@ -7,7 +7,7 @@ Why this is shaped the way it is:
   with a lock file. It resets KSM (``run=2``, ``run=0``), puts every knob at its kernel default,
   and restores the values it found in a ``finally`` that also runs on Ctrl-C and SIGTERM.
 * Each trace process is a real OS process (a *worker*: a fresh interpreter running
-  ``python -m vmhost.ksm.oracle --worker FD``, so it shares no copy-on-write memory with the
+  ``python -m vmhost.reality.ksm_oracle --worker FD``, so it shares no copy-on-write memory with the
   oracle) that owns the trace's mappings and does nothing but obey small pickled commands on a
   Unix ``SOCK_SEQPACKET`` socket. A trace ``fork`` makes the worker itself ``fork()``, so the child
   inherits the copy-on-write mappings exactly as a forked guest would; the child gets its own
@@ -37,7 +37,7 @@ Why this is shaped the way it is:
 * Every wait is bounded (worker replies, process exits, scans, the whole trace), so a bug cannot
   hang CI; a timeout raises :class:`OracleError` after restoring KSM.
 
-Run one trace: ``python -m vmhost.ksm.oracle TRACE [--json]`` (exit 2 on bad input or refusal).
+Run one trace: ``python -m vmhost.reality.ksm_oracle TRACE [--json]`` (exit 2 on bad input or refusal).
 """
 
 from __future__ import annotations
@@ -363,7 +363,7 @@ def _spawn(name: str, regions: list[Region]) -> _Proc:
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     try:
         child = subprocess.Popen(
-            [sys.executable, "-m", "vmhost.ksm.oracle", "--worker", str(theirs.fileno())],
+            [sys.executable, "-m", "vmhost.reality.ksm_oracle", "--worker", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd="/")
     finally:
         theirs.close()
@@ -673,14 +673,14 @@ def run_oracle(trace: Trace, timeout: float = TRACE_TIMEOUT_S) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vmhost.ksm.oracle TRACE [--json]``: run one trace, print the result."""
+    """``python -m vmhost.reality.ksm_oracle TRACE [--json]``: run one trace, print the result."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "--worker":  # internal: a trace process
         _worker_main(int(args[1]))
     as_json = "--json" in args
     paths = [a for a in args if a != "--json"]
     if len(paths) != 1:
-        print("usage: python -m vmhost.ksm.oracle TRACE [--json]", file=sys.stderr)
+        print("usage: python -m vmhost.reality.ksm_oracle TRACE [--json]", file=sys.stderr)
         return 2
     try:
         result = run_oracle(load_trace(paths[0]))

@@ -1,6 +1,6 @@
 """The host's real KSM on live QEMU guests: calibration data for the emulator's prediction.
 
-``measure()`` boots N identical guests (same kernel and initramfs, ``guests.lab``), dumps the
+``measure()`` boots N identical guests (same kernel and initramfs, ``vmhost.reality.lab``), dumps the
 RAM of each (ELF core and raw, at the same paused moment), then lets the running kernel's KSM
 merge the live guests until ``pages_shared`` and ``pages_sharing`` stop moving, and reports the
 counters next to what the dumps say an ideal merger could reach (pages matched by content,
@@ -26,8 +26,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from guests import dumps, lab
-from vmhost.ksm.oracle import KSM_DIR, exclusive_kernel_ksm, write_knob
+from guests import dumps
+from vmhost.reality import lab
+from vmhost.reality.ksm_oracle import KSM_DIR, exclusive_kernel_ksm, write_knob
 
 COUNTERS = ("full_scans", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
             "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
