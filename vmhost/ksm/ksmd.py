@@ -5,6 +5,13 @@ always ends the batch), then sleeps ``sleep_millisecs``; with nothing
 registered, or run != 1, it waits to be woken (by a run=1 write or the first
 mm registering). While memory goes offline it is parked.
 
+The two waits are woken by different writers, as in ksm_scan_thread: the
+wait for work (ksm_thread_wait) ends on a run=1 write or the first mm
+registering, but those do not cut short the timed sleep between batches
+(ksm_iter_wait), which only a write of a *different* sleep_millisecs ends
+early. So ksmd's sleeps always pass on the clock, also across run=0/run=1
+toggles, and time-based rules (stable_node chain pruning) see them.
+
 CPU time is modelled per operation, from the engine's work counters, with
 costs fitted to the real ksmd on this project's machines (ksmd's own CPU time
 from /proc/<ksmd>/schedstat over first, merging, steady and merged passes;
@@ -45,7 +52,8 @@ class Ksmd:
         self.clock = clock
         self.cpu_ns = 0                      # ksmd's CPU time so far
         self.batches = 0
-        self._event: Event | None = None
+        self._event: Event | None = None      # the end of the timed sleep, or a wake-up now
+        self._slept_ms: int | None = None     # sleep_millisecs the pending timed sleep was taken with
         self._advisor = {"start": 0, "scan_time": 0, "change": 0, "cpu_ns": 0}
         ksm.wakeup = self.wake
         ksm.on_scan_start = self._advisor_start
@@ -54,13 +62,28 @@ class Ksmd:
 
     # -- the thread loop -------------------------------------------------------------------
     def wake(self) -> None:
-        """Wake ksmd now if it is idle or sleeping (run=1, a first mm, a new sleep time)."""
-        if self._event is not None:
-            self._event.cancel()
+        """A writer wakes ksmd (run=1, the first mm registering, a sleep_millisecs write,
+        the end of an offline).
+
+        Waiting for work (no timed sleep pending): ksmd runs now if it has work
+        (``wait_event(ksm_thread_wait, ksmd_should_run())``). In the timed sleep
+        between batches: only a changed sleep_millisecs ends it early
+        (``wait_event_timeout(ksm_iter_wait, sleep_ms != ksm_thread_sleep_millisecs)``);
+        anything else leaves ksmd asleep until the sleep ends.
+        """
+        ev = self._event
+        if ev is not None and not ev.cancelled:
+            if self._slept_ms is None or self.ksm.knobs.sleep_millisecs == self._slept_ms:
+                return                        # a wake-up now already pending, or still asleep
+            ev.cancel()
+        elif not self.ksm.should_run():
+            return                            # the wait's condition is still false
+        self._slept_ms = None
         self._event = self.clock.at(self.clock.now, self._tick)
 
     def _tick(self) -> None:
         self._event = None
+        self._slept_ms = None
         ksm = self.ksm
         if not ksm.should_run():
             return                            # wait to be woken
@@ -70,7 +93,8 @@ class Ksmd:
         self.cpu_ns += cost
         self.batches += 1
         if ksm.should_run():
-            self._event = self.clock.at(self.clock.now + cost + ksm.knobs.sleep_millisecs * NS_PER_MS,
+            self._slept_ms = ksm.knobs.sleep_millisecs
+            self._event = self.clock.at(self.clock.now + cost + self._slept_ms * NS_PER_MS,
                                         self._tick)
 
     def _work_ns(self) -> int:
@@ -79,8 +103,7 @@ class Ksmd:
     def run_full_scans(self, count: int) -> int:
         """Let ksmd run until ``count`` more full scans completed or it went idle."""
         target = self.ksm.seqnr + count
-        if self._event is None:
-            self.wake()
+        self.wake()
         self.clock.run_while(lambda: self.ksm.seqnr < target)
         return self.ksm.seqnr - (target - count)
 
