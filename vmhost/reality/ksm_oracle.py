@@ -60,8 +60,9 @@ from pathlib import Path
 import numpy as np
 
 from vmhost.errors import InputError
-from vmhost.ksm.trace import (PAGE_SIZE, PROC_FIELDS, SNAPSHOT_FIELDS, Region, Trace,
-                              content_ids, dumps_result, format_result, load_trace, page_bytes)
+from vmhost.ksm.trace import (IDLE_MIN_MS, IDLE_PERIODS, PAGE_SIZE, PROC_FIELDS, SNAPSHOT_FIELDS,
+                              Region, Trace, content_ids, dumps_result, format_result, load_trace,
+                              page_bytes)
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 LOCK_PATH = "/run/vmhost-ksm-oracle.lock"
@@ -84,7 +85,6 @@ DEFAULTS = {
 }
 ORACLE_PAGES_TO_SCAN = 1_000_000   # u32 knob; far above any trace's page count
 ORACLE_SLEEP_MS = 50
-IDLE_PERIODS = 10
 POLL_S = 0.001
 REPLY_TIMEOUT_S = 30.0
 TRACE_TIMEOUT_S = 300.0
@@ -450,7 +450,7 @@ class _Run:
         start_fs = int(read_knob("full_scans"))
         target = start_fs + count
         sleep_ms = int(read_knob("sleep_millisecs"))
-        idle_s = max(IDLE_PERIODS * sleep_ms / 1000.0, 0.5)
+        idle_s = max(IDLE_PERIODS * sleep_ms, IDLE_MIN_MS) / 1000.0
         last = (start_fs, int(read_knob("pages_scanned")))
         last_move = time.monotonic()
         _must_write("run", 1)
