@@ -18,7 +18,7 @@ An exception in the emulator is a finding too (``emulator_errors``); it is shrun
 kernel, on "the emulator raises the same exception".
 
 The campaign's summary (counts, every finding, wall time) is returned and, with ``--out``,
-written as ``DIR/summary.json``.
+written as ``DIR/summary.json`` after every trace (an interrupted campaign keeps its counts).
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from vmhost.errors import InputError
 from vmhost.ksm.fuzz import generate, parse, shrink, to_yaml, trace_seed
 from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import compare_results, dumps_result
 from vmhost.reality.ksm_oracle import OracleError, run_oracle
 
 MAX_SHRINK_RUNS = 120     # kernel runs one shrink may use (~1 s each)
+BUSY_RETRIES, BUSY_WAIT_S = 5, 10.0
 
 
 def _emulate(doc: dict, name: str) -> dict:
@@ -43,11 +45,19 @@ def _emulate(doc: dict, name: str) -> dict:
 
 
 def _kernel(doc: dict, name: str) -> dict | None:
-    try:
-        return run_oracle(parse(doc, name))
-    except OracleError as exc:
-        print(f"ksm fuzz: {name}: oracle: {exc}", file=sys.stderr)
-        return None
+    """The kernel's result, or None if the oracle could not give one. While another user
+    holds the real KSM (the oracle waits up to 300 s for the lock, then refuses), the same
+    trace is tried again, up to BUSY_RETRIES times."""
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            return run_oracle(parse(doc, name))
+        except OracleError as exc:
+            print(f"ksm fuzz: {name}: oracle: {exc}", file=sys.stderr)
+            return None
+        except InputError as exc:     # KSM busy: locked, running, or used by a process
+            print(f"ksm fuzz: {name}: {exc}; waiting", file=sys.stderr, flush=True)
+            time.sleep(BUSY_WAIT_S)
+    return None
 
 
 def _differs(doc: dict, name: str) -> list[str] | None:
@@ -83,15 +93,20 @@ class Campaign:
         for i in range(self.count):
             self.one(i)
             self.summary["seconds"] = round(time.monotonic() - t0, 1)
+            self._save()     # after every trace: an interrupted campaign keeps its counts
             if (i + 1) % 10 == 0 or i + 1 == self.count:
                 s = self.summary
                 self.log(f"ksm fuzz: {i + 1}/{self.count} traces, {s['agreed']} agree, "
                          f"{len(s['mismatches'])} differ, {len(s['emulator_errors'])} emulator "
                          f"errors, {len(s['kernel_unstable'])} kernel unstable, "
                          f"{len(s['oracle_errors'])} oracle errors, {s['seconds']:.0f} s")
-        if self.out is not None:
-            (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1) + "\n")
         return self.summary
+
+    def _save(self) -> None:
+        if self.out is not None:
+            tmp = self.out / "summary.json.part"
+            tmp.write_text(json.dumps(self.summary, indent=1) + "\n")
+            tmp.replace(self.out / "summary.json")
 
     def one(self, i: int) -> None:
         s = self.summary
