@@ -37,7 +37,7 @@ from vmhost.ksm.trace import compare_results, dumps_result
 from vmhost.reality.ksm_oracle import OracleError, run_oracle
 
 MAX_SHRINK_RUNS = 120     # kernel runs one shrink may use (~1 s each)
-BUSY_RETRIES, BUSY_WAIT_S = 5, 10.0
+BUSY_RETRIES, BUSY_WAIT_S = 30, 2.0    # the oracle itself waits up to 300 s for the lock
 
 
 def _emulate(doc: dict, name: str) -> dict:
