@@ -17,7 +17,7 @@ from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import CONTENT_KINDS, STEP_KINDS, load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH_SEED, BATCH_COUNT = 2026, 40
+BATCH_SEED, BATCH_COUNT = 2026, 30
 
 
 def _coverage(docs):

@@ -3,8 +3,8 @@
 ``vmhost ksm fuzz --seed S --count N [--out DIR]``: trace ``i`` of the campaign is
 ``vmhost.ksm.fuzz.generate(trace_seed(S, i))``; it is replayed in the emulator (with the
 invariant checker after every step) and run by the KSM oracle (``ksm_oracle.run_oracle``, which
-takes the shared KSM lock for that one trace only, so other users of the real KSM get their
-turn between traces). Where the two results differ:
+takes the shared KSM lock; the campaign keeps it for turns of at most 15 s, a dozen traces,
+and lets other users of the real KSM have theirs in between). Where the two results differ:
 
 1. the kernel runs the trace once more; if the kernel does not repeat itself the trace is
    reported as ``kernel_unstable`` and not kept (the corpus only holds reproducible traces);
@@ -34,14 +34,41 @@ from vmhost.errors import InputError
 from vmhost.ksm.fuzz import generate, parse, shrink, to_yaml, trace_seed
 from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import compare_results, dumps_result
-from vmhost.reality.ksm_oracle import OracleError, run_oracle
+from vmhost.reality.ksm_oracle import OracleError, holding_lock, run_oracle
 
 MAX_SHRINK_RUNS = 120     # kernel runs one shrink may use (~1 s each)
 BUSY_RETRIES, BUSY_WAIT_S = 30, 2.0    # the oracle itself waits up to 300 s for the lock
+TURN_S, GAP_S = 15.0, 0.5
 
 
 def _emulate(doc: dict, name: str) -> dict:
     return replay(parse(doc, name), check_invariants=True)
+
+
+class _Turns:
+    """The oracle's lock, kept for turns of up to TURN_S (several ~1 s traces each) and given
+    up for GAP_S between turns, so that other users of the real KSM get theirs."""
+
+    def __init__(self):
+        self._cm = None
+        self._since = 0.0
+
+    def take(self) -> None:
+        if self._cm is not None and time.monotonic() - self._since > TURN_S:
+            self.give_up()
+            time.sleep(GAP_S)
+        if self._cm is None:
+            cm = holding_lock()
+            cm.__enter__()              # waits for the lock (InputError after LOCK_TIMEOUT_S)
+            self._cm, self._since = cm, time.monotonic()
+
+    def give_up(self) -> None:
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
+
+
+_turns = _Turns()
 
 
 def _kernel(doc: dict, name: str) -> dict | None:
@@ -50,11 +77,13 @@ def _kernel(doc: dict, name: str) -> dict | None:
     trace is tried again, up to BUSY_RETRIES times."""
     for attempt in range(BUSY_RETRIES + 1):
         try:
+            _turns.take()
             return run_oracle(parse(doc, name))
         except OracleError as exc:
             print(f"ksm fuzz: {name}: oracle: {exc}", file=sys.stderr)
             return None
         except InputError as exc:     # KSM busy: locked, running, or used by a process
+            _turns.give_up()
             print(f"ksm fuzz: {name}: {exc}; waiting", file=sys.stderr, flush=True)
             time.sleep(BUSY_WAIT_S)
     return None
@@ -90,17 +119,23 @@ class Campaign:
         t0 = time.monotonic()
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-        for i in range(self.count):
-            self.one(i)
-            self.summary["seconds"] = round(time.monotonic() - t0, 1)
-            self._save()     # after every trace: an interrupted campaign keeps its counts
-            if (i + 1) % 10 == 0 or i + 1 == self.count:
-                s = self.summary
-                self.log(f"ksm fuzz: {i + 1}/{self.count} traces, {s['agreed']} agree, "
-                         f"{len(s['mismatches'])} differ, {len(s['emulator_errors'])} emulator "
-                         f"errors, {len(s['kernel_unstable'])} kernel unstable, "
-                         f"{len(s['oracle_errors'])} oracle errors, {s['seconds']:.0f} s")
+        try:
+            for i in range(self.count):
+                self.one(i)
+                self._progress(i, t0)
+        finally:
+            _turns.give_up()
         return self.summary
+
+    def _progress(self, i: int, t0: float) -> None:
+        s = self.summary
+        s["seconds"] = round(time.monotonic() - t0, 1)
+        self._save()     # after every trace: an interrupted campaign keeps its counts
+        if (i + 1) % 10 == 0 or i + 1 == self.count:
+            self.log(f"ksm fuzz: {i + 1}/{self.count} traces, {s['agreed']} agree, "
+                     f"{len(s['mismatches'])} differ, {len(s['emulator_errors'])} emulator "
+                     f"errors, {len(s['kernel_unstable'])} kernel unstable, "
+                     f"{len(s['oracle_errors'])} oracle errors, {s['seconds']:.0f} s")
 
     def _save(self) -> None:
         if self.out is not None:

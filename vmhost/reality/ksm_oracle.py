@@ -519,7 +519,29 @@ def _refuse_unless_safe():
                          "use KSM (ksm_mergeable: yes); refusing to disturb them")
 
 
+_held_lock: list[int] = []   # the lock kept by holding_lock() across several runs
+
+
+@contextmanager
+def holding_lock():
+    """Keep the oracle's lock across several ``run_oracle`` calls (a turn of short traces).
+
+    Each run still checks that KSM is free, resets it and restores the knobs; only the lock
+    is not given up between them. Keep a turn short: other users wait for the lock
+    (``LOCK_TIMEOUT_S``).
+    """
+    fd = _acquire_lock()
+    _held_lock.append(fd)
+    try:
+        yield
+    finally:
+        _held_lock.remove(fd)
+        os.close(fd)
+
+
 def _acquire_lock():
+    if _held_lock:      # the same open file: already locked by us
+        return os.dup(_held_lock[-1])
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     end = time.monotonic() + LOCK_TIMEOUT_S
     while True:
