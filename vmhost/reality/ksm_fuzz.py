@@ -2,9 +2,9 @@
 
 ``vmhost ksm fuzz --seed S --count N [--out DIR]``: trace ``i`` of the campaign is
 ``vmhost.ksm.fuzz.generate(trace_seed(S, i))``; it is replayed in the emulator (with the
-invariant checker after every step) and run by the KSM oracle (``ksm_oracle.run_oracle``, which
-takes the shared KSM lock; the campaign keeps it for turns of at most 15 s, a dozen traces,
-and lets other users of the real KSM have theirs in between). Where the two results differ:
+invariant checker after every step) and run by the KSM oracle (``ksm_oracle.run_oracle``,
+which takes the shared KSM lock; the campaign keeps the lock for turns of at most 45 s, less
+than other users hold it, and gives it up between turns). Where the two results differ:
 
 1. the kernel runs the trace once more; if the kernel does not repeat itself the trace is
    reported as ``kernel_unstable`` and not kept (the corpus only holds reproducible traces);
@@ -38,7 +38,7 @@ from vmhost.reality.ksm_oracle import OracleError, holding_lock, run_oracle
 
 MAX_SHRINK_RUNS = 120     # kernel runs one shrink may use (~1 s each)
 BUSY_RETRIES, BUSY_WAIT_S = 30, 2.0    # the oracle itself waits up to 300 s for the lock
-TURN_S, GAP_S = 15.0, 0.5
+TURN_S, GAP_S = 45.0, 0.5
 
 
 def _emulate(doc: dict, name: str) -> dict:
