@@ -27,6 +27,8 @@ def register(sub) -> None:
                               "differences shrunk and written as corpus traces")
     fuzz.add_argument("--seed", type=whole_number, required=True)
     fuzz.add_argument("--count", type=whole_number, required=True)
+    fuzz.add_argument("--start", type=whole_number, default=0,
+                      help="index of the first trace (to resume or split a campaign)")
     fuzz.add_argument("--out", metavar="DIR", help="write differing traces and summary.json here")
     fuzz.add_argument("--no-shrink", action="store_true", help="keep differing traces whole")
     fuzz.add_argument("--emulator-only", action="store_true",
@@ -71,9 +73,11 @@ def _fuzz(args: argparse.Namespace) -> int:
     from vmhost.reality.ksm_fuzz import run_campaign
     if args.count < 1:
         raise InputError(f"ksm fuzz: --count must be positive, got {args.count}")
-    if args.seed < 0:
-        raise InputError(f"ksm fuzz: --seed must be >= 0, got {args.seed}")
-    s = run_campaign(args.seed, args.count, args.out, not args.no_shrink, args.emulator_only)
+    if args.seed < 0 or args.start < 0:
+        bad = "--seed" if args.seed < 0 else "--start"
+        raise InputError(f"ksm fuzz: {bad} must be >= 0, got {getattr(args, bad[2:])}")
+    s = run_campaign(args.seed, args.count, args.out, not args.no_shrink, args.emulator_only,
+                     args.start)
     if args.json:
         print(json.dumps(s, indent=1))
     else:

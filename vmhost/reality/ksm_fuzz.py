@@ -1,6 +1,7 @@
 """Differential fuzzing: random KSM traces run in the emulator and in this machine's kernel.
 
-``vmhost ksm fuzz --seed S --count N [--out DIR]``: trace ``i`` of the campaign is
+``vmhost ksm fuzz --seed S --count N [--start I] [--out DIR]``: trace ``i`` (``I`` .. ``I+N-1``,
+so a long campaign can be resumed or split) is
 ``vmhost.ksm.fuzz.generate(trace_seed(S, i))``; it is replayed in the emulator (with the
 invariant checker after every step) and run by the KSM oracle (``ksm_oracle.run_oracle``,
 which takes the shared KSM lock; the campaign keeps the lock for turns of at most 45 s, less
@@ -107,11 +108,13 @@ def _error_kind(doc: dict, name: str) -> str | None:
 
 class Campaign:
     def __init__(self, seed: int, count: int, out: Path | None = None, do_shrink: bool = True,
-                 emulator_only: bool = False, log: Callable[[str], None] | None = None):
-        self.seed, self.count, self.out = seed, count, out
+                 emulator_only: bool = False, log: Callable[[str], None] | None = None,
+                 start: int = 0):
+        self.seed, self.count, self.out, self.start = seed, count, out, start
         self.do_shrink, self.emulator_only = do_shrink, emulator_only
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.summary = {"seed": seed, "count": count, "emulator_only": emulator_only,
+        self.summary = {"seed": seed, "start": start, "count": count,
+                        "emulator_only": emulator_only,
                         "run": 0, "agreed": 0, "mismatches": [], "kernel_unstable": [],
                         "oracle_errors": [], "emulator_errors": [], "seconds": 0.0}
 
@@ -120,9 +123,9 @@ class Campaign:
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         try:
-            for i in range(self.count):
+            for n, i in enumerate(range(self.start, self.start + self.count)):
                 self.one(i)
-                self._progress(i, t0)
+                self._progress(n, t0)
         finally:
             _turns.give_up()
         return self.summary
@@ -211,5 +214,7 @@ class Campaign:
 
 
 def run_campaign(seed: int, count: int, out: str | None = None, do_shrink: bool = True,
-                 emulator_only: bool = False) -> dict:
-    return Campaign(seed, count, Path(out) if out else None, do_shrink, emulator_only).run()
+                 emulator_only: bool = False, start: int = 0) -> dict:
+    """Traces ``start`` .. ``start + count - 1`` of campaign ``seed`` (see the module doc)."""
+    return Campaign(seed, count, Path(out) if out else None, do_shrink, emulator_only,
+                    start=start).run()
