@@ -17,10 +17,10 @@ from __future__ import annotations
 import errno as errno_mod
 
 from hw.topology import Topology
+from vmhost.clock import NS_PER_MS
 from vmhost.host import Host
 from vmhost.ksm.engine import Ksm
 from vmhost.ksm.ksmd import Ksmd
-from vmhost.clock import NS_PER_MS
 from vmhost.ksm.trace import (IDLE_MIN_MS, IDLE_PERIODS, PROC_FIELDS, SNAPSHOT_FIELDS, Trace,
                               content_ids)
 from vmhost.mm.invariants import check
