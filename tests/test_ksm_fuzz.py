@@ -66,6 +66,15 @@ def test_generator_is_deterministic_valid_and_covers_the_contract():
     assert missing == []
 
 
+def test_no_thp_changes_only_the_thp_regions():
+    for i in range(100):
+        a, b = generate(trace_seed(13, i)), generate(trace_seed(13, i), thp=False)
+        for name in a["processes"]:
+            for ra, rb in zip(a["processes"][name]["regions"], b["processes"][name]["regions"]):
+                assert rb == {k: v for k, v in ra.items() if k != "thp"}
+        assert a["steps"] == b["steps"] and a.get("knobs") == b.get("knobs")
+
+
 def test_prctl_on_is_always_switched_off_before_a_scan_or_fork():
     for i in range(300):
         steps = generate(trace_seed(11, i))["steps"]
@@ -113,10 +122,13 @@ def test_emulator_survives_many_traces():
 
 
 def test_fixed_seed_batch_against_the_kernel(tmp_path):
+    # without THP regions: the kernel does not always find a huge page, and the THP model's
+    # known differences (tests/ksm_traces/known_differences/) would fail the batch; the long
+    # campaign (vmhost ksm fuzz without --no-thp) keeps them
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-m", "vmhost.cli", "ksm", "fuzz", "--seed",
                           str(BATCH_SEED), "--count", str(BATCH_COUNT), "--out", str(tmp_path),
-                          "--no-shrink", "--json"],
+                          "--no-shrink", "--no-thp", "--json"],
                          capture_output=True, text=True, env=env, timeout=600)
     summary = json.loads(run.stdout)
     assert summary["run"] == BATCH_COUNT

@@ -31,6 +31,8 @@ def register(sub) -> None:
                       help="index of the first trace (to resume or split a campaign)")
     fuzz.add_argument("--out", metavar="DIR", help="write differing traces and summary.json here")
     fuzz.add_argument("--no-shrink", action="store_true", help="keep differing traces whole")
+    fuzz.add_argument("--no-thp", action="store_true",
+                      help="plain regions instead of THP ones (the kernel's THP is not repeatable)")
     fuzz.add_argument("--emulator-only", action="store_true",
                       help="only replay the traces (invariants checked), no kernel")
     fuzz.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -77,7 +79,7 @@ def _fuzz(args: argparse.Namespace) -> int:
         bad = "--seed" if args.seed < 0 else "--start"
         raise InputError(f"ksm fuzz: {bad} must be >= 0, got {getattr(args, bad[2:])}")
     s = run_campaign(args.seed, args.count, args.out, not args.no_shrink, args.emulator_only,
-                     args.start)
+                     args.start, not args.no_thp)
     if args.json:
         print(json.dumps(s, indent=1))
     else:

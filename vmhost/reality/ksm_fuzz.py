@@ -109,11 +109,11 @@ def _error_kind(doc: dict, name: str) -> str | None:
 class Campaign:
     def __init__(self, seed: int, count: int, out: Path | None = None, do_shrink: bool = True,
                  emulator_only: bool = False, log: Callable[[str], None] | None = None,
-                 start: int = 0):
-        self.seed, self.count, self.out, self.start = seed, count, out, start
+                 start: int = 0, thp: bool = True):
+        self.seed, self.count, self.out, self.start, self.thp = seed, count, out, start, thp
         self.do_shrink, self.emulator_only = do_shrink, emulator_only
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.summary = {"seed": seed, "start": start, "count": count,
+        self.summary = {"seed": seed, "start": start, "count": count, "thp": thp,
                         "emulator_only": emulator_only,
                         "run": 0, "agreed": 0, "mismatches": [], "kernel_unstable": [],
                         "oracle_errors": [], "emulator_errors": [], "seconds": 0.0}
@@ -150,7 +150,7 @@ class Campaign:
         s = self.summary
         seed = trace_seed(self.seed, i)
         name = f"fuzz_{self.seed}_{i}"
-        doc = generate(seed)
+        doc = generate(seed, self.thp)
         s["run"] += 1
         try:
             emu = _emulate(doc, name)
@@ -214,7 +214,7 @@ class Campaign:
 
 
 def run_campaign(seed: int, count: int, out: str | None = None, do_shrink: bool = True,
-                 emulator_only: bool = False, start: int = 0) -> dict:
+                 emulator_only: bool = False, start: int = 0, thp: bool = True) -> dict:
     """Traces ``start`` .. ``start + count - 1`` of campaign ``seed`` (see the module doc)."""
     return Campaign(seed, count, Path(out) if out else None, do_shrink, emulator_only,
-                    start=start).run()
+                    start=start, thp=thp).run()
