@@ -16,6 +16,8 @@ from vmhost.reality import calibrate
 from vmhost.cli import build_parser
 from vmhost.reality import ksm_oracle as oracle
 
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
