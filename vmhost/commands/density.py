@@ -8,7 +8,7 @@ import time
 
 
 # shown at once on the progress line: the first guest of a first run waits for the compile
-START_NOTE = "booting guest 1 (the first run after an install also compiles the scan loop: 10-20 s)"
+START_NOTE = "booting guest 1 (the first run after an install also compiles the scan loop: up to a minute)"
 
 
 def register(sub) -> None:
