@@ -282,20 +282,21 @@ def test_a_snapshot_restores_the_whole_simulation(tmp_path):
     """Two steps after a snapshot, restore, the same two steps again: the same numbers (the
     clock's callbacks, writers and ksmd included, act on the restored state)."""
     cfg = load_density(ROOT / "configs" / "density-tiny.yaml")
-    runner = DensityRunner(cfg)
-    runner._build()
-    runner._boot_step(0, 1)
-    snap = runner._snapshot()
+    search = DensityRunner(cfg)
+    st = search.stepper
+    st.build()
+    search.boot_step(0, 1)
+    snap = st.snapshot()
 
     def two_steps():
-        a = runner._boot_step(1, 1)
-        b = runner._boot_step(2, 1)
+        a = search.boot_step(1, 1)
+        b = search.boot_step(2, 1)
         return [(s["pages_shared"], s["pages_sharing"], s["used_pages"], s["ksmd_cpu_s_total"],
                  s["virtual_s"]) for s in (a, b)]
 
     first = two_steps()
-    runner._restore(snap)
-    assert len(runner.guests) == 1 and runner.ksm.c.pages_sharing < first[0][1] // cfg.resolution
+    st.restore(snap)
+    assert len(st.guests) == 1 and st.ksm.c.pages_sharing < first[0][1] // cfg.resolution
     assert two_steps() == first
 
 
