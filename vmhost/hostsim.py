@@ -95,7 +95,7 @@ def simulate_host(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, see
                wall_s=round(time.perf_counter() - wall0, 3),
                not_booted=[vm.name for vm in vms[booted:]],
                ram_pages=sum(n.mem_bytes for n in run.host.topology.nodes) // 4096,
-               ksmd_cpu_s=last.ksmd_cpu_s_total, resolution=resolution,
+               ksmd_cpu_s=last.ksmd_cpu_s_total, resolution=resolution, unfaithful=st.unfaithful,
                vms=[asdict(vm) for vm in vms])
     out["oom_kills"] = [k["name"] for k in out["oom_kills"]]
     return out

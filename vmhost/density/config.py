@@ -228,9 +228,15 @@ def _check_resolution(cfg: DensityConfig, d: dict) -> None:
     block = cfg.host.block_pages
     if block // r < 1 or block % r:
         raise _err(path, "density.resolution", f"{r} does not divide the block size ({block} pages)")
+    from vmhost.density.scale import scaled_block_pages
+    sblock = scaled_block_pages(cfg.host, r)
     for n in cfg.host.topology.nodes:
         if (n.mem_bytes // PAGE_SIZE) % r:
             raise _err(path, "density.resolution", f"{r} does not divide node {n.id}'s memory")
+        if (n.mem_bytes // PAGE_SIZE // r) % sblock:
+            raise _err(path, "density.resolution", f"at 1/{r} node {n.id}'s memory is not a whole number "
+                                                   f"of {sblock}-page blocks (a block holds at least one "
+                                                   f"huge page when THP is on)")
     for s in cfg.host.swap:
         if s["pages"] < r:
             raise _err(path, "density.resolution", f"swap device {s['name']} is smaller than {r} pages")

@@ -17,6 +17,12 @@ from vmhost.density.curves import GuestFacts, curve_pages
 from vmhost.density.stepper import GIB_PAGES
 
 
+EDGE = 0.01              # a limit broken by less than this: the count is at the edge
+ACCOUNTING = ("all three columns count the guests' pages, in RAM or in swap, against one capacity: "
+              "RAM managed by the kernel less the high watermarks and the free headroom (swap is "
+              "not capacity); a KSM step also has to meet the service limits")
+
+
 def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: dict | None,
                  wall_s: float) -> dict:
     """The result document of a search: curves, steps, the headline, the search's notes."""
@@ -31,7 +37,8 @@ def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: 
                "fits_no_ksm": noksm <= cap, "fits_ideal": ideal <= cap}
         s = by_guests.get(n)
         if s is not None:
-            row.update(ksm_pages=s["used_pages"], saved_pages=s["saved_pages"], fits_ksm=s["ok"])
+            row.update(ksm_pages=s["held_pages"], ksm_ram_pages=s["used_pages"],
+                       saved_pages=s["saved_pages"], fits_ksm=s["ok"])
         curve.append(row)
 
     def largest(key):
@@ -53,6 +60,7 @@ def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: 
                             f"every guest and the host simulated at 1/{r} of their pages; "
                             f"page counts, CPU and swap-in rates scaled back x{r}"),
         "notes": st.notes,
+        "unfaithful": st.unfaithful,
         "host": {"ram_pages": sum(n.mem_bytes for n in cfg.host.topology.nodes) // PAGE_SIZE,
                  "capacity_pages": cap, "headroom_pages": search.headroom_pages(),
                  "thp": st.host.thp_mode, "knobs": dict(st.knobs)},
@@ -65,6 +73,7 @@ def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: 
         "search_capped": failed_at is None,
         "limited_by": failed_at["violations"] if failed_at else
                       [f"the boot sequence ended at {len(cfg.sequence)} guests (max_guests or counts)"],
+        "accounting": ACCOUNTING,
         "curve": curve,
         "steps": steps,
         "timeline": st.timeline,
@@ -100,6 +109,38 @@ def _t(v) -> str:
     return "-" if v is None else f"{v:g}s"
 
 
+def headline_lines(res: dict) -> list[str]:
+    """The answer a planner acts on: the three counts, the count that survives the storm, what
+    bound KSM and, when the CPU limit did, the knob that meets it and the count with it."""
+    v = res["vms_per_host"]
+    cl = res.get("cpu_limit")
+    ksm = f"KSM {v['ksm']}"
+    if "vms_surviving_storm" in res:
+        ksm += f" ({res['vms_surviving_storm']} survive the unmerge storm)"
+    if cl:
+        ksm = (f"KSM {v['ksm']} at pages_to_scan {cl['configured_pages_to_scan']} (ksmd CPU "
+               f"{_pct(cl['ksmd_cpu_share'])} > {_pct(cl['limit'])} at {cl['fails_at_guests']} guest(s))")
+        if cl.get("pages_to_scan"):
+            ksm += (f"; the largest pages_to_scan found that meets it: {cl['pages_to_scan']} "
+                    f"({cl['breaks_at_pages_to_scan']} breaks it), with it KSM {cl['vms_ksm']}"
+                    + (f" ({cl['vms_surviving_storm']} survive the unmerge storm)"
+                       if cl.get("vms_surviving_storm") is not None else ""))
+        else:
+            ksm += "; no lower pages_to_scan found that meets the limit"
+    out = [f"VMs per host: no KSM {v['no_ksm']}, {ksm}, ideal {v['ideal']}"
+           + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
+              if res.get("capped_curves") else "")]
+    margin = (cl or {}).get("limit_margin") if cl and cl.get("pages_to_scan") else res.get("limit_margin")
+    out.append(f"KSM limited by: {'; '.join((cl or {}).get('limited_by') or res['limited_by'])}"
+               + (f" (by {margin:.2%}: at the edge, a coarser or finer resolution may count one guest "
+                  f"more or less)" if margin is not None and margin < EDGE else ""))
+    if res.get("accounting"):
+        out.append(f"accounting: {res['accounting']}")
+    for u in res.get("unfaithful", ()):
+        out.append(f"NOT FAITHFUL at this resolution: {u}")
+    return out
+
+
 def format_result(res: dict) -> str:
     h = res["host"]
     lines = [f"density {res['config']} ({res['profile']}): host {_gib(h['ram_pages'])} GiB, THP {h['thp']}, "
@@ -108,10 +149,7 @@ def format_result(res: dict) -> str:
     for n in res["notes"]:
         lines.append(f"note: {n}")
     v = res["vms_per_host"]
-    lines.append(f"VMs per host: no KSM {v['no_ksm']}, KSM {v['ksm']}, ideal {v['ideal']}"
-                 + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
-                    if res.get("capped_curves") else ""))
-    lines.append(f"KSM limited by: {'; '.join(res['limited_by'])}")
+    lines.extend(headline_lines(res))
     pol = res.get("policy")
     if pol and pol["name"] != "fixed":
         last = pol["changes"][-1] if pol["changes"] else None
@@ -126,8 +164,8 @@ def format_result(res: dict) -> str:
                      f" ksmd CPU-s per GiB saved")
         swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]), 0)
         if swapped:
-            lines.append(f"at {b['guests']} guests {_gib(swapped)} GiB are swapped out: the KSM count "
-                         f"uses swap, the no-KSM and ideal curves count RAM only")
+            lines.append(f"at {b['guests']} guests {_gib(swapped)} GiB of guest pages are in swap "
+                         f"(counted in the KSM column, as pages held)")
         t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
         lines.append(f"time to 50/90/99% of steady-state savings: first guest {_t(t1['p50_s'])}/"
                      f"{_t(t1['p90_s'])}/{_t(t1['p99_s'])}; guest {b['guests']} "
@@ -154,7 +192,7 @@ def format_result(res: dict) -> str:
         if not s["steady"]:
             verdict += f" (not steady: {s['settled_by']})"
         lines.append(f"{row['guests']:>4} {s['image'][:16]:<16} {_gib(row['no_ksm_pages']):>9} "
-                     f"{_gib(s['used_pages']):>8} {_gib(row['ideal_pages']):>9} {_gib(s['saved_pages']):>9} "
+                     f"{_gib(s['held_pages']):>8} {_gib(row['ideal_pages']):>9} {_gib(s['saved_pages']):>9} "
                      f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib(s['swapped_pages']):>8} "
                      f"{_gib(s['free_pages']):>8} "
                      f"{_t(s['time_to']['p50_s']):>8} {_t(s['time_to']['p90_s']):>8} "

@@ -12,10 +12,12 @@ coarser time grain). The watermarks are the full-size host's / N (``build_system
 from __future__ import annotations
 
 import copy
+import math
 
 from vmhost.config import HostConfig
 from vmhost.density.config import HostRun
 
+HPAGE = 512
 MIN_BATCH_PAGES = 256
 DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MILLISECS = 100, 20     # the kernel's defaults
 SCALED_KNOBS = ("pages_to_scan", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan")
@@ -38,6 +40,16 @@ def scaled_image(img, r: int):
         c.steady_rate = c.steady_rate / r
     s.memory_mib = max(1, img.memory_mib // r)
     return s
+
+
+def scaled_block_pages(h: HostConfig, r: int) -> int:
+    """The memory block size at 1/r: block / r, but never below one huge page when THP is on
+    (a block smaller than 2 MiB cannot hold a huge page, and the guests would silently lose THP
+    at coarse resolutions while they have it at fine ones)."""
+    b = max(1, h.block_pages // r)
+    if h.thp != "never" and b < HPAGE:
+        return HPAGE
+    return b
 
 
 def scaled_host(cfg: HostRun) -> tuple[HostConfig, list[tuple[str, str]], list[str]]:
@@ -73,8 +85,41 @@ def scaled_host(cfg: HostRun) -> tuple[HostConfig, list[tuple[str, str]], list[s
     s = copy.copy(h)
     s.topology = Topology([NumaNode(n.id, n.mem_bytes // r, n.cpus) for n in h.topology.nodes],
                           [list(row) for row in h.topology.distance])
-    s.block_pages = h.block_pages // r
+    s.block_pages = scaled_block_pages(h, r)
     s.swap = [dict(d, pages=d["pages"] // r, read_bps=d["read_bps"] / r, write_bps=d["write_bps"] / r)
               for d in h.swap]
     return s, knobs, notes
 
+
+
+SEARCHES_PER_CHECKSUM = 1.5
+
+
+def depth_extra_ns(r: int, work: dict) -> int:
+    """ksmd CPU time (simulated scale) that tree searches would take on the full-size host
+    beyond what they took on the 1/r host: every stable- and unstable-tree search walks a tree
+    r times larger there, log2(r) levels deeper, one page comparison a level. Searches are
+    counted as pages checksummed x SEARCHES_PER_CHECKSUM (ksmd looks a page up in the stable
+    tree, checksums it and, if the checksum held, looks it up in the unstable tree: between 1
+    and 2 searches a checksum; 1.5 keeps the first density-mix guest's CPU share and CPU
+    seconds within 3% of each other from 1/512 to 1/64, where 1 or 2 leave one of them 5%
+    off). The engine does not count searches themselves, so this is an estimate."""
+    if r <= 1:
+        return 0
+    from vmhost.ksm.ksmd import COST_NS
+    return int(math.log2(r) * SEARCHES_PER_CHECKSUM * work["checksums"] * COST_NS["tree_compares"])
+
+
+def unfaithful_figures(run: HostRun, mix) -> list[str]:
+    """What a host simulated at 1/r cannot show, one sentence each (empty at r = 1)."""
+    r, out = run.resolution, []
+    if r == 1 or run.host.thp == "never":
+        return out
+    small = sorted({e.memory_mib for e in mix if e.memory_mib * 256 // r < HPAGE and not e.locked})
+    if small:
+        finest = max(1, min(small) * 256 // HPAGE)
+        out.append(f"THP: guests of {', '.join(f'{m} MiB' for m in small)} are below one huge page at 1/{r}, "
+                   f"so KSM merges the zero subpages that splitting a huge page maps to the zero page: "
+                   f"memory saved, pages_sharing and ksmd CPU are not the full-size host's "
+                   f"(resolution {finest} or finer shows them)")
+    return out

@@ -32,7 +32,8 @@ import numpy as np
 
 from vmhost.density.config import HostRun, MixEntry
 from vmhost.density.curves import GuestFacts, guest_facts, ideal_now
-from vmhost.density.scale import full_scale_scan_knobs, scaled_host, scaled_image
+from vmhost.density.scale import (depth_extra_ns, full_scale_scan_knobs, scaled_host, scaled_image,
+                                  unfaithful_figures)
 
 GIB_PAGES = (1 << 30) // 4096
 TIMELINE_POINTS_PER_STEP = 64
@@ -99,6 +100,7 @@ class HostStepper:
         self.run = run
         self.r = run.resolution
         self.hcfg, self.knobs, self.notes = scaled_host(run)
+        self.unfaithful = unfaithful_figures(run, mix)
         self.images = {e.index: scaled_image(e.image, self.r) for e in mix}
         self.built = False
 
@@ -109,7 +111,8 @@ class HostStepper:
                             full_scale_knobs=full_scale_scan_knobs(self.run.host))
         self.host, self.ksm, self.ksmd, self.policy = sysm.host, sysm.ksm, sysm.ksmd, sysm.policy
         self.guests: list[Guest] = []
-        self.samples: list[tuple[int, int, int]] = []  # (time, saved pages, ksmd CPU), simulated scale
+        # (time, saved pages, ksmd CPU as the full-size host's / r, ksmd CPU as simulated)
+        self.samples: list[tuple[int, int, int, int]] = []
         self.timeline: list[dict] = []                   # every step's samples, thinned, full scale
         self._writer = None                              # the steady-state writers' next event
         self._write_dt = self.run.write_period_ns
@@ -174,6 +177,11 @@ class HostStepper:
         res.booted = len(entries)
         return res
 
+    def _cpu(self) -> int:
+        """ksmd's CPU time so far, as the full-size host's ksmd would spend it / r: the
+        simulated batches' CPU plus the tree levels a 1/r host lacks (``scale.depth_extra_ns``)."""
+        return self.ksmd.cpu_ns + depth_extra_ns(self.r, self.ksm.work_counts())
+
     def _eff_now(self) -> int:
         """Now, counting the CPU time of ksmd's last batch (its next wake-up minus the sleep)."""
         ev = self.ksmd._event
@@ -230,7 +238,7 @@ class HostStepper:
             self._writer = self.host.clock.after(self._write_dt, self._writer_tick)
 
     def _sample(self) -> None:
-        self.samples.append((self.host.clock.now, self.saved(), self.ksmd.cpu_ns))
+        self.samples.append((self.host.clock.now, self.saved(), self._cpu(), self.ksmd.cpu_ns))
         self._sampler = self.host.clock.after(self._sample_dt, self._sample)
 
     def _settle(self, deadline_scans: int, new_pages: int = 1) -> dict:
@@ -239,7 +247,7 @@ class HostStepper:
         out = {"steady": False, "scans": 0}
         if run.settle_time_ns is not None or not ksm.should_run():
             t = run.settle_time_ns or 30 * 1_000_000_000
-            win_t0, win_cpu, win_cow = self._eff_now(), self.ksmd.cpu_ns, self.host.vmstat["cow_ksm"]
+            win_t0, win_cpu, win_cow = self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"]
             start_seq = ksm.seqnr
             clock.run_until(clock.now + t)
             out.update(steady=run.settle_time_ns is not None, scans=ksm.seqnr - start_seq,
@@ -247,7 +255,7 @@ class HostStepper:
             out["window"] = (win_t0, win_cpu, win_cow)
             return out
         hist = [(ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
-                 self._eff_now(), self.ksmd.cpu_ns, self.host.vmstat["cow_ksm"])]
+                 self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"])]
         limit_ns = clock.now + 4 * deadline_scans * self._scan_time_estimate() + 10 * 1_000_000_000
         while out["scans"] < deadline_scans:
             target = ksm.seqnr + 1
@@ -257,7 +265,7 @@ class HostStepper:
                 break
             out["scans"] += 1
             hist.append((ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
-                         self._eff_now(), self.ksmd.cpu_ns, self.host.vmstat["cow_ksm"]))
+                         self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"]))
             k = run.settle_scans
             # a new guest needs a scan to checksum its pages and one more to merge them: no
             # verdict before k + 1 scans; tolerance is relative to the new guest's pages
@@ -279,7 +287,7 @@ class HostStepper:
     def _mark(self) -> tuple:
         """What a step is measured from: time, ksmd CPU, savings, OOM kills, swap-ins."""
         host = self.host
-        return (host.clock.now, self.ksmd.cpu_ns, self.saved(), len(host.oom.kills),
+        return (host.clock.now, (self._cpu(), self.ksmd.cpu_ns), self.saved(), len(host.oom.kills),
                 host.vmstat["pswpin"], host.vmstat["pswpout"])
 
     def _measure(self, n: int, booted: list[Guest], mark: tuple) -> StepResult:
@@ -287,7 +295,7 @@ class HostStepper:
         run, r, host, ksm = self.run, self.r, self.host, self.ksm
         t0, cpu0, saved0, kills0, pswpin0, pswpout0 = mark
         self._pace_writes()
-        self.samples = [(t0, saved0, cpu0)]
+        self.samples = [(t0, saved0, *cpu0)]
         self._sample_dt = max(self._scan_time_estimate() // run.samples_per_scan, 1_000_000)
         if self._sampler is not None:
             self._sampler.cancel()
@@ -297,20 +305,22 @@ class HostStepper:
         self._sampler = None
         now = self._eff_now()
         saved = self.saved()
-        self.samples.append((host.clock.now, saved, self.ksmd.cpu_ns))
+        self.samples.append((host.clock.now, saved, self._cpu(), self.ksmd.cpu_ns))
         self._keep_timeline(n)
         win_t0, win_cpu, win_cow = st.pop("window")
         win_dt = max(now - win_t0, 1)
-        # at resolution r a batch would cost r x the CPU while the sleeps stay the same
-        dcpu = self.ksmd.cpu_ns - win_cpu
-        cpu_share = r * dcpu / max(r * dcpu + max(win_dt - dcpu, 0), 1)
+        # at resolution r a batch would cost r x the CPU while the sleeps stay the same (the
+        # sleeps: the window less the CPU time the simulated batches took)
+        dcpu = self._cpu() - win_cpu[0]
+        slept = max(win_dt - (self.ksmd.cpu_ns - win_cpu[1]), 0)
+        cpu_share = r * dcpu / max(r * dcpu + slept, 1)
         cow_rate = (host.vmstat["cow_ksm"] - win_cow) / (win_dt / 1e9) * r
         step_dt = max(host.clock.now - t0, 1)
         swapin_rate = (host.vmstat["pswpin"] - pswpin0) / (step_dt / 1e9) * r
         c = ksm.c
         last = booted[-1]
         saved_pages = saved * r
-        cpu_total = round(self.ksmd.cpu_ns * r / 1e9, 6)
+        cpu_total = round(self._cpu() * r / 1e9, 6)
         gib_saved = saved_pages / GIB_PAGES
         return StepResult(
             guests=n, image=last.entry.image.name, mix=last.entry.index, guest=last.qp.spec.name,
@@ -347,7 +357,7 @@ class HostStepper:
         stride = max(1, -(-len(pts) // TIMELINE_POINTS_PER_STEP))
         keep = pts[::stride] + ([pts[-1]] if (len(pts) - 1) % stride else [])
         self.timeline.extend({"t_s": round(t / 1e9, 3), "guests": n, "saved_pages": s * r,
-                              "ksmd_cpu_s": round(cpu * r / 1e9, 6)} for t, s, cpu in keep)
+                              "ksmd_cpu_s": round(cpu * r / 1e9, 6)} for t, s, cpu, _raw in keep)
 
     def _time_to(self, t0: int, cpu0: int, s0: int, s_end: int) -> dict:
         """Virtual seconds from the step's boot to X% of its gain in savings; at resolution r
@@ -359,11 +369,14 @@ class HostStepper:
                 out[f"p{pct}_s"] = None
                 continue
             want = s0 + pct / 100 * gain
-            i = next((i for i, (_t, s, _c) in enumerate(self.samples) if s >= want), None)
+            i = next((i for i, (_t, s, _c, _raw) in enumerate(self.samples) if s >= want), None)
             if i is None:
                 out[f"p{pct}_s"] = None
                 continue
             # the CPU of the batches before the one that got there (the sample before it)
-            cpu_before = self.samples[max(i - 1, 0)][2]
-            out[f"p{pct}_s"] = round((self.samples[i][0] - t0 + (self.r - 1) * (cpu_before - cpu0)) / 1e9, 3)
+            # at full scale those batches take r x their CPU time, where the simulation took
+            # the simulated CPU time
+            _t, _s, cpu_before, raw_before = self.samples[max(i - 1, 0)]
+            extra = self.r * (cpu_before - cpu0[0]) - (raw_before - cpu0[1])
+            out[f"p{pct}_s"] = round((self.samples[i][0] - t0 + extra) / 1e9, 3)
         return out

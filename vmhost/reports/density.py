@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmhost.density import GIB_PAGES, format_result
+from vmhost.density.result import headline_lines
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Report
@@ -60,11 +61,7 @@ def tables(res: dict) -> list[Table]:
 
 
 def headline(res: dict) -> list[str]:
-    v = res["vms_per_host"]
-    out = [f"VMs per host: {v['no_ksm']} without KSM, {v['ksm']} with KSM, {v['ideal']} if every identical "
-           f"page were merged" + (f" (at least: {', '.join(res['capped_curves'])} reached the end of the boot "
-                                  f"sequence)" if res.get("capped_curves") else "") + ".",
-           f"KSM was limited by: {'; '.join(res['limited_by'])}."]
+    out = [line + "." for line in headline_lines(res)]
     b = res.get("at_best")
     if b:
         out.append(f"At {b['guests']} guests KSM saves {fmt(b['saved_gib'])} GiB; ksmd uses "
