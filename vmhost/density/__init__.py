@@ -68,9 +68,21 @@ identical page: the distinct non-zero contents of all mergeable guests (a hot-se
 counted as its own content: it is rewritten with contents nobody has) plus the zero page
 handling: one KSM page (``use_zero_pages=0``) or none (``use_zero_pages=1``); non-mergeable
 guests count their whole footprint. Each simulated step also reports ``ideal_now_pages``: the
-same ideal over the guests' contents at that moment (frames written so far). Both curves fit
-while the pages needed stay within the capacity: RAM managed by the allocator minus the high
-watermarks minus ``free_headroom``.
+same ideal over the guests' contents at that moment (frames written so far).
+
+**One accounting.** The three columns count the same thing against the same capacity: the
+guests' pages, in RAM or in swap, against RAM managed by the allocator minus the high
+watermarks minus ``free_headroom`` (swap is not capacity). A KSM step fits when the pages it
+holds (``held_pages``: used RAM + swapped pages) are within the capacity and it meets every
+service limit; (a) and (c) fit when their pages are. Since no merging holds fewer pages than
+(c), ideal is an upper bound on KSM (up to the one KSM zero page (c) counts).
+
+**The headline.** VMs per host without KSM, with KSM and ideally; how many of the KSM count
+survive the unmerge storm; what limited KSM and by how much (an answer decided within 1% of a
+limit is at the edge, and says so). When the ksmd CPU limit is what limited KSM (and the knobs
+are the configured ones, not a tuning policy's), the result also gives the largest
+pages_to_scan that meets the limit, found by searching again (``cpu_limit``), and the count
+with it: a knob setting that breaks the limit does not answer "KSM 0".
 
 **Steady state and smart scan.** A step is steady when the counters stood still for
 ``settle.scans`` full scans. With smart_scan (6.18's default) a page that has not merged for a
@@ -83,7 +95,8 @@ short settle window therefore stops early; ``settle.scans: 9`` covers a whole sk
 **Time to X%** of a step's steady-state savings is virtual time from the guest's boot until the
 savings gained in the step reach X% of what the step gained at steady state (sampled
 ``samples_per_scan`` times per full scan). **CPU-seconds per GiB saved** is ksmd's modelled
-CPU (``Ksmd.cpu_ns``) from the first boot up to the step's steady state, over the GiB saved then.
+CPU (``Ksmd.cpu_ns``, plus the tree levels a scaled host lacks: see Resolution) from the
+first boot up to the step's steady state, over the GiB saved then.
 
 **Unmerge storm.** A fraction f of the merged mappings is written apart within a window W. Each
 write to a mapping that shares a KSM page (or maps the KSM zero page) makes the guest fault a
@@ -91,20 +104,29 @@ private copy: one new page; the stable page's own first mapper keeps it. So the 
 ``f x (pages_sharing + ksm_zero_pages)`` pages, and during the window the ordinary churn keeps
 breaking merges at the rate measured at steady state (vmstat cow_ksm over the settle window)
 with ksmd assumed unable to re-merge in time: ``W x cow_ksm rate`` pages more. A step survives
-the storm when its free memory above the min watermark covers both.
+the storm when its free memory above the min watermark, less the guest pages in swap (the one
+accounting: they would need RAM too), covers both.
 
 **Resolution.** At resolution N every guest is simulated with 1/N of its RAM (image class
 fractions, self-sharing, pools and per-page write frequencies are scale-free: absolute ``mib``
-class sizes and write rates are divided by N), on a host with 1/N of its RAM, block size and
-swap (size and bandwidth), and with ksmd's ``pages_to_scan`` divided by N so that a full scan
+class sizes and write rates are divided by N), on a host with 1/N of its RAM, block size (never below one
+huge page when THP is on, so that guests keep their huge pages at every resolution) and swap
+(size and bandwidth), and with ksmd's ``pages_to_scan`` divided by N so that a full scan
 takes the same virtual time; when that leaves fewer than 256 pages a batch, pages_to_scan and
 sleep_millisecs are both multiplied by the same factor (the same scan rate and CPU share, a
 coarser time grain; said in the output). Page counts, CPU time and swap-in rates are reported
 scaled back (x N); virtual times get back the (N - 1) x ksmd CPU time per batch that the
 smaller batches did not take (time to X%); the settle windows themselves are shorter. The
 watermarks are the full-size host's / N (the kernel's grow with the square root of RAM).
-Effects that do not scale: THP (2 MiB stays 512 pages), small classes rounding to whole pages,
-and pages_to_scan rounding.
+ksmd's CPU does not scale by N alone: every stable- and unstable-tree search walks a tree N
+times smaller, log2(N) levels shallower, so ksmd's CPU is reported with those levels added
+(``scale.depth_extra_ns``: one page comparison a level, searches estimated from the pages
+checksummed); without it the first guest of density-mix costs 47% of a CPU at 1/512 and 54% at
+1/64, with it 60% at both. Effects that do not scale: THP (2 MiB stays 512 pages: a guest scaled
+below one huge page cannot show the zero-page remapping of split huge pages, and the output says
+so), small classes rounding to whole pages, and pages_to_scan rounding.
+``vmhost density CONFIG --resolutions 512,256,64`` runs a config at several resolutions and
+compares every headline figure with the finest (``invariance``).
 """
 
 from __future__ import annotations

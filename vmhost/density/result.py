@@ -158,11 +158,17 @@ def format_result(res: dict) -> str:
                                    f"{last['pages_to_scan']} sleep_millisecs={last['sleep_millisecs']} "
                                    f"({last['reason']})" if last else ""))
     b = res.get("at_best")
+    cl = res.get("cpu_limit") or {}
+    if not b and cl.get("at_best"):
+        b = cl["at_best"]
+        lines.append(f"with pages_to_scan {cl['pages_to_scan']} (the steps below are at the configured "
+                     f"{cl['configured_pages_to_scan']}):")
     if b:
         lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct(b['ksmd_cpu_share'])} "
                      f"(steady); {b['cpu_s_per_gib_saved'] if b['cpu_s_per_gib_saved'] is not None else '-'}"
                      f" ksmd CPU-s per GiB saved")
-        swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]), 0)
+        swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]
+                        and b is res.get("at_best")), 0)
         if swapped:
             lines.append(f"at {b['guests']} guests {_gib(swapped)} GiB of guest pages are in swap "
                          f"(counted in the KSM column, as pages held)")

@@ -198,7 +198,9 @@ class DensitySearch:
             storm = cfg.storm_fraction * res.saved_pages
             churn = res.cow_ksm_rate * cfg.storm_window_ns / 1e9
             need = int(math.ceil(storm + churn))
-            avail = res.free_pages - res.min_watermark_pages
+            # in the one accounting: guest pages in swap would need RAM too (a host that
+            # survives a storm only because part of its guests sits in swap is not safe)
+            avail = res.free_pages - res.swapped_pages - res.min_watermark_pages
             step["storm"] = {"storm_pages": int(math.ceil(storm)), "churn_pages": int(math.ceil(churn)),
                              "headroom_pages": need, "available_pages": max(avail, 0),
                              "survives": avail >= need}

@@ -62,8 +62,10 @@ def tables(res: dict) -> list[Table]:
 
 def headline(res: dict) -> list[str]:
     out = [line + "." for line in headline_lines(res)]
-    b = res.get("at_best")
+    b = res.get("at_best") or (res.get("cpu_limit") or {}).get("at_best")
     if b:
+        if b is not res.get("at_best"):
+            out.append(f"With pages_to_scan {res['cpu_limit']['pages_to_scan']}:")
         out.append(f"At {b['guests']} guests KSM saves {fmt(b['saved_gib'])} GiB; ksmd uses "
                    f"{fmt(100 * b['ksmd_cpu_share'])}% of one CPU at steady state, "
                    f"{fmt(b['cpu_s_per_gib_saved'])} CPU-seconds per GiB saved.")
