@@ -259,10 +259,13 @@ def test_example_configs_run(path):
         cfg.max_guests = 3
         cfg.sequence = boot_sequence(cfg)
     res = DensityRunner(cfg).run()
-    assert res["steps"] and res["steps"][0]["ok"]
-    assert res["resolution"] == cfg.resolution
+    assert res["steps"] and res["resolution"] == cfg.resolution
     v = res["vms_per_host"]
-    assert v["no_ksm"] <= v["ideal"] and v["ksm"] >= 1
+    # the KSM answer: at the configured knobs, or with the largest pages_to_scan that meets
+    # the ksmd CPU limit when they break it (never a bare 0)
+    ksm = res["cpu_limit"]["vms_ksm"] if "cpu_limit" in res else v["ksm"]
+    assert v["no_ksm"] <= v["ideal"] and 1 <= ksm <= v["ideal"]
+    assert res["steps"][0]["ok"] or res["limited_by"][0].startswith("ksmd CPU")
     assert all(s["saved_pages"] >= 0 for s in res["steps"])
 
 

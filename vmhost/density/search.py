@@ -38,6 +38,13 @@ class DensitySearch:
         self.stepper = HostStepper(cfg, cfg.mix)
         self.r = cfg.resolution
 
+    # the simulated host, for callers that look inside a finished search
+    host = property(lambda self: self.stepper.host)
+    ksm = property(lambda self: self.stepper.ksm)
+    ksmd = property(lambda self: self.stepper.ksmd)
+    policy = property(lambda self: self.stepper.policy)
+    guests = property(lambda self: self.stepper.guests)
+
     # the names the density oracle (vmhost/reality) uses
     def _build(self) -> None:
         self.stepper.build()
