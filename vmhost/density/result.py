@@ -180,9 +180,9 @@ def format_result(res: dict) -> str:
             s = b["storm"]
             lines.append(f"unmerge storm at {b['guests']} guests: needs {_gib(s['headroom_pages'])} GiB "
                          f"({s['storm_pages']} storm + {s['churn_pages']} churn pages), "
-                         f"{_gib(s['available_pages'])} GiB free above min watermark: "
+                         f"{_gib(s['available_pages'])} GiB free above min watermark less swapped guest pages: "
                          f"{'survives' if s['survives'] else 'does NOT survive'}; "
-                         f"largest N surviving: {res.get('vms_surviving_storm')}")
+                         f"largest N surviving: {res.get('vms_surviving_storm', cl.get('vms_surviving_storm'))}")
     lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
                  f"{'cpu':>7} {'swapin/s':>8} {'swap GiB':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
                  f"{'scans':>5} verdict")

@@ -76,9 +76,10 @@ def headline(res: dict) -> list[str]:
         if b.get("storm"):
             s = b["storm"]
             out.append(f"An unmerge storm at {b['guests']} guests needs {fmt(_gib(s['headroom_pages']))} GiB; "
-                       f"{fmt(_gib(s['available_pages']))} GiB are free above the min watermark: it "
+                       f"{fmt(_gib(s['available_pages']))} GiB are free above the min watermark (less the guest pages "
+                       f"in swap): it "
                        f"{'survives' if s['survives'] else 'does not survive'}. The most guests that "
-                       f"survive one: {res.get('vms_surviving_storm')}.")
+                       f"survive one: {res.get('vms_surviving_storm', (res.get('cpu_limit') or {}).get('vms_surviving_storm'))}.")
     h = res["host"]
     out.append(f"Capacity for guests: {fmt(_gib(h['capacity_pages']))} GiB of {fmt(_gib(h['ram_pages']))} GiB "
                f"RAM (less the high watermarks and the free headroom). Resolution 1/{res['resolution']}: "
