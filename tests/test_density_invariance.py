@@ -52,3 +52,19 @@ def test_density_mix_answers_the_same_at_1_256_and_1_64():
     a, b = (row["figures"] for row in out["rows"])
     assert (a["no_ksm"], a["ksm"], a["ideal"]) == (b["no_ksm"], b["ksm"], b["ideal"])
     assert a["ksm_suggested"] == b["ksm_suggested"] and a["ksm_suggested"] <= a["ideal"]
+
+
+def test_cli_resolutions_table_and_bad_input():
+    import subprocess
+    import sys
+
+    def vmhost(*args):
+        return subprocess.run([sys.executable, "-m", "vmhost.cli", *args], capture_output=True, text=True,
+                              cwd=ROOT)
+    r = vmhost("density", "configs/density-tiny.yaml", "--resolutions", "8,4", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "reference: 1/4" in r.stdout and "every figure agrees" in r.stdout
+    for bad, words in (("3", "does not divide"), ("x", "not a list"), ("0", "positive")):
+        r = vmhost("density", "configs/density-mix.yaml", "--resolutions", bad)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and r.stdout == "" and len(lines) == 1 and words in lines[0], r.stderr
