@@ -39,6 +39,10 @@ The report gives, for each block offlined: the result and reason, pages migrated
 (virtual: the cost model of ``vmhost.mm.migrate`` and ``vmhost.mm.hotplug``), and
 for every step the invariant checker's verdict that every page of every process
 still reads what it read before (``invariants.check(host, views_before)``).
+``--report DIR`` writes it as HTML with plots, JSON, text and CSV tables
+(``vmhost.reports.hotremove``). A ``policy:`` section (a KSM tuning policy) drives the knobs
+on the clock as in density and fleet studies (the host, KSM, ksmd and policy are built by
+``vmhost.system.build_system``).
 """
 
 from __future__ import annotations
