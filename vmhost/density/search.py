@@ -76,7 +76,8 @@ class DensitySearch:
         res = self._search()
         if suggest and res["failed_step"] is not None and self.cfg.ksmd_cpu is not None \
                 and any(v.startswith("ksmd CPU") for v in res["failed_step"]["violations"]) \
-                and (self.cfg.host.policy or ("fixed",))[0] == "fixed":
+                and (self.cfg.host.policy or ("fixed",))[0] == "fixed" \
+                and dict(self.cfg.host.ksm).get("advisor_mode", "none") == "none":
             res["cpu_limit"] = self._cpu_suggestion(res)
         del res["failed_step"]
         return res
@@ -99,6 +100,7 @@ class DensitySearch:
                "vms_ksm_configured": res["vms_per_host"]["ksm"], "tries": []}
         good, bad = None, (pts, failed)
         tries = 0
+
         def scan_pages(step):
             return sum(cfg.mix[i].memory_mib * 256 for i in cfg.sequence[:step["guests"]]
                        if not cfg.mix[i].nosharepages)
