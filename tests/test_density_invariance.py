@@ -68,3 +68,27 @@ def test_cli_resolutions_table_and_bad_input():
         r = vmhost("density", "configs/density-mix.yaml", "--resolutions", bad)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and r.stdout == "" and len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_a_scaled_thp_host_keeps_huge_pages_and_says_what_it_cannot_show(tmp_path):
+    """Blocks of a THP host never shrink below one huge page (guests keep THP at 1/N); a guest
+    scaled below one huge page is reported as not faithful, in the result and the text."""
+    from vmhost.density import DensityRunner, format_result
+    from vmhost.density.stepper import HostStepper
+    (tmp_path / "unit.yaml").write_text("name: unit\nmemory_mib: 4\nclasses:\n"
+                                        "  kernel: {fraction: 0.5, distinct: 1.0, pool: 1}\n"
+                                        "  unique: {fraction: 0.5, distinct: 1.0}\n")
+    base = ("host: {thp: madvise, block_size: 1MiB, nodes: [{memory: 32MiB, cpus: 2}]}\n"
+            "ksm: {pages_to_scan: 100000, sleep_millisecs: 20, run: 1}\n"
+            "density:\n  mix: [{image: unit.yaml}]\n  max_guests: 2\n")
+    for r, below in ((1, False), (2, False), (4, True)):
+        p = tmp_path / f"r{r}.yaml"
+        p.write_text(base + f"  resolution: {r}\n")
+        cfg = load_density(p)
+        st = HostStepper(cfg, cfg.mix)
+        assert st.hcfg.block_pages == (256 if r == 1 else 512)
+        assert bool(st.unfaithful) == below
+        if below:
+            res = DensityRunner(cfg).run()
+            assert "below one huge page" in res["unfaithful"][0] and "resolution 2 or finer" in res["unfaithful"][0]
+            assert "NOT FAITHFUL at this resolution" in format_result(res)
