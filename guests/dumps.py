@@ -409,7 +409,9 @@ def fingerprint_dump(path: str | os.PathLike, fmt: str = "auto", jobs: int = 1,
         "hash": HASH_NAME,
         "page_size": PAGE_SIZE,
         "source": {"path": os.path.abspath(path), "format": lay.format, "size": lay.size,
-                   "sha256_first_mib": _sha256_head(path)},
+                   "sha256_first_mib": _sha256_head(path),
+                   # when the dump was written: orders dumps of one VM and times its writes
+                   "mtime_ns": os.stat(path).st_mtime_ns},
         "layout": layout,
         "low_ram_end": lay.low_ram_end,
         "ram": [[e.paddr, e.pages] for e in lay.extents],
@@ -527,8 +529,9 @@ def save_image(image: GuestImage, path: str | os.PathLike) -> None:
             _member(zf, "header.json", (json.dumps(image.header, indent=1, sort_keys=True)
                                         + "\n").encode())
             _member(zf, "pfn.npy", _npy(image.pfn.astype("<u8")))
-            # hash output does not compress: store it as is (the rest deflates well)
-            _member(zf, "fingerprint.npy", _npy(image.fingerprint.astype("<u8")), False)
+            # hashes do not compress, but a third of a guest's pages is usually zero (one
+            # repeated fingerprint): deflate keeps an image about a third smaller
+            _member(zf, "fingerprint.npy", _npy(image.fingerprint.astype("<u8")))
             _member(zf, "zero.npy", _npy(image.zero.astype(bool)))
         os.replace(tmp, path)
     finally:
@@ -568,3 +571,23 @@ def import_dump(dump: str | os.PathLike, image_path: str | os.PathLike, fmt: str
     image = fingerprint_dump(dump, fmt, jobs, layout, low_ram_end)
     save_image(image, image_path)
     return image
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an image file (what :func:`save_image` writes), not a dump."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                return False
+        with zipfile.ZipFile(path) as zf:
+            return "header.json" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_guest_image(path: str | os.PathLike, jobs: int = 1) -> GuestImage:
+    """An image file as it is, or a dump (ELF or raw, PC layout) fingerprinted now."""
+    _open_size(str(path))
+    if is_image_file(path):
+        return load_image(path)
+    return fingerprint_dump(path, jobs=jobs)

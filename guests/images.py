@@ -218,6 +218,9 @@ class GuestMemory:
 
     @classmethod
     def build(cls, img: Image, name: str, seed: int, domain: str, memory_mib: int) -> "GuestMemory":
+        own = getattr(img, "build_memory", None)
+        if own is not None:          # an image that knows its pages (guests.dump_guest)
+            return own(name, seed, domain, memory_mib)
         sizes = img.class_pages(memory_mib)
         total = memory_mib * PAGES_PER_MIB
         rng = np.random.default_rng([seed & 0xFFFFFFFF, key64(name) & 0xFFFFFFFF])
@@ -335,13 +338,8 @@ def from_dump(image, interner: Interner, name: str = "dump", domain: str = "defa
               zero_touched: bool = False) -> GuestMemory:
     """A ``guests.dumps.GuestImage`` as guest memory: content ids from the interner; frames
     with non-zero contents are written at boot, zero frames too if ``zero_touched``."""
-    ids = interner.intern_image(image)
-    if domain != "default":
-        from guests.interning import LOW_MASK, mix64
-        salt = np.uint64(key64("domain", domain))
-        nz = ids != 0
-        with np.errstate(over="ignore"):
-            ids[nz] = (ids[nz] & ~np.uint64(LOW_MASK)) | (mix64(ids[nz] ^ salt) & np.uint64(LOW_MASK))
+    from guests.interning import salt_domain
+    ids = salt_domain(interner.intern_image(image), domain)
     pages = int(image.pfn.max()) + 1 if image.pages else 0
     content = np.zeros(pages, dtype=np.uint64)
     pfn = image.pfn.astype(np.int64)
