@@ -56,6 +56,13 @@ def _path(im) -> str:
     return im.header.get("source", {}).get("path", "?")
 
 
+def _source(im) -> str:
+    src = im.header.get("source", {})
+    return (f"dump {os.path.basename(src.get('path', '?'))} ({src.get('format', '?')}, "
+            f"{src.get('size', '?')} bytes, sha256 of its first MiB "
+            f"{str(src.get('sha256_first_mib', '?'))[:16]})")
+
+
 def _mtime(im) -> int:
     return int(im.header.get("source", {}).get("mtime_ns", 0))
 
@@ -220,7 +227,7 @@ def fit_profile(images: list, name: str, interval: float | None = None,
         "chunk_pages": 16,
         "classes": classes,
         "assumptions": assumptions,
-        "sources": [f"dump: {_path(im)}" for im in images],
+        "sources": [_source(im) for im in images],
         "expect": {"measured": measured},
     }
     doc = _plain(doc)
@@ -262,7 +269,7 @@ def render(doc: dict) -> str:
     head = ("# A guest image fitted by `vmhost guests profile` (catalog format, guests/images.py).\n"
             "# expect.measured: the dumps' own figures (ideal sharing in pages across the VMs'\n"
             "# first dumps; write rate in pages/s).\n")
-    return head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
+    return head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=100)
 
 
 def write_profile(doc: dict, path: str | os.PathLike) -> None:
