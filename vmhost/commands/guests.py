@@ -62,6 +62,9 @@ def register(sub) -> None:
     prof.add_argument("--interval", type=_fraction, metavar="SECONDS",
                       help="time between consecutive dumps of one VM (default: from the dump "
                            "files' modification times)")
+    prof.add_argument("--against", nargs="+", metavar="DUMP", default=[],
+                      help="more dumps of VMs of the same kind for the check only (not fitted): "
+                           "the profile booted once per VM is held against all of them")
     prof.add_argument("--jobs", type=whole_number, default=1, help="hashing processes for dumps")
     prof.add_argument("--json", action="store_true", help="print the fit and its check as JSON")
     prof.set_defaults(func=_profile)
@@ -181,7 +184,9 @@ def _profile(args: argparse.Namespace) -> int:
     try:
         images = [read_guest_image(p, args.jobs) for p in args.dumps]
         doc = fit_profile(images, args.name or out.stem, args.interval)
-        check = prediction_error(doc, images)
+        held = images + [read_guest_image(p, args.jobs) for p in args.against]
+        check = prediction_error(doc, held)
+        check["fitted_dumps"], check["checked_dumps"] = len(images), len(held)
         write_profile(doc, out)
     except (DumpError, ProfileError) as exc:
         raise InputError(f"guests profile: {exc}") from None
@@ -200,7 +205,8 @@ def _profile(args: argparse.Namespace) -> int:
             extra += f", writes {steady['rate']} pages/s over {100 * steady['hot']:.1f}% of it"
         print(f"  {cname:<10} {100 * c['fraction']:6.2f}% of pages, distinct {c['distinct']}{extra}")
     print(f"  zero       {100 * m['zero_fraction']:6.2f}% of pages (untouched at boot)")
-    print(f"check: {check['vms']} guests of the profile share {check['predicted_ideal_sharing']} "
+    against = f" (out of sample: {len(args.against)} dump(s) not fitted)" if args.against else ""
+    print(f"check{against}: {check['vms']} guests of the profile share {check['predicted_ideal_sharing']} "
           f"pages ideally, the dumps {check['real_ideal_sharing']} ({100 * check['ideal_error']:+.2f}%);"
           f" across guests {check['predicted_inter_sharing']} vs {check['real_inter_sharing']} "
           f"({100 * check['inter_error']:+.2f}%)")
