@@ -19,6 +19,7 @@ from vmhost.fleet.config import parse_fleet
 from vmhost.reality.libvirt_lab import LibvirtLab
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.libvirt, pytest.mark.qemu]
 
 
 def vmhost(*args):

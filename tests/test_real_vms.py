@@ -177,6 +177,7 @@ def fresh(tmp_path_factory):
     return d
 
 
+@pytest.mark.qemu
 def test_profile_of_fresh_lab_dumps_predicts_their_sharing_and_write_rate(fresh, tmp_path):
     idle = [fresh / "idle" / f"g{i}.elf" for i in range(3)]
     out = tmp_path / "fresh.yaml"
@@ -222,6 +223,12 @@ def test_bad_dumps_and_profiles_end_with_one_line(tmp_path):
                     "*.yaml")
     one_line_exit_2(vmhost("guests", "profile", BUNDLED[0], "-o", tmp_path / "no" / "p.yaml"),
                     "does not exist")
+    small = tmp_path / "small.raw"
+    small.write_bytes(np.random.default_rng(1).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes())
+    one_line_exit_2(vmhost("guests", "profile", BUNDLED[0], small, "-o", tmp_path / "p.yaml"),
+                    str(small), "one profile is for VMs of one size")
+    one_line_exit_2(vmhost("guests", "profile", BUNDLED[0], "-o", tmp_path / "p.yaml",
+                           "--interval", "0"), "--interval")
     assert not (tmp_path / "p.yaml").exists()
 
 
