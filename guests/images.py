@@ -29,7 +29,9 @@ class, so different classes never collide; 0 is the zero page.
 
 Imported dumps are images too: :func:`from_dump` wraps a ``guests.dumps.GuestImage`` whose
 fingerprints are interned (one :class:`guests.interning.Interner` per run, so equal pages of
-different dumps get equal ids).
+different dumps get equal ids); a mix entry naming an imported dump boots a
+:class:`guests.dump_guest.DumpImage` (which :meth:`GuestMemory.build` hands its own pages), and
+``guests.resolve`` is where a mix's ``image:`` value becomes one of these.
 
 This module knows nothing about the host (``vmhost`` consumes :class:`GuestMemory`).
 """
