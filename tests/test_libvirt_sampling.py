@@ -3,7 +3,8 @@
 The fixture (vmhost.reality.libvirt_lab) starts virtlogd and libvirtd by hand (there is no
 systemd), boots two of the QEMU lab's guests as qemu:///system domains (QEMU runs as
 libvirt-qemu), and on the way out destroys them and stops the daemons it started, by pid.
-Budget: about 15 s to start, 5 s to sample, 5 s to stop.
+Both guests run the lab's known writer (1 MiB/s over a 16 MiB file), so that two samplings
+some seconds apart measure it. Budget: about 15 s to start, 5 s a sampling, 5 s to stop.
 """
 
 import os
@@ -20,6 +21,7 @@ from vmhost.reality.libvirt_lab import LibvirtLab
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu]
+WRITE_KIB_S = 1024
 
 
 def vmhost(*args):
@@ -44,7 +46,7 @@ def alive(pid):
 
 @pytest.fixture(scope="module")
 def lab():
-    with LibvirtLab(guests=2) as lab:
+    with LibvirtLab(guests=2, write_kib_s=WRITE_KIB_S, hot_kib=16384) as lab:
         yield lab
     # the daemons this fixture started and the guests' QEMU processes are gone
     assert not any(alive(p) for p in lab.info["started"]), lab.info
@@ -106,6 +108,25 @@ def test_a_fleet_reads_the_sampled_host_with_its_images(lab, sampled, tmp_path):
     for name in lab.domains:
         assert refs[name] == str(d / "samples" / f"{name}.vmimg")
         assert scn.vms[[v.name for v in scn.vms].index(name)].nosharepages   # <nosharepages/>
+
+
+def test_two_samplings_give_a_profile_with_the_guests_write_rate(lab, sampled, tmp_path):
+    import json
+    import time
+    d, r, _pids = sampled
+    assert r.returncode == 0, r.stderr
+    first = max(p.stat().st_mtime for p in (d / "samples").iterdir())
+    time.sleep(max(0.0, first + 6 - time.time()))
+    again = vmhost("import", "libvirt", "--uri", lab.uri, "-o", tmp_path / "later.yaml",
+                   "--sample", tmp_path / "later")
+    assert again.returncode == 0, again.stderr
+    r = vmhost("guests", "profile", *sorted((d / "samples").iterdir()),
+               *sorted((tmp_path / "later").iterdir()), "-o", tmp_path / "p.yaml", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["profile"]["expect"]["measured"]
+    # the samples of one domain are recognised as one VM, and its writer is measured
+    assert m["vms"] == 2 and m["dumps"] == 4
+    assert abs(m["write_rate_pages_s"] - WRITE_KIB_S / 4) <= 0.2 * WRITE_KIB_S / 4, m
 
 
 def test_bad_uris_and_sample_dirs_end_with_one_line(lab, tmp_path):
