@@ -273,10 +273,11 @@ def keep(guests: int, mem_mib: int, write_kib_s: int, hot_kib: int) -> int:
         for p in reversed(started):
             _stop(p)
         for name in names:
-            try:
-                (SERIAL_LOG_DIR / f"{name}-serial.log").unlink()
-            except OSError:
-                pass
+            for log in (f"{name}-serial.log", f"{name}.log"):   # ours, and libvirt's for QEMU
+                try:
+                    (SERIAL_LOG_DIR / log).unlink()
+                except OSError:
+                    pass
         shutil.rmtree(IMAGES_DIR, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
         lock.close()
