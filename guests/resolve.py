@@ -5,8 +5,12 @@
 * a catalog name (``linux-server``: ``guests/catalog/*.yaml``);
 * a path to an image YAML in the catalog's format (``*.yaml``/``*.yml``), for instance a
   profile fitted to real dumps by ``vmhost guests profile``;
-* a path to an image file written by ``vmhost guests import`` (any other file name; by
-  convention ``*.vmimg``): the guest's memory is that dump's pages (:mod:`guests.dump_guest`).
+* a path to an image file written by ``vmhost guests import`` (``*.vmimg`` by convention, or
+  any existing file that is not YAML): the guest's memory is that dump's pages
+  (:mod:`guests.dump_guest`).
+
+A value without a ``/`` that does not end in ``.yaml``, ``.yml`` or ``.vmimg`` is a catalog
+name if the catalog has it, else a file if there is one.
 
 Relative paths are relative to the directory of the file that names them. Loaded dumps are
 kept per process (by path, size and modification time), so a mix that boots a dump many
@@ -22,6 +26,7 @@ from pathlib import Path
 from guests.images import CATALOG_DIR, Image, ImageError, catalog, load_image
 
 YAML_SUFFIXES = (".yaml", ".yml")
+DUMP_SUFFIX = ".vmimg"           # what `vmhost guests import` is told to write, by convention
 DUMPS_KEPT = 16                  # dumps kept loaded per process (the oldest goes first)
 _DUMPS: dict[tuple, Image] = {}
 
@@ -31,17 +36,17 @@ def resolve_image(value, base_dir: str | os.PathLike | None = None) -> Image:
     if not isinstance(value, str) or not value:
         raise ImageError("expected an image name from the catalog, a path to an image YAML "
                          "or a path to an imported dump (.vmimg)")
-    looks_like_path = value.endswith(YAML_SUFFIXES) or "/" in value or os.sep in value \
-        or Path(value).suffix != ""
-    if not looks_like_path:
+    p = Path(value)
+    if not p.is_absolute() and base_dir is not None:
+        p = Path(base_dir) / p
+    is_file = value.endswith(YAML_SUFFIXES) or value.endswith(DUMP_SUFFIX) or "/" in value \
+        or os.sep in value or (p.is_file() and value not in catalog())
+    if not is_file:
         cat = catalog()
         if value not in cat:
             raise ImageError(f"unknown image {value!r} (catalog: {', '.join(sorted(cat))}; or a "
                              "path to an image YAML or an imported dump)")
         return cat[value]
-    p = Path(value)
-    if not p.is_absolute() and base_dir is not None:
-        p = Path(base_dir) / p
     if not p.is_file():
         kind = "image file" if value.endswith(YAML_SUFFIXES) else "image or dump file"
         raise ImageError(f"no {kind} {value!r}" + (f" (looked at {p})" if str(p) != value else ""))
