@@ -83,6 +83,15 @@ def test_a_dump_guest_is_the_dump_page_for_page():
     assert sharing([two[0], other])["inter_sharing"] == 0
 
 
+def test_dump_guests_and_interned_dumps_give_pages_the_same_ids():
+    from guests.images import from_dump
+    from guests.interning import Interner
+    gi = dumps.load_image(BUNDLED[1])
+    a = from_dump(gi, Interner(), "a")
+    b = load_dump_image(BUNDLED[1]).instantiate("b")
+    assert np.array_equal(np.sort(a.content[a.touched]), np.sort(b.content[b.touched]))
+
+
 def test_a_dump_at_a_resolution_keeps_its_sharing_proportions():
     imgs = [load_dump_image(p) for p in BUNDLED]
     full = sharing([im.instantiate(f"g{i}") for i, im in enumerate(imgs)])
