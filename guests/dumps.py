@@ -411,7 +411,8 @@ def fingerprint_dump(path: str | os.PathLike, fmt: str = "auto", jobs: int = 1,
         "source": {"path": os.path.abspath(path), "format": lay.format, "size": lay.size,
                    "sha256_first_mib": _sha256_head(path),
                    # when the dump was written: orders dumps of one VM and times its writes
-                   "mtime_ns": os.stat(path).st_mtime_ns},
+                   "mtime_ns": os.stat(path).st_mtime_ns,
+                   "btime_ns": birth_time_ns(path)},
         "layout": layout,
         "low_ram_end": lay.low_ram_end,
         "ram": [[e.paddr, e.pages] for e in lay.extents],
@@ -420,6 +421,31 @@ def fingerprint_dump(path: str | os.PathLike, fmt: str = "auto", jobs: int = 1,
         "stats": sharing_stats(fp, zero),
     }
     return GuestImage(pfn, fp, zero, header)
+
+
+_STATX_BTIME = 0x800
+_AT_FDCWD = -100
+
+
+def birth_time_ns(path: str) -> int | None:
+    """When the file was created (statx's stx_btime), or None where the kernel, C library or
+    filesystem does not say. A dump file is created when the dump starts -- with the guest
+    paused -- and last modified when it ends, so a VM's running time between two dumps is the
+    second's birth time minus the first's modification time."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        statx = libc.statx
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_BTIME, buf) != 0:
+        return None
+    mask = struct.unpack_from("<I", buf, 0)[0]
+    if not mask & _STATX_BTIME:
+        return None
+    sec, nsec = struct.unpack_from("<qI", buf, 80)     # stx_btime: struct statx_timestamp
+    return sec * 1_000_000_000 + nsec
 
 
 def _sha256_head(path: str) -> str:
@@ -589,5 +615,7 @@ def read_guest_image(path: str | os.PathLike, jobs: int = 1) -> GuestImage:
     """An image file as it is, or a dump (ELF or raw, PC layout) fingerprinted now."""
     _open_size(str(path))
     if is_image_file(path):
-        return load_image(path)
+        image = load_image(path)
+        image.header["read_from"] = str(path)      # in memory only: what to name in errors
+        return image
     return fingerprint_dump(path, jobs=jobs)

@@ -3,7 +3,7 @@
 The fixture (vmhost.reality.libvirt_lab) starts virtlogd and libvirtd by hand (there is no
 systemd), boots two of the QEMU lab's guests as qemu:///system domains (QEMU runs as
 libvirt-qemu), and on the way out destroys them and stops the daemons it started, by pid.
-Both guests run the lab's known writer (1 MiB/s over a 16 MiB file), so that two samplings
+Both guests run the lab's known writer (4 MiB/s over a 40 MiB file), so that two samplings
 some seconds apart measure it. Budget: about 15 s to start, 5 s a sampling, 5 s to stop.
 """
 
@@ -17,11 +17,12 @@ import yaml
 
 from guests import dumps
 from vmhost.fleet.config import parse_fleet
+from vmhost.reality.lab import writer_rate
 from vmhost.reality.libvirt_lab import LibvirtLab
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu]
-WRITE_KIB_S = 1024
+WRITE_KIB_S, HOT_KIB = 4096, 40960
 
 
 def vmhost(*args):
@@ -46,7 +47,7 @@ def alive(pid):
 
 @pytest.fixture(scope="module")
 def lab():
-    with LibvirtLab(guests=2, write_kib_s=WRITE_KIB_S, hot_kib=16384) as lab:
+    with LibvirtLab(guests=2, write_kib_s=WRITE_KIB_S, hot_kib=HOT_KIB) as lab:
         yield lab
     # the daemons this fixture started and the guests' QEMU processes are gone
     assert not any(alive(p) for p in lab.info["started"]), lab.info
@@ -88,7 +89,7 @@ def test_import_libvirt_samples_every_running_domain(lab, sampled):
         im = dumps.load_image(d / "samples" / f"{name}.vmimg")
         # a memory-only ELF core of a 128 MiB PC guest: its RAM pages, a third of them zero
         assert im.header["source"]["format"] == "elf" and im.pages == 32768 - 96
-        assert 0.2 < im.stats()["zero_fraction"] < 0.45
+        assert 0.1 < im.stats()["zero_fraction"] < 0.45     # the writer's file fills a third
         images.append(im)
     # no dump left behind, only the images
     assert sorted(p.name for p in (d / "samples").iterdir()) == sorted(f"{n}.vmimg" for n in lab.domains)
@@ -120,13 +121,20 @@ def test_two_samplings_give_a_profile_with_the_guests_write_rate(lab, sampled, t
     again = vmhost("import", "libvirt", "--uri", lab.uri, "-o", tmp_path / "later.yaml",
                    "--sample", tmp_path / "later")
     assert again.returncode == 0, again.stderr
-    r = vmhost("guests", "profile", *sorted((d / "samples").iterdir()),
-               *sorted((tmp_path / "later").iterdir()), "-o", tmp_path / "p.yaml", "--json")
+    pairs = []
+    for name in lab.domains:
+        pairs += ["--later", d / "samples" / f"{name}.vmimg", tmp_path / "later" / f"{name}.vmimg"]
+    r = vmhost("guests", "profile", *pairs, "-o", tmp_path / "p.yaml", "--json")
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)["profile"]["expect"]["measured"]
-    # the samples of one domain are recognised as one VM, and its writer is measured
+    # each domain's two samples are one VM, and its writer is measured: what the writers say
+    # on their consoles they wrote (they fall behind WRITE_KIB_S when the host is short of CPU)
     assert m["vms"] == 2 and m["dumps"] == 4
-    assert abs(m["write_rate_pages_s"] - WRITE_KIB_S / 4) <= 0.2 * WRITE_KIB_S / 4, m
+    wrote = [writer_rate(Path(f"/var/log/libvirt/qemu/{n}-serial.log").read_text(errors="replace"),
+                         6.0) for n in lab.domains]
+    mean = sum(wrote) / len(wrote)
+    assert 0.3 * WRITE_KIB_S <= mean <= 1.1 * WRITE_KIB_S, wrote
+    assert abs(m["write_rate_pages_s"] - mean / 4) <= 0.2 * mean / 4, (m, wrote)
 
 
 def test_bad_uris_and_sample_dirs_end_with_one_line(lab, tmp_path):

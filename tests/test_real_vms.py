@@ -22,13 +22,14 @@ from guests.images import ImageError, sharing
 from guests.profile import fit_profile, predict, prediction_error
 from guests.resolve import image_ref, resolve_image
 from vmhost.density import DensityRunner, load_density
+from vmhost.reality.lab import writer_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 BUNDLED = [CONFIGS / "dumps" / f"lab-g{i}.vmimg" for i in range(3)]
 WRITER = [CONFIGS / "dumps" / "lab-writer-t0.vmimg", CONFIGS / "dumps" / "lab-writer-t8.vmimg"]
 # the lab writer (vmhost.reality.lab.INIT_SCRIPT) rewrites this many KiB per second
-WRITE_KIB_S = 1024
+WRITE_KIB_S, HOT_KIB = 4096, 40960
 
 
 def vmhost(*args, timeout=600):
@@ -123,23 +124,26 @@ def test_density_example_from_the_fitted_profile():
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     # a hundred different VMs of the dumps' kind: the curves cover all of them, and KSM
-    # (sharing the kernel and initramfs every guest holds) fits more than twice as many
+    # (sharing the kernel and initramfs every guest holds) fits half as many again, close to
+    # the ideal merger
     assert len(res["curve"]) == 100
     fit = res["vms_per_host"]
-    assert fit["ksm"] > 2 * fit["no_ksm"] > 20
+    assert fit["ksm"] > 1.5 * fit["no_ksm"] > 20 and fit["ksm"] >= 0.95 * fit["ideal"]
 
 
 def test_bundled_profile_is_the_fit_of_the_bundled_dumps():
-    images = [dumps.load_image(p) for p in BUNDLED + WRITER]
-    doc = fit_profile(images, "lab-tiny")
+    images = [dumps.load_image(p) for p in BUNDLED]
+    later = [tuple(dumps.load_image(p) for p in WRITER)]
+    doc = fit_profile(images, "lab-tiny", later=later)
     assert doc == yaml.safe_load((CONFIGS / "profiles" / "lab-tiny.yaml").read_text())
-    err = prediction_error(doc, images)
+    err = prediction_error(doc, images, later=later)
     assert abs(err["ideal_error"]) < 0.05 and abs(err["inter_error"]) < 0.05, err
     # fitted to two of the three idle guests, it predicts the sharing of all three
     two = fit_profile([dumps.load_image(p) for p in BUNDLED[:2]], "two")
     three = prediction_error(two, [dumps.load_image(p) for p in BUNDLED], 3)
     assert abs(three["ideal_error"]) < 0.05 and abs(three["inter_error"]) < 0.05, three
     m = doc["expect"]["measured"]
+    # the bundled writer aimed at 4 MiB/s (its console said it kept up)
     assert abs(m["write_rate_pages_s"] - WRITE_KIB_S / 4) <= 0.2 * WRITE_KIB_S / 4
 
 
@@ -180,7 +184,7 @@ def fresh(tmp_path_factory):
     d = tmp_path_factory.mktemp("lab")
     idle = vmhost("guests", "dump", "-o", d / "idle", "--guests", "3")
     assert idle.returncode == 0, idle.stderr
-    w = vmhost("guests", "dump", "-o", d / "w", "--write-kib-s", WRITE_KIB_S, "--hot-kib", 16384,
+    w = vmhost("guests", "dump", "-o", d / "w", "--write-kib-s", WRITE_KIB_S, "--hot-kib", HOT_KIB,
                "--again", 6)
     assert w.returncode == 0, w.stderr
     return d
@@ -190,16 +194,19 @@ def fresh(tmp_path_factory):
 def test_profile_of_fresh_lab_dumps_predicts_their_sharing_and_write_rate(fresh, tmp_path):
     idle = [fresh / "idle" / f"g{i}.elf" for i in range(3)]
     out = tmp_path / "fresh.yaml"
-    r = vmhost("guests", "profile", *idle, fresh / "w" / "g0.elf", fresh / "w" / "g0-later.elf",
-               "-o", out, "--json")
+    r = vmhost("guests", "profile", *idle, "--later", fresh / "w" / "g0.elf",
+               fresh / "w" / "g0-later.elf", "-o", out, "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     check, m = res["check"], res["profile"]["expect"]["measured"]
     assert m["vms"] == 4 and m["dumps"] == 5
     assert abs(check["ideal_error"]) < 0.05 and abs(check["inter_error"]) < 0.05, check
-    # the writer rewrote WRITE_KIB_S KiB/s; the dumps see it (plus the guest's own churn)
-    assert abs(m["write_rate_pages_s"] - WRITE_KIB_S / 4) <= 0.2 * WRITE_KIB_S / 4, m
-    assert 0.5 * WRITE_KIB_S / 4 * m["write_seconds"] <= m["hot_pages"] <= 16384 / 4
+    # the writer aims at WRITE_KIB_S KiB/s and says on its console what it managed (less when
+    # the host is short of CPU); the dumps see that (plus the guest's own churn)
+    wrote = writer_rate((fresh / "w" / "g0.console.log").read_text(), 6.0)
+    assert 0.5 * WRITE_KIB_S <= wrote <= 1.1 * WRITE_KIB_S, wrote
+    assert abs(m["write_rate_pages_s"] - wrote / 4) <= 0.2 * wrote / 4, (m, wrote)
+    assert 0.5 * WRITE_KIB_S / 4 * m["write_seconds"] <= m["hot_pages"] <= HOT_KIB / 4 + 1000
     # out of sample: fitted to two idle guests, booted three times, against all three
     two = vmhost("guests", "profile", *idle[:2], "-o", tmp_path / "two.yaml")
     assert two.returncode == 0, two.stderr
@@ -238,6 +245,11 @@ def test_bad_dumps_and_profiles_end_with_one_line(tmp_path):
                     str(small), "one profile is for VMs of one size")
     one_line_exit_2(vmhost("guests", "profile", BUNDLED[0], "-o", tmp_path / "p.yaml",
                            "--interval", "0"), "--interval")
+    # two different VMs given as one VM dumped twice; a pair in the wrong order
+    one_line_exit_2(vmhost("guests", "profile", "--later", BUNDLED[0], BUNDLED[2], "-o",
+                           tmp_path / "p.yaml"), str(BUNDLED[2]), "not a later dump")
+    one_line_exit_2(vmhost("guests", "profile", "--later", WRITER[1], WRITER[0], "-o",
+                           tmp_path / "p.yaml"), str(WRITER[1]), "written before")
     assert not (tmp_path / "p.yaml").exists()
 
 

@@ -54,9 +54,13 @@ def register(sub) -> None:
     sh.set_defaults(func=_sharing)
 
     prof = gs.add_parser("profile", help="fit a catalog image (YAML) to dumps of one kind of VM")
-    prof.add_argument("dumps", nargs="+", metavar="DUMP",
-                      help="ELF or raw dumps, or images of `guests import`: several VMs of one "
-                           "kind, and optionally a later dump of one of them (for its writes)")
+    prof.add_argument("dumps", nargs="*", metavar="DUMP",
+                      help="ELF or raw dumps, or images of `guests import`: one per VM, several "
+                           "VMs of one kind")
+    prof.add_argument("--later", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
+                      help="two dumps of one VM, SECOND taken some seconds after FIRST: the VM's "
+                           "write rate and hot set (FIRST may also be one of the DUMPs); "
+                           "repeatable")
     prof.add_argument("-o", "--output", required=True, metavar="IMAGE.yaml")
     prof.add_argument("--name", help="the image's name (default: the output file's stem)")
     prof.add_argument("--interval", type=_fraction, metavar="SECONDS",
@@ -181,11 +185,16 @@ def _profile(args: argparse.Namespace) -> int:
     if not out.resolve().parent.is_dir():
         raise InputError(f"guests profile: {args.output}: output directory "
                          f"{out.resolve().parent} does not exist")
+    if not args.dumps and not args.later:
+        raise InputError("guests profile: no dumps (give DUMP... and/or --later FIRST SECOND)")
     try:
         images = [read_guest_image(p, args.jobs) for p in args.dumps]
-        doc = fit_profile(images, args.name or out.stem, args.interval)
+        by_path = dict(zip(args.dumps, images))
+        later = [tuple(by_path.get(p) or read_guest_image(p, args.jobs) for p in pair)
+                 for pair in args.later]
+        doc = fit_profile(images, args.name or out.stem, args.interval, later=later)
         held = images + [read_guest_image(p, args.jobs) for p in args.against]
-        check = prediction_error(doc, held)
+        check = prediction_error(doc, held, later=later)
         check["fitted_dumps"], check["checked_dumps"] = len(images), len(held)
         write_profile(doc, out)
     except (DumpError, ProfileError) as exc:
@@ -238,8 +247,8 @@ def _dump(args: argparse.Namespace) -> int:
     from vmhost.reality.lab import Lab, LabError
     if args.guests < 1 or args.mem < 16:
         raise InputError("guests dump: need --guests >= 1 and --mem >= 16")
-    if args.write_kib_s and args.hot_kib < 64:
-        raise InputError("guests dump: --hot-kib must be at least 64 with --write-kib-s")
+    if args.write_kib_s and args.hot_kib < 256:
+        raise InputError("guests dump: --hot-kib must be at least 256 with --write-kib-s")
     if args.again is not None and not 0 < args.again <= 3600:
         raise InputError(f"guests dump: --again {args.again}: seconds in (0, 3600]")
     out = Path(args.output)

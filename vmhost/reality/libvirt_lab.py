@@ -18,7 +18,9 @@
    :data:`IMAGES_DIR` (QEMU runs as ``libvirt-qemu``, which cannot read root's cache), starts
    N transient ``<domain type='qemu'>`` guests (``qemu:///system``, direct kernel boot, 128 MiB,
    ``<nosharepages/>``: nothing is registered with the host's KSM, so no other KSM user is
-   disturbed) and waits until each printed the lab's ready line on its serial log;
+   disturbed; ``<acpi/>``: without it the guest has no HPET or PM timer and keeps time by
+   counting ticks, which runs slow when the host is short of CPU) and waits until each printed
+   the lab's ready line on its serial log;
 4. prints one JSON line (the URI and the domains) and waits for its standard input to close.
 
 The test process holds the keeper's stdin: when it closes it -- on leaving the with-block, or
@@ -62,6 +64,7 @@ DOMAIN_XML = """<domain type='qemu'>
     <initrd>{initrd}</initrd>
     <cmdline>{cmdline}</cmdline>
   </os>
+  <features><acpi/></features>
   <on_reboot>destroy</on_reboot>
   <devices>
     <serial type='pty'>
