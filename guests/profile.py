@@ -256,11 +256,10 @@ def fit_profile(images: list, name: str, interval: float | None = None,
                             "hot": round(min(1.0, hot / u_pages), 6) if u_pages else 0.0}
         assumptions.append("write rate and hot set from dumps of one VM some seconds apart: "
                            "lower bounds, exact while no page is rewritten twice between them")
-    if k >= 1:
-        from guests.dumps import cross_sharing
-        cs = cross_sharing(firsts)
-        measured.update(ideal_sharing=cs["total"]["ideal_sharing"],
-                        self_sharing=cs["self_sharing"], inter_sharing=cs["inter_sharing"])
+    from guests.dumps import cross_sharing
+    cs = cross_sharing(firsts)
+    measured.update(ideal_sharing=cs["total"]["ideal_sharing"],
+                    self_sharing=cs["self_sharing"], inter_sharing=cs["inter_sharing"])
     classes["zero"] = {"boot": {"touched": 0}}
     doc = {
         "name": name,
@@ -342,9 +341,8 @@ def prediction_error(doc: dict, images: list, n: int | None = None, later: list 
     n = n or len(firsts)
     real = cross_sharing(firsts)
     pred = predict(doc, n)
-    scale = 1.0
     out = {"vms": n, "real_ideal_sharing": real["total"]["ideal_sharing"],
-           "predicted_ideal_sharing": int(round(pred["ideal_sharing"] * scale)),
+           "predicted_ideal_sharing": int(pred["ideal_sharing"]),
            "real_inter_sharing": real["inter_sharing"],
            "predicted_inter_sharing": pred["inter_sharing"]}
     for key in ("ideal", "inter"):

@@ -7,7 +7,6 @@ Both guests run the lab's known writer (4 MiB/s over a 40 MiB file), so that two
 some seconds apart measure it. Budget: about 15 s to start, 5 s a sampling, 5 s to stop.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
