@@ -95,8 +95,8 @@ def _rows(fp: np.ndarray) -> np.ndarray:
 
 def vm_groups(vms: list, later: list = ()) -> list[list]:
     """One group per VM, in time order: each of ``vms`` (one dump per VM), and each
-    (first, second) pair of ``later`` -- two dumps of one VM -- joining the VM whose dump is
-    its first (the same file), or making a VM of its own. A pair whose dumps do not look like
+    (first, second) pair of ``later`` -- two dumps of one VM -- joining the VM one of whose
+    dumps is its first (the same file), or making a VM of its own. A pair whose dumps do not look like
     one VM (:func:`same_vm` below :data:`SAME_VM`) or whose second dump is not the later one
     is refused."""
     groups = [[im] for im in vms]
@@ -109,7 +109,7 @@ def vm_groups(vms: list, later: list = ()) -> list[list]:
         if _mtime(second) <= _mtime(first):
             raise ProfileError(f"{_path(second)}: written before {_path(first)}, not after it")
         for g in groups:
-            if _same_file(g[0], first):
+            if any(_same_file(x, first) for x in g):     # also chains: (a, b), (b, c)
                 g.append(second)
                 break
         else:

@@ -147,6 +147,30 @@ def test_bundled_profile_is_the_fit_of_the_bundled_dumps():
     assert abs(m["write_rate_pages_s"] - WRITE_KIB_S / 4) <= 0.2 * WRITE_KIB_S / 4
 
 
+def test_a_series_of_dumps_of_one_vm_is_one_vm():
+    import copy
+    from guests.profile import vm_groups
+    w0, w1 = [dumps.load_image(p) for p in WRITER]
+    # a third dump 2 s after the second, in which 100 more non-zero pages changed
+    w2 = copy.deepcopy(w1)
+    pages = np.flatnonzero(~w2.zero)[:100]
+    w2.fingerprint[pages] ^= np.uint64(1)
+    src = w2.header["source"]
+    src["btime_ns"] = src["mtime_ns"] + 2_000_000_000
+    src["mtime_ns"] += 2_300_000_000
+    src["sha256_first_mib"] = "later"
+    assert [len(g) for g in vm_groups(bundled_images(), [(w0, w1), (w1, w2)])] == [1, 1, 1, 3]
+    one = fit_profile([], "one", later=[(w0, w1)])["expect"]["measured"]
+    series = fit_profile([], "series", later=[(w0, w1), (w1, w2)])["expect"]["measured"]
+    assert series["vms"] == 1 and series["dumps"] == 3
+    assert series["write_seconds"] == pytest.approx(one["write_seconds"] + 2.0, abs=0.01)
+    assert one["hot_pages"] <= series["hot_pages"] <= one["hot_pages"] + 100
+
+
+def bundled_images():
+    return [dumps.load_image(p) for p in BUNDLED]
+
+
 def test_fleet_places_and_simulates_dump_guests(tmp_path):
     fleet = {
         "hosts": [{"name": "h", "host": {"thp": "never", "block_size": "4MiB",

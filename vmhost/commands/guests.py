@@ -59,8 +59,8 @@ def register(sub) -> None:
                            "VMs of one kind")
     prof.add_argument("--later", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
                       help="two dumps of one VM, SECOND taken some seconds after FIRST: the VM's "
-                           "write rate and hot set (FIRST may also be one of the DUMPs); "
-                           "repeatable")
+                           "write rate and hot set (FIRST may also be one of the DUMPs, or the "
+                           "SECOND of another --later: a series); repeatable")
     prof.add_argument("-o", "--output", required=True, metavar="IMAGE.yaml")
     prof.add_argument("--name", help="the image's name (default: the output file's stem)")
     prof.add_argument("--interval", type=_fraction, metavar="SECONDS",
