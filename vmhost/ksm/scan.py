@@ -37,18 +37,13 @@ class ScanMixin:
         if self.host.frames.flags[pfn] & PG_KSM:
             return False
         items = self.items
-        age = int(items.age[item])
-        if age != 255:
-            items.age[item] = age + 1
-        if age < 3:
-            return False
-        if items.remaining_skips[item] == 0:
-            items.remaining_skips[item] = 1 if age <= 3 else 2 if age <= 5 else 4 if age <= 8 else 8
-            return False
-        self.c.pages_skipped += 1
-        items.remaining_skips[item] -= 1
-        self.remove_rmap_item_from_tree(item)
-        return True
+        age, skips, skip = fastscan.smart_skip(int(items.age[item]), int(items.remaining_skips[item]))
+        items.age[item] = age
+        items.remaining_skips[item] = skips
+        if skip:
+            self.c.pages_skipped += 1
+            self.remove_rmap_item_from_tree(item)
+        return skip
 
     def _next_item(self, slot: MmSlot, vpn: int) -> int:
         """get_next_rmap_item: the item for ``vpn``, freeing the ones before it."""
@@ -211,37 +206,43 @@ class ScanMixin:
         self.c.pages_scanned += 1
         return 1
 
+    def _scan_params(self) -> np.ndarray:
+        host, nodes = self.host, self.nodes
+        p = np.zeros(fastscan.N_PARAMS, dtype=np.int64)
+        p[fastscan.P_SEQNR] = self.seqnr
+        p[fastscan.P_SMART] = int(self.profile.ksm_smart_scan and self.knobs.smart_scan)
+        p[fastscan.P_ACROSS] = int(self.knobs.merge_across_nodes)
+        p[fastscan.P_USE_ZERO] = int(self.knobs.use_zero_pages)
+        p[fastscan.P_ZERO_SUM] = self.zero_checksum
+        p[fastscan.P_SEED] = fastscan_seed(self.profile.ksm_checksum)
+        p[fastscan.P_BLOCK_PAGES] = host.phys.block_pages
+        p[fastscan.P_CLEAN] = int(host.changes[0] == self._pass_changes)
+        p[fastscan.P_HASHED] = int(self._uhashed)
+        p[fastscan.P_STABLE_INDEXED] = int(self.c.stable_node_chains == 0 and nodes.stale_count == 0)
+        p[fastscan.P_NOW] = host.clock.now
+        p[fastscan.P_PRUNE_NS] = self.knobs.stable_node_chains_prune_millisecs * 1_000_000
+        p[fastscan.P_MPS] = min(self._mps(), 1 << 62)
+        return p
+
     def _run_compiled(self, slot: MmSlot, vma: Vma, cand: np.ndarray, i: int, budget: int):
-        items, nodes, frames, host = self.items, self.nodes, self.host.frames, self.host
+        items, host = self.items, self.host
         cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
-        params = np.array([self.seqnr, int(self.profile.ksm_smart_scan and self.knobs.smart_scan),
-                           int(self.knobs.merge_across_nodes), int(self.knobs.use_zero_pages),
-                           self.zero_checksum, int(fastscan_seed(self.profile.ksm_checksum)),
-                           host.phys.block_pages,
-                           int(host.changes[0] == self._pass_changes), int(self._uhashed),
-                           int(self.c.stable_node_chains == 0 and nodes.stale_count == 0),
-                           host.clock.now, self.knobs.stable_node_chains_prune_millisecs * 1_000_000,
-                           min(self._mps(), 1 << 62)],
-                          dtype=np.int64)
         if self._uhashed and len(self._uh) < 2 * items.capacity:
             self.build_unstable_trees()           # the item pool grew past the table: use the tree
-            params[fastscan.P_HASHED] = 0
+        if self.stable_index.needs_rebuild():
+            self.stable_index.grow()
+        if self.nodes.free_top[0] == 0:
+            self.nodes.grow()
+        state = fastscan.ScanState(
+            self._scan_params(), self.c.a, self.work, host.mm_ksm, host.pt_epoch,
+            host.phys.block_node_array, self._uh, self._ulog, self._ulog_len, self._eff_chain,
+            self._eff_found, self._eff_prune, self._freed, self._freed_n, self._av_gets,
+            self._av_log, self._av_n)
         i, n, code, item = fastscan.scan_run(
-            cand, i, budget, vma.start, vma.pte, vma.ptef, slot.mm.id, cursor,
-            frames.content, frames.flags, frames.owner,
-            items.mm, items.address, items.flags, items.oldchecksum, items.age,
-            items.remaining_skips, items.head, items.rnext, items.nid, items.tree_pfn,
-            items.tree_gen, items.tree_key, items.links.left, items.links.right,
-            items.links.parent, items.links.color, items.links.roots,
-            nodes.kind, nodes.kpfn, nodes.nid, nodes.key, nodes.links.left, nodes.links.right,
-            nodes.links.roots, items.free_stack, items.free_top, self.c.a, host.mm_ksm,
-            host.pt_epoch, params, host.phys.block_node_array, self.work,
-            self._uh, self._ulog, self._ulog_len, self.stable_index.slots,
-            self.stable_index.count, nodes.dhead, nodes.dnext, nodes.dprev, nodes.hlist_len,
-            nodes.prune_time, self._eff_chain, self._eff_found, self._eff_prune,
-            frames.mapcount, frames.refcount, frames.index, items.hnext, items.hprev,
-            items.anon_vma, nodes.hhead, bool(vma.flags & VmFlags.LOCKED),
-            vma.anon_vma.id, self._freed, self._freed_n, self._av_gets)
+            fastscan.frame_arrays(host.frames), fastscan.item_arrays(items),
+            fastscan.node_arrays(self.nodes, self.stable_index), state,
+            self.vma_registry.current(self), cand, i, budget, vma.start, vma.pte, vma.ptef,
+            slot.mm.id, cursor, bool(vma.flags & VmFlags.LOCKED), vma.anon_vma.id)
         slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
         self._settle_compiled_merges(vma)
         return int(i), int(n), int(code), int(item)
@@ -256,3 +257,10 @@ class ScanMixin:
         if gets:
             vma.anon_vma.refcount += gets
             self._av_gets[0] = 0
+        n = int(self._av_n[0])
+        if n:
+            ids, counts = np.unique(self._av_log[:n], return_counts=True)
+            by_id = self.host.anon_vmas.by_id
+            for av_id, k in zip(ids.tolist(), counts.tolist()):
+                by_id[av_id].refcount += k
+            self._av_n[0] = 0
