@@ -35,11 +35,11 @@ import numpy as np
 from numba import njit
 
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
-from vmhost.ksm.counters import (C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED, C_UNSHARED,
-                                 W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
+from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
+                                 C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
 from vmhost.ksm.items import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
-from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, slot_of
-from vmhost.ksm.rbtree import NIL, rb_erase, rb_link
+from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
+from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
 from vmhost.ksm.stable import CHAIN, DUP, NODE
 from vmhost.ksm.vma_registry import find_vma
 from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KSM, PG_MLOCKED,
@@ -52,7 +52,7 @@ BAIL_BEFORE_ITEM, BAIL_BEFORE_SKIP, BAIL_BEFORE_MERGE, BAIL_AFTER_CHECKSUM = 2, 
 
 # the parameter array
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
- P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS, N_PARAMS) = range(14)
+ P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS, P_CHAINS, N_PARAMS) = range(15)
 
 FrameArrays = namedtuple("FrameArrays", "content flags owner mapcount refcount index")
 ItemArrays = namedtuple("ItemArrays", "mm address flags oldchecksum age remaining_skips head hnext "
@@ -279,8 +279,122 @@ def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_a
 
 
 @njit(cache=True, nogil=True)
+def _stable_insert_walk(F, ND, S, nid, key, mps):
+    """Where stable_tree_insert links a new node for ``key`` when the tree may hold chains
+    and stale nodes (Ksm._stable_insert_walk, chains looked up without pruning), first
+    without side effects: returns (ok, parent, go_left, nodes compared, dups walked, dup
+    moves to apply, recorded in S.eff_chain/eff_found, the node with an equal key or NIL).
+    Not ok when the walk would prune a stale node, free or collapse a chain: that is
+    Python's."""
+    cur = ND.roots[nid]
+    at = NIL
+    go_left = False
+    walked = 0
+    dups = 0
+    moves = 0
+    while cur != NIL:
+        walked += 1
+        kind = ND.kind[cur]
+        if kind == CHAIN:
+            found = NIL
+            found_len = 0
+            d = ND.dhead[cur]
+            while d != NIL:
+                dups += 1
+                kp = ND.kpfn[d]
+                if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != d:
+                    return False, NIL, False, 0, 0, 0, NIL
+                hl = ND.hlist_len[d]
+                sharable = hl > 0 and hl < mps
+                if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
+                                                  or hl > found_len)):
+                    found = d
+                    found_len = hl
+                    if sharable:
+                        break
+                d = ND.dnext[d]
+            if found == NIL or (ND.dhead[cur] == found and ND.dnext[found] == NIL):
+                return False, NIL, False, 0, 0, 0, NIL
+            if ND.dhead[cur] != found and found_len > 0 and found_len + 1 < mps:
+                if moves >= S.eff_chain.shape[0]:
+                    return False, NIL, False, 0, 0, 0, NIL
+                S.eff_chain[moves] = cur
+                S.eff_found[moves] = found
+                moves += 1
+        elif kind == NODE:
+            kp = ND.kpfn[cur]
+            if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != cur:
+                return False, NIL, False, 0, 0, 0, NIL
+        else:
+            return False, NIL, False, 0, 0, 0, NIL
+        at = cur
+        tk = ND.key[cur]
+        if key < tk:
+            cur = ND.left[cur]
+            go_left = True
+        elif key > tk:
+            cur = ND.right[cur]
+            go_left = False
+        else:
+            return True, at, go_left, walked, dups, moves, cur
+    return True, at, go_left, walked, dups, moves, NIL
+
+
+@njit(cache=True, nogil=True)
+def _move_dup_to_head(ND, chain, found):
+    prev = ND.dprev[found]
+    nxt = ND.dnext[found]
+    if prev == NIL:
+        ND.dhead[chain] = nxt
+    else:
+        ND.dnext[prev] = nxt
+    if nxt != NIL:
+        ND.dprev[nxt] = prev
+    first = ND.dhead[chain]
+    ND.dnext[found] = first
+    ND.dprev[found] = NIL
+    if first != NIL:
+        ND.dprev[first] = found
+    ND.dhead[chain] = found
+
+
+@njit(cache=True, nogil=True)
+def _alloc_node(ND, kind):
+    """StableNodes.alloc: a node with every field at its initial value (the pool was
+    checked by the caller)."""
+    ND.free_top[0] -= 1
+    new = ND.free_stack[ND.free_top[0]]
+    ND.kind[new] = kind
+    ND.kpfn[new] = -1
+    ND.prune_time[new] = 0
+    ND.hlist_len[new] = 0
+    ND.hhead[new] = NIL
+    ND.nid[new] = 0
+    ND.chain[new] = NIL
+    ND.dhead[new] = NIL
+    ND.dnext[new] = NIL
+    ND.dprev[new] = NIL
+    ND.key[new] = 0
+    ND.stale[new] = 0
+    return new
+
+
+@njit(cache=True, nogil=True)
+def _add_dup(ND, chain, dup):
+    """StableNodes.add_dup: ``dup`` goes at the head of the chain's list."""
+    ND.kind[dup] = DUP
+    ND.chain[dup] = chain
+    first = ND.dhead[chain]
+    ND.dnext[dup] = first
+    ND.dprev[dup] = NIL
+    if first != NIL:
+        ND.dprev[first] = dup
+    ND.dhead[chain] = dup
+
+
+@njit(cache=True, nogil=True)
 def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
-                t, tpfn, nid, key, hashed):
+                t, tpfn, nid, key, hashed, indexed, mps, chains, now):
     """The page of ``item`` and the unstable tree's page of ``t`` (same contents) become one
     new KSM page: try_to_merge_two_pages, stable_tree_insert, two stable_tree_appends, as
     Ksm._merge_candidate does them. Returns False, having changed nothing, when anything
@@ -310,6 +424,19 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
         return True                  # this page is pinned: the merge fails, nothing changes
     if tptef[toff] & _WD and F.mapcount[tpfn] != F.refcount[tpfn]:
         return False
+    if indexed:
+        at, go_left, d = insert_point(ND.left, ND.right, ND.key, ND.roots[nid], key)
+        dups = 0
+        moves = 0
+        equal = ki_find(ND.ki_slots, ND.key, ND.nid, key, nid)
+        if equal == EMPTY:
+            equal = NIL
+    else:
+        ok, at, go_left, d, dups, moves, equal = _stable_insert_walk(F, ND, S, nid, key, mps)
+        if not ok:
+            return False
+    if equal != NIL and (not chains or (ND.kind[equal] != CHAIN and ND.free_top[0] < 2)):
+        return False                 # 2.6.33 refuses a second node for a content; or no room
     # try_to_merge_one_page(page, NULL): this page becomes the KSM page
     _write_protect(F, ptef, off, pfn)
     S.work[W_MERGES] += 1
@@ -326,27 +453,34 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     IT.anon_vma[t] = V.anon_vma[tv]
     S.av_log[S.av_n[0]] = V.anon_vma[tv]
     S.av_n[0] += 1
-    # stable_tree_insert (no equal key in the tree: the search found none)
-    at, go_left, d = insert_point(ND.left, ND.right, ND.key, ND.roots[nid], key)
+    # stable_tree_insert: a new node, or a new dup of the content's node (all full)
     S.work[W_COMPARES] += d
-    ND.free_top[0] -= 1
-    new = ND.free_stack[ND.free_top[0]]
-    ND.kind[new] = NODE
+    S.work[W_DUPS] += dups
+    for e in range(moves):
+        _move_dup_to_head(ND, S.eff_chain[e], S.eff_found[e])
+    new = _alloc_node(ND, NODE)
     ND.kpfn[new] = pfn
-    ND.prune_time[new] = 0
-    ND.hlist_len[new] = 0
-    ND.hhead[new] = NIL
     ND.nid[new] = nid
-    ND.chain[new] = NIL
-    ND.dhead[new] = NIL
-    ND.dnext[new] = NIL
-    ND.dprev[new] = NIL
     ND.key[new] = key
-    ND.stale[new] = 0
-    rb_link(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, new, at, go_left)
-    if ki_insert(ND.ki_slots, ND.key, ND.nid, new):
-        ND.ki_state[1] -= 1
-    ND.ki_state[0] += 1
+    if equal == NIL:
+        rb_link(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, new, at, go_left)
+        if ki_insert(ND.ki_slots, ND.key, ND.nid, new):
+            ND.ki_state[1] -= 1
+        ND.ki_state[0] += 1
+    else:
+        chain = equal
+        if ND.kind[equal] != CHAIN:               # alloc_stable_node_chain
+            chain = _alloc_node(ND, CHAIN)
+            ND.prune_time[chain] = now
+            ND.nid[chain] = ND.nid[equal]
+            ND.key[chain] = ND.key[equal]
+            rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, equal, chain)
+            ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, equal)] = chain
+            _add_dup(ND, chain, equal)
+            S.cnt[C_CHAINS] += 1
+            S.cnt[C_DUPS] += 1
+        _add_dup(ND, chain, new)
+        S.cnt[C_DUPS] += 1
     F.owner[pfn] = new
     stable_append(IT, ND, S, t, new)
     stable_append(IT, ND, S, item, new)
@@ -374,6 +508,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     now = params[P_NOW]
     prune_ns = params[P_PRUNE_NS]
     mps = params[P_MPS]
+    chains = params[P_CHAINS] != 0
     block_node = S.block_node
     cnt = S.cnt
     work = S.work
@@ -384,8 +519,9 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     while i < n:
         if processed >= budget:
             return i, processed, RUN_BUDGET, NIL
-        # while no chain and no stale node exist, a stable-tree walk has no side effects
-        indexed = params[P_STABLE_INDEXED] != 0
+        # while no chain and no stale node exist, a stable-tree walk has no side effects (the
+        # compiled merges make no stale node, but may make the first chain)
+        indexed = params[P_STABLE_INDEXED] != 0 and cnt[C_CHAINS] == 0
         off = cand[i]
         work[W_PTES] += 1
         if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT:
@@ -566,11 +702,13 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             else:
                 target = found if kind == CHAIN else cur
                 break
+        if target != NIL and not (ND.hlist_len[target] > 0 and ND.hlist_len[target] < mps):
+            if not (indexed or chains):
+                return i, processed, BAIL_AFTER_CHECKSUM, item
+            target = NIL                # every copy is full: the unstable tree makes a new one
         if target != NIL:
             # merge into that KSM page here only in the plain case; anything else is Python's
-            tl = ND.hlist_len[target]
-            if (not (tl > 0 and tl < mps)
-                    or (not across and block_node[ND.kpfn[target] // block_pages] != ND.nid[target])
+            if ((not across and block_node[ND.kpfn[target] // block_pages] != ND.nid[target])
                     or (pflags & (PG_COMPOUND | PG_SWAPCACHE)) != 0
                     or S.freed_n[0] >= S.freed.shape[0]):
                 return i, processed, BAIL_AFTER_CHECKSUM, item
@@ -580,20 +718,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 ND.prune_time[chain] = now
             found = S.eff_found[e]
             if found != NIL:                                   # move the dup to the head
-                prev = ND.dprev[found]
-                nxt = ND.dnext[found]
-                if prev == NIL:
-                    ND.dhead[chain] = nxt
-                else:
-                    ND.dnext[prev] = nxt
-                if nxt != NIL:
-                    ND.dprev[nxt] = prev
-                first = ND.dhead[chain]
-                ND.dnext[found] = first
-                ND.dprev[found] = NIL
-                if first != NIL:
-                    ND.dprev[first] = found
-                ND.dhead[chain] = found
+                _move_dup_to_head(ND, chain, found)
         work[W_DUPS] += dups_seen
         if target != NIL:
             work[W_COMPARES] += walked
@@ -626,9 +751,9 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             else:
                 tpfn = IT.tree_pfn[t]
                 if tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
-                    if not (indexed and _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef,
-                                                    vma_locked, vma_anon_vma, t, tpfn, nid,
-                                                    key, True)):
+                    if not _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked,
+                                       vma_anon_vma, t, tpfn, nid, key, True, indexed, mps,
+                                       chains, now):
                         return i, processed, BAIL_AFTER_CHECKSUM, item
             work[W_COMPARES] += d
             cnt[C_SCANNED] += 1
@@ -664,8 +789,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             elif not across and block_node[IT.tree_pfn[cur] // block_pages] != nid:
                 aborted = True
                 break
-            elif indexed and _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked,
-                                         vma_anon_vma, cur, IT.tree_pfn[cur], nid, key, False):
+            elif _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
+                             cur, IT.tree_pfn[cur], nid, key, False, indexed, mps, chains, now):
                 merged = True
                 break
             else:

@@ -180,6 +180,7 @@ class ScanMixin:
                     if code in (fastscan.RUN_END, fastscan.RUN_BUDGET):
                         break
                     stage = self._BAIL_STAGE[code]
+                    self.bails[code] += 1
                 done += self._scan_page(slot, vma, int(cand[i]), stage, item)
                 i += 1
             if i >= len(cand):
@@ -222,6 +223,7 @@ class ScanMixin:
         p[fastscan.P_NOW] = host.clock.now
         p[fastscan.P_PRUNE_NS] = self.knobs.stable_node_chains_prune_millisecs * 1_000_000
         p[fastscan.P_MPS] = min(self._mps(), 1 << 62)
+        p[fastscan.P_CHAINS] = int(self.profile.ksm_stable_node_chains)
         return p
 
     def _run_compiled(self, slot: MmSlot, vma: Vma, cand: np.ndarray, i: int, budget: int):
@@ -251,7 +253,7 @@ class ScanMixin:
         """What the compiled merges leave to Python: freeing frames, anon_vma references."""
         n = int(self._freed_n[0])
         if n:
-            self.host.allocator.free(self._freed[:n].copy())
+            self.host.allocator.free_in_order(self._freed[:n].copy())
             self._freed_n[0] = 0
         gets = int(self._av_gets[0])
         if gets:
