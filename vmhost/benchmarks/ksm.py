@@ -351,7 +351,10 @@ def run(pages: int = 262144, procs: int = 4, scans: int = 2, kernel: bool = True
 
 def run_host(host_gib: float, procs: int, scans: int = 1, log=None) -> dict:
     """Emulator only: a host of ``host_gib`` GiB whose processes fill it, to steady state."""
+    from vmhost.footprint import Footprint, check_fits
     pages = int(host_gib * (1 << 30)) // PAGE
+    check_fits(Footprint(host_bytes_for(pages) // PAGE, pages, pages),
+               f"bench ksm --host-gib {host_gib:g}")
     t0 = time.perf_counter()
     r = run(pages, procs, scans, kernel=False, emulator=True, log=log)
     r["host_gib"] = host_gib

@@ -24,7 +24,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def checksum_of(content, seed):
     """The checksum of one page: splitmix64's finaliser of (content + seed), top 32 bits
     (a bijective avalanche, so equal pages agree and a change almost surely shows)."""
@@ -35,7 +35,7 @@ def checksum_of(content, seed):
     return np.uint32(x >> np.uint64(32))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def memcmp_key_of(content):
     """Byte-swapped content id: its order is memcmp's order of the page."""
     x = np.uint64(content)

@@ -92,7 +92,7 @@ def node_arrays(nodes, index) -> NodeArrays:
                       nodes.free_stack, nodes.free_top, index.slots, index.state)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _depth(n):
     """About how many nodes a search of an n-node red-black tree compares with."""
     d = 0

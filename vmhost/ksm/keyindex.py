@@ -17,7 +17,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def slot_of(key, nid, mask):
     x = (key ^ np.uint64(nid)) * _GOLDEN
     x = (x ^ (x >> np.uint64(29))) * _MIX
