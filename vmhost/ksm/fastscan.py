@@ -37,7 +37,7 @@ from numba import njit
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
-from vmhost.ksm.items import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
 from vmhost.ksm.stable import CHAIN, DUP, NODE
@@ -743,7 +743,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 IT.nid[item] = nid
                 IT.tree_pfn[item] = pfn
                 IT.tree_key[item] = key
-                IT.tree_gen[item] = S.pt_epoch[mm_id]
+                IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
                 uh[h] = item
                 S.ulog[S.ulog_len[0]] = item
                 S.ulog_len[0] += 1
@@ -769,7 +769,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             walked += 1
             if clean:
                 tk = IT.tree_key[cur]
-            elif S.pt_epoch[IT.mm[cur]] == IT.tree_gen[cur]:
+            elif (S.pt_epoch[IT.mm[cur]] & GEN_MASK) == IT.tree_gen[cur]:
                 # no PTE of that mm changed since: the item still maps the same frame, whose
                 # contents may have changed under it (a write): compare them as they are now
                 tk = memcmp_key_of(F.content[IT.tree_pfn[cur]])
@@ -801,7 +801,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             IT.nid[item] = nid
             IT.tree_pfn[item] = pfn
             IT.tree_key[item] = key
-            IT.tree_gen[item] = S.pt_epoch[mm_id]
+            IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
             rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, nid, item, at, go_left)
             cnt[C_UNSHARED] += 1
         cnt[C_SCANNED] += 1

@@ -29,7 +29,7 @@ FREE, NODE, DUP, CHAIN, MIGRATE = 0, 1, 2, 3, 4
 
 
 class StableNodes:
-    _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int64, -1), ("prune_time", np.int64, 0),
+    _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int32, -1), ("prune_time", np.int64, 0),
                ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
                ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
                ("dprev", np.int32, NIL), ("key", np.uint64, 0), ("stale", np.uint8, 0))
