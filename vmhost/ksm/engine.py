@@ -122,7 +122,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self.wakeup: Callable[[], None] = lambda: None   # set by ksmd
         self.work = np.zeros(len(WORK_NAMES), dtype=np.int64)   # operations done (CPU model)
         self.fast = True                        # use the compiled scan for the common cases
-        self.bails = np.zeros(6, dtype=np.int64)   # visits the compiled scan left to Python, by code
+        self.bails = np.zeros(fastscan.N_CODES, dtype=np.int64)   # visits the compiled scan left to Python, by code
         host.ksm = self
 
     # derived counters

@@ -49,6 +49,8 @@ from vmhost.mm.vma import PTE_DIRTY, PTE_PRESENT, PTE_WRITE, PTE_YOUNG, PTE_ZERO
 # scan_run's return codes
 RUN_END, RUN_BUDGET = 0, 1
 BAIL_BEFORE_ITEM, BAIL_BEFORE_SKIP, BAIL_BEFORE_MERGE, BAIL_AFTER_CHECKSUM = 2, 3, 4, 5
+BAIL_AFTER_STABLE = 6       # the stable tree had nothing: Python goes on with the unstable tree
+N_CODES = 7
 
 # the parameter array
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
@@ -733,12 +735,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         # unstable tree: search, or insert this item; two equal pages merge
         if hashed:
             if not clean:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # the tree must be built now
+                return i, processed, BAIL_AFTER_STABLE, item    # the tree must be built now
             d = _depth(S.ulog_len[0])
             t, h = hash_find(uh, mask, IT.tree_key, IT.nid, key, nid)
             if t == NIL:
                 if S.ulog_len[0] >= S.ulog.shape[0]:
-                    return i, processed, BAIL_AFTER_CHECKSUM, item
+                    return i, processed, BAIL_AFTER_STABLE, item
                 IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
                 IT.nid[item] = nid
                 IT.tree_pfn[item] = pfn
@@ -754,7 +756,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     if not _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked,
                                        vma_anon_vma, t, tpfn, nid, key, True, indexed, mps,
                                        chains, now):
-                        return i, processed, BAIL_AFTER_CHECKSUM, item
+                        return i, processed, BAIL_AFTER_STABLE, item
             work[W_COMPARES] += d
             cnt[C_SCANNED] += 1
             processed += 1
@@ -775,7 +777,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 tk = memcmp_key_of(F.content[IT.tree_pfn[cur]])
                 IT.tree_key[cur] = tk
             else:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # the page may have moved
+                return i, processed, BAIL_AFTER_STABLE, item    # the page may have moved
             at = cur
             if key < tk:
                 cur = IT.left[cur]
@@ -794,7 +796,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 merged = True
                 break
             else:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # two pages to merge: Python
+                return i, processed, BAIL_AFTER_STABLE, item    # two pages to merge: Python
         work[W_COMPARES] += walked
         if not aborted and not merged:
             IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)

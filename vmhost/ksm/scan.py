@@ -118,11 +118,12 @@ class ScanMixin:
     # The scan is scan_get_next_rmap_item + cmp_and_merge_page of mm/ksm.c, driven VMA by
     # VMA: the compiled loop (fastscan) takes the common visits, and every visit it cannot
     # finish is finished here from the stage it reached.
-    STAGE_FRESH, STAGE_ITEM, STAGE_SKIPPED, STAGE_CHECKSUMMED = 0, 1, 2, 3
+    STAGE_FRESH, STAGE_ITEM, STAGE_SKIPPED, STAGE_CHECKSUMMED, STAGE_STABLE_MISSED = 0, 1, 2, 3, 4
 
     _BAIL_STAGE = {fastscan.BAIL_BEFORE_ITEM: STAGE_FRESH, fastscan.BAIL_BEFORE_SKIP: STAGE_ITEM,
                    fastscan.BAIL_BEFORE_MERGE: STAGE_SKIPPED,
-                   fastscan.BAIL_AFTER_CHECKSUM: STAGE_CHECKSUMMED}
+                   fastscan.BAIL_AFTER_CHECKSUM: STAGE_CHECKSUMMED,
+                   fastscan.BAIL_AFTER_STABLE: STAGE_STABLE_MISSED}
 
     def _next_mergeable_vma(self, mm: "MM") -> Vma | None:
         """The next VM_MERGEABLE VMA with an anon_vma at or after the cursor's address."""
@@ -202,8 +203,10 @@ class ScanMixin:
             return 0
         if stage <= self.STAGE_SKIPPED:
             self.cmp_and_merge_page(pfn, item)
-        else:
+        elif stage == self.STAGE_CHECKSUMMED:
             self.after_checksum(pfn, item)
+        else:
+            self.after_stable_miss(pfn, item)
         self.c.pages_scanned += 1
         return 1
 
