@@ -113,9 +113,8 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self._eff_prune = np.zeros(128, dtype=np.bool_)
         self._freed = np.zeros(1 << 16, dtype=np.int64)      # frames freed by compiled merges
         self._freed_n = np.zeros(1, dtype=np.int64)
-        self._av_gets = np.zeros(1, dtype=np.int64)        # anon_vma references they took
-        self._av_log = np.zeros(1 << 16, dtype=np.int32)       # ... on other VMAs' anon_vmas
-        self._av_n = np.zeros(1, dtype=np.int64)
+        self._av_delta = np.zeros(64, dtype=np.int64)       # anon_vma references compiled code
+                                                            # took (+) and dropped (-), by id
         self.vma_registry = VmaRegistry()                  # page tables for compiled merges
         self._cand_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.zero_checksum = checksum(0, self.profile.ksm_checksum)

@@ -40,7 +40,7 @@ from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARIN
 from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
-from vmhost.ksm.stable import CHAIN, DUP, NODE
+from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
 from vmhost.ksm.vma_registry import find_vma
 from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KSM, PG_MLOCKED,
                               PG_SWAPCACHE)
@@ -61,10 +61,10 @@ ItemArrays = namedtuple("ItemArrays", "mm address flags oldchecksum age remainin
                         "hprev anon_vma nid rnext tree_pfn tree_gen tree_key left right parent "
                         "color roots free_stack free_top")
 NodeArrays = namedtuple("NodeArrays", "kind kpfn prune_time hlist_len hhead nid chain dhead dnext "
-                        "dprev key stale left right parent color roots free_stack free_top "
-                        "ki_slots ki_state")
+                        "dprev key stale stale_state left right parent color roots free_stack "
+                        "free_top ki_slots ki_state")
 ScanState = namedtuple("ScanState", "params cnt work mm_ksm pt_epoch block_node uh ulog ulog_len "
-                       "eff_chain eff_found eff_prune freed freed_n av_gets av_log av_n")
+                       "eff_chain eff_found eff_prune freed freed_n av_delta")
 
 _WD = PTE_WRITE | PTE_DIRTY
 _CLEAN_RO = np.uint8(~_WD & 0xFF)
@@ -90,7 +90,8 @@ def node_arrays(nodes, index) -> NodeArrays:
     ln = nodes.links
     return NodeArrays(nodes.kind, nodes.kpfn, nodes.prune_time, nodes.hlist_len, nodes.hhead,
                       nodes.nid, nodes.chain, nodes.dhead, nodes.dnext, nodes.dprev, nodes.key,
-                      nodes.stale, ln.left, ln.right, ln.parent, ln.color, ln.roots,
+                      nodes.stale, nodes.stale_state, ln.left, ln.right, ln.parent, ln.color,
+                      ln.roots,
                       nodes.free_stack, nodes.free_top, index.slots, index.state)
 
 
@@ -276,7 +277,7 @@ def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_a
     _write_protect(F, ptef, off, pfn)
     _replace_page(F, S, pte, ptef, off, pfn, kp, vma_locked)
     IT.anon_vma[item] = vma_anon_vma                  # a reference on the VMA's anon_vma
-    S.av_gets[0] += 1
+    S.av_delta[vma_anon_vma] += 1
     stable_append(IT, ND, S, item, node)
 
 
@@ -361,6 +362,197 @@ def _move_dup_to_head(ND, chain, found):
 
 
 @njit(cache=True, nogil=True)
+def _live(F, ND, node):
+    """ksm_get_folio's keyhole: the node's page is still its KSM page."""
+    kp = ND.kpfn[node]
+    return kp >= 0 and (F.flags[kp] & PG_KSM) != 0 and F.owner[kp] == node
+
+
+@njit(cache=True, nogil=True)
+def _free_node(ND, node):
+    """StableNodes.free."""
+    if ND.stale[node]:
+        ND.stale[node] = 0
+        ND.stale_state[0] -= 1
+    ND.kind[node] = FREE
+    ND.free_stack[ND.free_top[0]] = node
+    ND.free_top[0] += 1
+
+
+@njit(cache=True, nogil=True)
+def _tree_erase(ND, node):
+    """IndexedRbTree.erase: out of its stable tree and out of the key index."""
+    rb_erase(ND.left, ND.right, ND.parent, ND.color, ND.roots, ND.nid[node], node)
+    ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, node)] = TOMB
+    ND.ki_state[0] -= 1
+    ND.ki_state[1] += 1
+
+
+@njit(cache=True, nogil=True)
+def _del_dup(ND, dup):
+    """StableNodes.del_dup."""
+    chain = ND.chain[dup]
+    prev = ND.dprev[dup]
+    nxt = ND.dnext[dup]
+    if prev == NIL:
+        ND.dhead[chain] = nxt
+    else:
+        ND.dnext[prev] = nxt
+    if nxt != NIL:
+        ND.dprev[nxt] = prev
+    ND.chain[dup] = NIL
+    ND.dnext[dup] = NIL
+    ND.dprev[dup] = NIL
+
+
+@njit(cache=True, nogil=True)
+def _remove_node(IT, ND, S, node):
+    """remove_node_from_stable_tree for a plain node or a dup (a node on the migrate list is
+    Python's): every rmap_item on it is un-counted and loses its anon_vma reference."""
+    it = ND.hhead[node]
+    while it != NIL:
+        nxt = IT.hnext[it]
+        if nxt != NIL:
+            S.cnt[C_SHARING] -= 1
+        else:
+            S.cnt[C_SHARED] -= 1
+        S.mm_ksm[IT.mm[it], 1] -= 1
+        ND.hlist_len[node] -= 1
+        av = IT.anon_vma[it]
+        if av >= 0:
+            S.av_delta[av] -= 1
+            IT.anon_vma[it] = -1
+        IT.flags[it] = 0
+        IT.head[it] = NIL
+        it = nxt
+    ND.hhead[node] = NIL
+    if ND.kind[node] == DUP:
+        _del_dup(ND, node)
+        S.cnt[C_DUPS] -= 1
+    else:
+        _tree_erase(ND, node)
+    _free_node(ND, node)
+
+
+@njit(cache=True, nogil=True)
+def stable_remove(F, IT, ND, S, item):
+    """remove_rmap_item_from_tree for an item on a stable node. False, with nothing done,
+    when that node is stale and on the migrate list (Python's)."""
+    node = IT.head[item]
+    if not _live(F, ND, node):
+        if ND.kind[node] == MIGRATE:
+            return False
+        _remove_node(IT, ND, S, node)        # the stale node took this item's counts with it
+        return True
+    prev = IT.hprev[item]
+    nxt = IT.hnext[item]
+    if prev == NIL:
+        ND.hhead[node] = nxt
+    else:
+        IT.hnext[prev] = nxt
+    if nxt != NIL:
+        IT.hprev[nxt] = prev
+    IT.hnext[item] = NIL
+    IT.hprev[item] = NIL
+    if ND.hhead[node] != NIL:
+        S.cnt[C_SHARING] -= 1
+    else:
+        S.cnt[C_SHARED] -= 1
+    S.mm_ksm[IT.mm[item], 1] -= 1
+    ND.hlist_len[node] -= 1
+    av = IT.anon_vma[item]
+    if av >= 0:
+        S.av_delta[av] -= 1
+        IT.anon_vma[item] = -1
+    IT.head[item] = NIL
+    IT.flags[item] = 0
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
+    """__stable_node_chain with pruning, as Ksm._chain_lookup(prune=True) does it, side
+    effects included: returns (tree node, chosen dup); (NIL, NIL) when the chain was freed."""
+    prune = now >= ND.prune_time[chain] + prune_ns
+    if prune:
+        ND.prune_time[chain] = now
+    found = NIL
+    found_len = 0
+    d = ND.dhead[chain]
+    while d != NIL:
+        nxt = ND.dnext[d]
+        S.work[W_DUPS] += 1
+        if not _live(F, ND, d):
+            _remove_node(IT, ND, S, d)
+            d = nxt
+            continue
+        hl = ND.hlist_len[d]
+        sharable = hl > 0 and hl < mps
+        if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
+                                          or hl > found_len)):
+            found = d
+            found_len = hl
+            if not prune and sharable:
+                break
+        d = nxt
+    if found == NIL:                                   # every dup was stale: free the chain
+        _tree_erase(ND, chain)
+        _free_node(ND, chain)
+        S.cnt[C_CHAINS] -= 1
+        return NIL, NIL
+    if ND.dhead[chain] == found and ND.dnext[found] == NIL:
+        _del_dup(ND, found)                            # the last dup replaces its chain
+        ND.kind[found] = NODE
+        ND.nid[found] = ND.nid[chain]
+        rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, ND.nid[chain], chain, found)
+        ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, chain)] = found
+        _free_node(ND, chain)
+        S.cnt[C_CHAINS] -= 1
+        S.cnt[C_DUPS] -= 1
+        return found, found
+    if ND.dhead[chain] != found and found_len > 0 and found_len + 1 < mps:
+        _move_dup_to_head(ND, chain, found)
+    return chain, found
+
+
+@njit(cache=True, nogil=True)
+def _stable_search(F, IT, ND, S, nid, key, now, prune_ns, mps, chains):
+    """stable_tree_search for a page that is not a KSM page, when the tree may hold chains
+    and stale nodes, as Ksm.stable_tree_search walks it (merge_across_nodes=1): stale nodes
+    met are pruned and the walk restarts, chains are pruned and collapsed on the way.
+    Returns (the dup or node to merge into, or NIL)."""
+    while True:
+        cur = ND.roots[nid]
+        restart = False
+        while cur != NIL:
+            S.work[W_COMPARES] += 1
+            if ND.kind[cur] == CHAIN:
+                node, dup = _chain_lookup(F, IT, ND, S, cur, now, prune_ns, mps)
+                if node == NIL:
+                    restart = True
+                    break
+            else:
+                if not _live(F, ND, cur):
+                    _remove_node(IT, ND, S, cur)
+                    restart = True
+                    break
+                node = cur
+                dup = cur
+            tk = ND.key[node]
+            if key < tk:
+                cur = ND.left[node]
+            elif key > tk:
+                cur = ND.right[node]
+            else:
+                hl = ND.hlist_len[dup]
+                if chains and not (hl > 0 and hl < mps):
+                    return NIL                      # every copy is full: make a new one
+                return dup
+        if not restart:
+            return NIL
+
+
+@njit(cache=True, nogil=True)
 def _alloc_node(ND, kind):
     """StableNodes.alloc: a node with every field at its initial value (the pool was
     checked by the caller)."""
@@ -407,8 +599,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     tf = F.flags[tpfn]
     if (tf & PG_ANON) == 0 or (tf & (PG_KSM | PG_COMPOUND | PG_SWAPCACHE)) != 0:
         return False
-    if (S.freed_n[0] >= S.freed.shape[0] or S.av_n[0] >= S.av_log.shape[0]
-            or ND.free_top[0] == 0
+    if (S.freed_n[0] >= S.freed.shape[0] or ND.free_top[0] == 0
             or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]
             or (hashed and S.ulog_len[0] >= S.ulog.shape[0])):
         return False
@@ -445,7 +636,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     F.flags[pfn] = (F.flags[pfn] & _NOT_ANON) | PG_KSM
     F.owner[pfn] = NO_OWNER
     IT.anon_vma[item] = vma_anon_vma
-    S.av_gets[0] += 1
+    S.av_delta[vma_anon_vma] += 1
     # try_to_merge_one_page(tree_page, page): the tree's page is replaced by it
     _write_protect(F, tptef, toff, tpfn)
     _replace_page(F, S, tpte, tptef, toff, tpfn, pfn, V.locked[tv])
@@ -453,8 +644,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     S.cnt[C_UNSHARED] -= 1
     IT.flags[t] = 0
     IT.anon_vma[t] = V.anon_vma[tv]
-    S.av_log[S.av_n[0]] = V.anon_vma[tv]
-    S.av_n[0] += 1
+    S.av_delta[V.anon_vma[tv]] += 1
     # stable_tree_insert: a new node, or a new dup of the content's node (all full)
     S.work[W_COMPARES] += d
     S.work[W_DUPS] += dups
@@ -523,7 +713,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             return i, processed, RUN_BUDGET, NIL
         # while no chain and no stale node exist, a stable-tree walk has no side effects (the
         # compiled merges make no stale node, but may make the first chain)
-        indexed = params[P_STABLE_INDEXED] != 0 and cnt[C_CHAINS] == 0
+        indexed = ND.stale_state[0] == 0 and cnt[C_CHAINS] == 0
         off = cand[i]
         work[W_PTES] += 1
         if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT:
@@ -549,7 +739,9 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 break
             fl = IT.flags[cur]
             if fl & STABLE_FLAG:
-                return i, processed, BAIL_BEFORE_ITEM, NIL     # freeing it touches a stable node
+                if not stable_remove(F, IT, ND, S, cur):
+                    return i, processed, BAIL_BEFORE_ITEM, NIL
+                fl = 0
             if fl & UNSTABLE_FLAG and ((seqnr - fl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, cur, hashed):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
@@ -596,8 +788,10 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         ifl = IT.flags[item]
 
         # -- smart scan ----------------------------------------------------------------------
-        if (ifl & STABLE_FLAG) and not is_ksm:
-            return i, processed, BAIL_BEFORE_SKIP, item       # leaving a stable node: Python
+        if (ifl & STABLE_FLAG) and not is_ksm:              # its KSM page was left (COW)
+            if not stable_remove(F, IT, ND, S, item):
+                return i, processed, BAIL_BEFORE_SKIP, item
+            ifl = 0
         if smart and not is_ksm:
             age, skips, skip = smart_skip(IT.age[item], IT.remaining_skips[item])
             if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
@@ -644,9 +838,23 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             return i, processed, BAIL_AFTER_CHECKSUM, item
 
         key = memcmp_key_of(content)
-        # stable tree: a miss needs only plain, live nodes on the path
         target = NIL                    # the KSM page (its node) to merge into, if any
-        if indexed:
+        if not indexed and across:
+            # the stable tree walked as Python walks it, pruning and collapsing on the way;
+            # what could need Python after it is checked first
+            if (pflags & (PG_COMPOUND | PG_SWAPCACHE)) != 0 or S.freed_n[0] >= S.freed.shape[0]:
+                return i, processed, BAIL_AFTER_CHECKSUM, item
+            target = _stable_search(F, IT, ND, S, nid, key, now, prune_ns, mps, chains)
+            if target != NIL:
+                _merge_into(F, IT, ND, S, target, item, off, pfn, pte, ptef, vma_locked,
+                            vma_anon_vma)
+                cnt[C_SCANNED] += 1
+                processed += 1
+                i += 1
+                continue
+            cur = NIL
+        elif indexed:
+            # no chain and no stale node: a miss needs only plain, live nodes on the path
             target = ki_find(ND.ki_slots, ND.key, ND.nid, key, nid)
             if target == EMPTY:
                 target = NIL

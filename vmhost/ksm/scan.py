@@ -238,15 +238,17 @@ class ScanMixin:
             self.stable_index.grow()
         if self.nodes.free_top[0] == 0:
             self.nodes.grow()
+        registry = self.vma_registry.current(self)
+        if len(self._av_delta) < self.vma_registry.anon_vma_ids:
+            self._av_delta = np.zeros(2 * self.vma_registry.anon_vma_ids, dtype=np.int64)
         state = fastscan.ScanState(
             self._scan_params(), self.c.a, self.work, host.mm_ksm, host.pt_epoch,
             host.phys.block_node_array, self._uh, self._ulog, self._ulog_len, self._eff_chain,
-            self._eff_found, self._eff_prune, self._freed, self._freed_n, self._av_gets,
-            self._av_log, self._av_n)
+            self._eff_found, self._eff_prune, self._freed, self._freed_n, self._av_delta)
         i, n, code, item = fastscan.scan_run(
             fastscan.frame_arrays(host.frames), fastscan.item_arrays(items),
             fastscan.node_arrays(self.nodes, self.stable_index), state,
-            self.vma_registry.current(self), cand, i, budget, vma.start, vma.pte, vma.ptef,
+            registry, cand, i, budget, vma.start, vma.pte, vma.ptef,
             slot.mm.id, cursor, bool(vma.flags & VmFlags.LOCKED), vma.anon_vma.id)
         slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
         self._settle_compiled_merges(vma)
@@ -258,14 +260,12 @@ class ScanMixin:
         if n:
             self.host.allocator.free_in_order(self._freed[:n].copy())
             self._freed_n[0] = 0
-        gets = int(self._av_gets[0])
-        if gets:
-            vma.anon_vma.refcount += gets
-            self._av_gets[0] = 0
-        n = int(self._av_n[0])
-        if n:
-            ids, counts = np.unique(self._av_log[:n], return_counts=True)
-            by_id = self.host.anon_vmas.by_id
-            for av_id, k in zip(ids.tolist(), counts.tolist()):
-                by_id[av_id].refcount += k
-            self._av_n[0] = 0
+        changed = np.flatnonzero(self._av_delta)
+        if len(changed):
+            anon_vmas = self.host.anon_vmas
+            for av_id, d in zip(changed.tolist(), self._av_delta[changed].tolist()):
+                av = anon_vmas.by_id[av_id]
+                av.refcount += max(d, 0)
+                for _ in range(-d):
+                    anon_vmas.put(av)
+            self._av_delta[changed] = 0

@@ -42,7 +42,15 @@ class StableNodes:
         self.free_stack = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self.free_top = np.array([capacity], dtype=np.int64)
         self.migrate_nodes: dict[int, None] = {}     # ordered: newest first is list_add's order
-        self.stale_count = 0
+        self.stale_state = np.zeros(1, dtype=np.int64)  # nodes marked stale: compiled code prunes too
+
+    @property
+    def stale_count(self) -> int:
+        return int(self.stale_state[0])
+
+    @stale_count.setter
+    def stale_count(self, v: int) -> None:
+        self.stale_state[0] = v
 
     @property
     def capacity(self) -> int:

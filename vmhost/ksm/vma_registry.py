@@ -22,6 +22,9 @@ from vmhost.mm.vma import LAYOUT_GEN, VmFlags
 
 VmaArrays = namedtuple("VmaArrays", "start end locked anon_vma mm_first mm_count pte ptef")
 
+#: the registry is rebuilt whenever an anon_vma is attached to a VMA, so this bound on live
+#: anon_vma ids (for the compiled code's table of reference changes) is kept with it
+
 _PTE_T = types.Array(types.int64, 1, "C")
 _PTEF_T = types.Array(types.uint8, 1, "C")
 
@@ -48,11 +51,13 @@ class VmaRegistry:
     def __init__(self) -> None:
         self.gen = -1
         self.arrays: VmaArrays | None = None
+        self.anon_vma_ids = 1           # every live anon_vma id is below this
 
     def current(self, ksm) -> VmaArrays:
         if self.gen != int(LAYOUT_GEN[0]) or self.arrays is None:
             self.arrays = self._build(ksm)
             self.gen = int(LAYOUT_GEN[0])
+            self.anon_vma_ids = max(ksm.host.anon_vmas.by_id, default=0) + 1
         return self.arrays
 
     @staticmethod
