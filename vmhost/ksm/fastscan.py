@@ -985,7 +985,23 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 tk = memcmp_key_of(F.content[IT.tree_pfn[cur]])
                 IT.tree_key[cur] = tk
             else:
-                return i, processed, BAIL_AFTER_STABLE, item    # the page may have moved
+                # get_mergeable_page: the page the item's address maps now, if any
+                tpfn = -1
+                tv = find_vma(V, IT.mm[cur], IT.address[cur])
+                if tv >= 0:
+                    toff = IT.address[cur] - V.start[tv]
+                    tptef = V.ptef[tv]
+                    if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT:
+                        tpfn = V.pte[tv][toff]
+                        if (F.flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
+                            tpfn = -1
+                if tpfn < 0 or tpfn == pfn:
+                    aborted = True              # the page went, or it is this very page (fork)
+                    break
+                tk = memcmp_key_of(F.content[tpfn])
+                IT.tree_pfn[cur] = tpfn
+                IT.tree_key[cur] = tk
+                IT.tree_gen[cur] = S.pt_epoch[IT.mm[cur]] & GEN_MASK
             at = cur
             if key < tk:
                 cur = IT.left[cur]
