@@ -182,6 +182,17 @@ def test_compiled_scan_does_the_merges_itself():
     merges = int(ksm.work[fastscan.W_MERGES])
     assert ksm.c.stable_node_chains > 100 and merges > 10000
     assert int(ksm.bails.sum()) < merges // 20
+    # writes break KSM pages (COW), leave stale nodes and dups, change page tables mid-pass
+    before = ksm.stats()
+    for step in range(20):
+        for p in list(h.processes.values()):
+            offs = rng.integers(0, 4096, 100)
+            for off in offs:
+                p.mm.write(p.mm.vmas[0].start + int(off), [int(rng.integers(1, 3000))])
+        ksmd.run_full_scans(1)
+    merges = int(ksm.work[fastscan.W_MERGES])
+    assert ksm.stats()["stable_node_dups"] != before["stable_node_dups"]
+    assert int(ksm.bails.sum()) < merges // 20
     invariants.check(h)
 
 
