@@ -818,7 +818,26 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 processed += 1
                 i += 1
                 continue
-            return i, processed, BAIL_BEFORE_MERGE, item
+            if not (across and node != NIL and (ND.kind[node] == NODE or ND.kind[node] == DUP)):
+                return i, processed, BAIL_BEFORE_MERGE, item
+            # a KSM page this item does not hold yet (reached through fork): stable_tree_search
+            # gives the page itself, and the item joins its node
+            if ifl & STABLE_FLAG:
+                if not stable_remove(F, IT, ND, S, item):
+                    return i, processed, BAIL_BEFORE_MERGE, item
+            elif ifl & UNSTABLE_FLAG:
+                if ((seqnr - ifl) & SEQNR_MASK) == 0:
+                    if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
+                        return i, processed, BAIL_BEFORE_MERGE, item
+                cnt[C_UNSHARED] -= 1
+                IT.flags[item] = 0
+            IT.anon_vma[item] = vma_anon_vma
+            S.av_delta[vma_anon_vma] += 1
+            stable_append(IT, ND, S, item, node)
+            cnt[C_SCANNED] += 1
+            processed += 1
+            i += 1
+            continue
         if ifl & UNSTABLE_FLAG:
             if ((seqnr - ifl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
