@@ -53,6 +53,10 @@ class VmaRegistry:
         self.arrays: VmaArrays | None = None
         self.anon_vma_ids = 1           # every live anon_vma id is below this
 
+    def __getstate__(self) -> dict:
+        """A snapshot (pickle, deepcopy) keeps no page-table arrays: they are rebuilt on use."""
+        return {"gen": -1, "arrays": None, "anon_vma_ids": 1}
+
     def current(self, ksm) -> VmaArrays:
         if self.gen != int(LAYOUT_GEN[0]) or self.arrays is None:
             self.arrays = self._build(ksm)
