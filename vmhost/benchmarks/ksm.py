@@ -478,11 +478,13 @@ def format_table(r: dict) -> str:
                 lines.append(f"{p['pass']:>4} {p['cpu_s']:>8.3f} {p['wall_s']:>8.3f} {rate:>9.3f} "
                              + " ".join(f"{p[c]:>9}" for c in COUNTERS))
         else:
-            lines.append(f"{'pass':>4} {'wall_s':>8} {'cpu_s':>8} {'model_s':>8} {'checksums':>9} {'compares':>9} "
+            lines.append(f"{'pass':>4} {'wall_s':>8} {'cpu_s':>8} {'model_s':>8} {'checksums':>9} "
+                         f"{'compares':>9} "
                          f"{'merges':>7} " + " ".join(f"{c[6:]:>9}" for c in COUNTERS))
             for p in e["passes"]:
                 w = p["work"]
-                lines.append(f"{p['pass']:>4} {p['wall_s']:>8.3f} {p['cpu_s']:>8.3f} {p['model_cpu_s']:>8.3f} "
+                lines.append(f"{p['pass']:>4} {p['wall_s']:>8.3f} {p['cpu_s']:>8.3f} "
+                             f"{p['model_cpu_s']:>8.3f} "
                              f"{w.get('checksums', 0):>9} {w.get('tree_compares', 0):>9} "
                              f"{w.get('merges', 0):>7} " + " ".join(f"{p[c]:>9}" for c in COUNTERS))
             m, n = e["memory"], r["pages"]

@@ -37,7 +37,8 @@ class ScanMixin:
         if self.host.frames.flags[pfn] & PG_KSM:
             return False
         items = self.items
-        age, skips, skip = fastscan.smart_skip(int(items.age[item]), int(items.remaining_skips[item]))
+        age, skips, skip = fastscan.smart_skip(int(items.age[item]),
+                                               int(items.remaining_skips[item]))
         items.age[item] = age
         items.remaining_skips[item] = skips
         if skip:
@@ -222,7 +223,8 @@ class ScanMixin:
         p[fastscan.P_BLOCK_PAGES] = host.phys.block_pages
         p[fastscan.P_CLEAN] = int(host.changes[0] == self._pass_changes)
         p[fastscan.P_HASHED] = int(self._uhashed)
-        p[fastscan.P_STABLE_INDEXED] = int(self.c.stable_node_chains == 0 and nodes.stale_count == 0)
+        p[fastscan.P_STABLE_INDEXED] = int(self.c.stable_node_chains == 0
+                                           and nodes.stale_count == 0)
         p[fastscan.P_NOW] = host.clock.now
         p[fastscan.P_PRUNE_NS] = self.knobs.stable_node_chains_prune_millisecs * 1_000_000
         p[fastscan.P_MPS] = min(self._mps(), 1 << 62)
@@ -250,7 +252,8 @@ class ScanMixin:
             fastscan.node_arrays(self.nodes, self.stable_index), state,
             registry, cand, i, budget, vma.start, vma.pte, vma.ptef,
             slot.mm.id, cursor, bool(vma.flags & VmFlags.LOCKED), vma.anon_vma.id)
-        slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
+        slot.rmap_list, self.prev_item = int(cursor[0]), int(cursor[1])
+        self.address = int(cursor[2])
         self._settle_compiled_merges(vma)
         return int(i), int(n), int(code), int(item)
 
