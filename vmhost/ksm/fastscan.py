@@ -264,7 +264,7 @@ def _replace_page(F, S, pte, ptef, off, pfn, kpfn, locked):
         F.flags[kpfn] |= PG_MLOCKED
     pte[off] = kpfn
     ptef[off] = PTE_PRESENT | PTE_YOUNG
-    _put_one(F, S, pfn)
+    _put_one(F, S, np.int64(pfn))
 
 
 @njit(cache=True, nogil=True)
@@ -274,11 +274,12 @@ def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_a
     kp = ND.kpfn[node]
     if ptef[off] & _WD and F.mapcount[pfn] != F.refcount[pfn]:
         return                                        # pinned: the merge fails, retried later
-    _write_protect(F, ptef, off, pfn)
-    _replace_page(F, S, pte, ptef, off, pfn, kp, vma_locked)
+    _write_protect(F, ptef, np.int64(off), np.int64(pfn))
+    _replace_page(F, S, pte, ptef, np.int64(off), np.int64(pfn), np.int64(kp),
+                  vma_locked)
     IT.anon_vma[item] = vma_anon_vma                  # a reference on the VMA's anon_vma
     S.av_delta[vma_anon_vma] += 1
-    stable_append(IT, ND, S, item, node)
+    stable_append(IT, ND, S, np.int64(item), np.int64(node))
 
 
 @njit(cache=True, nogil=True)
@@ -427,11 +428,11 @@ def _remove_node(IT, ND, S, node):
         it = nxt
     ND.hhead[node] = NIL
     if ND.kind[node] == DUP:
-        _del_dup(ND, node)
+        _del_dup(ND, np.int64(node))
         S.cnt[C_DUPS] -= 1
     else:
-        _tree_erase(ND, node)
-    _free_node(ND, node)
+        _tree_erase(ND, np.int64(node))
+    _free_node(ND, np.int64(node))
 
 
 @njit(cache=True, nogil=True)
@@ -439,10 +440,10 @@ def stable_remove(F, IT, ND, S, item):
     """remove_rmap_item_from_tree for an item on a stable node. False, with nothing done,
     when that node is stale and on the migrate list (Python's)."""
     node = IT.head[item]
-    if not _live(F, ND, node):
+    if not _live(F, ND, np.int64(node)):
         if ND.kind[node] == MIGRATE:
             return False
-        _remove_node(IT, ND, S, node)        # the stale node took this item's counts with it
+        _remove_node(IT, ND, S, np.int64(node))  # the stale node took this item's counts with it
         return True
     prev = IT.hprev[item]
     nxt = IT.hnext[item]
@@ -482,8 +483,8 @@ def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
     while d != NIL:
         nxt = ND.dnext[d]
         S.work[W_DUPS] += 1
-        if not _live(F, ND, d):
-            _remove_node(IT, ND, S, d)
+        if not _live(F, ND, np.int64(d)):
+            _remove_node(IT, ND, S, np.int64(d))
             d = nxt
             continue
         hl = ND.hlist_len[d]
@@ -496,22 +497,22 @@ def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
                 break
         d = nxt
     if found == NIL:                                   # every dup was stale: free the chain
-        _tree_erase(ND, chain)
-        _free_node(ND, chain)
+        _tree_erase(ND, np.int64(chain))
+        _free_node(ND, np.int64(chain))
         S.cnt[C_CHAINS] -= 1
         return NIL, NIL
     if ND.dhead[chain] == found and ND.dnext[found] == NIL:
-        _del_dup(ND, found)                            # the last dup replaces its chain
+        _del_dup(ND, np.int64(found))                  # the last dup replaces its chain
         ND.kind[found] = NODE
         ND.nid[found] = ND.nid[chain]
         rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, ND.nid[chain], chain, found)
         ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, chain)] = found
-        _free_node(ND, chain)
+        _free_node(ND, np.int64(chain))
         S.cnt[C_CHAINS] -= 1
         S.cnt[C_DUPS] -= 1
         return found, found
     if ND.dhead[chain] != found and found_len > 0 and found_len + 1 < mps:
-        _move_dup_to_head(ND, chain, found)
+        _move_dup_to_head(ND, np.int64(chain), np.int64(found))
     return chain, found
 
 
@@ -527,13 +528,13 @@ def _stable_search(F, IT, ND, S, nid, key, now, prune_ns, mps, chains):
         while cur != NIL:
             S.work[W_COMPARES] += 1
             if ND.kind[cur] == CHAIN:
-                node, dup = _chain_lookup(F, IT, ND, S, cur, now, prune_ns, mps)
+                node, dup = _chain_lookup(F, IT, ND, S, np.int64(cur), now, prune_ns, mps)
                 if node == NIL:
                     restart = True
                     break
             else:
-                if not _live(F, ND, cur):
-                    _remove_node(IT, ND, S, cur)
+                if not _live(F, ND, np.int64(cur)):
+                    _remove_node(IT, ND, S, np.int64(cur))
                     restart = True
                     break
                 node = cur
@@ -603,7 +604,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
             or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]
             or (hashed and S.ulog_len[0] >= S.ulog.shape[0])):
         return False
-    tv = find_vma(V, IT.mm[t], IT.address[t])
+    tv = find_vma(V, np.int64(IT.mm[t]), np.int64(IT.address[t]))
     if tv < 0:
         return False
     toff = IT.address[t] - V.start[tv]
@@ -631,16 +632,17 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     if equal != NIL and (not chains or (ND.kind[equal] != CHAIN and ND.free_top[0] < 2)):
         return False                 # 2.6.33 refuses a second node for a content; or no room
     # try_to_merge_one_page(page, NULL): this page becomes the KSM page
-    _write_protect(F, ptef, off, pfn)
+    _write_protect(F, ptef, np.int64(off), np.int64(pfn))
     S.work[W_MERGES] += 1
     F.flags[pfn] = (F.flags[pfn] & _NOT_ANON) | PG_KSM
     F.owner[pfn] = NO_OWNER
     IT.anon_vma[item] = vma_anon_vma
     S.av_delta[vma_anon_vma] += 1
     # try_to_merge_one_page(tree_page, page): the tree's page is replaced by it
-    _write_protect(F, tptef, toff, tpfn)
-    _replace_page(F, S, tpte, tptef, toff, tpfn, pfn, V.locked[tv])
-    unstable_erase(IT, S, t, hashed)
+    _write_protect(F, tptef, np.int64(toff), np.int64(tpfn))
+    _replace_page(F, S, tpte, tptef, np.int64(toff), np.int64(tpfn), np.int64(pfn),
+                  V.locked[tv])
+    unstable_erase(IT, S, np.int64(t), hashed)
     S.cnt[C_UNSHARED] -= 1
     IT.flags[t] = 0
     IT.anon_vma[t] = V.anon_vma[tv]
@@ -649,8 +651,8 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     S.work[W_COMPARES] += d
     S.work[W_DUPS] += dups
     for e in range(moves):
-        _move_dup_to_head(ND, S.eff_chain[e], S.eff_found[e])
-    new = _alloc_node(ND, NODE)
+        _move_dup_to_head(ND, np.int64(S.eff_chain[e]), np.int64(S.eff_found[e]))
+    new = _alloc_node(ND, np.int64(NODE))
     ND.kpfn[new] = pfn
     ND.nid[new] = nid
     ND.key[new] = key
@@ -662,20 +664,20 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     else:
         chain = equal
         if ND.kind[equal] != CHAIN:               # alloc_stable_node_chain
-            chain = _alloc_node(ND, CHAIN)
+            chain = _alloc_node(ND, np.int64(CHAIN))
             ND.prune_time[chain] = now
             ND.nid[chain] = ND.nid[equal]
             ND.key[chain] = ND.key[equal]
             rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, equal, chain)
             ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, equal)] = chain
-            _add_dup(ND, chain, equal)
+            _add_dup(ND, np.int64(chain), np.int64(equal))
             S.cnt[C_CHAINS] += 1
             S.cnt[C_DUPS] += 1
-        _add_dup(ND, chain, new)
+        _add_dup(ND, np.int64(chain), np.int64(new))
         S.cnt[C_DUPS] += 1
     F.owner[pfn] = new
-    stable_append(IT, ND, S, t, new)
-    stable_append(IT, ND, S, item, new)
+    stable_append(IT, ND, S, np.int64(t), np.int64(new))
+    stable_append(IT, ND, S, np.int64(item), np.int64(new))
     return True
 
 
@@ -739,11 +741,11 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 break
             fl = IT.flags[cur]
             if fl & STABLE_FLAG:
-                if not stable_remove(F, IT, ND, S, cur):
+                if not stable_remove(F, IT, ND, S, np.int64(cur)):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
                 fl = 0
             if fl & UNSTABLE_FLAG and ((seqnr - fl) & SEQNR_MASK) == 0:
-                if (hashed and not clean) or not unstable_erase(IT, S, cur, hashed):
+                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(cur), hashed):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
             nxt = IT.rnext[cur]
             if prev == NIL:
@@ -789,13 +791,13 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
 
         # -- smart scan ----------------------------------------------------------------------
         if (ifl & STABLE_FLAG) and not is_ksm:              # its KSM page was left (COW)
-            if not stable_remove(F, IT, ND, S, item):
+            if not stable_remove(F, IT, ND, S, np.int64(item)):
                 return i, processed, BAIL_BEFORE_SKIP, item
             ifl = 0
         if smart and not is_ksm:
             age, skips, skip = smart_skip(IT.age[item], IT.remaining_skips[item])
             if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
-                if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
+                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_SKIP, item
             IT.age[item] = age
             IT.remaining_skips[item] = skips
@@ -823,24 +825,24 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             # a KSM page this item does not hold yet (reached through fork): stable_tree_search
             # gives the page itself, and the item joins its node
             if ifl & STABLE_FLAG:
-                if not stable_remove(F, IT, ND, S, item):
+                if not stable_remove(F, IT, ND, S, np.int64(item)):
                     return i, processed, BAIL_BEFORE_MERGE, item
             elif ifl & UNSTABLE_FLAG:
                 if ((seqnr - ifl) & SEQNR_MASK) == 0:
-                    if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
+                    if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                         return i, processed, BAIL_BEFORE_MERGE, item
                 cnt[C_UNSHARED] -= 1
                 IT.flags[item] = 0
             IT.anon_vma[item] = vma_anon_vma
             S.av_delta[vma_anon_vma] += 1
-            stable_append(IT, ND, S, item, node)
+            stable_append(IT, ND, S, np.int64(item), np.int64(node))
             cnt[C_SCANNED] += 1
             processed += 1
             i += 1
             continue
         if ifl & UNSTABLE_FLAG:
             if ((seqnr - ifl) & SEQNR_MASK) == 0:
-                if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
+                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_MERGE, item
             cnt[C_UNSHARED] -= 1
             IT.flags[item] = 0
@@ -863,9 +865,11 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             # what could need Python after it is checked first
             if (pflags & (PG_COMPOUND | PG_SWAPCACHE)) != 0 or S.freed_n[0] >= S.freed.shape[0]:
                 return i, processed, BAIL_AFTER_CHECKSUM, item
-            target = _stable_search(F, IT, ND, S, nid, key, now, prune_ns, mps, chains)
+            target = _stable_search(F, IT, ND, S, np.int64(nid), key, now, prune_ns, mps,
+                                    chains)
             if target != NIL:
-                _merge_into(F, IT, ND, S, target, item, off, pfn, pte, ptef, vma_locked,
+                _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
+                            np.int64(pfn), pte, ptef, vma_locked,
                             vma_anon_vma)
                 cnt[C_SCANNED] += 1
                 processed += 1
@@ -947,11 +951,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 ND.prune_time[chain] = now
             found = S.eff_found[e]
             if found != NIL:                                   # move the dup to the head
-                _move_dup_to_head(ND, chain, found)
+                _move_dup_to_head(ND, np.int64(chain), np.int64(found))
         work[W_DUPS] += dups_seen
         if target != NIL:
             work[W_COMPARES] += walked
-            _merge_into(F, IT, ND, S, target, item, off, pfn, pte, ptef, vma_locked,
+            _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
+                            np.int64(pfn), pte, ptef, vma_locked,
                         vma_anon_vma)
             cnt[C_SCANNED] += 1
             processed += 1
@@ -980,9 +985,10 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             else:
                 tpfn = IT.tree_pfn[t]
                 if tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
-                    if not _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked,
-                                       vma_anon_vma, t, tpfn, nid, key, True, indexed, mps,
-                                       chains, now):
+                    if not _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off),
+                                       np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma,
+                                       np.int64(t), np.int64(tpfn), np.int64(nid), key, hashed,
+                                       indexed, mps, chains, now):
                         return i, processed, BAIL_AFTER_STABLE, item
             work[W_COMPARES] += d
             cnt[C_SCANNED] += 1
@@ -1006,7 +1012,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             else:
                 # get_mergeable_page: the page the item's address maps now, if any
                 tpfn = -1
-                tv = find_vma(V, IT.mm[cur], IT.address[cur])
+                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(IT.address[cur]))
                 if tv >= 0:
                     toff = IT.address[cur] - V.start[tv]
                     tptef = V.ptef[tv]
@@ -1034,8 +1040,10 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             elif not across and block_node[IT.tree_pfn[cur] // block_pages] != nid:
                 aborted = True
                 break
-            elif _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
-                             cur, IT.tree_pfn[cur], nid, key, False, indexed, mps, chains, now):
+            elif _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off), np.int64(pfn), pte,
+                             ptef, vma_locked, vma_anon_vma, np.int64(cur),
+                             np.int64(IT.tree_pfn[cur]), np.int64(nid), key, hashed, indexed,
+                             mps, chains, now):
                 merged = True
                 break
             else:
