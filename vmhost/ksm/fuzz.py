@@ -1,7 +1,7 @@
 """Random KSM traces for differential fuzzing, and shrinking a trace that shows a difference.
 
 The kernel has no single function this mirrors: this module writes programs in the trace
-contract (``/work/shared/spec/ksm-trace-v1.md``) that exercise what a workload can do to
+contract (``docs/ksm-trace-v1.md``) that exercise what a workload can do to
 KSM through its user interface (mmap with THP and MAP_SHARED, writes of every content
 kind, madvise, prctl, fork, exit, every writable knob of /sys/kernel/mm/ksm, scans of every
 length, run=2), so that the emulator can be held against the kernel on cases nobody wrote
