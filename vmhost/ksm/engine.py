@@ -41,7 +41,8 @@ from vmhost.ksm import fastscan
 from vmhost.ksm.items import (RMAP_ITEM_BYTES, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, MmSlot,
                               RmapItems)
 from vmhost.ksm.keyindex import KeyIndex
-from vmhost.ksm.knobs import KNOBS_2_6_33, KNOBS_6_18, RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
+from vmhost.ksm import knobs as knob_table
+from vmhost.ksm.knobs import RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
 from vmhost.ksm.merge import MergeMixin
 from vmhost.ksm.rbtree import NIL, IndexedRbTree, RbTree
 from vmhost.ksm.registration import RegistrationMixin
@@ -204,14 +205,14 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
 
     def write_knob(self, name: str, text) -> int:
         """A write to /sys/kernel/mm/ksm/NAME: 0 or -errno, effects applied."""
-        available = KNOBS_6_18 if self.profile.ksm_advisor else KNOBS_2_6_33
-        if name not in available:
+        if name not in knob_table.available(self.profile):
             return -errno.ENOENT
         rc, value = self.knobs.parse(name, text)
         if rc:
             return rc
         k = self.knobs
-        if name == "run":
+        apply = knob_table.BY_NAME[name].apply
+        if apply == "run":
             if k.run & RUN_OFFLINE:
                 return -errno.EBUSY     # the writer would block until offlining ends
             if k.run != value:
@@ -224,7 +225,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             if value & RUN_MERGE:
                 self.wakeup()
             return 0
-        if name in ("max_page_sharing", "merge_across_nodes"):
+        if apply == "tree":
             if getattr(k, name) == value:
                 return 0
             if k.run & RUN_OFFLINE:
@@ -233,14 +234,15 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
                 return -errno.EBUSY
             setattr(k, name, value)
             return 0
-        if name == "advisor_mode":
+        if apply == "advisor":
             if value != k.advisor_mode:
                 k.advisor_mode = value
-                k.pages_to_scan = k.advisor_min_pages_to_scan if value == "scan-time" else 100
+                k.pages_to_scan = k.advisor_min_pages_to_scan if value == "scan-time" \
+                    else knob_table.BY_NAME["pages_to_scan"].default
                 self.on_advisor_reset()
             return 0
         setattr(k, name, value)
-        if name == "sleep_millisecs":
+        if apply == "wake":
             self.wakeup()
         return 0
 

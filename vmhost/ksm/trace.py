@@ -43,6 +43,7 @@ import numpy as np
 
 from guests.strict_yaml import DocumentError, load_json, load_yaml
 from vmhost.errors import InputError
+from vmhost.ksm import knobs as knob_table
 
 PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
@@ -52,21 +53,7 @@ PROFILES = ("linux-6.18", "linux-2.6.33")
 DEFAULT_PROFILE = "linux-6.18"
 
 #: Writable KSM sysfs knobs a trace may set (in /sys/kernel/mm/ksm).
-KNOBS = (
-    "run",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "max_page_sharing",
-    "merge_across_nodes",
-    "use_zero_pages",
-    "smart_scan",
-    "stable_node_chains_prune_millisecs",
-    "advisor_mode",
-    "advisor_max_cpu",
-    "advisor_min_pages_to_scan",
-    "advisor_max_pages_to_scan",
-    "advisor_target_scan_time",
-)
+KNOBS = knob_table.NAMES
 
 #: Global fields of a snapshot, in the order of the spec's output example (``step`` and ``procs``
 #: are structural and not listed).

@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from vmhost.errors import InputError
+from vmhost.ksm.knobs import reset_order
 from vmhost.ksm.trace import (PAGE_SIZE, PROC_FIELDS, SNAPSHOT_FIELDS, Region, Trace,
                               content_ids, dumps_result, format_result, load_trace, page_bytes)
 
@@ -68,20 +69,7 @@ LOCK_PATH = "/run/vmhost-ksm-oracle.lock"
 
 #: Kernel defaults of the writable knobs, in the order they are reset at the start of a run
 #: (advisor_mode first: leaving scan-time rewrites pages_to_scan).
-DEFAULTS = {
-    "advisor_mode": "none",
-    "max_page_sharing": "256",
-    "merge_across_nodes": "1",
-    "use_zero_pages": "0",
-    "smart_scan": "1",
-    "stable_node_chains_prune_millisecs": "2000",
-    "advisor_max_cpu": "70",
-    "advisor_min_pages_to_scan": "500",
-    "advisor_max_pages_to_scan": "30000",
-    "advisor_target_scan_time": "200",
-    "pages_to_scan": "100",
-    "sleep_millisecs": "20",
-}
+DEFAULTS = reset_order()
 ORACLE_PAGES_TO_SCAN = 1_000_000   # u32 knob; far above any trace's page count
 ORACLE_SLEEP_MS = 50
 IDLE_PERIODS = 10
