@@ -58,7 +58,7 @@ from vmhost.mm.vma import PTE_PRESENT, PTE_ZERO, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.host import Host
-    from vmhost.task import Process
+    from vmhost.process import Process
 
 PAGES_PER_MIB = 256
 HPAGE = thp.HPAGE

@@ -50,6 +50,7 @@ from vmhost.ksm.scan import ScanMixin
 from vmhost.ksm.stable import StableNodes
 from vmhost.ksm.stable_tree import StableTreeMixin
 from vmhost.ksm.unstable_tree import UnstableTreeMixin
+from vmhost.ksm.notifier import NotifierMixin
 from vmhost.mm.hooks import KsmHooks
 from vmhost.mm.vma import VmFlags
 
@@ -82,7 +83,7 @@ for _i, _name in enumerate(COUNTER_NAMES):
 
 
 class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, RegistrationMixin,
-          ConsistencyMixin, KsmHooks):
+          ConsistencyMixin, NotifierMixin, KsmHooks):
     """The KSM of one host: its state, counters and knobs; the algorithms are in the mixins."""
 
     def __init__(self, host: "Host"):

@@ -23,6 +23,10 @@ never vetoes), registered on the host's memory notifier chain
 
 ``ksm_migrate_pages`` is folio_migrate_ksm for a batch: the stable node of
 each migrated KSM page now points at the new frame.
+
+``NotifierMixin`` gives the engine the hooks core mm calls for these
+(``vmhost.mm.hooks``): the notifier, migration, and the swap-in copy rule's
+questions (is a stable node live, is ``run`` unmerging).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vmhost.ksm.knobs import RUN_OFFLINE
+from vmhost.ksm.knobs import RUN_OFFLINE, RUN_UNMERGE
 from vmhost.ksm.rbtree import NIL
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
 
@@ -108,3 +112,26 @@ def ksm_migrate_pages(ksm: "Ksm", old: np.ndarray, new: np.ndarray) -> int:
     valid[valid] &= nodes.kpfn[owners[valid]] == old[valid]
     nodes.kpfn[owners[valid]] = new[valid]
     return int(valid.sum())
+
+
+class NotifierMixin:
+    """The engine's side of the hooks core mm calls around hotplug, migration and swap-in
+    (``vmhost.mm.hooks.KsmHooks``)."""
+
+    def memory_notifier(self) -> KsmMemoryNotifier:
+        if getattr(self, "_memory_notifier", None) is None:
+            self._memory_notifier = KsmMemoryNotifier(self)
+        return self._memory_notifier
+
+    def migrate_pages(self, old: np.ndarray, new: np.ndarray) -> None:
+        ksm_migrate_pages(self, old, new)
+
+    def stable_node_live(self, pfn: int) -> bool:
+        nodes = self.nodes
+        node = int(self.host.frames.owner[pfn])
+        if node < 0 or node >= nodes.capacity:
+            return False
+        return int(nodes.kind[node]) != 0 and int(nodes.kpfn[node]) == pfn
+
+    def unmerging(self) -> bool:
+        return bool(self.knobs.run & RUN_UNMERGE)

@@ -102,6 +102,7 @@ class MemoryHotplug:
         self._seq = itertools.count()
         self.events: list[tuple[str, int, int]] = []
         self.ksm_notifier = None
+        self._ksm_engine = None         # the host.ksm whose notifier is registered
 
     # -- the notifier chain ------------------------------------------------------------------------
     def register_notifier(self, callback: Notifier, priority: int = 0, name: str | None = None) -> None:
@@ -115,13 +116,14 @@ class MemoryHotplug:
     def _attach_ksm(self) -> None:
         """KSM registers its callback at init (ksm_init); done here the first time it matters."""
         ksm = self.host.ksm
-        if self.ksm_notifier is None or self.ksm_notifier.ksm is not ksm:
-            if hasattr(ksm, "nodes"):
-                from vmhost.ksm.notifier import KsmMemoryNotifier
+        if self._ksm_engine is not ksm:
+            notifier = ksm.memory_notifier()
+            if notifier is not None:
                 if self.ksm_notifier is not None:
                     self.unregister_notifier(self.ksm_notifier)
-                self.ksm_notifier = KsmMemoryNotifier(ksm)
-                self.register_notifier(self.ksm_notifier, self.ksm_notifier.priority, "ksm")
+                self.ksm_notifier = notifier
+                self._ksm_engine = ksm
+                self.register_notifier(notifier, notifier.priority, "ksm")
 
     def notify(self, event: str, start_pfn: int, nr_pages: int) -> int:
         """memory_notify: 0, or the first callback's -errno (GOING_* events may be vetoed)."""
@@ -139,8 +141,7 @@ class MemoryHotplug:
         return self.host.phys.blocks[start_pfn // bp: (start_pfn + nr_pages) // bp]
 
     def _ksm_stats(self) -> dict | None:
-        ksm = self.host.ksm
-        return ksm.stats() if hasattr(ksm, "stats") else None
+        return self.host.ksm.stats()
 
     def _in_use(self, blocks: list[MemoryBlock]) -> np.ndarray:
         frames = self.host.frames

@@ -230,9 +230,7 @@ def _finish(host: "Host", old: np.ndarray, new: np.ndarray, res: MigrateResult) 
     ksm = (frames.flags[old] & PG_KSM) != 0
     if ksm.any():
         res.migrated_ksm += int(ksm.sum())
-        if hasattr(host.ksm, "nodes"):
-            from vmhost.ksm.notifier import ksm_migrate_pages
-            ksm_migrate_pages(host.ksm, old[ksm], new[ksm])
+        host.ksm.migrate_pages(old[ksm], new[ksm])
     _free(host, old)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmhost.density import GIB_PAGES, format_result
+from hw.units import PAGES_PER_GIB
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Report
@@ -36,7 +36,7 @@ NODE_COLUMNS = ["guests", "node", "total_pages", "free_pages", "used_pages"]
 
 
 def _gib(pages):
-    return None if pages is None else pages / GIB_PAGES
+    return None if pages is None else pages / PAGES_PER_GIB
 
 
 def _step_row(s: dict) -> list:
@@ -164,3 +164,81 @@ def build(res: dict) -> Report:
 def write_density_report(res: dict, directory: str | Path) -> None:
     """report.html, result.json, report.txt and the CSV tables, atomically."""
     build(res).write(directory, res, files={"report.txt": format_result(res) + "\n"})
+
+
+# ------------------------------------------------------------------------------------------
+# the text report (report.txt, and what `vmhost density` prints)
+
+def _gib_text(pages) -> str:
+    return "-" if pages is None else f"{pages / PAGES_PER_GIB:.2f}"
+
+
+def _pct_text(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _s_text(v) -> str:
+    return "-" if v is None else f"{v:g}s"
+
+
+def format_result(res: dict) -> str:
+    h = res["host"]
+    lines = [f"density {res['config']} ({res['profile']}): host {_gib_text(h['ram_pages'])} GiB, THP {h['thp']}, "
+             f"order {res['order']}, {res['sequence_length']} guests in the boot sequence",
+             f"resolution: 1/{res['resolution']} ({res['resolution_note']})"]
+    for n in res["notes"]:
+        lines.append(f"note: {n}")
+    v = res["vms_per_host"]
+    lines.append(f"VMs per host: no KSM {v['no_ksm']}, KSM {v['ksm']}, ideal {v['ideal']}"
+                 + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
+                    if res.get("capped_curves") else ""))
+    lines.append(f"KSM limited by: {'; '.join(res['limited_by'])}")
+    pol = res.get("policy")
+    if pol and pol["name"] != "fixed":
+        last = pol["changes"][-1] if pol["changes"] else None
+        lines.append(f"KSM policy {pol['name']}: {pol['wakeups']} wake-ups, {len(pol['changes'])} "
+                     f"changes" + (f"; last at {last['t_s']:g}s: run={last['run']} pages_to_scan="
+                                   f"{last['pages_to_scan']} sleep_millisecs={last['sleep_millisecs']} "
+                                   f"({last['reason']})" if last else ""))
+    b = res.get("at_best")
+    if b:
+        lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct_text(b['ksmd_cpu_share'])} "
+                     f"(steady); {b['cpu_s_per_gib_saved'] if b['cpu_s_per_gib_saved'] is not None else '-'}"
+                     f" ksmd CPU-s per GiB saved")
+        swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]), 0)
+        if swapped:
+            lines.append(f"at {b['guests']} guests {_gib_text(swapped)} GiB are swapped out: the KSM count "
+                         f"uses swap, the no-KSM and ideal curves count RAM only")
+        t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
+        lines.append(f"time to 50/90/99% of steady-state savings: first guest {_s_text(t1['p50_s'])}/"
+                     f"{_s_text(t1['p90_s'])}/{_s_text(t1['p99_s'])}; guest {b['guests']} "
+                     f"{_s_text(tl['p50_s'])}/{_s_text(tl['p90_s'])}/{_s_text(tl['p99_s'])}")
+        if b.get("storm"):
+            s = b["storm"]
+            lines.append(f"unmerge storm at {b['guests']} guests: needs {_gib_text(s['headroom_pages'])} GiB "
+                         f"({s['storm_pages']} storm + {s['churn_pages']} churn pages), "
+                         f"{_gib_text(s['available_pages'])} GiB free above min watermark: "
+                         f"{'survives' if s['survives'] else 'does NOT survive'}; "
+                         f"largest N surviving: {res.get('vms_surviving_storm')}")
+    lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
+                 f"{'cpu':>7} {'swapin/s':>8} {'swap GiB':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
+                 f"{'scans':>5} verdict")
+    steps = {s["guests"]: s for s in res["steps"]}
+    for row in res["curve"]:
+        s = steps.get(row["guests"])
+        if s is None:
+            if row["fits_no_ksm"] or row["fits_ideal"]:
+                lines.append(f"{row['guests']:>4} {'':<16} {_gib_text(row['no_ksm_pages']):>9} {'':>8} "
+                             f"{_gib_text(row['ideal_pages']):>9}")
+            continue
+        verdict = "ok" if s["ok"] else "FAIL: " + "; ".join(s["violations"])
+        if not s["steady"]:
+            verdict += f" (not steady: {s['settled_by']})"
+        lines.append(f"{row['guests']:>4} {s['image'][:16]:<16} {_gib_text(row['no_ksm_pages']):>9} "
+                     f"{_gib_text(s['used_pages']):>8} {_gib_text(row['ideal_pages']):>9} {_gib_text(s['saved_pages']):>9} "
+                     f"{_pct_text(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib_text(s['swapped_pages']):>8} "
+                     f"{_gib_text(s['free_pages']):>8} "
+                     f"{_s_text(s['time_to']['p50_s']):>8} {_s_text(s['time_to']['p90_s']):>8} "
+                     f"{_s_text(s['time_to']['p99_s']):>8} {s['full_scans']:>5} {verdict}")
+    lines.append(f"wall time {res['wall_s']:.1f}s")
+    return "\n".join(lines)
