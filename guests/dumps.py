@@ -65,7 +65,7 @@ import mmh3
 import numpy as np
 
 from guests.strict_yaml import DocumentError, load_json
-from hw import PAGE_SIZE
+from hw.units import PAGE_SIZE
 
 IMAGE_FORMAT = "vmhost-guest-image"
 IMAGE_VERSION = 1
@@ -349,11 +349,6 @@ def hash_pages(buf, offset: int, pages: int) -> tuple[np.ndarray, np.ndarray]:
 def _hash_chunk(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
     path, offset, pages = task
     return hash_pages(_mapped(path), offset, pages)
-
-
-def _worker_exit() -> None:
-    for path in list(_MAPS):
-        _release(path)
 
 
 @dataclass

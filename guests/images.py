@@ -44,9 +44,9 @@ import numpy as np
 
 from guests.interning import Interner, key64, tagged
 from guests.strict_yaml import DocumentError, load_yaml
+from hw.units import PAGES_PER_MIB
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
-PAGES_PER_MIB = 256
 CLASSES = ("zero", "kernel", "pagecache", "app", "unique", "pattern")
 SHARED_KEY = {"kernel": "kernel", "pattern": "kernel", "pagecache": "packages", "app": "app"}
 DEFAULT_CHUNK = 16            # pages per layout chunk (64 KiB): classes interleave in RAM

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from hw.units import PAGE_SIZE
 from vmhost.density import DensityRunner, parse_density
 
 
@@ -66,7 +67,7 @@ def simulate_host(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, see
     else:
         raise ValueError(f"boot must be together or staggered, not {boot!r}")
     step.setdefault("not_booted", [])
-    step.update(ram_pages=sum(n.mem_bytes for n in cfg.host.topology.nodes) // 4096,
+    step.update(ram_pages=sum(n.mem_bytes for n in cfg.host.topology.nodes) // PAGE_SIZE,
                 oom_kills=[k["name"] for k in step["oom_kills"]],
                 ksmd_cpu_s=step["ksmd_cpu_s_total"], resolution=resolution,
                 vms=[asdict(vm) for vm in vms])

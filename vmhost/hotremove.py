@@ -44,12 +44,9 @@ still reads what it read before (``invariants.check(host, views_before)``).
 from __future__ import annotations
 
 import errno
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from hw.memory import BlockState, Zone
 from hw.units import HPAGE_PAGES, PAGE_SIZE
@@ -58,6 +55,7 @@ from vmhost.errors import InputError
 from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
+from vmhost.reports.files import dumps_json
 from vmhost.schema import (expect_bool, expect_int, expect_mapping, expect_str, fail,
                            parse_duration_ns, parse_size, read_yaml)
 
@@ -459,10 +457,6 @@ def _errname(rc: int) -> str:
     return "ok" if rc == 0 else errno.errorcode.get(-rc, str(rc))
 
 
-def run_scenario(path: str | Path) -> dict:
-    return Runner(load_scenario(path)).run()
-
-
 # ------------------------------------------------------------------------------------------
 # output
 
@@ -519,13 +513,6 @@ def format_result(res: dict) -> str:
 def write_report(res: dict, directory: str | Path) -> None:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "result.json").write_text(json.dumps(res, indent=2, default=_jsonable) + "\n")
+    (d / "result.json").write_text(dumps_json(res))
     (d / "report.txt").write_text(format_result(res) + "\n")
 
-
-def _jsonable(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -29,13 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar
 
+from hw.units import PAGES_PER_MIB
 from vmhost.clock import NS_PER_S
 
 if TYPE_CHECKING:
     from vmhost.host import Host
     from vmhost.ksm.engine import Ksm
 
-MIB_PAGES = 256          # 4 KiB pages in a MiB
 
 
 def scaled_scan_knobs(pages_to_scan: int, sleep_millisecs: int, resolution: int,
@@ -157,8 +157,8 @@ class KsmTuned(Periodic):
 
     def adjust(self) -> None:
         total = self.host_pages()
-        thres = max(total * self.thres_coef // 100, self.thres_const_mib * MIB_PAGES)
-        sleep = max(self.sleep_msec * 16 * 1024 * MIB_PAGES // max(total, 1), 10)
+        thres = max(total * self.thres_coef // 100, self.thres_const_mib * PAGES_PER_MIB)
+        sleep = max(self.sleep_msec * 16 * 1024 * PAGES_PER_MIB // max(total, 1), 10)
         if self._committed_pages() + thres < total and self.free_pages() > thres:
             self._write(run=0)
             self._record("committed memory fits: KSM stopped")

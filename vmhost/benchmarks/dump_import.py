@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from guests import dumps
-from hw import PAGE_SIZE
+from hw.units import PAGE_SIZE
 from vmhost.errors import InputError
 
 MIB = 1 << 20

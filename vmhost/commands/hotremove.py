@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from vmhost.commands.common import whole_number
 from vmhost.errors import InputError
+from vmhost.reports.files import dumps_json
 
 
 def register(sub) -> None:
@@ -31,15 +31,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.report:
             from pathlib import Path
             Path(args.report).mkdir(parents=True, exist_ok=True)
-            (Path(args.report) / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result) if args.json else offline.format_result(result))
+            (Path(args.report) / "bench.json").write_text(dumps_json(result))
+        print(dumps_json(result, compact=True) if args.json else offline.format_result(result))
         return 0
     if not args.scenario:
         raise InputError("hotremove: a scenario file is required (or --bench)")
-    from vmhost.hotremove import Runner, _jsonable, format_result, load_scenario, write_report
+    from vmhost.hotremove import Runner, format_result, load_scenario, write_report
     scn = load_scenario(args.scenario)          # every input error is raised here, before any output
     result = Runner(scn).run()
     if args.report:
         write_report(result, args.report)
-    print(json.dumps(result, default=_jsonable) if args.json else format_result(result))
+    print(dumps_json(result, compact=True) if args.json else format_result(result))
     return 0 if result["content_unchanged"] else 1

@@ -35,22 +35,23 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from hw.units import PAGE_SIZE
 from vmhost.ksm.checksum import checksum, memcmp_key
 from vmhost.ksm.consistency import ConsistencyMixin
 from vmhost.ksm import fastscan
 from vmhost.ksm.items import (RMAP_ITEM_BYTES, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, MmSlot,
                               RmapItems)
-from vmhost.ksm.keyindex import KeyIndex
 from vmhost.ksm import knobs as knob_table
+from vmhost.ksm.keyindex import KeyIndex
 from vmhost.ksm.knobs import RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
 from vmhost.ksm.merge import MergeMixin
+from vmhost.ksm.notifier import NotifierMixin
 from vmhost.ksm.rbtree import NIL, IndexedRbTree, RbTree
 from vmhost.ksm.registration import RegistrationMixin
 from vmhost.ksm.scan import ScanMixin
 from vmhost.ksm.stable import StableNodes
 from vmhost.ksm.stable_tree import StableTreeMixin
 from vmhost.ksm.unstable_tree import UnstableTreeMixin
-from vmhost.ksm.notifier import NotifierMixin
 from vmhost.mm.hooks import KsmHooks
 from vmhost.mm.vma import VmFlags
 
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
     from vmhost.host import Host
     from vmhost.mm.mm import MM
 
-PAGE_SIZE = 4096
 
 
 

@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 
 from guests.strict_yaml import DocumentError, load_json, load_yaml
+from hw.units import PAGE_SIZE
 from vmhost.errors import InputError
 from vmhost.ksm import knobs as knob_table
 
-PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
 MAX_ID = 1 << 63
 

@@ -48,9 +48,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from hw.units import HPAGE_PAGES
 from vmhost.mm.frames import (PG_COMPOUND, PG_HEAD, PG_ISOLATED, PG_KERNEL, PG_KSM, PG_PINNED, PG_SHMEM,
                                PG_SWAPCACHE)
-from vmhost.mm.page_alloc import HPAGE, OutOfMemory
+from vmhost.mm.page_alloc import OutOfMemory
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
     # transparent huge pages: whole, or split and then moved as base pages
     compound = pfns[(frames.flags[pfns] & PG_COMPOUND) != 0]
     base = pfns[(frames.flags[pfns] & PG_COMPOUND) == 0]
-    heads = np.unique(compound - compound % HPAGE)
+    heads = np.unique(compound - compound % HPAGE_PAGES)
     moved_heads, split_pages = [], []
     for head in heads.tolist():
         node = int(host.phys.node_of(head))
@@ -134,7 +135,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
         from vmhost.mm import thp
         thp.split_huge_page(host, head)
         res.split_thp += 1
-        span = np.arange(head, head + HPAGE, dtype=np.int64)
+        span = np.arange(head, head + HPAGE_PAGES, dtype=np.int64)
         split_pages.append(span[frames.refcount[span] > 0])
     if split_pages:
         base = np.unique(np.concatenate([base] + split_pages))
@@ -142,8 +143,8 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
 
     old_parts, new_parts = [], []
     for head, new_head in moved_heads:
-        old_parts.append(np.arange(head, head + HPAGE, dtype=np.int64))
-        new_parts.append(np.arange(new_head, new_head + HPAGE, dtype=np.int64))
+        old_parts.append(np.arange(head, head + HPAGE_PAGES, dtype=np.int64))
+        new_parts.append(np.arange(new_head, new_head + HPAGE_PAGES, dtype=np.int64))
         res.migrated_thp += 1
     if len(base):
         src_nodes = host.phys.node_of(base)
@@ -171,7 +172,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
         _free(host, new[~ok])
         old, new = old[ok], new[ok]
     _finish(host, old, new, res)
-    whole = sum(HPAGE for _ in moved_heads)
+    whole = sum(HPAGE_PAGES for _ in moved_heads)
     res.migrated += len(old)
     res.cost_ns += (len(old) - whole) * PAGE_NS + whole * THP_PAGE_NS + res.mappings * MAPPING_NS
     host.vmstat["pgmigrate_success"] += len(old)
@@ -180,7 +181,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
 
 
 def _thp_movable(host: "Host", head: int) -> bool:
-    span = slice(head, head + HPAGE)
+    span = slice(head, head + HPAGE_PAGES)
     f = host.frames.flags[span]
     return not ((f & (PG_PINNED | PG_KERNEL)) != 0).any()
 
@@ -241,7 +242,7 @@ def _free(host: "Host", pfns: np.ndarray) -> None:
     frames = host.frames
     heads = pfns[(frames.flags[pfns] & PG_HEAD) != 0]
     frames.clear(pfns)
-    in_chunk = np.isin(pfns - pfns % HPAGE, heads)
+    in_chunk = np.isin(pfns - pfns % HPAGE_PAGES, heads)
     for head in heads.tolist():
         host.allocator.free_huge(int(head))
     host.allocator.free(pfns[~in_chunk])
