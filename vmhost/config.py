@@ -198,15 +198,14 @@ MIN_POLICY_INTERVAL_S = 0.1
 def parse_policy(doc: Any, path: str) -> tuple[str, dict]:
     """``policy: {name: ksmtuned, interval_s: 60, ...}``: a policy of vmhost.policies and its
     options (the policy's own fields, each of the type of its default)."""
-    from vmhost.policies import POLICIES
+    from vmhost.policies import POLICIES, options_of
     if isinstance(doc, str):
         doc = {"name": doc}
     if not isinstance(doc, dict) or "name" not in doc:
         raise fail(path, "policy", "expected a policy name or a mapping with a name")
     name = expect_enum(doc["name"], path, "policy.name", POLICIES, "KSM policy")
     cls = POLICIES[name]
-    fields = {f: cls.__dataclass_fields__[f] for f in cls.__dataclass_fields__
-              if f not in ("name", "history", "resolution", "committed")}
+    fields = options_of(cls)
     options = {}
     for key, value in doc.items():
         if key == "name":
