@@ -68,6 +68,11 @@ class HostMachine(RuleBasedStateMachine):
         count = data.draw(st.integers(1, min(16, vma.pages - start)))
         return vma.start + start, count
 
+    def _gpfns(self, data, most: int) -> np.ndarray:
+        """Some of the guest's boot RAM frames."""
+        frames = st.lists(st.integers(0, self.guest.boot_pages - 1), min_size=1, max_size=most)
+        return np.unique(np.array(data.draw(frames), np.int64))
+
     def _set(self, pid: int, start: int, contents) -> None:
         vpns, old = self.expected[pid]
         at = np.searchsorted(vpns, start)
@@ -123,8 +128,7 @@ class HostMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def guest_writes(self, data):
         g = self.guest
-        gpfns = np.unique(np.array(data.draw(st.lists(st.integers(0, g.boot_pages - 1), min_size=1,
-                                                      max_size=32)), np.int64))
+        gpfns = self._gpfns(data, 32)
         contents = np.array(data.draw(st.lists(CONTENTS, min_size=len(gpfns), max_size=len(gpfns))),
                             np.uint64)
         g.write(gpfns, contents)
@@ -211,8 +215,7 @@ class HostMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def balloon_inflate(self, data):
         g = self.guest
-        gpfns = np.unique(np.array(data.draw(st.lists(st.integers(0, g.boot_pages - 1), min_size=1,
-                                                      max_size=64)), np.int64))
+        gpfns = self._gpfns(data, 64)
         g.balloon_inflate(gpfns)
         for vpn in g.vpns(gpfns):
             self._set(g.proc.pid, int(vpn), [0])

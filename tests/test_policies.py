@@ -168,23 +168,27 @@ def test_scaled_scan_knobs_keep_the_scan_rate():
         assert abs(spts * r / ssleep - full_rate) <= 0.01 * full_rate + r / ssleep
 
 
+def density_run(tmp_path, policy: str, guest_gib: int, guests: int, settle: str):
+    """A density study of linux-server guests on a 32 GiB host at resolution 256."""
+    from vmhost.density import DensityRunner, load_density
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(f"""
+host: {{thp: never, nodes: [{{memory: 32GiB, cpus: 4}}]}}
+{policy}
+density:
+  mix: [{{image: linux-server, memory: {guest_gib}GiB}}]
+  order: as-listed
+  max_guests: {guests}
+  resolution: 256
+  settle: {{time: {settle}}}
+""")
+    return DensityRunner(load_density(cfg))
+
+
 def test_ksmtuned_in_a_density_run_decides_at_full_scale(tmp_path):
     """At resolution 256 a 32 GiB host with 12 GiB of guests: committed + 6.4 GiB threshold fits,
     so ksmtuned keeps KSM stopped, exactly as it would on the real host (and nothing merges)."""
-    from vmhost.density import DensityRunner, load_density
-    cfg = tmp_path / "d.yaml"
-    cfg.write_text("""
-host: {thp: never, nodes: [{memory: 32GiB, cpus: 4}]}
-ksm: {run: 1}
-policy: {name: ksmtuned, interval_s: 60}
-density:
-  mix: [{image: linux-server, memory: 4GiB}]
-  order: as-listed
-  max_guests: 3
-  resolution: 256
-  settle: {time: 120s}
-""")
-    res = DensityRunner(load_density(cfg)).run()
+    res = density_run(tmp_path, "policy: {name: ksmtuned, interval_s: 60}\nksm: {run: 1}", 4, 3, "120s").run()
     pol = res["policy"]
     assert pol["name"] == "ksmtuned" and pol["wakeups"] >= 6          # every 60 s over 3 x 120 s
     assert pol["changes"][-1]["run"] == 0
@@ -196,19 +200,7 @@ def test_ksmtuned_boosts_on_a_crowded_scaled_host(tmp_path):
     """Guests of 8 GiB filling the 32 GiB host: free memory under the threshold (6.4 GiB), so
     ksmtuned runs KSM and
     boosts pages_to_scan by 300 a minute; the simulated knobs are the full-scale ones / 256."""
-    from vmhost.density import DensityRunner, load_density
-    cfg = tmp_path / "d.yaml"
-    cfg.write_text("""
-host: {thp: never, nodes: [{memory: 32GiB, cpus: 4}]}
-policy: {name: ksmtuned}
-density:
-  mix: [{image: linux-server, memory: 8GiB}]
-  order: as-listed
-  max_guests: 5
-  resolution: 256
-  settle: {time: 240s}
-""")
-    runner = DensityRunner(load_density(cfg))
+    runner = density_run(tmp_path, "policy: {name: ksmtuned}", 8, 5, "240s")
     res = runner.run()
     boosts = [c for c in res["policy"]["changes"] if c["reason"].endswith("boost")]
     assert boosts and boosts[0]["pages_to_scan"] == 300
