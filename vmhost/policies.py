@@ -45,7 +45,7 @@ watermarks (the kernel's ``totalreserve_pages``), never below 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
