@@ -100,12 +100,10 @@ def _knob_text(value: Any) -> str:
     return str(value)
 
 
-def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = (), *,
-                      policy: bool = True) -> HostConfig:
-    """Validate a document with ``host:``, ``ksm:`` and, if the caller runs one, ``policy:``
-    (plus ``extra_keys`` left to the caller)."""
-    expect_mapping(doc, path, "", ("host", "ksm") + (("policy",) if policy else ()) + extra_keys,
-                   ("host",))
+def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = ()) -> HostConfig:
+    """Validate a document with ``host:``, ``ksm:`` and ``policy:`` (plus ``extra_keys`` left to
+    the caller)."""
+    expect_mapping(doc, path, "", ("host", "ksm", "policy") + extra_keys, ("host",))
     host = expect_mapping(doc["host"], path, "host", HOST_KEYS, ("nodes",))
     cfg = HostConfig(path)
     if "profile" in host:

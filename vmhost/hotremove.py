@@ -39,6 +39,10 @@ The report gives, for each block offlined: the result and reason, pages migrated
 (virtual: the cost model of ``vmhost.mm.migrate`` and ``vmhost.mm.hotplug``), and
 for every step the invariant checker's verdict that every page of every process
 still reads what it read before (``invariants.check(host, views_before)``).
+``--report DIR`` writes it as HTML with plots, JSON, text and CSV tables
+(``vmhost.reports.hotremove``). A ``policy:`` section (a KSM tuning policy) drives the knobs
+on the clock as in density and fleet studies (the host, KSM, ksmd and policy are built by
+``vmhost.system.build_system``).
 """
 
 from __future__ import annotations
@@ -55,7 +59,6 @@ from vmhost.errors import InputError
 from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
-from vmhost.reports.files import dumps_json
 from vmhost.schema import (expect_bool, expect_int, expect_mapping, expect_str, fail,
                            parse_duration_ns, parse_size, read_yaml)
 
@@ -159,9 +162,7 @@ def _blocks_arg(value: Any, path: str, key: str, nblocks: int) -> list[int]:
 
 
 def parse_scenario(doc: Any, path: str) -> Scenario:
-    # a scenario runs no tuning policy: a `policy:` section would be ignored, so it is refused
-    cfg = parse_host_config(doc, path, extra_keys=("processes", "kernel_pages", "timeline"),
-                            policy=False)
+    cfg = parse_host_config(doc, path, extra_keys=("processes", "kernel_pages", "timeline"))
     nnodes = cfg.topology.node_count
     block_bytes = cfg.block_pages * PAGE_SIZE
     nblocks = sum(n.mem_bytes // block_bytes for n in cfg.topology.nodes)
@@ -305,13 +306,10 @@ class Runner:
     REGION_BASE = 0x7E0000000            # 2 MiB aligned virtual page number
 
     def __init__(self, scn: Scenario):
-        from vmhost.ksm.engine import Ksm
-        from vmhost.ksm.ksmd import Ksmd
+        from vmhost.system import build_system
         self.scn = scn
-        self.host = scn.config.build()
-        self.ksm = Ksm(self.host)
-        self.ksmd = Ksmd(self.ksm, self.host.clock)
-        scn.config.apply_ksm(self.ksm)
+        sysm = build_system(scn.config)          # host, KSM, ksmd and the policy: as density's
+        self.host, self.ksm, self.ksmd, self.policy = sysm.host, sysm.ksm, sysm.ksmd, sysm.policy
         self.procs = {}
         self.addrs: dict[str, dict[str, int]] = {}
         self.steps: list[dict] = []
@@ -363,7 +361,15 @@ class Runner:
             "swap": host.swap.stats(),
             "content_unchanged": not self.problems,
             "problems": self.problems[:50],
+            **({"policy": self._policy_summary()} if self.scn.config.policy else {}),
         }
+
+    def _policy_summary(self) -> dict:
+        name, options = self.scn.config.policy
+        return {"name": name, "options": options, "wakeups": len(self.policy.history),
+                "changes": [{"t_s": round(d.at_ns / 1e9, 3), "run": d.run, "pages_to_scan": d.pages_to_scan,
+                             "sleep_millisecs": d.sleep_millisecs, "reason": d.reason}
+                            for d in self.policy.history[:200]]}
 
     def _check(self, before, label: str) -> dict:
         try:
@@ -507,12 +513,14 @@ def format_result(res: dict) -> str:
     verdict = ("every page of every process reads what it read before each step"
                if res["content_unchanged"] else f"{len(res['problems'])} problem(s): {res['problems'][:3]}")
     lines.append(f"content check: {verdict}")
+    pol = res.get("policy")
+    if pol:
+        lines.append(f"KSM policy {pol['name']}: {pol['wakeups']} wake-ups, {len(pol['changes'])} decisions")
     return "\n".join(lines)
 
 
 def write_report(res: dict, directory: str | Path) -> None:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "result.json").write_text(dumps_json(res))
-    (d / "report.txt").write_text(format_result(res) + "\n")
+    """The report directory (HTML, JSON, text, CSV), atomically: see vmhost.reports.hotremove."""
+    from vmhost.reports.hotremove import write_hotremove_report
+    write_hotremove_report(res, directory, format_result(res))
 

@@ -250,22 +250,12 @@ def expect_fraction(value: Any, path: str, key: str) -> float:
 # references
 
 def expect_image(value: Any, path: str, key: str):
-    """A guest image (``guests.images.Image``): a catalog name, or the path of an image file
-    (``.yaml``/``.yml``, relative to the directory of ``path``)."""
-    from guests.images import ImageError, catalog, load_image
-    if not isinstance(value, str) or not value:
-        raise fail(path, key, "expected an image name from the catalog or a path to an image file")
-    if value.endswith((".yaml", ".yml")):
-        p = Path(value)
-        if not p.is_absolute():
-            p = Path(path).resolve().parent / p
-        if not p.is_file():
-            raise fail(path, key, f"no image file {value!r}")
-        try:
-            return load_image(p)
-        except ImageError as exc:
-            raise fail(path, key, f"bad image file: {exc}") from None
-    cat = catalog()
-    if value not in cat:
-        raise fail(path, key, f"unknown image {value!r} (catalog: {', '.join(sorted(cat))})")
-    return cat[value]
+    """A guest image (``guests.images.Image``) as ``guests.resolve`` finds it: a catalog name,
+    an image YAML or an imported dump, a relative path being relative to the directory of
+    ``path``."""
+    from guests.images import ImageError
+    from guests.resolve import resolve_image
+    try:
+        return resolve_image(value, Path(path).resolve().parent)
+    except ImageError as exc:
+        raise fail(path, key, str(exc)) from None

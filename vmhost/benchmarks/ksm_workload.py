@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+
 from hw.units import PAGE_SIZE
 
 WORDS = PAGE_SIZE // 8
