@@ -647,7 +647,7 @@ def read_guest_image(path: str | os.PathLike, jobs: int = 1) -> GuestImage:
     """An image file as it is, or a dump (ELF or raw, PC layout) fingerprinted now."""
     _open_size(str(path))
     if is_image_file(path):
-        image = load_image(path)
+        image = load_fingerprints(path)
         image.header["read_from"] = str(path)      # in memory only: what to name in errors
         return image
     return fingerprint_dump(path, jobs=jobs)
