@@ -17,6 +17,7 @@ from vmhost.reality import ksm_oracle
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 
 
+@pytest.mark.kernel
 def test_table_is_the_real_kernels_writable_knobs():
     files = {p.name: p.stat().st_mode for p in KSM_DIR.iterdir()}
     writable = {n for n, mode in files.items() if mode & stat.S_IWUSR}
