@@ -41,9 +41,10 @@ def test_ksm_scenario_migrates_ksm_pages():
 def test_pinned_scenario_reports_both_failure_causes():
     res = Runner(load_scenario(ROOT / "configs/hotremove-pinned.yaml")).run()
     reasons = sorted((b["ok"], b["reason"] or "") for b in res["steps"][1]["blocks"])
-    assert reasons == [(False, "failure to isolate range"), (False, "unmovable page"), (True, "")]
-    failed = [b for b in res["steps"][1]["blocks"] if b["reason"] == "unmovable page"][0]
-    assert failed["events"] == ["GOING_OFFLINE", "CANCEL_OFFLINE"]
+    assert reasons == [(False, "failure to isolate range"), (False, "signal backoff"), (True, "")]
+    failed = [b for b in res["steps"][1]["blocks"] if b["reason"] == "signal backoff"][0]
+    assert failed["events"] == ["GOING_OFFLINE", "CANCEL_OFFLINE"] and failed["errno"] == "EINTR"
+    assert 2000 < failed["time_ms"] < 2200 and failed["run_during"] == 5
 
 
 def test_cli_json_and_report(tmp_path):

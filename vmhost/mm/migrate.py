@@ -13,8 +13,10 @@ is re-homed lazily by the engine (migrate_nodes) when ksmd next meets it.
 What cannot move, and why (the ``failed`` reasons):
 
 - ``unmovable``: a kernel allocation (PG_KERNEL);
-- ``pinned``: a long-term GUP pin (PG_PINNED): migration would break the
-  pinning device's view of the page;
+- ``pinned``: a GUP pin or reference (PG_PINNED): the page's refcount is
+  above what its mappings explain, so folio_migrate_mapping fails with
+  -EAGAIN; transient, retried by the caller (memory offline retries until
+  its writer gets a signal);
 - ``ksm``: a KSM page on the 2.6.33 profile, for any reason but hot-remove
   (``Profile.ksm_migrate_any`` is False: until 3.9 only memory offlining
   could migrate KSM pages);
@@ -60,7 +62,7 @@ PAGE_NS = 1000
 MAPPING_NS = 200
 THP_PAGE_NS = 300
 
-TRANSIENT = ("busy", "nomem")
+TRANSIENT = ("busy", "nomem", "pinned")
 
 
 @dataclass
