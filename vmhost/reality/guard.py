@@ -129,7 +129,7 @@ def restore_block(b: int, zone: str, attempts: int = 20) -> str | None:
         if st == "online":
             err, _ = write_state(b, "offline")
         elif st == "offline":
-            err, _ = write_state(b, "online")
+            err, _ = write_state(b, "online_movable" if zone == "Movable" else "online_kernel")
             if err is None and block_zones(b) != zone:
                 continue
         else:
