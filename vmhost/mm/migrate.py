@@ -36,11 +36,14 @@ count found by the sweep must equal its mapcount; a mismatch fails the page
 (``busy``) rather than leaving a PTE at a freed frame.
 
 Cost model (virtual time, returned as ``cost_ns``): ``PAGE_NS`` per page
-(isolate from the LRU, allocate the target, copy 4 KiB at about 8 GB/s,
-unmap/remap bookkeeping) plus ``MAPPING_NS`` per PTE rewritten (rmap visit,
-set_pte and its share of the TLB shootdown). A 2 MiB THP moved whole costs
-512 x ``THP_PAGE_NS`` (a large copy without per-page allocation) plus its
-mappings.
+(isolate from the LRU, allocate the target, copy 4 KiB, unmap/remap
+bookkeeping) plus ``MAPPING_NS`` per PTE rewritten (rmap visit, set_pte and
+its share of the TLB shootdown). A 2 MiB THP moved whole costs 512 x
+``THP_PAGE_NS`` (a large copy without per-page allocation) plus its
+mappings. PAGE_NS and MAPPING_NS are fitted to the real kernel's memory
+offline on this machine class (a VM: 5-10 us per migrated page; bare metal
+is faster), measured by ``vmhost hotremove configs/hotremove-oracle-*.yaml
+--oracle``.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
 if TYPE_CHECKING:
     from vmhost.host import Host
 
-PAGE_NS = 1000
-MAPPING_NS = 200
+PAGE_NS = 5000
+MAPPING_NS = 500
 THP_PAGE_NS = 300
 
 TRANSIENT = ("busy", "nomem", "pinned")
