@@ -143,6 +143,8 @@ def restore_block(b: int, zone: str, attempts: int = 20) -> str | None:
 # swap files and cgroups
 
 def swapoff(path: str) -> str | None:
+    if not swap_active(path):
+        return None
     for _ in range(5):
         if _libc.swapoff(path.encode()) == 0:
             return None
