@@ -11,14 +11,19 @@ and after, whether every mapping of a KSM page still maps a KSM page, content, w
 Placing pages in a chosen block. User pages land wherever the page allocator finds
 them, and on a busy machine every ZONE_NORMAL block also holds other processes' pages.
 So the oracle takes a block whose every page is free (``/proc/kpageflags``: all buddy),
-offlines it and onlines it again as ZONE_MOVABLE, which movable (user) allocations
-prefer; the scenario's process then touches an arena a little larger than the block,
-which fills the block with its pages (``/proc/PID/pagemap`` says which). Each page the
-scenario writes is moved into place with ``mremap`` (the physical page moves with its
-PTE), and the rest of the arena keeps the block full -- so that nobody else allocates
-there -- until right before the offline. Pages of other processes that still reach the
-block are counted (``foreign``: LRU pages in the block not mapped by the scenario) and
-taken off the migration count; the comparison says so.
+offlines it and onlines it again as ZONE_MOVABLE, which movable (user) allocations try
+first; the scenario's process then faults in the pages the scenario writes (they come
+from that block), and at once the hugetlb pool grows by a block's worth of huge pages,
+which takes every whole free 2 MiB chunk left in the block within a millisecond (pool
+pages are not zeroed): from then on hardly anyone else can allocate there. Offlining
+dissolves free pool pages without migrating them; the pool is put back afterwards.
+Pages of other processes that still reach the block (the remains of partly used chunks,
+pages freed by merging) are counted right before the offline (``foreign``: mapped or LRU
+pages in the block that are not the scenario's) and the emulator is given as many
+ordinary pages of another process in the same block, so migrations and time compare
+like with like; the scenario's own migrations are counted exactly, with
+``/proc/PID/pagemap`` before and after. A run whose block caught more than
+``FOREIGN_RETRY`` foreign pages is redone.
 
 A pin. A long-term pin (``pinned:``; io_uring's registered buffers, FOLL_LONGTERM) would
 first migrate its page out of ZONE_MOVABLE, so the oracle holds the scenario's pinned
