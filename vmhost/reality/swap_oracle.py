@@ -140,8 +140,16 @@ class _Experiment:
             except OSError as exc:
                 err = errno.errorcode.get(exc.errno, str(exc.errno))
             self.crash("after_limit")
+            try:        # v1's force_empty keeps reclaiming through passes that free nothing
+                (cg / "memory.force_empty").write_text("0")
+                err2 = None
+            except OSError as exc:
+                err2 = errno.errorcode.get(exc.errno, str(exc.errno))
+            stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
             (cg / "memory.limit_in_bytes").write_text("-1")
-            phase("swap_out", usage_before=usage, limit_write=err or "ok")
+            phase("swap_out", usage_before=usage, limit_write=err or "ok", force_empty=err2 or "ok",
+                  memcg={k: int(stat[k]) // 4096 for k in ("rss", "swap", "active_anon", "inactive_anon")
+                         if k in stat})
             _scans(1)
             phase("scan_after")
             bad = proc.call("check", expected)
