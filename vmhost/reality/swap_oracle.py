@@ -4,9 +4,10 @@ One process holds ``contents`` distinct values over ``mappings`` pages each (mer
 KSM into ``contents`` KSM pages) plus ``private`` unique pages. Then:
 
 1. ``swap_out``: every page of the process is reclaimed to swap. For real, the process
-   lives in its own memory cgroup (v1 here: ``/sys/fs/cgroup/memory``), and lowering
-   ``memory.limit_in_bytes`` to almost nothing makes the kernel reclaim it (a KSM page
-   is unmapped from every PTE through its stable node's rmap and written once);
+   lives in its own memory cgroup (v1 here: ``/sys/fs/cgroup/memory``); its limit goes
+   to 0 (the kernel reclaims until a pass frees nothing: EBUSY, with the just-merged,
+   referenced KSM pages still there), then ``memory.force_empty`` reclaims the rest (a
+   KSM page is unmapped from every PTE through its stable node's rmap, written once);
    ``MADV_PAGEOUT`` would not do: it skips pages mapped more than once, i.e. every KSM
    page. In the emulator: ``reclaim_page`` on each page of the process.
 2. one KSM pass (``scan_after``): the counters fall one pass after swap-out, not at it;
