@@ -17,7 +17,7 @@ CASES = ["empty", "ksm", "mixed", "pinned"]
 
 def machine_state():
     """Every memory block's state and zone, the hugetlb pool, swap areas, our cgroups."""
-    blocks = [(guard.block_state(b), guard.block_zones(b)) for b in range(guard.block_count())]
+    blocks = [(guard.block_state(b), guard.block_zones(b)) for b in guard.block_ids()]
     return (blocks, Path("/proc/sys/vm/nr_hugepages").read_text(),
             Path("/proc/swaps").read_text().splitlines()[1:],
             sorted(p.name for p in swap_oracle.MEMCG_ROOT.glob("vmhost-*")))

@@ -59,8 +59,9 @@ def block_pages() -> int:
     return int((MEM_DIR / "block_size_bytes").read_text().strip(), 16) // 4096
 
 
-def block_count() -> int:
-    return sum(1 for p in MEM_DIR.glob("memory[0-9]*"))
+def block_ids() -> list[int]:
+    """Memory block numbers (phys_index: not contiguous where the physical map has holes)."""
+    return sorted(int(p.name[6:]) for p in MEM_DIR.glob("memory[0-9]*"))
 
 
 def block_state(b: int) -> str:
@@ -107,7 +108,9 @@ def free_blocks(zones=("DMA32", "Normal"), limit: int = 8) -> list[int]:
     """Online blocks (not block 0) in one of ``zones`` whose every page is free (buddy)."""
     bp = block_pages()
     out = []
-    for b in range(1, block_count()):
+    for b in block_ids():
+        if b == 0:
+            continue
         try:
             if block_state(b) != "online" or block_zones(b) not in zones:
                 continue
