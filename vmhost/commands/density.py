@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.add_argument("--bench", action="store_true",
                    help="benchmark: run the search and print its wall time (and the resolution)")
+    p.add_argument("--resolutions", metavar="N,N,...",
+                   help="resolution invariance: run the config at each 1/N and compare every headline "
+                        "figure with the finest (see vmhost/density/invariance.py); exit 1 if one disagrees")
     p.set_defaults(func=_run)
 
 
@@ -24,6 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     from vmhost.density import DensityRunner, _jsonable, format_result, load_density, write_report
     from vmhost.progress import Progress
     cfg = load_density(args.config)        # every input error is raised here, before any output
+    if args.resolutions:
+        return _invariance(args, cfg)
     wall0 = time.perf_counter()
     with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json) as bar:
         def progress(step: dict) -> None:
@@ -47,3 +52,25 @@ def _run(args: argparse.Namespace) -> int:
             print(f"bench: {b['host_gib']} GiB host, {b['guests_simulated']} guests simulated at resolution "
                   f"1/{b['resolution']}: wall time {b['wall_s']:.1f} s")
     return 0
+
+
+def _invariance(args: argparse.Namespace, cfg) -> int:
+    import sys
+
+    from vmhost.density.invariance import at_resolution, check, format_check
+    from vmhost.errors import InputError
+    try:
+        rs = [int(x) for x in args.resolutions.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of whole numbers") from None
+    if not rs or any(r < 1 for r in rs):
+        raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of positive numbers")
+    for r in rs:
+        at_resolution(cfg, r)              # refuse a resolution before running any
+
+    def progress(r, run):
+        if not (args.quiet or args.json):
+            print(f"density: 1/{r} done ({run['wall_s']:.1f} s)", file=sys.stderr)
+    out = check(cfg, rs, progress)
+    print(json.dumps(out) if args.json else format_check(out))
+    return 0 if out["ok"] else 1
