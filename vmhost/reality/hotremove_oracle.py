@@ -66,8 +66,8 @@ import numpy as np
 from vmhost.errors import InputError
 from vmhost.ksm.trace import PAGE_SIZE, Region, content_ids
 from vmhost.reality import guard
-from vmhost.reality.ksm_oracle import (KSM_DIR, MADV, OracleError, _libc, _map_regions, _Proc,
-                                       exclusive_kernel_ksm, read_globals, read_knob, write_knob)
+from vmhost.reality.ksm_oracle import (MADV, OracleError, _libc, _map_regions, _Proc, exclusive_kernel_ksm,
+                                       mergeable_pids, read_globals, read_knob, write_knob)
 
 KSM_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
 STEPPING = ("run", "pages_to_scan", "sleep_millisecs")
@@ -470,8 +470,9 @@ class _Case:
                                        for r, e in self.expected.items()})
         if state == "online":
             self.proc.call("unpin")
+        intruders = [p for p in mergeable_pids() if p != self.proc.pid]
         out.update(block=b, ok=err is None, errno=err, time_ms=round(dt * 1e3, 3),
-                   state_after=state, pgmigrate_success=migrated,
+                   state_after=state, pgmigrate_success=migrated, intruders=intruders,
                    foreign_pages=before_in["foreign"], block_before=before_in,
                    pages_migrated=before_in["ours"] - after_in["ours"],
                    ksm_pages_in_block=before_in["ksm"], ordinary_pages_in_block=before_in["ordinary"],
@@ -577,9 +578,14 @@ def run_real_many(path: str, count: int, crash_at: str | None = None, retry_fore
         while len(out) < count:
             attempts += 1
             r = _one_real(path, crash_at)
-            foreign = max([x.get("foreign_pages", 0) for x in r["steps"] if x["kind"] == "offline"] or [0])
-            if retry_foreign and foreign > FOREIGN_RETRY and attempts < count * MAX_ATTEMPTS:
+            offl = [x for x in r["steps"] if x["kind"] == "offline"]
+            foreign = max([x.get("foreign_pages", 0) for x in offl] or [0])
+            intruded = any(x.get("intruders") for x in offl)   # KSM's counters are not ours alone
+            if retry_foreign and (foreign > FOREIGN_RETRY or intruded) and attempts < count * MAX_ATTEMPTS:
                 continue
+            if intruded:
+                raise OracleError(f"process(es) {offl[0]['intruders'][:5]} used KSM during the run "
+                                  "(KSM's counters are global); result discarded")
             r["attempt"] = attempts
             out.append(r)
     return out
