@@ -7,6 +7,10 @@ import json
 import time
 
 
+# shown at once on the progress line: the first guest of a first run waits for the compile
+START_NOTE = "booting guest 1 (the first run after an install also compiles the scan loop: up to a minute)"
+
+
 def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
     p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density.py)")
@@ -30,7 +34,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.resolutions:
         return _invariance(args, cfg)
     wall0 = time.perf_counter()
-    with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json) as bar:
+    with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json,
+                  start=START_NOTE) as bar:
         def progress(step: dict) -> None:
             verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
             bar.advance(step["booted"], f"{step['guests']} guests ({step['image']}): saved "
