@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hw.memory import BlockState, Zone
 from hw.units import HPAGE_PAGES, PAGE_SIZE
 from vmhost.config import HostConfig, parse_host_config

@@ -49,7 +49,6 @@ def _run(args: argparse.Namespace) -> int:
         if args.repeat <= 0:
             raise InputError("hotremove: --repeat must be positive")
         from vmhost.reality.hotremove_oracle import OracleError, check_scenario, compare, format_comparison
-        from vmhost.reports.files import dumps_json
         check_scenario(scn)
         try:
             cmp = compare(args.scenario, args.repeat)
