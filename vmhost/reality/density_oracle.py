@@ -359,18 +359,17 @@ def _footprint_pages(spec: dict) -> int:
 def check_fits(cfg) -> list[dict]:
     """The guest specs, or one line (InputError) when they do not fit this machine safely."""
     specs = guest_specs(cfg)
-    avail = mem_available_bytes()
-    safe = int(SAFE_FRACTION * avail)
-    need, fits = 0, 0
-    for s in specs:
-        need += _footprint_pages(s) * PAGE_SIZE + GUEST_OVERHEAD_BYTES
-        if need <= safe:
-            fits += 1
-    if need > safe:
-        raise InputError(f"{cfg.path}: density.mix: the oracle needs {need / 2**30:.1f} GiB for "
-                         f"{len(specs)} guests, more than {SAFE_FRACTION:.0%} of this machine's "
-                         f"available memory ({safe / 2**30:.1f} GiB); the first {fits} guests fit "
-                         f"(set density.max_guests or smaller guests)")
+    safe = int(SAFE_FRACTION * mem_available_bytes())
+    need = 0
+    for i, s in enumerate(specs):
+        more = _footprint_pages(s) * PAGE_SIZE + GUEST_OVERHEAD_BYTES
+        if need + more > safe:
+            raise InputError(
+                f"{cfg.path}: density.mix: the oracle's {len(specs)} guests do not fit in "
+                f"{SAFE_FRACTION:.0%} of this machine's available memory ({safe / 2**30:.1f} GiB): "
+                f"the first {i} fit ({need / 2**30:.1f} GiB), guest {i + 1} ({s['name']}) would bring "
+                f"it to {(need + more) / 2**30:.1f} GiB; lower density.max_guests or the guests' memory")
+        need += more
     return specs
 
 
@@ -943,10 +942,13 @@ def run_cli(args) -> int:
         raise InputError(f"--runs: {runs} is not a positive number of runs")
     kernels = []
     for i in range(runs):
-        if not args.quiet:
+        if not args.quiet and runs > 1:
             print(f"oracle: kernel run {i + 1} of {runs}", file=sys.stderr, flush=True)
         try:
             kernels.append(run_oracle(cfg, quiet=args.quiet))
+        except KeyboardInterrupt:
+            print("vmhost: density oracle: interrupted (guests killed, KSM restored)", file=sys.stderr)
+            return 130
         except OracleError as exc:
             print(f"vmhost: density oracle: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 1
