@@ -83,7 +83,7 @@ REPLY_TIMEOUT_S = 300.0
 TIMELINE_POINTS_PER_STEP = 64
 KNOB_DEFAULTS = {"pages_to_scan": "100", "sleep_millisecs": "20"}
 COUNTERS = ("full_scans", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-            "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
+            "ksm_zero_pages", "stable_node_chains", "stable_node_dups", "pages_scanned", "pages_skipped")
 PROC_FIELDS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
 COVERS = ("KSM counters, ksmd CPU (schedstat) and the guests' resident memory measured on this "
           "machine's kernel ({kernel}) with one real process per guest; not reproduced: swap, OOM, "
@@ -538,6 +538,8 @@ class _Driver:
         wt, _wc, wcpu, wcow, wwait = window
         win_dt = max(t1 - wt, 1)
         cpu_share = (cpu1 - wcpu) / win_dt
+        # the same share had ksmd never waited for a CPU (this machine is shared)
+        cpu_share_unwaited = (cpu1 - wcpu) / max(win_dt - (wait1 - wwait), 1)
         cow_rate = (cow1 - wcow) / (win_dt / 1e9)
         procs, resident, huge = {}, 0, 0
         for g in self.guests:
@@ -576,7 +578,11 @@ class _Driver:
             "ideal_now_pages": None,
             "swapped_pages": 0,
             "booted": len(booted),
-            "kernel": {"resident_pages": resident, "anon_huge_pages": huge, "full_scan_s": scan_s,
+            "kernel": {"ksmd_cpu_share_unwaited": round(cpu_share_unwaited, 6),
+                       "scans": [{"t_s": round((h[0] - t0) / 1e9, 4), "cpu_s": round((h[2] - cpu0) / 1e9, 6),
+                                  "wait_s": round((h[4] - wait0) / 1e9, 6),
+                                  **{f: h[1][f] for f in COUNTERS}} for h in hist],
+                       "resident_pages": resident, "anon_huge_pages": huge, "full_scan_s": scan_s,
                        "pages_volatile": c1["pages_volatile"],
                        "stable_node_chains": c1["stable_node_chains"],
                        "stable_node_dups": c1["stable_node_dups"], "procs": procs},
