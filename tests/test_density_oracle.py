@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vmhost.reality import ksm_oracle  # noqa: E402
-from vmhost.reality.density_oracle import compare  # noqa: E402
+from vmhost.reality.density_oracle import compare, ksmd_pid  # noqa: E402
 
 SMALL = ROOT / "configs" / "density-oracle-small.yaml"
 KNOBS = list(ksm_oracle.DEFAULTS) + ["run"]
@@ -48,7 +48,9 @@ def knobs():
     """The knobs at rest: read under the oracle lock (other oracle users set them while they run)."""
     fd = ksm_oracle._acquire_lock()
     try:
-        return {k: ksm_oracle.read_knob(k) for k in KNOBS}
+        out = {k: ksm_oracle.read_knob(k) for k in KNOBS}
+        out["ksmd nice"] = os.getpriority(os.PRIO_PROCESS, ksmd_pid())   # -20 during a run only
+        return out
     finally:
         os.close(fd)
 

@@ -1,0 +1,187 @@
+"""ksmd's CPU cost per operation, fitted on the real ksmd pass by pass in density runs.
+
+The emulator charges ksmd CPU per operation (``vmhost.ksm.ksmd``: costs read from
+``vmhost/ksm/ksmd_calibration.json``, key ``cost_ns``). This module refits those costs against
+the kernel: the same density config runs in the emulator (recording its work counters at every
+full-scan end) and on the kernel (``vmhost.reality.density_oracle``: ksmd's on-CPU time from
+schedstat at every full-scan end). The emulator reproduces the kernel's counters, so pass j of
+step n does the same work in both; the fit is a non-negative least squares of the kernel's CPU
+per pass on the emulator's work per pass, on relative error (each pass weighted 1/cpu).
+
+Passes are labelled by the kind of work they do, and the fit's error is reported per kind:
+
+==================  =====================================================================
+checksum-only       a new guest's first pass (checksums, no merge)
+merging             a pass that merged pages (try_to_merge_one_page calls)
+steady              anything else (revisits, smart-scan skips, volatile pages)
+==================  =====================================================================
+
+Features: ``ptes_walked`` (every PTE ksmd looks at, including zero-page and smart-scan-skipped
+ones), ``pages`` (pages processed: pages_scanned), ``checksums``, ``tree_compares``,
+``merges``, ``thp_splits`` (huge pages KSM split), ``dups_walked``.
+
+``python -m vmhost.reality.ksmd_fit KERNEL.json [KERNEL.json ...] [--write]``: the kernel
+results of ``vmhost density CONFIG --oracle --json`` (one config or several); prints the fit
+and its error per kind; ``--write`` stores the costs in the calibration file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION = Path(__file__).resolve().parents[1] / "ksm" / "ksmd_calibration.json"
+FEATURES = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "dups_walked")
+
+
+def emulator_passes(cfg) -> list[dict]:
+    """Run the density study in the emulator and return its work per full pass, per step."""
+    from vmhost.density import DensityRunner
+    runner = DensityRunner(cfg)
+    recs: list[dict] = []
+    build = runner._build
+
+    def hooked_build():
+        build()
+        ksm, host = runner.ksm, runner.host
+        prev = ksm.on_scan_end
+
+        def at_end():
+            w = ksm.work_counts()
+            recs.append({"guests": len(runner.guests), "pages": int(ksm.c.pages_scanned),
+                         "thp_splits": int(host.vmstat["thp_split_page"]), "cpu_ns": runner.ksmd.cpu_ns,
+                         **{k: w[k] for k in ("ptes_walked", "checksums", "tree_compares", "merges",
+                                              "dups_walked")}})
+            if prev is not None:
+                prev()
+        ksm.on_scan_end = at_end
+    runner._build = hooked_build
+    res = runner.run()
+    passes = []
+    for a, b in zip(recs, recs[1:]):
+        p = {"guests": b["guests"], **{k: b[k] - a[k] for k in FEATURES}}
+        passes.append(p)
+    # the first pass ever (from zero)
+    if recs:
+        passes.insert(0, {"guests": recs[0]["guests"], **{k: recs[0][k] for k in FEATURES}})
+    by_step: dict[int, list[dict]] = {}
+    for p in passes:
+        by_step.setdefault(p["guests"], []).append(p)
+    return [{"guests": n, "passes": ps} for n, ps in sorted(by_step.items())], res
+
+
+def kernel_passes(result: dict) -> dict[int, list[float]]:
+    """ksmd's CPU seconds per full pass of every step of a kernel result."""
+    out = {}
+    for s in result["steps"]:
+        scans = s["kernel"]["scans"]
+        out[s["guests"]] = [b["cpu_s"] - a["cpu_s"] for a, b in zip(scans, scans[1:])]
+    return out
+
+
+def kind(p: dict) -> str:
+    if p["merges"] > 0:
+        return "merging"
+    if p["checksums"] >= 0.5 * max(p["pages"], 1) and p["tree_compares"] == 0:
+        return "checksum-only"
+    return "steady"
+
+
+def pairs(emu_steps: list[dict], kernels: list[dict]) -> list[dict]:
+    """(emulator work, mean kernel CPU) per pass, aligned by step and pass index."""
+    ks = [kernel_passes(k) for k in kernels]
+    out = []
+    for st in emu_steps:
+        n = st["guests"]
+        for j, p in enumerate(st["passes"]):
+            vals = [k[n][j] for k in ks if n in k and j < len(k[n])]
+            if not vals:
+                continue
+            out.append({**p, "pass": j + 1, "kind": kind(p), "kernel_cpu_s": float(np.mean(vals)),
+                        "kernel_spread": float((max(vals) - min(vals)) / np.mean(vals)) if np.mean(vals) else 0.0})
+    return out
+
+
+def fit(rows: list[dict], features=FEATURES) -> dict:
+    from scipy.optimize import nnls
+    rows = [r for r in rows if r["kernel_cpu_s"] > 1e-4]
+    a = np.array([[r[f] for f in features] for r in rows], dtype=float)
+    y = np.array([r["kernel_cpu_s"] * 1e9 for r in rows])
+    w = 1.0 / y
+    cost, _ = nnls(a * w[:, None], y * w)
+    pred = a @ cost
+    rel = (pred - y) / y
+    per_kind = {}
+    for k in ("checksum-only", "merging", "steady"):
+        m = np.array([r["kind"] == k for r in rows])
+        if m.any():
+            per_kind[k] = {"passes": int(m.sum()), "rel_rms": float(np.sqrt(np.mean(rel[m] ** 2))),
+                           "bias": float(np.sum(pred[m]) / np.sum(y[m]) - 1)}
+    return {"cost_ns": {f: round(float(c), 1) for f, c in zip(features, cost)},
+            "rel_rms": float(np.sqrt(np.mean(rel ** 2))), "total_bias": float(pred.sum() / y.sum() - 1),
+            "per_kind": per_kind, "passes": len(rows)}
+
+
+def model_error(rows: list[dict], cost_ns: dict) -> dict:
+    """The error of given costs (e.g. the ones in use) on the same passes."""
+    rows = [r for r in rows if r["kernel_cpu_s"] > 1e-4]
+    y = np.array([r["kernel_cpu_s"] * 1e9 for r in rows])
+    pred = np.array([sum(r.get(f, 0) * cost_ns.get(f, 0) for f in FEATURES) for r in rows])
+    rel = (pred - y) / y
+    per_kind = {}
+    for k in ("checksum-only", "merging", "steady"):
+        m = np.array([r["kind"] == k for r in rows])
+        if m.any():
+            per_kind[k] = {"passes": int(m.sum()), "rel_rms": float(np.sqrt(np.mean(rel[m] ** 2))),
+                           "bias": float(np.sum(pred[m]) / np.sum(y[m]) - 1)}
+    return {"rel_rms": float(np.sqrt(np.mean(rel ** 2))), "total_bias": float(pred.sum() / y.sum() - 1),
+            "per_kind": per_kind}
+
+
+def main(argv=None) -> int:
+    from vmhost.density import load_density
+    from vmhost.ksm.ksmd import COST_NS
+    args = list(sys.argv[1:] if argv is None else argv)
+    write = "--write" in args
+    files = [a for a in args if a != "--write"]
+    if not files:
+        print("usage: python -m vmhost.reality.ksmd_fit KERNEL.json [...] [--write]", file=sys.stderr)
+        return 2
+    by_cfg: dict[str, list[dict]] = {}
+    for f in files:
+        doc = json.loads(Path(f).read_text())
+        for k in (doc["kernel"] if "kernel" in doc else [doc]):
+            by_cfg.setdefault(k["config"], []).append(k)
+    rows = []
+    for path, ks in by_cfg.items():
+        emu_steps, _res = emulator_passes(load_density(path))
+        rows += [dict(r, config=path) for r in pairs(emu_steps, ks)]
+    cur = {k: v for k, v in COST_NS.items()}
+    if "pages" in cur and "ptes_walked" not in cur:
+        cur["ptes_walked"] = 0
+    before = model_error(rows, cur)
+    f = fit(rows)
+    print(f"{len(rows)} passes from {len(by_cfg)} config(s)")
+    print(f"costs in use: {cur}: rel RMS {before['rel_rms']:.3f}, total bias {before['total_bias']:+.3f}; "
+          + "; ".join(f"{k}: rms {v['rel_rms']:.3f} bias {v['bias']:+.3f} ({v['passes']})"
+                      for k, v in before["per_kind"].items()))
+    print(f"fitted: {f['cost_ns']}: rel RMS {f['rel_rms']:.3f}, total bias {f['total_bias']:+.3f}; "
+          + "; ".join(f"{k}: rms {v['rel_rms']:.3f} bias {v['bias']:+.3f} ({v['passes']})"
+                      for k, v in f["per_kind"].items()))
+    if write:
+        doc = json.loads(CALIBRATION.read_text())
+        doc["cost_ns"] = f["cost_ns"]
+        doc["density_fit"] = {"date": datetime.date.today().isoformat(), "configs": sorted(by_cfg),
+                              "kernel_runs": sum(len(v) for v in by_cfg.values()), "passes": len(rows),
+                              "rel_rms": f["rel_rms"], "total_bias": f["total_bias"], "per_kind": f["per_kind"],
+                              "previous_costs_error": before, "rows": rows}
+        CALIBRATION.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
