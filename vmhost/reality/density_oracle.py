@@ -433,7 +433,17 @@ class _Driver:
         err = write_knob("run", run)
         if err:
             raise InputError(f"{self.cfg.path}: ksm.run: the kernel refuses {run!r} ({err})")
+        self.expected = {k: read_knob(k) for k in list(knobs) + ["run"]}
         return str(run) == "1"
+
+    def check_interference(self) -> None:
+        """Every oracle user takes the lock, but a stray write (run=2 unmerges everything)
+        would silently spoil the measurement: the knobs set at the start must still hold."""
+        for k, v in self.expected.items():
+            now = read_knob(k)
+            if now != v:
+                raise OracleError(f"KSM knob {k} changed from {v} to {now} during the run (another "
+                                  f"process wrote it without the oracle lock); result discarded")
 
     # -- sampling --------------------------------------------------------------------------------
     def sample(self):
@@ -482,6 +492,7 @@ class _Driver:
             g.info = g.reply()
         if running and n > 0:
             self.wait_boundary()
+        self.check_interference()
         t0, c0, cpu0, wait0, cow0 = self.sample()
         for g in booted:
             g.call("register")
@@ -514,6 +525,7 @@ class _Driver:
                 if c["full_scans"] == fs:
                     continue
                 fs = c["full_scans"]
+                self.check_interference()
                 st["scans"] += 1
                 hist.append((t, c, cpu, cow, wait))
                 if st["scans"] > k:
@@ -529,6 +541,7 @@ class _Driver:
             kk = min(k, len(hist) - 1)
             window = hist[-1 - kk] if kk > 0 else hist[-1]
         t1, c1, cpu1, wait1, cow1 = self.sample()
+        self.check_interference()
         samples.append((t1, self.saved(c1), cpu1))
         return self.measure(n + count, booted, st, samples, hist, window, (t1, c1, cpu1, wait1, cow1),
                             (t0, c0, cpu0, wait0, cow0))
@@ -1006,6 +1019,12 @@ def main(argv: list[str] | None = None) -> int:
         _guest_main(int(args[1]))
     if len(args) == 3 and args[0] == "--driver":
         _driver_main(args[1], int(args[2]))
+    if len(args) >= 3 and args[0] == "--table":
+        # compare saved runs: EMULATOR.json (vmhost density --json) KERNEL.json ... (--oracle --json)
+        emu = json.loads(Path(args[1]).read_text())
+        kernels = [json.loads(Path(a).read_text()) for a in args[2:]]
+        print(format_compare(compare(emu, kernels)))
+        return 0
     print("internal entry point of vmhost density --oracle", file=sys.stderr)
     return 2
 

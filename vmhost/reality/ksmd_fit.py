@@ -84,7 +84,7 @@ def kernel_passes(result: dict) -> dict[int, list[float]]:
 
 
 def kind(p: dict) -> str:
-    if p["merges"] > 0:
+    if p["merges"] > 0.01 * max(p["pages"], 1):
         return "merging"
     if p["checksums"] >= 0.5 * max(p["pages"], 1) and p["tree_compares"] == 0:
         return "checksum-only"
@@ -142,12 +142,22 @@ def model_error(rows: list[dict], cost_ns: dict) -> dict:
             "per_kind": per_kind}
 
 
+def _jsonable(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(type(o).__name__)
+
+
 def main(argv=None) -> int:
     from vmhost.density import load_density
     from vmhost.ksm.ksmd import COST_NS
     args = list(sys.argv[1:] if argv is None else argv)
     write = "--write" in args
-    files = [a for a in args if a != "--write"]
+    files = [a for a in args if not a.startswith("--")]
     if not files:
         print("usage: python -m vmhost.reality.ksmd_fit KERNEL.json [...] [--write]", file=sys.stderr)
         return 2
@@ -156,9 +166,17 @@ def main(argv=None) -> int:
         doc = json.loads(Path(f).read_text())
         for k in (doc["kernel"] if "kernel" in doc else [doc]):
             by_cfg.setdefault(k["config"], []).append(k)
+    cache = next((a.split("=", 1)[1] for a in args if a.startswith("--cache=")), None)
     rows = []
     for path, ks in by_cfg.items():
-        emu_steps, _res = emulator_passes(load_density(path))
+        cpath = Path(cache) / (Path(path).stem + ".passes.json") if cache else None
+        if cpath is not None and cpath.is_file():
+            emu_steps = json.loads(cpath.read_text())["passes"]
+        else:
+            emu_steps, res = emulator_passes(load_density(path))
+            if cpath is not None:
+                cpath.parent.mkdir(parents=True, exist_ok=True)
+                cpath.write_text(json.dumps({"passes": emu_steps, "result": res}, default=_jsonable))
         rows += [dict(r, config=path) for r in pairs(emu_steps, ks)]
     cur = {k: v for k, v in COST_NS.items()}
     if "pages" in cur and "ptes_walked" not in cur:
@@ -172,6 +190,14 @@ def main(argv=None) -> int:
     print(f"fitted: {f['cost_ns']}: rel RMS {f['rel_rms']:.3f}, total bias {f['total_bias']:+.3f}; "
           + "; ".join(f"{k}: rms {v['rel_rms']:.3f} bias {v['bias']:+.3f} ({v['passes']})"
                       for k, v in f["per_kind"].items()))
+    if "--rows" in args:
+        cost = f["cost_ns"]
+        for r in rows:
+            pred = sum(r[k] * cost[k] for k in FEATURES) / 1e9
+            old = sum(r[k] * cur.get(k, 0) for k in FEATURES) / 1e9
+            print(f"  {Path(r['config']).stem:<22} N={r['guests']} pass {r['pass']:>2} {r['kind']:<13} "
+                  + " ".join(f"{k}={r[k]}" for k in FEATURES)
+                  + f" kernel {r['kernel_cpu_s']:.3f}s (spread {r['kernel_spread']:.0%}) in use {old:.3f}s fit {pred:.3f}s")
     if write:
         doc = json.loads(CALIBRATION.read_text())
         doc["cost_ns"] = f["cost_ns"]
