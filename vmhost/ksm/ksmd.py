@@ -11,7 +11,7 @@ machines: ``ksmd_calibration.json``, key ``cost_ns``, is the one source of the
 costs (ns per operation: ``ptes_walked`` every PTE ksmd looks at, ``pages``
 every page it processes, ``checksums``, ``tree_compares`` (memcmp of two pages,
 mostly cache misses), ``merges`` (try_to_merge_one_page), ``thp_splits``,
-``dups_walked``). The file also holds the data and the error of the fit:
+``dups_walked``, ``batches`` a wake-up's own cost). The file also holds the data and the error of the fit:
 ``vmhost.reality.ksmd_fit`` refits them from density runs on the kernel
 (ksmd's schedstat per full pass against the emulator's work on the same pass),
 ``vmhost bench ksm --calibrate`` from stepped single-pass workloads.
@@ -65,7 +65,7 @@ class Ksmd:
             return                            # wait to be woken
         before = self._work_ns()
         done = ksm.do_scan(ksm.knobs.pages_to_scan)
-        cost = int(self._work_ns() - before + done * COST_NS["pages"])
+        cost = int(self._work_ns() - before + done * COST_NS["pages"] + COST_NS.get("batches", 0))
         self.cpu_ns += cost
         self.batches += 1
         if ksm.should_run():

@@ -419,7 +419,7 @@ class _Driver:
         self.guests: list[_GuestHandle] = []
         self.t_start = time.monotonic_ns()
         self.timeline: list[dict] = []
-        self.boundaries: list[tuple] = []      # (t, counters, cpu_ns, cow_ksm) at each full scan
+        self.collapsed0 = _khugepaged_collapsed()
 
     # -- knobs ---------------------------------------------------------------------------------
     def set_knobs(self) -> bool:
@@ -689,7 +689,8 @@ class _Driver:
                      "capacity_pages": cap, "headroom_pages": runner.headroom_pages(),
                      "thp": cfg.host.thp, "knobs": {k: v for k, v in cfg.host.ksm},
                      "machine": {"kernel": kernel, "thp": _machine_thp(),
-                                 "khugepaged_pages_collapsed": _khugepaged_collapsed()}},
+                                 "khugepaged_collapses_during_run": (_khugepaged_collapsed() or 0)
+                                 - (self.collapsed0 or 0)}},
             "policy": {"name": "fixed", "options": {}, "wakeups": 0, "changes": []},
             "order": cfg.order, "sequence_length": len(cfg.sequence),
             "limits": {"oom_kills": 0, "swapin_rate": cfg.swapin_rate, "ksmd_cpu": cfg.ksmd_cpu,

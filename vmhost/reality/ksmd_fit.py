@@ -35,7 +35,11 @@ from pathlib import Path
 import numpy as np
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "ksm" / "ksmd_calibration.json"
-FEATURES = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "dups_walked")
+FEATURES = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "dups_walked",
+            "batches")
+#: the costs fitted; the others keep their values (ptes_walked moves with pages and dups_walked
+#: with tree_compares in every density pass: they cannot be told apart there)
+FITTED = ("pages", "checksums", "tree_compares", "merges", "thp_splits", "batches")
 
 
 def emulator_passes(cfg) -> list[dict]:
@@ -54,6 +58,7 @@ def emulator_passes(cfg) -> list[dict]:
             w = ksm.work_counts()
             recs.append({"guests": len(runner.guests), "pages": int(ksm.c.pages_scanned),
                          "thp_splits": int(host.vmstat["thp_split_page"]), "cpu_ns": runner.ksmd.cpu_ns,
+                         "batches": runner.ksmd.batches,
                          **{k: w[k] for k in ("ptes_walked", "checksums", "tree_compares", "merges",
                                               "dups_walked")}})
             if prev is not None:
@@ -63,11 +68,11 @@ def emulator_passes(cfg) -> list[dict]:
     res = runner.run()
     passes = []
     for a, b in zip(recs, recs[1:]):
-        p = {"guests": b["guests"], **{k: b[k] - a[k] for k in FEATURES}}
+        p = {"guests": b["guests"], **{k: b.get(k, 0) - a.get(k, 0) for k in FEATURES}}
         passes.append(p)
     # the first pass ever (from zero)
     if recs:
-        passes.insert(0, {"guests": recs[0]["guests"], **{k: recs[0][k] for k in FEATURES}})
+        passes.insert(0, {"guests": recs[0]["guests"], **{k: recs[0].get(k, 0) for k in FEATURES}})
     by_step: dict[int, list[dict]] = {}
     for p in passes:
         by_step.setdefault(p["guests"], []).append(p)
@@ -106,14 +111,15 @@ def pairs(emu_steps: list[dict], kernels: list[dict]) -> list[dict]:
     return out
 
 
-def fit(rows: list[dict], features=FEATURES) -> dict:
+def fit(rows: list[dict], fixed: dict, features=FITTED) -> dict:
     from scipy.optimize import nnls
     rows = [r for r in rows if r["kernel_cpu_s"] > 1e-4]
-    a = np.array([[r[f] for f in features] for r in rows], dtype=float)
+    a = np.array([[r.get(f, 0) for f in features] for r in rows], dtype=float)
     y = np.array([r["kernel_cpu_s"] * 1e9 for r in rows])
+    y_fixed = np.array([sum(r.get(f, 0) * fixed.get(f, 0) for f in FEATURES if f not in features) for r in rows])
     w = 1.0 / y
-    cost, _ = nnls(a * w[:, None], y * w)
-    pred = a @ cost
+    cost, _ = nnls(a * w[:, None], (y - y_fixed) * w)
+    pred = a @ cost + y_fixed
     rel = (pred - y) / y
     per_kind = {}
     for k in ("checksum-only", "merging", "steady"):
@@ -121,7 +127,9 @@ def fit(rows: list[dict], features=FEATURES) -> dict:
         if m.any():
             per_kind[k] = {"passes": int(m.sum()), "rel_rms": float(np.sqrt(np.mean(rel[m] ** 2))),
                            "bias": float(np.sum(pred[m]) / np.sum(y[m]) - 1)}
-    return {"cost_ns": {f: round(float(c), 1) for f, c in zip(features, cost)},
+    costs = {f: fixed.get(f, 0) for f in FEATURES}
+    costs.update({f: round(float(c), 1) for f, c in zip(features, cost)})
+    return {"cost_ns": costs,
             "rel_rms": float(np.sqrt(np.mean(rel ** 2))), "total_bias": float(pred.sum() / y.sum() - 1),
             "per_kind": per_kind, "passes": len(rows)}
 
@@ -182,7 +190,7 @@ def main(argv=None) -> int:
     if "pages" in cur and "ptes_walked" not in cur:
         cur["ptes_walked"] = 0
     before = model_error(rows, cur)
-    f = fit(rows)
+    f = fit(rows, cur)
     print(f"{len(rows)} passes from {len(by_cfg)} config(s)")
     print(f"costs in use: {cur}: rel RMS {before['rel_rms']:.3f}, total bias {before['total_bias']:+.3f}; "
           + "; ".join(f"{k}: rms {v['rel_rms']:.3f} bias {v['bias']:+.3f} ({v['passes']})"
@@ -193,10 +201,10 @@ def main(argv=None) -> int:
     if "--rows" in args:
         cost = f["cost_ns"]
         for r in rows:
-            pred = sum(r[k] * cost[k] for k in FEATURES) / 1e9
-            old = sum(r[k] * cur.get(k, 0) for k in FEATURES) / 1e9
+            pred = sum(r.get(k, 0) * cost[k] for k in FEATURES) / 1e9
+            old = sum(r.get(k, 0) * cur.get(k, 0) for k in FEATURES) / 1e9
             print(f"  {Path(r['config']).stem:<22} N={r['guests']} pass {r['pass']:>2} {r['kind']:<13} "
-                  + " ".join(f"{k}={r[k]}" for k in FEATURES)
+                  + " ".join(f"{k}={r.get(k, 0)}" for k in FEATURES)
                   + f" kernel {r['kernel_cpu_s']:.3f}s (spread {r['kernel_spread']:.0%}) in use {old:.3f}s fit {pred:.3f}s")
     if write:
         doc = json.loads(CALIBRATION.read_text())
