@@ -187,10 +187,9 @@ def test_small_comparison_emulator_against_kernel(tmp_path):
     """The CI check: 2 x 1 GiB VDI clones on the kernel and in the emulator at resolution 1.
 
     Held here: the result has the emulator's schema and renders as its report; pages_sharing
-    and used memory agree step by step. The kernel's own spread between runs reaches ~8% at the
-    second step (where a new guest merges with an old one), so one run is held at 10% there
-    and exactly (2%) at the first; time and CPU are compared but only reported (see the
-    README's table for the full-scale figures).
+    (2%) and used memory (1%) agree at every step's steady state (smart_scan 0: every pass
+    visits every page, so the kernel is repeatable there). Time to X% and ksmd's CPU share are
+    compared and reported, not held here: the full-scale table measures them on repeated runs.
     """
     before = knobs()
     report = tmp_path / "report"
@@ -212,9 +211,9 @@ def test_small_comparison_emulator_against_kernel(tmp_path):
     assert ker["steps"][1]["pages_sharing"] > 0.5 * 262144 * 0.5
     cmp = compare(emu, [ker])
     s1, s2 = cmp["steps"]
-    assert abs(s1["pages_sharing"]["err"]) <= 0.02
-    assert abs(s2["pages_sharing"]["err"]) <= 0.10
-    assert abs(s1["used_pages"]["err"]) <= 0.01 and abs(s2["used_pages"]["err"]) <= 0.02
+    for s in (s1, s2):
+        assert abs(s["pages_sharing"]["err"]) <= 0.02
+        assert abs(s["used_pages"]["err"]) <= 0.01
     # ksm_stat of each guest was read: their merging pages add up to the global counter
     procs = ker["steps"][1]["kernel"]["procs"]
     assert len(procs) == 2
