@@ -420,6 +420,7 @@ class _Driver:
         self.t_start = time.monotonic_ns()
         self.timeline: list[dict] = []
         self.collapsed0 = _khugepaged_collapsed()
+        self.proc_timeline: list[dict] = []    # every guest's ksm_stat at every full-scan end
 
     # -- knobs ---------------------------------------------------------------------------------
     def set_knobs(self) -> bool:
@@ -450,6 +451,18 @@ class _Driver:
         c = _counters()
         cpu, wait = _schedstat(self.ksmd)
         return (time.monotonic_ns(), c, cpu, wait, _cow_ksm())
+
+    def proc_sample(self, t: int) -> dict:
+        procs = {}
+        for g in self.guests:
+            if g.info is None:
+                continue
+            try:
+                stat = read_ksm_stat(g.pid)
+            except OSError:
+                continue
+            procs[g.name] = {f: int(stat[f]) for f in PROC_FIELDS if f in stat}
+        return {"t_s": round((t - self.t_start) / 1e9, 3), "procs": procs}
 
     @staticmethod
     def saved(c: dict) -> int:
@@ -528,6 +541,7 @@ class _Driver:
                 self.check_interference()
                 st["scans"] += 1
                 hist.append((t, c, cpu, cow, wait))
+                self.proc_timeline.append(self.proc_sample(t))
                 if st["scans"] > k:
                     ref = hist[-1 - k][1]
                     tol = cfg.tolerance * max(new_pages, 1)
@@ -701,6 +715,7 @@ class _Driver:
             "limited_by": failed_at["violations"] if failed_at else
                           [f"the boot sequence ended at {len(cfg.sequence)} guests (max_guests or counts)"],
             "curve": curve, "steps": steps, "timeline": self.timeline,
+            "kernel_proc_timeline": self.proc_timeline,
             "wall_s": round((time.monotonic_ns() - self.t_start) / 1e9, 3),
         }
         for k in ("no_ksm", "ideal"):
