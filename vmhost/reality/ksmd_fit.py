@@ -160,6 +160,18 @@ def _jsonable(o):
     raise TypeError(type(o).__name__)
 
 
+def stepped_passes() -> list[dict]:
+    """The passes ``vmhost bench ksm --calibrate`` measured (in the calibration file)."""
+    doc = json.loads(CALIBRATION.read_text())
+    out = []
+    for p in doc.get("passes", []):
+        r = {f: p.get(f, 0) for f in FEATURES}
+        r["ptes_walked"] = p.get("ptes_walked", p.get("pages", 0))
+        r["batches"] = 1
+        out.append({**r, "kind": kind(r), "kernel_cpu_s": p["kernel_cpu_ns"] / 1e9})
+    return out
+
+
 def main(argv=None) -> int:
     from vmhost.density import load_density
     from vmhost.ksm.ksmd import COST_NS
@@ -198,6 +210,14 @@ def main(argv=None) -> int:
     print(f"fitted: {f['cost_ns']}: rel RMS {f['rel_rms']:.3f}, total bias {f['total_bias']:+.3f}; "
           + "; ".join(f"{k}: rms {v['rel_rms']:.3f} bias {v['bias']:+.3f} ({v['passes']})"
                       for k, v in f["per_kind"].items()))
+    stepped = stepped_passes()
+    if stepped:
+        for label, costs in (("in use", cur), ("fitted", f["cost_ns"])):
+            e = model_error(stepped, costs)
+            print(f"cross-check on the stepped single-pass workloads (4 KiB pages, bench ksm --calibrate), "
+                  f"{label}: rel RMS {e['rel_rms']:.3f}, total bias {e['total_bias']:+.3f}; "
+                  + "; ".join(f"{k}: bias {v['bias']:+.3f} ({v['passes']})" for k, v in e["per_kind"].items()))
+        f["stepped_check"] = model_error(stepped, f["cost_ns"])
     if "--rows" in args:
         cost = f["cost_ns"]
         for r in rows:
@@ -212,6 +232,7 @@ def main(argv=None) -> int:
         doc["density_fit"] = {"date": datetime.date.today().isoformat(), "configs": sorted(by_cfg),
                               "kernel_runs": sum(len(v) for v in by_cfg.values()), "passes": len(rows),
                               "rel_rms": f["rel_rms"], "total_bias": f["total_bias"], "per_kind": f["per_kind"],
+                              "stepped_check": f.get("stepped_check"),
                               "previous_costs_error": before, "rows": rows}
         CALIBRATION.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
