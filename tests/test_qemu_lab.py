@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guests import dumps, lab  # noqa: E402
+from guests import dumps  # noqa: E402
+from vmhost.reality import lab  # noqa: E402
 from vmhost.reality import live_ksm  # noqa: E402
 from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 
