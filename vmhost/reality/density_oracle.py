@@ -44,6 +44,17 @@ the measured use), NUMA placement (one node here), tuning policies (refused), an
 breaks a limit ends the run (the kernel cannot be restored from a snapshot to redo the stride
 one guest at a time).
 
+Emulator against kernel. ``--compare`` runs the emulator on the same config (at its resolution,
+or ``--emulator-resolution N``) and prints, per step, the kernel's mean over ``--runs`` runs, their
+spread ((max - min) / mean) and the emulator's error, against the tolerances: pages_sharing at
+steady state 2%, time to 50% and 90% of the step's savings 15% or one full scan, ksmd's CPU
+share 10%, used memory 1%. Saved runs compare with ``python -m vmhost.reality.density_oracle
+--table EMULATOR.json KERNEL.json...``. The bundled comparisons: ``configs/density-oracle-small.yaml``
+(2 GiB, CI) and ``density-oracle-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each). They run with
+``smart_scan: 0``: with 6.18's smart scan a page that did not merge is skipped for up to 8 passes,
+so the 2-scan settle window ends at a point that moves from run to run (the kernel spread 5-8%
+there); with every page visited every pass, the kernel repeats itself exactly.
+
 Safety. It refuses, with one line and exit 2, when not root, when another process uses KSM or
 holds the oracle lock too long (``exclusive_kernel_ksm``), and when the guests' memory (touched
 pages, whole 2 MiB ranges with THP) does not fit in ``SAFE_FRACTION`` of MemAvailable (it says
