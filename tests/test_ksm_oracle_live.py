@@ -130,10 +130,12 @@ def test_refuses_when_another_process_uses_ksm(ksm_at_rest, tmp_path):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "ready"
-        before = knob_values()
+        with locked():
+            before = knob_values()
         with pytest.raises(InputError, match=rf"process\(es\) .*{other.pid}.* already use KSM"):
             oracle.run_oracle(load_trace(CORPUS / "merge_two_pages.yaml"))
-        assert knob_values() == before
+        with locked():
+            assert knob_values() == before
     finally:
         other.kill()
         other.wait()
