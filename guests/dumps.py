@@ -409,7 +409,10 @@ def fingerprint_dump(path: str | os.PathLike, fmt: str = "auto", jobs: int = 1,
         "hash": HASH_NAME,
         "page_size": PAGE_SIZE,
         "source": {"path": os.path.abspath(path), "format": lay.format, "size": lay.size,
-                   "sha256_first_mib": _sha256_head(path)},
+                   "sha256_first_mib": _sha256_head(path),
+                   # when the dump was written: orders dumps of one VM and times its writes
+                   "mtime_ns": os.stat(path).st_mtime_ns,
+                   "btime_ns": birth_time_ns(path)},
         "layout": layout,
         "low_ram_end": lay.low_ram_end,
         "ram": [[e.paddr, e.pages] for e in lay.extents],
@@ -418,6 +421,31 @@ def fingerprint_dump(path: str | os.PathLike, fmt: str = "auto", jobs: int = 1,
         "stats": sharing_stats(fp, zero),
     }
     return GuestImage(pfn, fp, zero, header)
+
+
+_STATX_BTIME = 0x800
+_AT_FDCWD = -100
+
+
+def birth_time_ns(path: str) -> int | None:
+    """When the file was created (statx's stx_btime), or None where the kernel, C library or
+    filesystem does not say. A dump file is created when the dump starts -- with the guest
+    paused -- and last modified when it ends, so a VM's running time between two dumps is the
+    second's birth time minus the first's modification time."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        statx = libc.statx
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_BTIME, buf) != 0:
+        return None
+    mask = struct.unpack_from("<I", buf, 0)[0]
+    if not mask & _STATX_BTIME:
+        return None
+    sec, nsec = struct.unpack_from("<qI", buf, 80)     # stx_btime: struct statx_timestamp
+    return sec * 1_000_000_000 + nsec
 
 
 def _sha256_head(path: str) -> str:
@@ -527,8 +555,9 @@ def save_image(image: GuestImage, path: str | os.PathLike) -> None:
             _member(zf, "header.json", (json.dumps(image.header, indent=1, sort_keys=True)
                                         + "\n").encode())
             _member(zf, "pfn.npy", _npy(image.pfn.astype("<u8")))
-            # hash output does not compress: store it as is (the rest deflates well)
-            _member(zf, "fingerprint.npy", _npy(image.fingerprint.astype("<u8")), False)
+            # hashes do not compress, but a third of a guest's pages is usually zero (one
+            # repeated fingerprint): deflate keeps an image about a third smaller
+            _member(zf, "fingerprint.npy", _npy(image.fingerprint.astype("<u8")))
             _member(zf, "zero.npy", _npy(image.zero.astype(bool)))
         os.replace(tmp, path)
     finally:
@@ -568,3 +597,25 @@ def import_dump(dump: str | os.PathLike, image_path: str | os.PathLike, fmt: str
     image = fingerprint_dump(dump, fmt, jobs, layout, low_ram_end)
     save_image(image, image_path)
     return image
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an image file (what :func:`save_image` writes), not a dump."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                return False
+        with zipfile.ZipFile(path) as zf:
+            return "header.json" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_guest_image(path: str | os.PathLike, jobs: int = 1) -> GuestImage:
+    """An image file as it is, or a dump (ELF or raw, PC layout) fingerprinted now."""
+    _open_size(str(path))
+    if is_image_file(path):
+        image = load_image(path)
+        image.header["read_from"] = str(path)      # in memory only: what to name in errors
+        return image
+    return fingerprint_dump(path, jobs=jobs)

@@ -29,7 +29,9 @@ class, so different classes never collide; 0 is the zero page.
 
 Imported dumps are images too: :func:`from_dump` wraps a ``guests.dumps.GuestImage`` whose
 fingerprints are interned (one :class:`guests.interning.Interner` per run, so equal pages of
-different dumps get equal ids).
+different dumps get equal ids); a mix entry naming an imported dump boots a
+:class:`guests.dump_guest.DumpImage` (which :meth:`GuestMemory.build` hands its own pages), and
+``guests.resolve`` is where a mix's ``image:`` value becomes one of these.
 
 This module knows nothing about the host (``vmhost`` consumes :class:`GuestMemory`).
 """
@@ -218,6 +220,9 @@ class GuestMemory:
 
     @classmethod
     def build(cls, img: Image, name: str, seed: int, domain: str, memory_mib: int) -> "GuestMemory":
+        own = getattr(img, "build_memory", None)
+        if own is not None:          # an image that knows its pages (guests.dump_guest)
+            return own(name, seed, domain, memory_mib)
         sizes = img.class_pages(memory_mib)
         total = memory_mib * PAGES_PER_MIB
         rng = np.random.default_rng([seed & 0xFFFFFFFF, key64(name) & 0xFFFFFFFF])
@@ -335,13 +340,8 @@ def from_dump(image, interner: Interner, name: str = "dump", domain: str = "defa
               zero_touched: bool = False) -> GuestMemory:
     """A ``guests.dumps.GuestImage`` as guest memory: content ids from the interner; frames
     with non-zero contents are written at boot, zero frames too if ``zero_touched``."""
-    ids = interner.intern_image(image)
-    if domain != "default":
-        from guests.interning import LOW_MASK, mix64
-        salt = np.uint64(key64("domain", domain))
-        nz = ids != 0
-        with np.errstate(over="ignore"):
-            ids[nz] = (ids[nz] & ~np.uint64(LOW_MASK)) | (mix64(ids[nz] ^ salt) & np.uint64(LOW_MASK))
+    from guests.interning import salt_domain
+    ids = salt_domain(interner.intern_image(image), domain)
     pages = int(image.pfn.max()) + 1 if image.pages else 0
     content = np.zeros(pages, dtype=np.uint64)
     pfn = image.pfn.astype(np.int64)

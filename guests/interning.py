@@ -75,6 +75,30 @@ def tag_of(ids) -> np.ndarray:
     return (np.asarray(ids, dtype=np.uint64) >> np.uint64(TAG_SHIFT)).astype(np.int64)
 
 
+def fingerprint_ids(fingerprint: np.ndarray, salt: int = 0) -> np.ndarray:
+    """The content id a 128-bit fingerprint ((n, 2) uint64) gets without an interner: a mix
+    of both words in the ``dump`` tag. Deterministic in every process, so guests built from
+    dumps in different workers agree; two different pages collide with probability about
+    n^2 / 2^57 (the :class:`Interner` starts from the same guess and also removes those)."""
+    fp = np.ascontiguousarray(fingerprint, dtype=np.uint64).reshape(-1, 2)
+    with np.errstate(over="ignore"):
+        guess = mix64(fp[:, 0] ^ mix64(fp[:, 1] + np.uint64(salt)))
+    return (guess & np.uint64(LOW_MASK)) | np.uint64(TAGS["dump"] << TAG_SHIFT)
+
+
+def salt_domain(ids: np.ndarray, domain: str) -> np.ndarray:
+    """Content ids as seen in sharing domain ``domain``: the non-zero ids re-mixed with the
+    domain's key (tag kept), so guests of different domains never share a non-zero page."""
+    ids = np.array(ids, dtype=np.uint64)
+    if domain == "default":
+        return ids
+    salt = np.uint64(key64("domain", domain))
+    nz = ids != 0
+    with np.errstate(over="ignore"):
+        ids[nz] = (ids[nz] & ~np.uint64(LOW_MASK)) | (mix64(ids[nz] ^ salt) & np.uint64(LOW_MASK))
+    return ids
+
+
 class Interner:
     """Fingerprint (two uint64 words) -> content id, shared by every image of one run."""
 
@@ -112,9 +136,7 @@ class Interner:
         ids = np.empty(uniq.shape[0], dtype=np.uint64)
         # vectorised first guess, then a dict pass that keeps earlier assignments and fixes
         # collisions by re-mixing with a counter
-        with np.errstate(over="ignore"):
-            guess = mix64(uniq[:, 0] ^ mix64(uniq[:, 1] + np.uint64(self.salt)))
-        guess = (guess & np.uint64(LOW_MASK)) | np.uint64(TAGS["dump"] << TAG_SHIFT)
+        guess = fingerprint_ids(uniq, self.salt)
         known, taken = self._ids, self._taken
         for i, (a, b, g) in enumerate(zip(uniq[:, 0].tolist(), uniq[:, 1].tolist(),
                                           guess.tolist())):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -350,8 +351,9 @@ def import_host(uri: str) -> LibvirtHost:
     try:
         import libvirt
     except ImportError:
-        raise LibvirtImportError("libvirt-python is not installed (apt-get install libvirt-dev "
-                                 "pkg-config, then pip install libvirt-python)") from None
+        raise LibvirtImportError("libvirt-python is not installed: pip install 'vmhost[libvirt]' "
+                                 "(it builds against libvirt's headers: apt-get install "
+                                 "libvirt-dev pkg-config first)") from None
     # libvirt prints every error on stderr by default; they are raised as exceptions anyway
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
@@ -681,3 +683,99 @@ def write_host_config(host: LibvirtHost, path: str | os.PathLike) -> str:
     text = render_yaml(host)
     write_text_atomically(path, text)
     return text
+
+
+# ---------------------------------------------------------------- live sampling
+
+
+def sample_domains(uri: str, directory: str | os.PathLike, names: list[str],
+                   keep_dumps: bool = False) -> tuple[dict[str, Path], Path]:
+    """Dump the memory of each named (running) domain through libvirt and import it.
+
+    Every domain gets ``virDomainCoreDumpWithFormat(dom, FILE, VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
+    VIR_DUMP_MEMORY_ONLY)``: QEMU's ``dump-guest-memory`` without paging, an ELF64 core
+    (libvirt pauses the guest while it writes; a dump of a 128 MiB guest takes about 0.3 s).
+    Each dump is fingerprinted (``guests.dumps``) into ``NAME.vmimg`` and deleted unless
+    ``keep_dumps``. Everything is written into a staging directory inside ``directory``;
+    returns ({domain: image path in the staging directory}, staging directory) -- the caller
+    moves the images into place with :func:`commit_samples` once the rest of its output is
+    written, or removes the staging directory. Errors are one line naming the URI and domain.
+    """
+    from guests.dumps import DumpError, import_dump
+    try:
+        import libvirt
+    except ImportError:
+        raise LibvirtImportError("libvirt-python is not installed (apt-get install libvirt-dev "
+                                 "pkg-config, then pip install libvirt-python)") from None
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise LibvirtImportError(f"{directory}: --sample: not a directory")
+    if not d.resolve().parent.is_dir():
+        raise LibvirtImportError(f"{directory}: --sample: directory {str(d.resolve().parent)!r} "
+                                 "does not exist")
+    created = not d.exists()
+    d.mkdir(exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".sample-", dir=d))
+
+    def discard():
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    out: dict[str, Path] = {}
+    step = "open()"
+    conn = None
+    try:
+        try:
+            conn = libvirt.open(uri)     # dumping needs a read-write connection
+        except libvirt.libvirtError as exc:
+            raise LibvirtImportError(f"{uri}: cannot connect read-write to dump memory: "
+                                     f"{_first_line(exc)}") from None
+        for name in names:
+            core = stage / f"{name}.elf"
+            step = f"domain '{name}': coreDumpWithFormat()"
+            dom = conn.lookupByName(name)
+            dom.coreDumpWithFormat(str(core), libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
+                                   libvirt.VIR_DUMP_MEMORY_ONLY)
+            step = f"domain '{name}': importing {core}"
+            image = stage / f"{name}.vmimg"
+            try:
+                import_dump(core, image)
+            except DumpError as exc:
+                raise LibvirtImportError(f"{uri}: {step}: {exc}") from None
+            if keep_dumps:
+                os.replace(core, stage / f"{name}.elf.keep")
+            else:
+                core.unlink()
+            out[name] = image
+        return out, stage
+    except libvirt.libvirtError as exc:
+        discard()
+        raise LibvirtImportError(f"{uri}: {step}: {_first_line(exc)}") from None
+    except BaseException:
+        discard()
+        raise
+    finally:
+        if conn is not None:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
+
+
+def commit_samples(samples: dict[str, Path], stage: Path) -> dict[str, Path]:
+    """Move staged images (and kept dumps) into their directory; returns the final paths."""
+    final = {}
+    for name, p in samples.items():
+        target = stage.parent / p.name
+        os.replace(p, target)
+        kept = stage / f"{name}.elf.keep"
+        if kept.exists():
+            os.replace(kept, stage.parent / f"{name}.elf")
+        final[name] = target
+    shutil.rmtree(stage, ignore_errors=True)
+    return final

@@ -352,6 +352,7 @@ def test_bad_config_exit_status(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.libvirt
 def test_inventory_from_libvirt_import(tmp_path):
     hv = tmp_path / "hv01.yaml"
     assert main(["import", "libvirt", "--uri", f"test://{ROOT}/tests/libvirt/node.xml", "-o", str(hv)]) == 0

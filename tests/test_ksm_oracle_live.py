@@ -20,6 +20,8 @@ from vmhost.errors import InputError  # noqa: E402
 from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 from vmhost.ksm.trace import compare_results, load_trace  # noqa: E402
 
+pytestmark = pytest.mark.kernel
+
 CORPUS = ROOT / "tests" / "ksm_traces"
 
 # One of each family: merge latency, chains (N mod M == 1), zero pages, COW, fork + exit,

@@ -2,9 +2,10 @@
 
 A fleet study places VMs on hosts and then needs, for every host, what the density search
 measures for one step: memory used and saved, swap traffic, OOM kills and ksmd's CPU. This
-module is that step on its own: :func:`simulate_host` boots every VM of the host (in the
-given order, each one's boot writes at once, then the steady-state writers on the clock), runs
-ksmd until the counters settle, and returns full-scale numbers as a plain, JSON-able dict.
+module drives the density package's host stepper (``vmhost.density.stepper``) directly:
+:func:`simulate_host` boots every VM of the host (in the given order, each one's boot writes
+at once, then the steady-state writers on the clock), runs ksmd until the counters settle,
+and returns full-scale numbers as a plain, JSON-able dict.
 
 ``boot="staggered"`` boots the VMs one at a time instead, KSM settling after each (the density
 search's steps), as a host is filled in service: a guest that writes all of its RAM at boot
@@ -12,17 +13,21 @@ search's steps), as a host is filled in service: a guest that writes all of its 
 The counts of every step (swap traffic, OOM kills, scans, virtual time) are summed; an OOM kill
 ends the sequence, and the VMs not booted are listed in ``not_booted``.
 
-It goes through the density file's own validation (``vmhost.density.parse_density``) with an
-as-listed mix of one entry per VM, so a host document here means exactly what it means in a
-density or host config file, resolution and settle rules included, and every mistake is the
-same one-line error naming the key.
+The host document is read by ``vmhost.config.parse_host_config`` and the settle rule by
+``vmhost.density.parse_settle``, so it means exactly what it means in a density or host config
+file, and every mistake is the same one-line error naming the key.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
-from vmhost.density import DensityRunner, parse_density
+from vmhost.config import _err, parse_duration_ns, parse_host_config
+from vmhost.density.config import HostRun, MixEntry, _image, parse_settle
+from vmhost.density.stepper import HostStepper, StepResult
+
+BOOTS = ("together", "staggered")
 
 
 @dataclass
@@ -36,17 +41,26 @@ class VmSpec:
     locked: bool = False
 
 
-def host_density_doc(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, seed: int = 1,
-                     settle: dict | None = None, write_period: str | int = "10s") -> dict:
-    """The density document that describes this host and its VMs (no limits: a fleet host
-    reports what happened; the fleet decides what is acceptable)."""
-    mix = [{"image": vm.image, "memory": f"{vm.memory_mib}MiB", "count": 1, "domain": vm.domain,
-            "nosharepages": vm.nosharepages, "locked": vm.locked, "name": vm.name} for vm in vms]
-    density = {"mix": mix, "order": "as-listed", "max_guests": max(len(vms), 1),
-               "resolution": resolution, "seed": seed, "write_period": write_period}
+def host_run(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, seed: int = 1,
+             settle: dict | None = None, write_period: str | int = "10s",
+             path: str = "<fleet>") -> tuple[HostRun, list[MixEntry]]:
+    """The stepper's settings for this host and one mix entry per VM (validated)."""
+    hcfg = parse_host_config(host_doc, path)
+    run = HostRun(path, hcfg, resolution=resolution, seed=seed,
+                  write_period_ns=parse_duration_ns(write_period, path, "simulation.write_period"),
+                  guest_names=[vm.name for vm in vms])
     if settle is not None:
-        density["settle"] = settle
-    return {**host_doc, "density": density}
+        (run.settle_scans, run.tolerance, run.max_scans,
+         run.settle_time_ns) = parse_settle(settle, path, "simulation.settle")
+    entries = []
+    for i, vm in enumerate(vms):
+        img = _image(vm.image, path, f"vms[{i}].image")
+        if resolution > 1 and vm.memory_mib % resolution:
+            raise _err(path, "simulation.resolution",
+                       f"{resolution} does not divide the memory of VM {vm.name} ({vm.memory_mib} MiB)")
+        entries.append(MixEntry(i, img, vm.memory_mib, count=1, domain=vm.domain,
+                                nosharepages=vm.nosharepages, locked=vm.locked, name=vm.name))
+    return run, entries
 
 
 def simulate_host(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, seed: int = 1,
@@ -54,40 +68,48 @@ def simulate_host(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, see
                   boot: str = "together", path: str = "<fleet>") -> dict:
     """Boot ``vms`` on the host of ``host_doc`` (``host:``, ``ksm:``, optionally ``policy:``),
     run KSM to steady state and measure (see the module docstring)."""
-    doc = host_density_doc(host_doc, vms, resolution=resolution, seed=seed, settle=settle,
-                           write_period=write_period)
-    cfg = parse_density(doc, path)
-    cfg.guest_names = [vm.name for vm in vms]
-    if boot == "together":
-        step = DensityRunner(cfg).run_together()
-    elif boot == "staggered":
-        cfg.stride = 1                  # KSM settles after every VM, as a host filled in service
-        step = _staggered(DensityRunner(cfg).run(), vms)
-    else:
+    if boot not in BOOTS:
         raise ValueError(f"boot must be together or staggered, not {boot!r}")
-    step.setdefault("not_booted", [])
-    step.update(ram_pages=sum(n.mem_bytes for n in cfg.host.topology.nodes) // 4096,
-                oom_kills=[k["name"] for k in step["oom_kills"]],
-                ksmd_cpu_s=step["ksmd_cpu_s_total"], resolution=resolution,
-                vms=[asdict(vm) for vm in vms])
-    for k in ("image", "mix", "guest", "memory_mib", "domain", "violations", "ok"):
-        step.pop(k, None)
-    return step
+    wall0 = time.perf_counter()
+    run, entries = host_run(host_doc, vms, resolution=resolution, seed=seed, settle=settle,
+                            write_period=write_period, path=path)
+    st = HostStepper(run, entries)
+    st.build()
+    if boot == "together":
+        last = st.step(0, entries)
+        steps = [last]
+    else:
+        # one VM at a time, KSM settling after each, as a host filled in service; an OOM
+        # kill ends the sequence
+        steps = []
+        for i, e in enumerate(entries):
+            steps.append(st.step(i, [e]))
+            if steps[-1].oom_kills:
+                break
+        last = steps[-1]
+    booted = last.guests
+    facts = st.facts(entries[:booted])
+    out = _record(last, steps, summed=boot == "staggered")
+    out.update(no_ksm_pages=sum(f.footprint for f in facts) * st.r,
+               policy=st.policy_summary(), timeline=st.timeline,
+               wall_s=round(time.perf_counter() - wall0, 3),
+               not_booted=[vm.name for vm in vms[booted:]],
+               ram_pages=sum(n.mem_bytes for n in run.host.topology.nodes) // 4096,
+               ksmd_cpu_s=last.ksmd_cpu_s_total, resolution=resolution, unfaithful=st.unfaithful,
+               vms=[asdict(vm) for vm in vms])
+    out["oom_kills"] = [k["name"] for k in out["oom_kills"]]
+    return out
 
 
-def _staggered(res: dict, vms: list[VmSpec]) -> dict:
-    """The last step's state, with the counts of all the steps summed."""
-    steps = res["steps"]
-    step = dict(steps[-1])
-    for k in ("swapin_pages", "swapout_pages", "full_scans"):
-        step[k] = sum(s[k] for s in steps)
-    step["virtual_s"] = round(sum(s["virtual_s"] for s in steps), 3)
-    step["swapin_rate"] = round(step["swapin_pages"] / step["virtual_s"], 3) if step["virtual_s"] else 0.0
-    step["oom_kills"] = [k for s in steps for k in s["oom_kills"]]
-    booted = step["guests"]
-    step["no_ksm_pages"] = res["curve"][booted - 1]["no_ksm_pages"]
-    step["timeline"] = res["timeline"]
-    step["policy"] = res["policy"]
-    step["wall_s"] = res["wall_s"]
-    step["not_booted"] = [vm.name for vm in vms[booted:]]
-    return step
+def _record(last: StepResult, steps: list[StepResult], summed: bool) -> dict:
+    """The last step's state, with the counts of all the steps summed when ``summed``."""
+    d = last.as_dict()
+    for k in ("image", "mix", "guest", "memory_mib", "domain"):
+        del d[k]
+    if summed:
+        for k in ("swapin_pages", "swapout_pages", "full_scans"):
+            d[k] = sum(getattr(s, k) for s in steps)
+        d["virtual_s"] = round(sum(s.virtual_s for s in steps), 3)
+        d["swapin_rate"] = round(d["swapin_pages"] / d["virtual_s"], 3) if d["virtual_s"] else 0.0
+        d["oom_kills"] = [k for s in steps for k in s.oom_kills]
+    return d

@@ -39,12 +39,15 @@ The report gives, for each block offlined: the result and reason, pages migrated
 (virtual: the cost model of ``vmhost.mm.migrate`` and ``vmhost.mm.hotplug``), and
 for every step the invariant checker's verdict that every page of every process
 still reads what it read before (``invariants.check(host, views_before)``).
+``--report DIR`` writes it as HTML with plots, JSON, text and CSV tables
+(``vmhost.reports.hotremove``). A ``policy:`` section (a KSM tuning policy) drives the knobs
+on the clock as in density and fleet studies (the host, KSM, ksmd and policy are built by
+``vmhost.system.build_system``).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,13 +320,10 @@ class Runner:
     REGION_BASE = 0x7E0000000            # 2 MiB aligned virtual page number
 
     def __init__(self, scn: Scenario):
-        from vmhost.ksm.engine import Ksm
-        from vmhost.ksm.ksmd import Ksmd
+        from vmhost.system import build_system
         self.scn = scn
-        self.host = scn.config.build()
-        self.ksm = Ksm(self.host)
-        self.ksmd = Ksmd(self.ksm, self.host.clock)
-        scn.config.apply_ksm(self.ksm)
+        sysm = build_system(scn.config)          # host, KSM, ksmd and the policy: as density's
+        self.host, self.ksm, self.ksmd, self.policy = sysm.host, sysm.ksm, sysm.ksmd, sysm.policy
         self.procs = {}
         self.addrs: dict[str, dict[str, int]] = {}
         self.steps: list[dict] = []
@@ -375,7 +375,15 @@ class Runner:
             "swap": host.swap.stats(),
             "content_unchanged": not self.problems,
             "problems": self.problems[:50],
+            **({"policy": self._policy_summary()} if self.scn.config.policy else {}),
         }
+
+    def _policy_summary(self) -> dict:
+        name, options = self.scn.config.policy
+        return {"name": name, "options": options, "wakeups": len(self.policy.history),
+                "changes": [{"t_s": round(d.at_ns / 1e9, 3), "run": d.run, "pages_to_scan": d.pages_to_scan,
+                             "sleep_millisecs": d.sleep_millisecs, "reason": d.reason}
+                            for d in self.policy.history[:200]]}
 
     def _check(self, before, label: str) -> dict:
         try:
@@ -523,14 +531,16 @@ def format_result(res: dict) -> str:
     verdict = ("every page of every process reads what it read before each step"
                if res["content_unchanged"] else f"{len(res['problems'])} problem(s): {res['problems'][:3]}")
     lines.append(f"content check: {verdict}")
+    pol = res.get("policy")
+    if pol:
+        lines.append(f"KSM policy {pol['name']}: {pol['wakeups']} wake-ups, {len(pol['changes'])} decisions")
     return "\n".join(lines)
 
 
 def write_report(res: dict, directory: str | Path) -> None:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "result.json").write_text(json.dumps(res, indent=2, default=_jsonable) + "\n")
-    (d / "report.txt").write_text(format_result(res) + "\n")
+    """The report directory (HTML, JSON, text, CSV), atomically: see vmhost.reports.hotremove."""
+    from vmhost.reports.hotremove import write_hotremove_report
+    write_hotremove_report(res, directory)
 
 
 def _jsonable(o):

@@ -21,7 +21,7 @@ real tool would write /sys/kernel/mm/ksm. Each is a small class with
 - ``advisor``: the kernel's own scan-time advisor (advisor_mode=scan-time,
   6.8+), which retunes pages_to_scan after every full scan.
 
-The constants are the published defaults of those tools (``field.md``).
+The constants are the published defaults of those tools (``docs/field.md``).
 """
 
 from __future__ import annotations

@@ -22,10 +22,9 @@ import numpy as np
 
 from hw.topology import NumaNode, Topology
 from vmhost.host import Host
-from vmhost.ksm.engine import Ksm
-from vmhost.ksm.ksmd import Ksmd
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MemPolicy
+from vmhost.system import attach_ksm
 
 GIB = 1 << 30
 PAGES_PER_GIB = GIB // 4096
@@ -38,10 +37,7 @@ def run(gib: int = 16, check: bool = True) -> dict:
     topo = Topology([NumaNode(0, (gib + 2) * GIB, (0, 1)), NumaNode(1, gib * GIB + 2 * BLOCK_PAGES * 4096, (2, 3))],
                     [[10, 21], [21, 10]])
     host = Host(topo, block_pages=BLOCK_PAGES, movable_nodes=(1,))
-    ksm = Ksm(host)
-    ksmd = Ksmd(ksm, host.clock)
-    for k, v in (("pages_to_scan", str(pages * 4)), ("sleep_millisecs", "20"), ("run", "1")):
-        ksm.write_knob(k, v)
+    ksm, ksmd = attach_ksm(host, (("pages_to_scan", pages * 4), ("sleep_millisecs", 20), ("run", 1)))
     image = np.arange(1, pages + 1, dtype=np.uint64)
     for name, node, policy in (("guest-a", 0, None), ("guest-b", 1, MemPolicy("bind", (1,)))):
         proc = host.spawn(name, node)

@@ -7,6 +7,10 @@ import json
 import time
 
 
+# shown at once on the progress line: the first guest of a first run waits for the compile
+START_NOTE = "booting guest 1 (the first run after an install also compiles the scan loop: up to a minute)"
+
+
 def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
     p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density.py)")
@@ -22,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--compare", action="store_true", help="with --oracle: the emulator beside the kernel, per step")
     p.add_argument("--runs", type=int, default=1, help="with --oracle: kernel runs (their mean and spread)")
     p.add_argument("--emulator-resolution", type=int, metavar="N", help="with --compare: the emulator at 1/N")
+    p.add_argument("--resolutions", metavar="N,N,...",
+                   help="resolution invariance: run the config at each 1/N and compare every headline "
+                        "figure with the finest (see vmhost/density/invariance.py); exit 1 if one disagrees")
     p.set_defaults(func=_run)
 
 
@@ -32,8 +39,11 @@ def _run(args: argparse.Namespace) -> int:
     from vmhost.density import DensityRunner, _jsonable, format_result, load_density, write_report
     from vmhost.progress import Progress
     cfg = load_density(args.config)        # every input error is raised here, before any output
+    if args.resolutions:
+        return _invariance(args, cfg)
     wall0 = time.perf_counter()
-    with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json) as bar:
+    with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json,
+                  start=START_NOTE) as bar:
         def progress(step: dict) -> None:
             verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
             bar.advance(step["booted"], f"{step['guests']} guests ({step['image']}): saved "
@@ -55,3 +65,25 @@ def _run(args: argparse.Namespace) -> int:
             print(f"bench: {b['host_gib']} GiB host, {b['guests_simulated']} guests simulated at resolution "
                   f"1/{b['resolution']}: wall time {b['wall_s']:.1f} s")
     return 0
+
+
+def _invariance(args: argparse.Namespace, cfg) -> int:
+    import sys
+
+    from vmhost.density.invariance import at_resolution, check, format_check
+    from vmhost.errors import InputError
+    try:
+        rs = [int(x) for x in args.resolutions.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of whole numbers") from None
+    if not rs or any(r < 1 for r in rs):
+        raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of positive numbers")
+    for r in rs:
+        at_resolution(cfg, r)              # refuse a resolution before running any
+
+    def progress(r, run):
+        if not (args.quiet or args.json):
+            print(f"density: 1/{r} done ({run['wall_s']:.1f} s)", file=sys.stderr)
+    out = check(cfg, rs, progress)
+    print(json.dumps(out) if args.json else format_check(out))
+    return 0 if out["ok"] else 1

@@ -53,6 +53,26 @@ def register(sub) -> None:
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=_sharing)
 
+    prof = gs.add_parser("profile", help="fit a catalog image (YAML) to dumps of one kind of VM")
+    prof.add_argument("dumps", nargs="*", metavar="DUMP",
+                      help="ELF or raw dumps, or images of `guests import`: one per VM, several "
+                           "VMs of one kind")
+    prof.add_argument("--later", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
+                      help="two dumps of one VM, SECOND taken some seconds after FIRST: the VM's "
+                           "write rate and hot set (FIRST may also be one of the DUMPs, or the "
+                           "SECOND of another --later: a series); repeatable")
+    prof.add_argument("-o", "--output", required=True, metavar="IMAGE.yaml")
+    prof.add_argument("--name", help="the image's name (default: the output file's stem)")
+    prof.add_argument("--interval", type=_fraction, metavar="SECONDS",
+                      help="time between consecutive dumps of one VM (default: from the dump "
+                           "files' modification times)")
+    prof.add_argument("--against", nargs="+", metavar="DUMP", default=[],
+                      help="more dumps of VMs of the same kind for the check only (not fitted): "
+                           "the profile booted once per VM is held against all of them")
+    prof.add_argument("--jobs", type=whole_number, default=1, help="hashing processes for dumps")
+    prof.add_argument("--json", action="store_true", help="print the fit and its check as JSON")
+    prof.set_defaults(func=_profile)
+
     bench = gs.add_parser("bench-import", help="dump import throughput on a synthetic dump")
     bench.add_argument("--size-mib", type=whole_number, default=1024)
     bench.add_argument("--jobs", type=whole_number, default=1)
@@ -68,6 +88,14 @@ def register(sub) -> None:
     dump.add_argument("-o", "--output", required=True, metavar="DIR")
     dump.add_argument("--guests", type=whole_number, default=1)
     dump.add_argument("--mem", type=whole_number, default=128, help="guest RAM in MiB")
+    dump.add_argument("--write-kib-s", type=whole_number, default=0, metavar="R",
+                      help="each guest rewrites a file of --hot-kib KiB at R KiB/s (a known "
+                           "writer; default: idle guests)")
+    dump.add_argument("--hot-kib", type=whole_number, default=16384, metavar="H",
+                      help="the writer's file size in KiB (default 16384)")
+    dump.add_argument("--again", type=_fraction, metavar="SECONDS",
+                      help="dump every guest a second time SECONDS later (ELF only: "
+                           "gN.elf, then gN-later.elf), for `guests profile` to time writes")
     dump.set_defaults(func=_dump)
 
     live = gs.add_parser("ksm-live", help="real host KSM on identical live guests (root)")
@@ -141,6 +169,59 @@ def _sharing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from guests.dumps import DumpError, read_guest_image
+    from guests.profile import ProfileError, fit_profile, prediction_error, write_profile
+    if args.interval is not None and not args.interval > 0:
+        raise InputError(f"guests profile: --interval {args.interval}: must be above 0 seconds")
+    if args.jobs < 1:
+        raise InputError(f"guests profile: --jobs must be at least 1 (got {args.jobs})")
+    out = Path(args.output)
+    if not out.name.endswith((".yaml", ".yml")):
+        raise InputError(f"guests profile: {args.output}: the profile is an image YAML "
+                         "(name it *.yaml)")
+    if not out.resolve().parent.is_dir():
+        raise InputError(f"guests profile: {args.output}: output directory "
+                         f"{out.resolve().parent} does not exist")
+    if not args.dumps and not args.later:
+        raise InputError("guests profile: no dumps (give DUMP... and/or --later FIRST SECOND)")
+    try:
+        images = [read_guest_image(p, args.jobs) for p in args.dumps]
+        by_path = dict(zip(args.dumps, images))
+        later = [tuple(by_path.get(p) or read_guest_image(p, args.jobs) for p in pair)
+                 for pair in args.later]
+        doc = fit_profile(images, args.name or out.stem, args.interval, later=later)
+        held = images + [read_guest_image(p, args.jobs) for p in args.against]
+        check = prediction_error(doc, held, later=later)
+        check["fitted_dumps"], check["checked_dumps"] = len(images), len(held)
+        write_profile(doc, out)
+    except (DumpError, ProfileError) as exc:
+        raise InputError(f"guests profile: {exc}") from None
+    if args.json:
+        print(json.dumps({"profile": doc, "check": check}, indent=1))
+        return 0
+    m = doc["expect"]["measured"]
+    print(f"{out}: {doc['name']}, {doc['memory_mib']} MiB, fitted to {m['dumps']} dump(s) of "
+          f"{m['vms']} VM(s)")
+    for cname, c in doc["classes"].items():
+        if cname == "zero":
+            continue
+        extra = f", pool {c['pool']}" if "pool" in c else ""
+        steady = c.get("steady")
+        if steady:
+            extra += f", writes {steady['rate']} pages/s over {100 * steady['hot']:.1f}% of it"
+        print(f"  {cname:<10} {100 * c['fraction']:6.2f}% of pages, distinct {c['distinct']}{extra}")
+    print(f"  zero       {100 * m['zero_fraction']:6.2f}% of pages (untouched at boot)")
+    against = f" (out of sample: {len(args.against)} dump(s) not fitted)" if args.against else ""
+    print(f"check{against}: {check['vms']} guests of the profile share {check['predicted_ideal_sharing']} "
+          f"pages ideally, the dumps {check['real_ideal_sharing']} ({100 * check['ideal_error']:+.2f}%);"
+          f" across guests {check['predicted_inter_sharing']} vs {check['real_inter_sharing']} "
+          f"({100 * check['inter_error']:+.2f}%)")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from vmhost.benchmarks import dump_import
     r = dump_import.run(args.size_mib, args.jobs, args.zero_fraction)
@@ -160,22 +241,46 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
+    import time
     from pathlib import Path
 
     from vmhost.reality.lab import Lab, LabError
     if args.guests < 1 or args.mem < 16:
         raise InputError("guests dump: need --guests >= 1 and --mem >= 16")
+    if args.write_kib_s and args.hot_kib < 256:
+        raise InputError("guests dump: --hot-kib must be at least 256 with --write-kib-s")
+    if args.again is not None and not 0 < args.again <= 3600:
+        raise InputError(f"guests dump: --again {args.again}: seconds in (0, 3600]")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with Lab(workdir=out, mem_mib=args.mem) as lab:
-            for g in lab.boot(args.guests):
-                elf, raw = g.dump_both(out / f"{g.name}.elf", out / f"{g.name}.raw")
-                print(f"{g.name}: {elf} {raw}")
+        with Lab(workdir=out, mem_mib=args.mem, write_kib_s=args.write_kib_s,
+                 hot_kib=args.hot_kib) as lab:
+            guests = lab.boot(args.guests)
+            if args.again is None:
+                for g in guests:
+                    elf, raw = g.dump_both(out / f"{g.name}.elf", out / f"{g.name}.raw")
+                    print(f"{g.name}: {elf} {raw}")
+                return 0
+            first = []
+            for g in guests:
+                first.append(time.monotonic())
+                print(f"{g.name}: {_paused_dump(g, out / f'{g.name}.elf')}")
+            for g, t in zip(guests, first):
+                time.sleep(max(0.0, t + args.again - time.monotonic()))
+                print(f"{g.name}: {_paused_dump(g, out / f'{g.name}-later.elf')}")
     except LabError as exc:
         print(f"vmhost: guests dump: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _paused_dump(guest, path):
+    guest.stop()
+    try:
+        return guest.dump_elf(path)
+    finally:
+        guest.cont()
 
 
 def _ksm_live(args: argparse.Namespace) -> int:

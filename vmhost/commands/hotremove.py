@@ -13,7 +13,8 @@ def register(sub) -> None:
     p = sub.add_parser("hotremove", help="run a memory hot-remove scenario (or --bench)")
     p.add_argument("scenario", nargs="?", help="scenario YAML (see vmhost/hotremove.py)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--report", metavar="DIR", help="also write result.json and report.txt to DIR")
+    p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
+                                                   "report.txt and CSV tables to DIR (atomically)")
     p.add_argument("--bench", action="store_true",
                    help="benchmark: offline blocks full of merged pages, report pages/s")
     p.add_argument("--gib", type=whole_number, default=16, help="--bench: GiB to offline (default 16)")

@@ -279,7 +279,8 @@ def _domain(value: Any, path: str, key: str) -> str:
 
 def _image_ref(img, value: str) -> str:
     """What a task names the image by: the catalog name, or the image file's absolute path."""
-    return str(Path(img.path).resolve()) if value.endswith((".yaml", ".yml")) else value
+    from guests.resolve import image_ref
+    return image_ref(img, value)
 
 
 def _vm_template(e: Any, path: str, key: str, keys: tuple[str, ...]) -> Vm:

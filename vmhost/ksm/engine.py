@@ -38,6 +38,7 @@ import numpy as np
 from vmhost.ksm.checksum import checksum, memcmp_key
 from vmhost.ksm.consistency import ConsistencyMixin
 from vmhost.ksm import fastscan
+from vmhost.ksm.counters import COUNTER_NAMES, WORK_NAMES
 from vmhost.ksm.items import (RMAP_ITEM_BYTES, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, MmSlot,
                               RmapItems)
 from vmhost.ksm.keyindex import KeyIndex
@@ -49,6 +50,7 @@ from vmhost.ksm.scan import ScanMixin
 from vmhost.ksm.stable import StableNodes
 from vmhost.ksm.stable_tree import StableTreeMixin
 from vmhost.ksm.unstable_tree import UnstableTreeMixin
+from vmhost.ksm.vma_registry import VmaRegistry
 from vmhost.mm.hooks import KsmHooks
 from vmhost.mm.vma import VmFlags
 
@@ -60,9 +62,6 @@ PAGE_SIZE = 4096
 
 
 
-COUNTER_NAMES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scanned",
-                 "pages_skipped", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
-WORK_NAMES = ("ptes_walked", "checksums", "tree_compares", "merges", "dups_walked")
 
 
 class Counters:
@@ -112,14 +111,17 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self._eff_chain = np.zeros(128, dtype=np.int32)     # scratch for the compiled walk
         self._eff_found = np.zeros(128, dtype=np.int32)
         self._eff_prune = np.zeros(128, dtype=np.bool_)
-        self._freed = np.zeros(4096, dtype=np.int64)      # frames freed by compiled merges
+        self._freed = np.zeros(1 << 16, dtype=np.int64)      # frames freed by compiled merges
         self._freed_n = np.zeros(1, dtype=np.int64)
-        self._av_gets = np.zeros(1, dtype=np.int64)        # anon_vma references they took
+        self._av_delta = np.zeros(64, dtype=np.int64)       # anon_vma references compiled code
+                                                            # took (+) and dropped (-), by id
+        self.vma_registry = VmaRegistry()                  # page tables for compiled merges
         self._cand_cache: dict[int, tuple[int, np.ndarray]] = {}
         self.zero_checksum = checksum(0, self.profile.ksm_checksum)
         self.wakeup: Callable[[], None] = lambda: None   # set by ksmd
         self.work = np.zeros(len(WORK_NAMES), dtype=np.int64)   # operations done (CPU model)
         self.fast = True                        # use the compiled scan for the common cases
+        self.bails = np.zeros(fastscan.N_CODES, dtype=np.int64)   # visits the compiled scan left to Python, by code
         host.ksm = self
 
     # derived counters

@@ -1,82 +1,101 @@
-"""The compiled part of ksmd's scan: the common cases of a page visit, at native speed.
+"""The compiled part of ksmd's scan: page visits, merges included, at native speed.
 
-A full scan visits every anonymous page of every mergeable VMA. Most visits
-end in one of a few simple ways: the page is a KSM page already merged by
-this rmap_item; its checksum changed (volatile); smart scan skips it; or it
-is new to this pass and goes into the unstable tree. ``scan_run`` does exactly
-these, over a run of one VMA's pages, on the same arrays the Python engine
-uses (rmap_items, stable nodes, both trees, frames, page tables, counters).
+A full scan visits every anonymous page of every mergeable VMA. ``scan_run`` does a run of
+one VMA's pages on the same arrays the Python engine uses, passed as named groups
+(``FrameArrays``, ``ItemArrays``, ``NodeArrays``, ``ScanState`` and the registry of
+mergeable VMAs, ``vma_registry.VmaArrays``): it finds or creates each page's rmap_item
+(get_next_rmap_item), applies smart scan, the checksum rule, looks the page up in the stable
+tree (by key while the tree has no chain and no stale node, else walking it, chains and
+dups included) and in the unstable tree, and merges: into an existing KSM page, or two
+pages into a new KSM page with its stable node inserted in the tree (the other page's PTE
+is reached through the VMA registry).
 
-Whenever a visit needs anything more (a merge, a stale stable node, a chain,
-a KSM zero page, an rmap_item on a stable node, a cached unstable-tree frame
-that may be out of date, the item pool running dry) it stops *before the step
-that needs it* and returns a bail code naming how far it got; the engine
-finishes that visit in Python (``Ksm._scan_page``) and calls back in. Both
-paths apply the same rules in the same order, so the result is identical to a
-pure-Python scan; ``tests/test_fastscan.py`` replays the trace corpus both
-ways to prove it.
+Whenever a visit needs anything more (a stale stable node to prune, a chain to collapse, a
+new chain, a KSM zero page, a huge page to split, a page in the swap cache, a pinned page
+whose merge must be undone, a pool running dry) it stops *before the step that needs it*,
+with nothing of that step done, and returns a bail code naming how far it got; the engine
+finishes that visit in Python (``Ksm._scan_page``, the reference path) and calls back in.
+The rules both paths share are written once, here and in ``checksum``: the smart-scan
+skip (``smart_skip``), the checksum (``checksum_of``), the memcmp key, the unstable tree's
+hash form, and every constant is imported from the module that defines it.
 
-The unstable tree is rebuilt from empty every full scan, and while nothing in
-any address space changes, a search of it can only end at the node whose key
-equals the page's (no node on the way can have lost its page or its
-contents). So until the first change of a pass, the compiled loop keeps the
-unstable tree as a hash table plus a log of insertions; the real rbtree is
-built from the log (``replay_unstable``, the same insertions in the same
-order, hence the same shape) the moment anything needs the tree itself.
+The unstable tree is rebuilt from empty every full scan, and while nothing in any address
+space changes, a search of it can only end at the node whose key equals the page's (no
+node on the way can have lost its page or its contents). So until the first change of a
+pass, the compiled loop keeps the unstable tree as a hash table plus a log of insertions and
+erasures; the real rbtree is built from the log (``replay_unstable``, the same operations in
+the same order, hence the same shape) the moment anything needs the tree itself.
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 from numba import njit
 
-from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, slot_of
-from vmhost.ksm.rbtree import NIL, rb_erase, rb_link
+from vmhost.ksm.checksum import checksum_of, memcmp_key_of
+from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
+                                 C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
+from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
+from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
+from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
+from vmhost.ksm.vma_registry import find_vma
+from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KSM, PG_MLOCKED,
+                              PG_SWAPCACHE)
+from vmhost.mm.vma import PTE_DIRTY, PTE_PRESENT, PTE_WRITE, PTE_YOUNG, PTE_ZERO
 
 # scan_run's return codes
 RUN_END, RUN_BUDGET = 0, 1
 BAIL_BEFORE_ITEM, BAIL_BEFORE_SKIP, BAIL_BEFORE_MERGE, BAIL_AFTER_CHECKSUM = 2, 3, 4, 5
+BAIL_AFTER_STABLE = 6       # the stable tree had nothing: Python goes on with the unstable tree
+N_CODES = 7
 
-# indices of the engine's counter array
-C_SHARED, C_SHARING, C_UNSHARED, C_SCANNED, C_SKIPPED, C_ZERO, C_CHAINS, C_DUPS = range(8)
-# indices of the work counters (the CPU model's inputs)
-W_PTES, W_CHECKSUMS, W_COMPARES, W_MERGES, W_DUPS = range(5)
-# params
+# the parameter array
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
- P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS) = range(13)
+ P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS, P_CHAINS, N_PARAMS) = range(15)
 
-_PRESENT, _ZERO = 1, 4                      # PTE_PRESENT, PTE_ZERO
-_PG_ANON, _PG_KSM, _PG_SWAPCACHE, _PG_DIRTY, _PG_MLOCKED = 1, 2, 4, 8, 16
-_PG_COMPOUND = (1 << 10) | (1 << 11)
-_WRITE, _DIRTY, _YOUNG = 2, 64, 32            # PTE_WRITE, PTE_DIRTY, PTE_YOUNG
-_STABLE, _UNSTABLE, _SEQ = 0x200, 0x100, 0xFF
-_NODE, _DUP, _CHAIN = 1, 2, 3              # stable node kinds: plain, a dup, a chain
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+FrameArrays = namedtuple("FrameArrays", "content flags owner mapcount refcount index")
+ItemArrays = namedtuple("ItemArrays", "mm address flags oldchecksum age remaining_skips head hnext "
+                        "hprev anon_vma nid rnext tree_pfn tree_gen tree_key left right parent "
+                        "color roots free_stack free_top")
+NodeArrays = namedtuple("NodeArrays", "kind kpfn prune_time hlist_len hhead nid chain dhead dnext "
+                        "dprev key stale stale_state left right parent color roots free_stack "
+                        "free_top ki_slots ki_state")
+ScanState = namedtuple("ScanState", "params cnt work mm_ksm pt_epoch block_node uh ulog ulog_len "
+                       "eff_chain eff_found eff_prune freed freed_n av_delta")
 
-
-@njit(cache=True, nogil=True, inline="always")
-def checksum_of(content, seed):
-    """The same 32-bit mix as vmhost.ksm.checksum.checksums."""
-    x = content + seed
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    x = x ^ (x >> np.uint64(31))
-    return np.uint32(x >> np.uint64(32))
+_WD = PTE_WRITE | PTE_DIRTY
+_CLEAN_RO = np.uint8(~_WD & 0xFF)
+_NOT_ANON = np.uint16(~PG_ANON & 0xFFFF)
+_NOT_MLOCKED = np.uint16(~PG_MLOCKED & 0xFFFF)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def memcmp_key(content):
-    """Byte-swapped content id: its order is memcmp's order of the page."""
-    x = content
-    x = ((x & np.uint64(0x00000000FFFFFFFF)) << np.uint64(32)) | (x >> np.uint64(32))
-    x = ((x & np.uint64(0x0000FFFF0000FFFF)) << np.uint64(16)) | ((x >> np.uint64(16)) & np.uint64(0x0000FFFF0000FFFF))
-    x = ((x & np.uint64(0x00FF00FF00FF00FF)) << np.uint64(8)) | ((x >> np.uint64(8)) & np.uint64(0x00FF00FF00FF00FF))
-    return x
+def frame_arrays(frames) -> FrameArrays:
+    return FrameArrays(frames.content, frames.flags, frames.owner, frames.mapcount,
+                       frames.refcount, frames.index)
 
 
+def item_arrays(items) -> ItemArrays:
+    ln = items.links
+    return ItemArrays(items.mm, items.address, items.flags, items.oldchecksum, items.age,
+                      items.remaining_skips, items.head, items.hnext, items.hprev, items.anon_vma,
+                      items.nid, items.rnext, items.tree_pfn, items.tree_gen, items.tree_key,
+                      ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_stack,
+                      items.free_top)
 
-@njit(cache=True, nogil=True, inline="always")
+
+def node_arrays(nodes, index) -> NodeArrays:
+    ln = nodes.links
+    return NodeArrays(nodes.kind, nodes.kpfn, nodes.prune_time, nodes.hlist_len, nodes.hhead,
+                      nodes.nid, nodes.chain, nodes.dhead, nodes.dnext, nodes.dprev, nodes.key,
+                      nodes.stale, nodes.stale_state, ln.left, ln.right, ln.parent, ln.color,
+                      ln.roots,
+                      nodes.free_stack, nodes.free_top, index.slots, index.state)
+
+
+@njit(cache=True, nogil=True)
 def _depth(n):
     """About how many nodes a search of an n-node red-black tree compares with."""
     d = 0
@@ -84,6 +103,31 @@ def _depth(n):
         n >>= 1
         d += 1
     return d
+
+
+def depth(n: int) -> int:
+    return int(_depth(n))
+
+
+@njit(cache=True, nogil=True)
+def smart_skip(age, skips):
+    """Smart scan's rule for a page that is not a KSM page (should_skip_rmap_item):
+    returns (new age, new remaining_skips, skip it this time)."""
+    if age != 255:
+        new_age = age + 1
+    else:
+        new_age = age
+    if age < 3:
+        return new_age, skips, False
+    if skips == 0:
+        if age <= 3:
+            return new_age, 1, False
+        if age <= 5:
+            return new_age, 2, False
+        if age <= 8:
+            return new_age, 4, False
+        return new_age, 8, False
+    return new_age, skips - 1, True
 
 
 @njit(cache=True, nogil=True)
@@ -120,9 +164,9 @@ def insert_point(left, right, keys, root, key):
     cur = root
     at = NIL
     go_left = False
-    depth = 0
+    d = 0
     while cur != NIL:
-        depth += 1
+        d += 1
         at = cur
         if key < keys[cur]:
             cur = left[cur]
@@ -130,7 +174,7 @@ def insert_point(left, right, keys, root, key):
         else:
             cur = right[cur]
             go_left = False
-    return at, go_left, depth
+    return at, go_left, d
 
 
 @njit(cache=True, nogil=True)
@@ -149,73 +193,503 @@ def replay_unstable(log, n, it_key, it_nid, il, ir, ipar, icol, uroots):
 
 
 @njit(cache=True, nogil=True)
-def _merge_into(node, item, mm_id, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
-                f_flags, f_owner, f_mapcount, f_refcount, f_content, f_index,
-                it_flags, it_head, it_hnext, it_hprev, it_anon_vma, n_kpfn, n_hlen, n_hhead,
-                cnt, mm_ksm, work, freed, freed_n, av_gets):
-    """try_to_merge_with_ksm_page + stable_tree_append for an ordinary page (the plain case:
-    not a huge page, not in the swap cache), exactly as Ksm._merge_one and
-    Ksm.stable_tree_append do it; the freed frame and the anon_vma reference are handed
-    back for Python to settle (allocator, anon_vma refcount)."""
-    kp = n_kpfn[node]
-    flags = ptef[off]
-    if flags & (_WRITE | _DIRTY):                     # write_protect_page
-        if f_mapcount[pfn] != f_refcount[pfn]:
-            return                                    # pinned: the merge fails, retried later
-        if flags & _DIRTY:
-            f_flags[pfn] |= _PG_DIRTY
-        ptef[off] = flags & ~np.uint8(_WRITE | _DIRTY)
-    work[W_MERGES] += 1
-    f_mapcount[kp] += 1                               # replace_page
-    f_refcount[kp] += 1
-    if vma_locked:
-        f_flags[kp] |= _PG_MLOCKED
-    pte[off] = kp
-    ptef[off] = _PRESENT | _YOUNG
-    f_mapcount[pfn] -= 1
-    f_refcount[pfn] -= 1
-    if f_mapcount[pfn] == 0:
-        f_flags[pfn] &= ~np.uint16(_PG_MLOCKED)
-    if f_refcount[pfn] == 0:                          # the old page is free (Python frees it)
-        f_content[pfn] = 0
-        f_flags[pfn] = 0
-        f_owner[pfn] = -1
-        f_index[pfn] = 0
-        freed[freed_n[0]] = pfn
-        freed_n[0] += 1
-    it_anon_vma[item] = vma_anon_vma                  # a reference on the VMA's anon_vma
-    av_gets[0] += 1
-    n_hlen[node] += 1                                 # stable_tree_append
-    it_head[item] = node
-    it_flags[item] |= _STABLE
-    first = n_hhead[node]
-    it_hnext[item] = first
-    it_hprev[item] = NIL
-    if first != NIL:
-        it_hprev[first] = item
-        cnt[C_SHARING] += 1
+def unstable_erase(IT, S, item, hashed):
+    """remove_rmap_item_from_tree for an item in this pass's unstable tree: out of the hash
+    table (logged) while the tree is hashed, else out of the rbtree. False, with nothing
+    done, if the log is full."""
+    if hashed:
+        if S.ulog_len[0] >= S.ulog.shape[0]:
+            return False
+        hash_remove(S.uh, IT.tree_key, IT.nid, item)
+        S.ulog[S.ulog_len[0]] = -item - 2
+        S.ulog_len[0] += 1
     else:
-        cnt[C_SHARED] += 1
-    n_hhead[node] = item
-    mm_ksm[mm_id, 1] += 1
+        rb_erase(IT.left, IT.right, IT.parent, IT.color, IT.roots, IT.nid[item], item)
+    return True
 
 
 @njit(cache=True, nogil=True)
-def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
-             f_content, f_flags, f_owner,
-             it_mm, it_addr, it_flags, it_sum, it_age, it_skips, it_head, it_rnext, it_nid,
-             it_tpfn, it_tgen, it_key, il, ir, ipar, icol, uroots,
-             n_kind, n_kpfn, n_nid, n_key, nl, nr, sroots,
-             free_stack, free_top, cnt, mm_ksm, pt_epoch, params, block_node, work,
-             uh, ulog, ulog_len, sindex, stable_count,
-             n_dhead, n_dnext, n_dprev, n_hlen, n_prune, eff_chain, eff_found, eff_prune,
-             f_mapcount, f_refcount, f_index, it_hnext, it_hprev, it_anon_vma, n_hhead,
-             vma_locked, vma_anon_vma, freed, freed_n, av_gets):
+def _put_one(F, S, pfn):
+    """One mapping and its reference dropped from an ordinary page (not huge, not in the
+    swap cache); a page left unreferenced is cleared and handed back for Python to free."""
+    F.mapcount[pfn] -= 1
+    F.refcount[pfn] -= 1
+    if F.mapcount[pfn] != 0:
+        return
+    F.flags[pfn] &= _NOT_MLOCKED
+    if F.refcount[pfn] == 0:
+        F.content[pfn] = 0
+        F.flags[pfn] = 0
+        F.owner[pfn] = NO_OWNER
+        F.index[pfn] = 0
+        S.freed[S.freed_n[0]] = pfn
+        S.freed_n[0] += 1
+
+
+@njit(cache=True, nogil=True)
+def stable_append(IT, ND, S, item, node):
+    """stable_tree_append: the item goes at the head of the KSM page's list."""
+    ND.hlist_len[node] += 1
+    IT.head[item] = node
+    IT.flags[item] |= STABLE_FLAG
+    first = ND.hhead[node]
+    IT.hnext[item] = first
+    IT.hprev[item] = NIL
+    if first != NIL:
+        IT.hprev[first] = item
+        S.cnt[C_SHARING] += 1
+    else:
+        S.cnt[C_SHARED] += 1
+    ND.hhead[node] = item
+    S.mm_ksm[IT.mm[item], 1] += 1
+
+
+@njit(cache=True, nogil=True)
+def _write_protect(F, ptef, off, pfn):
+    """write_protect_page on an ordinary page (the pin was checked by the caller)."""
+    flags = ptef[off]
+    if flags & _WD:
+        if flags & PTE_DIRTY:
+            F.flags[pfn] |= PG_DIRTY
+        ptef[off] = flags & _CLEAN_RO
+
+
+@njit(cache=True, nogil=True)
+def _replace_page(F, S, pte, ptef, off, pfn, kpfn, locked):
+    """replace_page: the PTE maps the KSM page instead, the old page loses a mapping."""
+    S.work[W_MERGES] += 1
+    F.mapcount[kpfn] += 1
+    F.refcount[kpfn] += 1
+    if locked:
+        F.flags[kpfn] |= PG_MLOCKED
+    pte[off] = kpfn
+    ptef[off] = PTE_PRESENT | PTE_YOUNG
+    _put_one(F, S, np.int64(pfn))
+
+
+@njit(cache=True, nogil=True)
+def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma):
+    """try_to_merge_with_ksm_page + stable_tree_append for an ordinary page, exactly as
+    Ksm._merge_one and Ksm.stable_tree_append do it (the caller checked it is possible)."""
+    kp = ND.kpfn[node]
+    if ptef[off] & _WD and F.mapcount[pfn] != F.refcount[pfn]:
+        return                                        # pinned: the merge fails, retried later
+    _write_protect(F, ptef, np.int64(off), np.int64(pfn))
+    _replace_page(F, S, pte, ptef, np.int64(off), np.int64(pfn), np.int64(kp),
+                  vma_locked)
+    IT.anon_vma[item] = vma_anon_vma                  # a reference on the VMA's anon_vma
+    S.av_delta[vma_anon_vma] += 1
+    stable_append(IT, ND, S, np.int64(item), np.int64(node))
+
+
+@njit(cache=True, nogil=True)
+def _stable_insert_walk(F, ND, S, nid, key, mps):
+    """Where stable_tree_insert links a new node for ``key`` when the tree may hold chains
+    and stale nodes (Ksm._stable_insert_walk, chains looked up without pruning), first
+    without side effects: returns (ok, parent, go_left, nodes compared, dups walked, dup
+    moves to apply, recorded in S.eff_chain/eff_found, the node with an equal key or NIL).
+    Not ok when the walk would prune a stale node, free or collapse a chain: that is
+    Python's."""
+    cur = ND.roots[nid]
+    at = NIL
+    go_left = False
+    walked = 0
+    dups = 0
+    moves = 0
+    while cur != NIL:
+        walked += 1
+        kind = ND.kind[cur]
+        if kind == CHAIN:
+            found = NIL
+            found_len = 0
+            d = ND.dhead[cur]
+            while d != NIL:
+                dups += 1
+                kp = ND.kpfn[d]
+                if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != d:
+                    return False, NIL, False, 0, 0, 0, NIL
+                hl = ND.hlist_len[d]
+                sharable = hl > 0 and hl < mps
+                if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
+                                                  or hl > found_len)):
+                    found = d
+                    found_len = hl
+                    if sharable:
+                        break
+                d = ND.dnext[d]
+            if found == NIL or (ND.dhead[cur] == found and ND.dnext[found] == NIL):
+                return False, NIL, False, 0, 0, 0, NIL
+            if ND.dhead[cur] != found and found_len > 0 and found_len + 1 < mps:
+                if moves >= S.eff_chain.shape[0]:
+                    return False, NIL, False, 0, 0, 0, NIL
+                S.eff_chain[moves] = cur
+                S.eff_found[moves] = found
+                moves += 1
+        elif kind == NODE:
+            kp = ND.kpfn[cur]
+            if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != cur:
+                return False, NIL, False, 0, 0, 0, NIL
+        else:
+            return False, NIL, False, 0, 0, 0, NIL
+        at = cur
+        tk = ND.key[cur]
+        if key < tk:
+            cur = ND.left[cur]
+            go_left = True
+        elif key > tk:
+            cur = ND.right[cur]
+            go_left = False
+        else:
+            return True, at, go_left, walked, dups, moves, cur
+    return True, at, go_left, walked, dups, moves, NIL
+
+
+@njit(cache=True, nogil=True)
+def _move_dup_to_head(ND, chain, found):
+    prev = ND.dprev[found]
+    nxt = ND.dnext[found]
+    if prev == NIL:
+        ND.dhead[chain] = nxt
+    else:
+        ND.dnext[prev] = nxt
+    if nxt != NIL:
+        ND.dprev[nxt] = prev
+    first = ND.dhead[chain]
+    ND.dnext[found] = first
+    ND.dprev[found] = NIL
+    if first != NIL:
+        ND.dprev[first] = found
+    ND.dhead[chain] = found
+
+
+@njit(cache=True, nogil=True)
+def _live(F, ND, node):
+    """ksm_get_folio's keyhole: the node's page is still its KSM page."""
+    kp = ND.kpfn[node]
+    return kp >= 0 and (F.flags[kp] & PG_KSM) != 0 and F.owner[kp] == node
+
+
+@njit(cache=True, nogil=True)
+def _free_node(ND, node):
+    """StableNodes.free."""
+    if ND.stale[node]:
+        ND.stale[node] = 0
+        ND.stale_state[0] -= 1
+    ND.kind[node] = FREE
+    ND.free_stack[ND.free_top[0]] = node
+    ND.free_top[0] += 1
+
+
+@njit(cache=True, nogil=True)
+def _tree_erase(ND, node):
+    """IndexedRbTree.erase: out of its stable tree and out of the key index."""
+    rb_erase(ND.left, ND.right, ND.parent, ND.color, ND.roots, ND.nid[node], node)
+    ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, node)] = TOMB
+    ND.ki_state[0] -= 1
+    ND.ki_state[1] += 1
+
+
+@njit(cache=True, nogil=True)
+def _del_dup(ND, dup):
+    """StableNodes.del_dup."""
+    chain = ND.chain[dup]
+    prev = ND.dprev[dup]
+    nxt = ND.dnext[dup]
+    if prev == NIL:
+        ND.dhead[chain] = nxt
+    else:
+        ND.dnext[prev] = nxt
+    if nxt != NIL:
+        ND.dprev[nxt] = prev
+    ND.chain[dup] = NIL
+    ND.dnext[dup] = NIL
+    ND.dprev[dup] = NIL
+
+
+@njit(cache=True, nogil=True)
+def _remove_node(IT, ND, S, node):
+    """remove_node_from_stable_tree for a plain node or a dup (a node on the migrate list is
+    Python's): every rmap_item on it is un-counted and loses its anon_vma reference."""
+    it = ND.hhead[node]
+    while it != NIL:
+        nxt = IT.hnext[it]
+        if nxt != NIL:
+            S.cnt[C_SHARING] -= 1
+        else:
+            S.cnt[C_SHARED] -= 1
+        S.mm_ksm[IT.mm[it], 1] -= 1
+        ND.hlist_len[node] -= 1
+        av = IT.anon_vma[it]
+        if av >= 0:
+            S.av_delta[av] -= 1
+            IT.anon_vma[it] = -1
+        IT.flags[it] = 0
+        IT.head[it] = NIL
+        it = nxt
+    ND.hhead[node] = NIL
+    if ND.kind[node] == DUP:
+        _del_dup(ND, np.int64(node))
+        S.cnt[C_DUPS] -= 1
+    else:
+        _tree_erase(ND, np.int64(node))
+    _free_node(ND, np.int64(node))
+
+
+@njit(cache=True, nogil=True)
+def stable_remove(F, IT, ND, S, item):
+    """remove_rmap_item_from_tree for an item on a stable node. False, with nothing done,
+    when that node is stale and on the migrate list (Python's)."""
+    node = IT.head[item]
+    if not _live(F, ND, np.int64(node)):
+        if ND.kind[node] == MIGRATE:
+            return False
+        _remove_node(IT, ND, S, np.int64(node))  # the stale node took this item's counts with it
+        return True
+    prev = IT.hprev[item]
+    nxt = IT.hnext[item]
+    if prev == NIL:
+        ND.hhead[node] = nxt
+    else:
+        IT.hnext[prev] = nxt
+    if nxt != NIL:
+        IT.hprev[nxt] = prev
+    IT.hnext[item] = NIL
+    IT.hprev[item] = NIL
+    if ND.hhead[node] != NIL:
+        S.cnt[C_SHARING] -= 1
+    else:
+        S.cnt[C_SHARED] -= 1
+    S.mm_ksm[IT.mm[item], 1] -= 1
+    ND.hlist_len[node] -= 1
+    av = IT.anon_vma[item]
+    if av >= 0:
+        S.av_delta[av] -= 1
+        IT.anon_vma[item] = -1
+    IT.head[item] = NIL
+    IT.flags[item] = 0
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
+    """__stable_node_chain with pruning, as Ksm._chain_lookup(prune=True) does it, side
+    effects included: returns (tree node, chosen dup); (NIL, NIL) when the chain was freed."""
+    prune = now >= ND.prune_time[chain] + prune_ns
+    if prune:
+        ND.prune_time[chain] = now
+    found = NIL
+    found_len = 0
+    d = ND.dhead[chain]
+    while d != NIL:
+        nxt = ND.dnext[d]
+        S.work[W_DUPS] += 1
+        if not _live(F, ND, np.int64(d)):
+            _remove_node(IT, ND, S, np.int64(d))
+            d = nxt
+            continue
+        hl = ND.hlist_len[d]
+        sharable = hl > 0 and hl < mps
+        if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
+                                          or hl > found_len)):
+            found = d
+            found_len = hl
+            if not prune and sharable:
+                break
+        d = nxt
+    if found == NIL:                                   # every dup was stale: free the chain
+        _tree_erase(ND, np.int64(chain))
+        _free_node(ND, np.int64(chain))
+        S.cnt[C_CHAINS] -= 1
+        return NIL, NIL
+    if ND.dhead[chain] == found and ND.dnext[found] == NIL:
+        _del_dup(ND, np.int64(found))                  # the last dup replaces its chain
+        ND.kind[found] = NODE
+        ND.nid[found] = ND.nid[chain]
+        rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, ND.nid[chain], chain, found)
+        ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, chain)] = found
+        _free_node(ND, np.int64(chain))
+        S.cnt[C_CHAINS] -= 1
+        S.cnt[C_DUPS] -= 1
+        return found, found
+    if ND.dhead[chain] != found and found_len > 0 and found_len + 1 < mps:
+        _move_dup_to_head(ND, np.int64(chain), np.int64(found))
+    return chain, found
+
+
+@njit(cache=True, nogil=True)
+def _stable_search(F, IT, ND, S, nid, key, now, prune_ns, mps, chains):
+    """stable_tree_search for a page that is not a KSM page, when the tree may hold chains
+    and stale nodes, as Ksm.stable_tree_search walks it (merge_across_nodes=1): stale nodes
+    met are pruned and the walk restarts, chains are pruned and collapsed on the way.
+    Returns (the dup or node to merge into, or NIL)."""
+    while True:
+        cur = ND.roots[nid]
+        restart = False
+        while cur != NIL:
+            S.work[W_COMPARES] += 1
+            if ND.kind[cur] == CHAIN:
+                node, dup = _chain_lookup(F, IT, ND, S, np.int64(cur), now, prune_ns, mps)
+                if node == NIL:
+                    restart = True
+                    break
+            else:
+                if not _live(F, ND, np.int64(cur)):
+                    _remove_node(IT, ND, S, np.int64(cur))
+                    restart = True
+                    break
+                node = cur
+                dup = cur
+            tk = ND.key[node]
+            if key < tk:
+                cur = ND.left[node]
+            elif key > tk:
+                cur = ND.right[node]
+            else:
+                hl = ND.hlist_len[dup]
+                if chains and not (hl > 0 and hl < mps):
+                    return NIL                      # every copy is full: make a new one
+                return dup
+        if not restart:
+            return NIL
+
+
+@njit(cache=True, nogil=True)
+def _alloc_node(ND, kind):
+    """StableNodes.alloc: a node with every field at its initial value (the pool was
+    checked by the caller)."""
+    ND.free_top[0] -= 1
+    new = ND.free_stack[ND.free_top[0]]
+    ND.kind[new] = kind
+    ND.kpfn[new] = -1
+    ND.prune_time[new] = 0
+    ND.hlist_len[new] = 0
+    ND.hhead[new] = NIL
+    ND.nid[new] = 0
+    ND.chain[new] = NIL
+    ND.dhead[new] = NIL
+    ND.dnext[new] = NIL
+    ND.dprev[new] = NIL
+    ND.key[new] = 0
+    ND.stale[new] = 0
+    return new
+
+
+@njit(cache=True, nogil=True)
+def _add_dup(ND, chain, dup):
+    """StableNodes.add_dup: ``dup`` goes at the head of the chain's list."""
+    ND.kind[dup] = DUP
+    ND.chain[dup] = chain
+    first = ND.dhead[chain]
+    ND.dnext[dup] = first
+    ND.dprev[dup] = NIL
+    if first != NIL:
+        ND.dprev[first] = dup
+    ND.dhead[chain] = dup
+
+
+@njit(cache=True, nogil=True)
+def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
+                t, tpfn, nid, key, hashed, indexed, mps, chains, now):
+    """The page of ``item`` and the unstable tree's page of ``t`` (same contents) become one
+    new KSM page: try_to_merge_two_pages, stable_tree_insert, two stable_tree_appends, as
+    Ksm._merge_candidate does them. Returns False, having changed nothing, when anything
+    needs Python (a huge page, the swap cache, a pin on the tree's page, which makes Python
+    undo the first merge, a pool or table that must grow first)."""
+    if F.flags[pfn] & (PG_COMPOUND | PG_SWAPCACHE):
+        return False
+    tf = F.flags[tpfn]
+    if (tf & PG_ANON) == 0 or (tf & (PG_KSM | PG_COMPOUND | PG_SWAPCACHE)) != 0:
+        return False
+    if (S.freed_n[0] >= S.freed.shape[0] or ND.free_top[0] == 0
+            or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]
+            or (hashed and S.ulog_len[0] >= S.ulog.shape[0])):
+        return False
+    tv = find_vma(V, np.int64(IT.mm[t]), np.int64(IT.address[t]))
+    if tv < 0:
+        return False
+    toff = IT.address[t] - V.start[tv]
+    tpte = V.pte[tv]
+    tptef = V.ptef[tv]
+    if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT or tpte[toff] != tpfn:
+        return False
+    if F.content[tpfn] != F.content[pfn]:
+        return False
+    if ptef[off] & _WD and F.mapcount[pfn] != F.refcount[pfn]:
+        return True                  # this page is pinned: the merge fails, nothing changes
+    if tptef[toff] & _WD and F.mapcount[tpfn] != F.refcount[tpfn]:
+        return False
+    if indexed:
+        at, go_left, d = insert_point(ND.left, ND.right, ND.key, ND.roots[nid], key)
+        dups = 0
+        moves = 0
+        equal = ki_find(ND.ki_slots, ND.key, ND.nid, key, nid)
+        if equal == EMPTY:
+            equal = NIL
+    else:
+        ok, at, go_left, d, dups, moves, equal = _stable_insert_walk(F, ND, S, nid, key, mps)
+        if not ok:
+            return False
+    if equal != NIL and (not chains or (ND.kind[equal] != CHAIN and ND.free_top[0] < 2)):
+        return False                 # 2.6.33 refuses a second node for a content; or no room
+    # try_to_merge_one_page(page, NULL): this page becomes the KSM page
+    _write_protect(F, ptef, np.int64(off), np.int64(pfn))
+    S.work[W_MERGES] += 1
+    F.flags[pfn] = (F.flags[pfn] & _NOT_ANON) | PG_KSM
+    F.owner[pfn] = NO_OWNER
+    IT.anon_vma[item] = vma_anon_vma
+    S.av_delta[vma_anon_vma] += 1
+    # try_to_merge_one_page(tree_page, page): the tree's page is replaced by it
+    _write_protect(F, tptef, np.int64(toff), np.int64(tpfn))
+    _replace_page(F, S, tpte, tptef, np.int64(toff), np.int64(tpfn), np.int64(pfn),
+                  V.locked[tv])
+    unstable_erase(IT, S, np.int64(t), hashed)
+    S.cnt[C_UNSHARED] -= 1
+    IT.flags[t] = 0
+    IT.anon_vma[t] = V.anon_vma[tv]
+    S.av_delta[V.anon_vma[tv]] += 1
+    # stable_tree_insert: a new node, or a new dup of the content's node (all full)
+    S.work[W_COMPARES] += d
+    S.work[W_DUPS] += dups
+    for e in range(moves):
+        _move_dup_to_head(ND, np.int64(S.eff_chain[e]), np.int64(S.eff_found[e]))
+    new = _alloc_node(ND, np.int64(NODE))
+    ND.kpfn[new] = pfn
+    ND.nid[new] = nid
+    ND.key[new] = key
+    if equal == NIL:
+        rb_link(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, new, at, go_left)
+        if ki_insert(ND.ki_slots, ND.key, ND.nid, new):
+            ND.ki_state[1] -= 1
+        ND.ki_state[0] += 1
+    else:
+        chain = equal
+        if ND.kind[equal] != CHAIN:               # alloc_stable_node_chain
+            chain = _alloc_node(ND, np.int64(CHAIN))
+            ND.prune_time[chain] = now
+            ND.nid[chain] = ND.nid[equal]
+            ND.key[chain] = ND.key[equal]
+            rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, equal, chain)
+            ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, equal)] = chain
+            _add_dup(ND, np.int64(chain), np.int64(equal))
+            S.cnt[C_CHAINS] += 1
+            S.cnt[C_DUPS] += 1
+        _add_dup(ND, np.int64(chain), np.int64(new))
+        S.cnt[C_DUPS] += 1
+    F.owner[pfn] = new
+    stable_append(IT, ND, S, np.int64(t), np.int64(new))
+    stable_append(IT, ND, S, np.int64(item), np.int64(new))
+    return True
+
+
+@njit(cache=True, nogil=True)
+def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
+             vma_locked, vma_anon_vma):
     """Visit candidate pages ``cand[i:]`` of one VMA until done, out of budget, or a bail.
 
     ``cursor`` is [slot rmap_list head, previous item, address] and is updated in place.
     Returns (index of the next candidate, pages processed, code, rmap_item of a bail).
     """
+    params = S.params
     seqnr = params[P_SEQNR]
     smart = params[P_SMART] != 0
     across = params[P_ACROSS] != 0
@@ -225,143 +699,158 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
     block_pages = params[P_BLOCK_PAGES]
     clean = params[P_CLEAN] != 0        # nothing changed since the unstable tree was emptied
     hashed = params[P_HASHED] != 0      # the unstable tree is still a hash table and a log
-    indexed = params[P_STABLE_INDEXED] != 0   # no chain, no stale node: look stable keys up
-    stable_depth = _depth(stable_count)
     now = params[P_NOW]
     prune_ns = params[P_PRUNE_NS]
     mps = params[P_MPS]
+    chains = params[P_CHAINS] != 0
+    block_node = S.block_node
+    cnt = S.cnt
+    work = S.work
+    uh = S.uh
     mask = uh.shape[0] - 1
     processed = 0
     n = cand.shape[0]
     while i < n:
         if processed >= budget:
             return i, processed, RUN_BUDGET, NIL
+        # while no chain and no stale node exist, a stable-tree walk has no side effects (the
+        # compiled merges make no stale node, but may make the first chain)
+        indexed = ND.stale_state[0] == 0 and cnt[C_CHAINS] == 0
         off = cand[i]
         work[W_PTES] += 1
-        if (ptef[off] & (_PRESENT | _ZERO)) != _PRESENT:
+        if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT:
             i += 1
             continue
         pfn = pte[off]
-        pflags = f_flags[pfn]
-        if (pflags & (_PG_ANON | _PG_KSM)) == 0:
+        pflags = F.flags[pfn]
+        if (pflags & (PG_ANON | PG_KSM)) == 0:
             i += 1
             continue
         vpn = vma_start + off
 
         # -- get_next_rmap_item: free items before vpn, find or create the one at vpn ----
         prev = cursor[1]
-        cur = cursor[0] if prev == NIL else it_rnext[prev]
+        cur = cursor[0] if prev == NIL else IT.rnext[prev]
         item = NIL
         while cur != NIL:
-            a = it_addr[cur]
+            a = IT.address[cur]
             if a == vpn:
                 item = cur
                 break
             if a > vpn:
                 break
-            fl = it_flags[cur]
-            if fl & _STABLE:
-                return i, processed, BAIL_BEFORE_ITEM, NIL     # freeing it touches a stable node
-            nxt = it_rnext[cur]
+            fl = IT.flags[cur]
+            if fl & STABLE_FLAG:
+                if not stable_remove(F, IT, ND, S, np.int64(cur)):
+                    return i, processed, BAIL_BEFORE_ITEM, NIL
+                fl = 0
+            if fl & UNSTABLE_FLAG and ((seqnr - fl) & SEQNR_MASK) == 0:
+                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(cur), hashed):
+                    return i, processed, BAIL_BEFORE_ITEM, NIL
+            nxt = IT.rnext[cur]
             if prev == NIL:
                 cursor[0] = nxt
             else:
-                it_rnext[prev] = nxt
-            if fl & _UNSTABLE:
-                if ((seqnr - fl) & _SEQ) == 0:
-                    if hashed:
-                        return i, processed, BAIL_BEFORE_ITEM, NIL
-                    rb_erase(il, ir, ipar, icol, uroots, it_nid[cur], cur)
+                IT.rnext[prev] = nxt
+            if fl & UNSTABLE_FLAG:
                 cnt[C_UNSHARED] -= 1
-            mm_ksm[it_mm[cur], 0] -= 1
-            it_mm[cur] = -1
-            free_stack[free_top[0]] = cur
-            free_top[0] += 1
+            S.mm_ksm[IT.mm[cur], 0] -= 1
+            IT.mm[cur] = -1
+            IT.free_stack[IT.free_top[0]] = cur
+            IT.free_top[0] += 1
             cur = nxt
         if item == NIL:
-            if free_top[0] == 0:
+            if IT.free_top[0] == 0:
                 return i, processed, BAIL_BEFORE_ITEM, NIL     # the pool must grow first
-            free_top[0] -= 1
-            item = free_stack[free_top[0]]
-            it_mm[item] = mm_id
-            it_addr[item] = vpn
-            it_flags[item] = 0
-            it_sum[item] = 0
-            it_age[item] = 0
-            it_skips[item] = 0
-            it_head[item] = NIL
-            it_nid[item] = 0
-            it_tpfn[item] = -1
-            it_tgen[item] = -1
-            it_key[item] = 0
-            il[item] = NIL
-            ir[item] = NIL
-            ipar[item] = NIL
-            mm_ksm[mm_id, 0] += 1
-            it_rnext[item] = cur
+            IT.free_top[0] -= 1
+            item = IT.free_stack[IT.free_top[0]]
+            IT.mm[item] = mm_id
+            IT.address[item] = vpn
+            IT.flags[item] = 0
+            IT.oldchecksum[item] = 0
+            IT.age[item] = 0
+            IT.remaining_skips[item] = 0
+            IT.head[item] = NIL
+            IT.hnext[item] = NIL
+            IT.hprev[item] = NIL
+            IT.anon_vma[item] = -1
+            IT.nid[item] = 0
+            IT.tree_pfn[item] = -1
+            IT.tree_gen[item] = -1
+            IT.tree_key[item] = 0
+            S.mm_ksm[mm_id, 0] += 1
+            IT.rnext[item] = cur
             if prev == NIL:
                 cursor[0] = item
             else:
-                it_rnext[prev] = item
+                IT.rnext[prev] = item
         cursor[1] = item
         cursor[2] = vpn + 1
-        is_ksm = (pflags & _PG_KSM) != 0
-        ifl = it_flags[item]
+        is_ksm = (pflags & PG_KSM) != 0
+        ifl = IT.flags[item]
 
         # -- smart scan ----------------------------------------------------------------------
-        if (ifl & _STABLE) and not is_ksm:
-            return i, processed, BAIL_BEFORE_SKIP, item       # leaving a stable node: Python
+        if (ifl & STABLE_FLAG) and not is_ksm:              # its KSM page was left (COW)
+            if not stable_remove(F, IT, ND, S, np.int64(item)):
+                return i, processed, BAIL_BEFORE_SKIP, item
+            ifl = 0
         if smart and not is_ksm:
-            age = it_age[item]
-            if age != 255:
-                it_age[item] = age + 1
-            if age >= 3:
-                if it_skips[item] == 0:
-                    if age <= 3:
-                        it_skips[item] = 1
-                    elif age <= 5:
-                        it_skips[item] = 2
-                    elif age <= 8:
-                        it_skips[item] = 4
-                    else:
-                        it_skips[item] = 8
-                else:
-                    cnt[C_SKIPPED] += 1
-                    it_skips[item] -= 1
-                    if ifl & _UNSTABLE:
-                        if ((seqnr - ifl) & _SEQ) == 0:
-                            if hashed:
-                                return i, processed, BAIL_BEFORE_SKIP, item
-                            rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
-                        cnt[C_UNSHARED] -= 1
-                        it_flags[item] = 0
-                    i += 1
-                    continue
+            age, skips, skip = smart_skip(IT.age[item], IT.remaining_skips[item])
+            if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
+                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
+                    return i, processed, BAIL_BEFORE_SKIP, item
+            IT.age[item] = age
+            IT.remaining_skips[item] = skips
+            if skip:
+                cnt[C_SKIPPED] += 1
+                if ifl & UNSTABLE_FLAG:
+                    cnt[C_UNSHARED] -= 1
+                    IT.flags[item] = 0
+                i += 1
+                continue
 
         # -- cmp_and_merge_page ----------------------------------------------------------------
         nid = 0 if across else block_node[pfn // block_pages]
         if is_ksm:
-            node = f_owner[pfn]
-            if (node != NIL and (n_kind[node] == _NODE or n_kind[node] == _DUP)
-                    and (ifl & _STABLE) and it_head[item] == node
-                    and (across or block_node[n_kpfn[node] // block_pages] == n_nid[node])):
+            node = F.owner[pfn]
+            if (node != NIL and (ND.kind[node] == NODE or ND.kind[node] == DUP)
+                    and (ifl & STABLE_FLAG) and IT.head[item] == node
+                    and (across or block_node[ND.kpfn[node] // block_pages] == ND.nid[node])):
                 cnt[C_SCANNED] += 1
                 processed += 1
                 i += 1
                 continue
-            return i, processed, BAIL_BEFORE_MERGE, item
-        if ifl & _UNSTABLE:
-            if ((seqnr - ifl) & _SEQ) == 0:
-                if hashed:
+            if not (across and node != NIL and (ND.kind[node] == NODE or ND.kind[node] == DUP)):
+                return i, processed, BAIL_BEFORE_MERGE, item
+            # a KSM page this item does not hold yet (reached through fork): stable_tree_search
+            # gives the page itself, and the item joins its node
+            if ifl & STABLE_FLAG:
+                if not stable_remove(F, IT, ND, S, np.int64(item)):
                     return i, processed, BAIL_BEFORE_MERGE, item
-                rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
+            elif ifl & UNSTABLE_FLAG:
+                if ((seqnr - ifl) & SEQNR_MASK) == 0:
+                    if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
+                        return i, processed, BAIL_BEFORE_MERGE, item
+                cnt[C_UNSHARED] -= 1
+                IT.flags[item] = 0
+            IT.anon_vma[item] = vma_anon_vma
+            S.av_delta[vma_anon_vma] += 1
+            stable_append(IT, ND, S, np.int64(item), np.int64(node))
+            cnt[C_SCANNED] += 1
+            processed += 1
+            i += 1
+            continue
+        if ifl & UNSTABLE_FLAG:
+            if ((seqnr - ifl) & SEQNR_MASK) == 0:
+                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
+                    return i, processed, BAIL_BEFORE_MERGE, item
             cnt[C_UNSHARED] -= 1
-            it_flags[item] = 0
+            IT.flags[item] = 0
         work[W_CHECKSUMS] += 1
-        content = f_content[pfn]
+        content = F.content[pfn]
         cs = checksum_of(content, seed)
-        if it_sum[item] != cs:
-            it_sum[item] = cs
+        if IT.oldchecksum[item] != cs:
+            IT.oldchecksum[item] = cs
             cnt[C_SCANNED] += 1
             processed += 1
             i += 1
@@ -369,37 +858,53 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
         if use_zero and cs == zero_sum:
             return i, processed, BAIL_AFTER_CHECKSUM, item
 
-        key = memcmp_key(content)
-        # stable tree: a miss needs only plain, live nodes on the path
+        key = memcmp_key_of(content)
         target = NIL                    # the KSM page (its node) to merge into, if any
-        if indexed:
-            target = ki_find(sindex, n_key, n_nid, key, nid)
+        if not indexed and across:
+            # the stable tree walked as Python walks it, pruning and collapsing on the way;
+            # what could need Python after it is checked first
+            if (pflags & (PG_COMPOUND | PG_SWAPCACHE)) != 0 or S.freed_n[0] >= S.freed.shape[0]:
+                return i, processed, BAIL_AFTER_CHECKSUM, item
+            target = _stable_search(F, IT, ND, S, np.int64(nid), key, now, prune_ns, mps,
+                                    chains)
+            if target != NIL:
+                _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
+                            np.int64(pfn), pte, ptef, vma_locked,
+                            vma_anon_vma)
+                cnt[C_SCANNED] += 1
+                processed += 1
+                i += 1
+                continue
+            cur = NIL
+        elif indexed:
+            # no chain and no stale node: a miss needs only plain, live nodes on the path
+            target = ki_find(ND.ki_slots, ND.key, ND.nid, key, nid)
             if target == EMPTY:
                 target = NIL
-            work[W_COMPARES] += stable_depth
+            work[W_COMPARES] += _depth(ND.ki_state[0])
             cur = NIL
         else:
-            cur = sroots[nid]
+            cur = ND.roots[nid]
         walked = 0                      # a bail hands the walk to Python, which counts it then
         dups_seen = 0
         effects = 0                     # chain upkeep to apply once the walk needs nothing else
         while cur != NIL:
             walked += 1
-            kind = n_kind[cur]
-            if kind == _CHAIN:
+            kind = ND.kind[cur]
+            if kind == CHAIN:
                 # stable_node_dup, first without side effects: a stale dup, a collapse or an
                 # empty chain is left to Python; pruning times and moves to the head of the
                 # chain are applied below once the whole walk is known to need nothing else
-                prune = now >= n_prune[cur] + prune_ns
+                prune = now >= ND.prune_time[cur] + prune_ns
                 found = NIL
                 found_len = 0
-                d = n_dhead[cur]
+                d = ND.dhead[cur]
                 while d != NIL:
                     dups_seen += 1
-                    kp = n_kpfn[d]
-                    if (f_flags[kp] & _PG_KSM) == 0 or f_owner[kp] != d:
+                    kp = ND.kpfn[d]
+                    if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != d:
                         return i, processed, BAIL_AFTER_CHECKSUM, item
-                    hl = n_hlen[d]
+                    hl = ND.hlist_len[d]
                     sharable = hl > 0 and hl < mps
                     if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
                                                       or hl > found_len)):
@@ -407,130 +912,150 @@ def scan_run(cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
                         found_len = hl
                         if not prune and sharable:
                             break
-                    d = n_dnext[d]
-                if found == NIL or (n_dhead[cur] == found and n_dnext[found] == NIL):
+                    d = ND.dnext[d]
+                if found == NIL or (ND.dhead[cur] == found and ND.dnext[found] == NIL):
                     return i, processed, BAIL_AFTER_CHECKSUM, item
-                move = n_dhead[cur] != found and found_len > 0 and found_len + 1 < mps
+                move = ND.dhead[cur] != found and found_len > 0 and found_len + 1 < mps
                 if prune or move:
-                    eff_chain[effects] = cur
-                    eff_found[effects] = found if move else NIL
-                    eff_prune[effects] = prune
+                    S.eff_chain[effects] = cur
+                    S.eff_found[effects] = found if move else NIL
+                    S.eff_prune[effects] = prune
                     effects += 1
-            elif kind == _NODE:
-                kp = n_kpfn[cur]
-                if (f_flags[kp] & _PG_KSM) == 0 or f_owner[kp] != cur:
+            elif kind == NODE:
+                kp = ND.kpfn[cur]
+                if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != cur:
                     return i, processed, BAIL_AFTER_CHECKSUM, item    # stale: prune in Python
             else:
                 return i, processed, BAIL_AFTER_CHECKSUM, item
-            tk = n_key[cur]
+            tk = ND.key[cur]
             if key < tk:
-                cur = nl[cur]
+                cur = ND.left[cur]
             elif key > tk:
-                cur = nr[cur]
+                cur = ND.right[cur]
             else:
-                target = found if kind == _CHAIN else cur
+                target = found if kind == CHAIN else cur
                 break
+        if target != NIL and not (ND.hlist_len[target] > 0 and ND.hlist_len[target] < mps):
+            if not (indexed or chains):
+                return i, processed, BAIL_AFTER_CHECKSUM, item
+            target = NIL                # every copy is full: the unstable tree makes a new one
         if target != NIL:
             # merge into that KSM page here only in the plain case; anything else is Python's
-            tl = n_hlen[target]
-            if (not (tl > 0 and tl < mps)
-                    or (not across and block_node[n_kpfn[target] // block_pages] != n_nid[target])
-                    or (pflags & (_PG_COMPOUND | _PG_SWAPCACHE)) != 0
-                    or freed_n[0] >= freed.shape[0]):
+            if ((not across and block_node[ND.kpfn[target] // block_pages] != ND.nid[target])
+                    or (pflags & (PG_COMPOUND | PG_SWAPCACHE)) != 0
+                    or S.freed_n[0] >= S.freed.shape[0]):
                 return i, processed, BAIL_AFTER_CHECKSUM, item
         for e in range(effects):
-            chain = eff_chain[e]
-            if eff_prune[e]:
-                n_prune[chain] = now
-            found = eff_found[e]
+            chain = S.eff_chain[e]
+            if S.eff_prune[e]:
+                ND.prune_time[chain] = now
+            found = S.eff_found[e]
             if found != NIL:                                   # move the dup to the head
-                prev = n_dprev[found]
-                nxt = n_dnext[found]
-                if prev == NIL:
-                    n_dhead[chain] = nxt
-                else:
-                    n_dnext[prev] = nxt
-                if nxt != NIL:
-                    n_dprev[nxt] = prev
-                first = n_dhead[chain]
-                n_dnext[found] = first
-                n_dprev[found] = NIL
-                if first != NIL:
-                    n_dprev[first] = found
-                n_dhead[chain] = found
+                _move_dup_to_head(ND, np.int64(chain), np.int64(found))
         work[W_DUPS] += dups_seen
         if target != NIL:
             work[W_COMPARES] += walked
-            _merge_into(target, item, mm_id, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
-                        f_flags, f_owner, f_mapcount, f_refcount, f_content, f_index,
-                        it_flags, it_head, it_hnext, it_hprev, it_anon_vma, n_kpfn, n_hlen,
-                        n_hhead, cnt, mm_ksm, work, freed, freed_n, av_gets)
+            _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
+                            np.int64(pfn), pte, ptef, vma_locked,
+                        vma_anon_vma)
             cnt[C_SCANNED] += 1
             processed += 1
             i += 1
             continue
         work[W_COMPARES] += walked
         walked = 0
-        # unstable tree: search, or insert this item
+        # unstable tree: search, or insert this item; two equal pages merge
         if hashed:
             if not clean:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # the tree must be built now
-            t, h = hash_find(uh, mask, it_key, it_nid, key, nid)
+                return i, processed, BAIL_AFTER_STABLE, item    # the tree must be built now
+            d = _depth(S.ulog_len[0])
+            t, h = hash_find(uh, mask, IT.tree_key, IT.nid, key, nid)
             if t == NIL:
-                it_flags[item] = _UNSTABLE | (seqnr & _SEQ)
-                it_nid[item] = nid
-                it_tpfn[item] = pfn
-                it_key[item] = key
-                it_tgen[item] = pt_epoch[mm_id]
+                if S.ulog_len[0] >= S.ulog.shape[0]:
+                    return i, processed, BAIL_AFTER_STABLE, item
+                IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+                IT.nid[item] = nid
+                IT.tree_pfn[item] = pfn
+                IT.tree_key[item] = key
+                IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
                 uh[h] = item
-                ulog[ulog_len[0]] = item
-                ulog_len[0] += 1
+                S.ulog[S.ulog_len[0]] = item
+                S.ulog_len[0] += 1
                 cnt[C_UNSHARED] += 1
-            elif it_tpfn[t] != pfn and (across or block_node[it_tpfn[t] // block_pages] == nid):
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # two pages to merge
-            work[W_COMPARES] += _depth(ulog_len[0])
+            else:
+                tpfn = IT.tree_pfn[t]
+                if tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
+                    if not _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off),
+                                       np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma,
+                                       np.int64(t), np.int64(tpfn), np.int64(nid), key, hashed,
+                                       indexed, mps, chains, now):
+                        return i, processed, BAIL_AFTER_STABLE, item
+            work[W_COMPARES] += d
             cnt[C_SCANNED] += 1
             processed += 1
             i += 1
             continue
-        cur = uroots[nid]
+        cur = IT.roots[nid]
         at = NIL
         go_left = False
         aborted = False
+        merged = False
         while cur != NIL:
             walked += 1
             if clean:
-                tk = it_key[cur]
-            elif pt_epoch[it_mm[cur]] == it_tgen[cur]:
+                tk = IT.tree_key[cur]
+            elif (S.pt_epoch[IT.mm[cur]] & GEN_MASK) == IT.tree_gen[cur]:
                 # no PTE of that mm changed since: the item still maps the same frame, whose
                 # contents may have changed under it (a write): compare them as they are now
-                tk = memcmp_key(f_content[it_tpfn[cur]])
-                it_key[cur] = tk
+                tk = memcmp_key_of(F.content[IT.tree_pfn[cur]])
+                IT.tree_key[cur] = tk
             else:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # the page may have moved
+                # get_mergeable_page: the page the item's address maps now, if any
+                tpfn = -1
+                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(IT.address[cur]))
+                if tv >= 0:
+                    toff = IT.address[cur] - V.start[tv]
+                    tptef = V.ptef[tv]
+                    if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT:
+                        tpfn = V.pte[tv][toff]
+                        if (F.flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
+                            tpfn = -1
+                if tpfn < 0 or tpfn == pfn:
+                    aborted = True              # the page went, or it is this very page (fork)
+                    break
+                tk = memcmp_key_of(F.content[tpfn])
+                IT.tree_pfn[cur] = tpfn
+                IT.tree_key[cur] = tk
+                IT.tree_gen[cur] = S.pt_epoch[IT.mm[cur]] & GEN_MASK
             at = cur
             if key < tk:
-                cur = il[cur]
+                cur = IT.left[cur]
                 go_left = True
             elif key > tk:
-                cur = ir[cur]
+                cur = IT.right[cur]
                 go_left = False
-            elif it_tpfn[cur] == pfn:
+            elif IT.tree_pfn[cur] == pfn:
                 aborted = True                                  # our own page, through fork
                 break
-            elif not across and block_node[it_tpfn[cur] // block_pages] != nid:
+            elif not across and block_node[IT.tree_pfn[cur] // block_pages] != nid:
                 aborted = True
                 break
+            elif _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off), np.int64(pfn), pte,
+                             ptef, vma_locked, vma_anon_vma, np.int64(cur),
+                             np.int64(IT.tree_pfn[cur]), np.int64(nid), key, hashed, indexed,
+                             mps, chains, now):
+                merged = True
+                break
             else:
-                return i, processed, BAIL_AFTER_CHECKSUM, item    # two pages to merge
+                return i, processed, BAIL_AFTER_STABLE, item    # two pages to merge: Python
         work[W_COMPARES] += walked
-        if not aborted:
-            it_flags[item] = _UNSTABLE | (seqnr & _SEQ)
-            it_nid[item] = nid
-            it_tpfn[item] = pfn
-            it_key[item] = key
-            it_tgen[item] = pt_epoch[mm_id]
-            rb_link(il, ir, ipar, icol, uroots, nid, item, at, go_left)
+        if not aborted and not merged:
+            IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+            IT.nid[item] = nid
+            IT.tree_pfn[item] = pfn
+            IT.tree_key[item] = key
+            IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
+            rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, nid, item, at, go_left)
             cnt[C_UNSHARED] += 1
         cnt[C_SCANNED] += 1
         processed += 1

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 SEQNR_MASK = 0x0FF
 UNSTABLE_FLAG = 0x100
 STABLE_FLAG = 0x200
+GEN_MASK = 0x7FFFFFFF         # tree_gen keeps a page-table generation modulo 2**31
 RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in profit figures
 
 
@@ -51,7 +52,7 @@ class RmapItems:
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
                ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
-               ("tree_pfn", np.int64, -1), ("tree_gen", np.int64, -1), ("tree_key", np.uint64, 0))
+               ("tree_pfn", np.int32, -1), ("tree_gen", np.int32, -1), ("tree_key", np.uint64, 0))
 
     def __init__(self, capacity: int = 1024, trees: int = 1):
         for name, dtype, fill in self._FIELDS:

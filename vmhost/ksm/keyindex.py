@@ -17,7 +17,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def slot_of(key, nid, mask):
     x = (key ^ np.uint64(nid)) * _GOLDEN
     x = (x ^ (x >> np.uint64(29))) * _MIX
@@ -48,6 +48,12 @@ def ki_insert(slots, keys, nids, node):
 
 
 @njit(cache=True, nogil=True)
+def _insert_all(slots, keys, nids, nodes):
+    for node in nodes:
+        ki_insert(slots, keys, nids, node)
+
+
+@njit(cache=True, nogil=True)
 def ki_locate(slots, keys, nids, node):
     mask = slots.shape[0] - 1
     h = slot_of(keys[node], nids[node], mask)
@@ -64,11 +70,29 @@ class KeyIndex:
     def __init__(self, owner, capacity: int = 1024):
         self.owner = owner                      # has .key and .nid arrays
         self.slots = np.full(capacity, EMPTY, dtype=np.int32)
-        self.count = 0
-        self.tombs = 0
+        self.state = np.zeros(2, dtype=np.int64)    # [entries, tombstones]: compiled code inserts too
+
+    @property
+    def count(self) -> int:
+        return int(self.state[0])
+
+    @count.setter
+    def count(self, v: int) -> None:
+        self.state[0] = v
+
+    @property
+    def tombs(self) -> int:
+        return int(self.state[1])
+
+    @tombs.setter
+    def tombs(self, v: int) -> None:
+        self.state[1] = v
+
+    def needs_rebuild(self) -> bool:
+        return 2 * (self.count + self.tombs + 1) > len(self.slots)
 
     def insert(self, node: int) -> None:
-        if 2 * (self.count + self.tombs + 1) > len(self.slots):
+        if self.needs_rebuild():
             self._rebuild(max(len(self.slots), 4 * (self.count + 1)))
         if ki_insert(self.slots, self.owner.key, self.owner.nid, node):
             self.tombs -= 1
@@ -87,9 +111,12 @@ class KeyIndex:
         assert h >= 0, "node missing from the key index"
         self.slots[h] = new
 
+    def grow(self) -> None:
+        """Make room for one more entry (what insert does first), ahead of compiled inserts."""
+        self._rebuild(max(len(self.slots), 4 * (self.count + 1)))
+
     def _rebuild(self, size: int) -> None:
         live = self.slots[self.slots >= 0]
         self.slots = np.full(1 << (int(size) - 1).bit_length(), EMPTY, dtype=np.int32)
         self.tombs = 0
-        for node in live:
-            ki_insert(self.slots, self.owner.key, self.owner.nid, int(node))
+        _insert_all(self.slots, self.owner.key, self.owner.nid, live)

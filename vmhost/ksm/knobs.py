@@ -1,7 +1,7 @@
 """The KSM sysfs knobs: defaults, parsing and validation as /sys/kernel/mm/ksm does them.
 
 ``Knobs.write(name, text)`` returns 0 or a negative errno exactly where the
-kernel's store function would (spec §12.10): run accepts "01" as 1 but
+kernel's store function would (docs/ksm-behaviour.md §12.10): run accepts "01" as 1 but
 rejects a trailing space, pages_to_scan is refused while the scan-time
 advisor drives it, booleans take kstrtobool's words. Knobs whose change needs
 the engine's state (run, max_page_sharing, merge_across_nodes) are parsed

@@ -128,6 +128,11 @@ class MergeMixin:
             if self._merge_with_ksm_page(item, pfn, kpfn) == 0:
                 self.stable_tree_append(item, int(frames.owner[kpfn]))
             return
+        self.after_stable_miss(pfn, item)
+
+    def after_stable_miss(self, pfn: int, item: int) -> None:
+        """The rest of a visit the stable tree had nothing for: the unstable tree, and two
+        pages merged into a new KSM page."""
         tree_item, tree_pfn = self.unstable_tree_search_insert(item, pfn)
         if tree_item == NIL:
             return

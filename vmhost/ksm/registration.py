@@ -16,7 +16,7 @@ from vmhost.ksm.stable import CHAIN, FREE
 from vmhost.mm.frames import NO_OWNER, PG_KSM
 from vmhost.mm.fault import retry_fault
 from vmhost.mm.page_alloc import OutOfMemory
-from vmhost.mm.vma import PTE_KSM_ZERO, PTE_PRESENT, PTE_ZERO, VmFlags, Vma
+from vmhost.mm.vma import LAYOUT_GEN, PTE_KSM_ZERO, PTE_PRESENT, PTE_ZERO, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.mm.mm import MM
@@ -27,6 +27,7 @@ class RegistrationMixin:
 
     # registration: madvise, prctl, fork, exit
     def _drop_slot(self, slot: MmSlot) -> None:
+        LAYOUT_GEN[0] += 1                      # the VMA registry follows the slots
         self.slots.remove(slot)
         del self.slot_of[slot.mm.id]
         slot.mm.ksm_mergeable = False
@@ -34,6 +35,7 @@ class RegistrationMixin:
 
     def ksm_enter(self, mm: "MM") -> None:
         """__ksm_enter: a new slot goes just behind the cursor (at the tail during run=2)."""
+        LAYOUT_GEN[0] += 1
         slot = MmSlot(mm)
         was_empty = not self.slots
         self.slot_of[mm.id] = slot
@@ -119,6 +121,7 @@ class RegistrationMixin:
 
     def exit(self, mm: "MM") -> None:
         """__ksm_exit: free an idle slot now, else leave it right after the cursor for ksmd."""
+        LAYOUT_GEN[0] += 1                      # an exiting mm's VMAs are no longer mergeable
         slot = self.slot_of.get(mm.id)
         if slot is None or slot is self.cursor:
             return

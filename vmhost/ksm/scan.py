@@ -37,18 +37,14 @@ class ScanMixin:
         if self.host.frames.flags[pfn] & PG_KSM:
             return False
         items = self.items
-        age = int(items.age[item])
-        if age != 255:
-            items.age[item] = age + 1
-        if age < 3:
-            return False
-        if items.remaining_skips[item] == 0:
-            items.remaining_skips[item] = 1 if age <= 3 else 2 if age <= 5 else 4 if age <= 8 else 8
-            return False
-        self.c.pages_skipped += 1
-        items.remaining_skips[item] -= 1
-        self.remove_rmap_item_from_tree(item)
-        return True
+        age, skips, skip = fastscan.smart_skip(int(items.age[item]),
+                                               int(items.remaining_skips[item]))
+        items.age[item] = age
+        items.remaining_skips[item] = skips
+        if skip:
+            self.c.pages_skipped += 1
+            self.remove_rmap_item_from_tree(item)
+        return skip
 
     def _next_item(self, slot: MmSlot, vpn: int) -> int:
         """get_next_rmap_item: the item for ``vpn``, freeing the ones before it."""
@@ -123,11 +119,12 @@ class ScanMixin:
     # The scan is scan_get_next_rmap_item + cmp_and_merge_page of mm/ksm.c, driven VMA by
     # VMA: the compiled loop (fastscan) takes the common visits, and every visit it cannot
     # finish is finished here from the stage it reached.
-    STAGE_FRESH, STAGE_ITEM, STAGE_SKIPPED, STAGE_CHECKSUMMED = 0, 1, 2, 3
+    STAGE_FRESH, STAGE_ITEM, STAGE_SKIPPED, STAGE_CHECKSUMMED, STAGE_STABLE_MISSED = 0, 1, 2, 3, 4
 
     _BAIL_STAGE = {fastscan.BAIL_BEFORE_ITEM: STAGE_FRESH, fastscan.BAIL_BEFORE_SKIP: STAGE_ITEM,
                    fastscan.BAIL_BEFORE_MERGE: STAGE_SKIPPED,
-                   fastscan.BAIL_AFTER_CHECKSUM: STAGE_CHECKSUMMED}
+                   fastscan.BAIL_AFTER_CHECKSUM: STAGE_CHECKSUMMED,
+                   fastscan.BAIL_AFTER_STABLE: STAGE_STABLE_MISSED}
 
     def _next_mergeable_vma(self, mm: "MM") -> Vma | None:
         """The next VM_MERGEABLE VMA with an anon_vma at or after the cursor's address."""
@@ -185,6 +182,7 @@ class ScanMixin:
                     if code in (fastscan.RUN_END, fastscan.RUN_BUDGET):
                         break
                     stage = self._BAIL_STAGE[code]
+                    self.bails[code] += 1
                 done += self._scan_page(slot, vma, int(cand[i]), stage, item)
                 i += 1
             if i >= len(cand):
@@ -206,43 +204,56 @@ class ScanMixin:
             return 0
         if stage <= self.STAGE_SKIPPED:
             self.cmp_and_merge_page(pfn, item)
-        else:
+        elif stage == self.STAGE_CHECKSUMMED:
             self.after_checksum(pfn, item)
+        else:
+            self.after_stable_miss(pfn, item)
         self.c.pages_scanned += 1
         return 1
 
+    def _scan_params(self) -> np.ndarray:
+        host, nodes = self.host, self.nodes
+        p = np.zeros(fastscan.N_PARAMS, dtype=np.int64)
+        p[fastscan.P_SEQNR] = self.seqnr
+        p[fastscan.P_SMART] = int(self.profile.ksm_smart_scan and self.knobs.smart_scan)
+        p[fastscan.P_ACROSS] = int(self.knobs.merge_across_nodes)
+        p[fastscan.P_USE_ZERO] = int(self.knobs.use_zero_pages)
+        p[fastscan.P_ZERO_SUM] = self.zero_checksum
+        p[fastscan.P_SEED] = fastscan_seed(self.profile.ksm_checksum)
+        p[fastscan.P_BLOCK_PAGES] = host.phys.block_pages
+        p[fastscan.P_CLEAN] = int(host.changes[0] == self._pass_changes)
+        p[fastscan.P_HASHED] = int(self._uhashed)
+        p[fastscan.P_STABLE_INDEXED] = int(self.c.stable_node_chains == 0
+                                           and nodes.stale_count == 0)
+        p[fastscan.P_NOW] = host.clock.now
+        p[fastscan.P_PRUNE_NS] = self.knobs.stable_node_chains_prune_millisecs * 1_000_000
+        p[fastscan.P_MPS] = min(self._mps(), 1 << 62)
+        p[fastscan.P_CHAINS] = int(self.profile.ksm_stable_node_chains)
+        return p
+
     def _run_compiled(self, slot: MmSlot, vma: Vma, cand: np.ndarray, i: int, budget: int):
-        items, nodes, frames, host = self.items, self.nodes, self.host.frames, self.host
+        items, host = self.items, self.host
         cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
-        params = np.array([self.seqnr, int(self.profile.ksm_smart_scan and self.knobs.smart_scan),
-                           int(self.knobs.merge_across_nodes), int(self.knobs.use_zero_pages),
-                           self.zero_checksum, int(fastscan_seed(self.profile.ksm_checksum)),
-                           host.phys.block_pages,
-                           int(host.changes[0] == self._pass_changes), int(self._uhashed),
-                           int(self.c.stable_node_chains == 0 and nodes.stale_count == 0),
-                           host.clock.now, self.knobs.stable_node_chains_prune_millisecs * 1_000_000,
-                           min(self._mps(), 1 << 62)],
-                          dtype=np.int64)
         if self._uhashed and len(self._uh) < 2 * items.capacity:
             self.build_unstable_trees()           # the item pool grew past the table: use the tree
-            params[fastscan.P_HASHED] = 0
+        if self.stable_index.needs_rebuild():
+            self.stable_index.grow()
+        if self.nodes.free_top[0] == 0:
+            self.nodes.grow()
+        registry = self.vma_registry.current(self)
+        if len(self._av_delta) < self.vma_registry.anon_vma_ids:
+            self._av_delta = np.zeros(2 * self.vma_registry.anon_vma_ids, dtype=np.int64)
+        state = fastscan.ScanState(
+            self._scan_params(), self.c.a, self.work, host.mm_ksm, host.pt_epoch,
+            host.phys.block_node_array, self._uh, self._ulog, self._ulog_len, self._eff_chain,
+            self._eff_found, self._eff_prune, self._freed, self._freed_n, self._av_delta)
         i, n, code, item = fastscan.scan_run(
-            cand, i, budget, vma.start, vma.pte, vma.ptef, slot.mm.id, cursor,
-            frames.content, frames.flags, frames.owner,
-            items.mm, items.address, items.flags, items.oldchecksum, items.age,
-            items.remaining_skips, items.head, items.rnext, items.nid, items.tree_pfn,
-            items.tree_gen, items.tree_key, items.links.left, items.links.right,
-            items.links.parent, items.links.color, items.links.roots,
-            nodes.kind, nodes.kpfn, nodes.nid, nodes.key, nodes.links.left, nodes.links.right,
-            nodes.links.roots, items.free_stack, items.free_top, self.c.a, host.mm_ksm,
-            host.pt_epoch, params, host.phys.block_node_array, self.work,
-            self._uh, self._ulog, self._ulog_len, self.stable_index.slots,
-            self.stable_index.count, nodes.dhead, nodes.dnext, nodes.dprev, nodes.hlist_len,
-            nodes.prune_time, self._eff_chain, self._eff_found, self._eff_prune,
-            frames.mapcount, frames.refcount, frames.index, items.hnext, items.hprev,
-            items.anon_vma, nodes.hhead, bool(vma.flags & VmFlags.LOCKED),
-            vma.anon_vma.id, self._freed, self._freed_n, self._av_gets)
-        slot.rmap_list, self.prev_item, self.address = int(cursor[0]), int(cursor[1]), int(cursor[2])
+            fastscan.frame_arrays(host.frames), fastscan.item_arrays(items),
+            fastscan.node_arrays(self.nodes, self.stable_index), state,
+            registry, cand, i, budget, vma.start, vma.pte, vma.ptef,
+            slot.mm.id, cursor, bool(vma.flags & VmFlags.LOCKED), vma.anon_vma.id)
+        slot.rmap_list, self.prev_item = int(cursor[0]), int(cursor[1])
+        self.address = int(cursor[2])
         self._settle_compiled_merges(vma)
         return int(i), int(n), int(code), int(item)
 
@@ -250,9 +261,14 @@ class ScanMixin:
         """What the compiled merges leave to Python: freeing frames, anon_vma references."""
         n = int(self._freed_n[0])
         if n:
-            self.host.allocator.free(self._freed[:n].copy())
+            self.host.allocator.free_in_order(self._freed[:n].copy())
             self._freed_n[0] = 0
-        gets = int(self._av_gets[0])
-        if gets:
-            vma.anon_vma.refcount += gets
-            self._av_gets[0] = 0
+        changed = np.flatnonzero(self._av_delta)
+        if len(changed):
+            anon_vmas = self.host.anon_vmas
+            for av_id, d in zip(changed.tolist(), self._av_delta[changed].tolist()):
+                av = anon_vmas.by_id[av_id]
+                av.refcount += max(d, 0)
+                for _ in range(-d):
+                    anon_vmas.put(av)
+            self._av_delta[changed] = 0

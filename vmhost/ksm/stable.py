@@ -29,7 +29,7 @@ FREE, NODE, DUP, CHAIN, MIGRATE = 0, 1, 2, 3, 4
 
 
 class StableNodes:
-    _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int64, -1), ("prune_time", np.int64, 0),
+    _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int32, -1), ("prune_time", np.int64, 0),
                ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
                ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
                ("dprev", np.int32, NIL), ("key", np.uint64, 0), ("stale", np.uint8, 0))
@@ -38,9 +38,19 @@ class StableNodes:
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
         self.links = NodeLinks(capacity, trees)
-        self._free = list(range(capacity - 1, -1, -1))
+        # free nodes on a stack the compiled scan can pop from too (top of stack = next node)
+        self.free_stack = np.arange(capacity - 1, -1, -1, dtype=np.int32)
+        self.free_top = np.array([capacity], dtype=np.int64)
         self.migrate_nodes: dict[int, None] = {}     # ordered: newest first is list_add's order
-        self.stale_count = 0
+        self.stale_state = np.zeros(1, dtype=np.int64)  # nodes marked stale: compiled code prunes too
+
+    @property
+    def stale_count(self) -> int:
+        return int(self.stale_state[0])
+
+    @stale_count.setter
+    def stale_count(self, v: int) -> None:
+        self.stale_state[0] = v
 
     @property
     def capacity(self) -> int:
@@ -50,15 +60,24 @@ class StableNodes:
     def nbytes(self) -> int:
         return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
 
+    def grow(self) -> None:
+        old = self.capacity
+        for name, dtype, fill in self._FIELDS:
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.full(old, fill, dtype=dtype)]))
+        self.links.grow(2 * old)
+        top = int(self.free_top[0])
+        stack = np.empty(2 * old, dtype=np.int32)
+        stack[:old] = np.arange(2 * old - 1, old - 1, -1, dtype=np.int32)
+        stack[old:old + top] = self.free_stack[:top]
+        self.free_stack = stack
+        self.free_top[0] = top + old
+
     def alloc(self, kind: int) -> int:
-        if not self._free:
-            old = self.capacity
-            for name, dtype, fill in self._FIELDS:
-                arr = getattr(self, name)
-                setattr(self, name, np.concatenate([arr, np.full(old, fill, dtype=dtype)]))
-            self.links.grow(2 * old)
-            self._free.extend(range(2 * old - 1, old - 1, -1))
-        node = self._free.pop()
+        if self.free_top[0] == 0:
+            self.grow()
+        self.free_top[0] -= 1
+        node = int(self.free_stack[self.free_top[0]])
         for name, _, fill in self._FIELDS:
             getattr(self, name)[node] = fill
         self.kind[node] = kind
@@ -69,7 +88,8 @@ class StableNodes:
             self.stale[node] = 0
             self.stale_count -= 1
         self.kind[node] = FREE
-        self._free.append(node)
+        self.free_stack[self.free_top[0]] = node
+        self.free_top[0] += 1
 
     def mark_stale(self, pfns: np.ndarray, owners: np.ndarray) -> None:
         """Frames ``pfns`` that were KSM pages of ``owners`` were freed."""

@@ -1,6 +1,6 @@
 """KSM trace format v1: loading, validation, page contents and result comparison.
 
-A trace is a tiny program of memory operations (see ``/work/shared/spec/ksm-trace-v1.md``) that
+A trace is a tiny program of memory operations (see ``docs/ksm-trace-v1.md``) that
 runs both in the emulator (``vmhost ksm replay``) and in the real kernel (``vmhost ksm oracle``).
 This module is the part both engines share, so it never touches the kernel: it turns a YAML/JSON
 file into a validated :class:`Trace`, knows how page contents are derived from content specs, and
@@ -14,7 +14,7 @@ Extensions to v1 defined here (they keep every plain v1 trace's meaning):
 
 - region option ``prot: none`` (default ``readwrite``): the region is mapped ``PROT_NONE``.
   ``fill`` still writes it, the way a debugger does (``/proc/PID/mem``, a forced write fault), so
-  the kernel selftest "KSM merges PROT_NONE memory" (ksm-behaviour.md §11 F5) can be expressed.
+  the kernel selftest "KSM merges PROT_NONE memory" (docs/ksm-behaviour.md §11 F5) can be expressed.
 
 Step ``args`` after validation (defaults filled in, so engines need no second look at the YAML):
 

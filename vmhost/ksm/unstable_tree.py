@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmhost.ksm import fastscan, pages
-from vmhost.ksm.items import SEQNR_MASK, UNSTABLE_FLAG
+from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, UNSTABLE_FLAG
 from vmhost.ksm.pages import find_mergeable_vma
 from vmhost.ksm.rbtree import NIL
 
@@ -45,7 +45,7 @@ class UnstableTreeMixin:
         items.nid[item] = nid
         items.tree_pfn[item] = pfn
         items.tree_key[item] = key
-        items.tree_gen[item] = self._mm(item).pt_gen
+        items.tree_gen[item] = self._mm(item).pt_gen & GEN_MASK
         self._uh[h] = item
         self._log_unstable(item)
         self.c.pages_unshared += 1
@@ -87,7 +87,7 @@ class UnstableTreeMixin:
                 return NIL, -1          # a page vanished, or this very page reached by fork
             self.items.tree_pfn[cur] = tree_pfn          # still right under this generation
             self.items.tree_key[cur] = self._key(tree_pfn)
-            self.items.tree_gen[cur] = self._mm(cur).pt_gen
+            self.items.tree_gen[cur] = self._mm(cur).pt_gen & GEN_MASK
             tkey = self._key(tree_pfn)
             parent = cur
             if key < tkey:
@@ -102,7 +102,7 @@ class UnstableTreeMixin:
         self.items.nid[item] = nid
         self.items.tree_pfn[item] = pfn
         self.items.tree_key[item] = key
-        self.items.tree_gen[item] = self._mm(item).pt_gen
+        self.items.tree_gen[item] = self._mm(item).pt_gen & GEN_MASK & GEN_MASK
         tree.link(item, parent, go_left)
         self.c.pages_unshared += 1
         return NIL, -1

@@ -18,7 +18,7 @@ import numpy as np
 
 from vmhost.mm.mempolicy import LOCAL, MemPolicy
 from vmhost.mm import fault
-from vmhost.mm.vma import PTE_WRITE, VmFlags, Vma
+from vmhost.mm.vma import LAYOUT_GEN, PTE_WRITE, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.host import Host
@@ -91,6 +91,7 @@ class MM:
 
     # -- lookup -------------------------------------------------------------------------
     def _reindex(self) -> None:
+        LAYOUT_GEN[0] += 1
         self.vmas.sort(key=lambda v: v.start)
         self._starts = [v.start for v in self.vmas]
 
@@ -166,11 +167,13 @@ class MM:
         return self._merge_neighbours(vma)
 
     def _insert(self, vma: Vma) -> None:
+        LAYOUT_GEN[0] += 1
         i = bisect.bisect_left(self._starts, vma.start)
         self.vmas.insert(i, vma)
         self._starts.insert(i, vma.start)
 
     def _remove(self, vma: Vma) -> None:
+        LAYOUT_GEN[0] += 1
         i = self.vmas.index(vma)
         del self.vmas[i]
         del self._starts[i]

@@ -58,6 +58,12 @@ PTE_DIRTY = 1 << 6
 
 NO_PFN = -1
 
+#: bumped whenever any VMA's extent, flags, anon_vma or page-table arrays are replaced, or a
+#: VMA joins or leaves an mm: compiled code that keeps page-table arrays by address (KSM's
+#: registry of mergeable VMAs) rebuilds its copy when this moves
+LAYOUT_GEN = np.zeros(1, dtype=np.int64)
+_LAYOUT_ATTRS = frozenset(("start", "end", "flags", "anon_vma", "pte", "ptef"))
+
 
 class Vma:
     def __init__(self, mm: "MM", start: int, end: int, flags: VmFlags, pgoff: int,
@@ -75,6 +81,11 @@ class Vma:
         self.chain: list["AnonVma"] = []         # anon_vma_chain (same_vma list)
         self.pte = np.full(end - start, NO_PFN, dtype=np.int64)
         self.ptef = np.zeros(end - start, dtype=np.uint8)
+
+    def __setattr__(self, name, value) -> None:
+        if name in _LAYOUT_ATTRS:
+            LAYOUT_GEN[0] += 1
+        object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         return f"Vma({self.start:#x}-{self.end:#x} {self.flags!s} mm={self.mm.id})"

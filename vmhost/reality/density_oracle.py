@@ -649,6 +649,7 @@ class _Driver:
         head = _headroom_pages(cfg)
         if head is not None and step["free_pages"] < head:
             v.append(f"free memory {step['free_pages']} pages < headroom {head}")
+        step["held_pages"] = used              # guest pages in RAM or swap (no swap here)
         step["violations"] = v
         step["ok"] = not v
         self._keep_timeline(n, samples)
@@ -665,6 +666,7 @@ class _Driver:
     # -- the result ------------------------------------------------------------------------------
     def result(self, steps: list[dict], failed_at) -> dict:
         from vmhost.density import DensityRunner, _guest_facts
+        from vmhost.density.result import ACCOUNTING
         cfg = self.cfg
         runner = DensityRunner(cfg)       # the config's own host, for its capacity
         runner._build()
@@ -690,7 +692,8 @@ class _Driver:
             s = by_guests.get(spec["n"])
             if s is not None:
                 s["ideal_now_pages"] = ideal
-                row.update(ksm_pages=s["used_pages"], saved_pages=s["saved_pages"], fits_ksm=s["ok"])
+                row.update(ksm_pages=s["held_pages"], ksm_ram_pages=s["used_pages"],
+                           saved_pages=s["saved_pages"], fits_ksm=s["ok"])
             curve.append(row)
 
         def largest(key):
@@ -710,6 +713,8 @@ class _Driver:
             "resolution_note": f"exact: every page on this machine's kernel ({kernel})",
             "covers": COVERS.format(kernel=kernel),
             "notes": [COVERS.format(kernel=kernel)],
+            "unfaithful": [],
+            "accounting": ACCOUNTING,
             "host": {"ram_pages": sum(nd.mem_bytes for nd in cfg.host.topology.nodes) // PAGE_SIZE,
                      "capacity_pages": cap, "headroom_pages": runner.headroom_pages(),
                      "thp": cfg.host.thp, "knobs": {k: v for k, v in cfg.host.ksm},

@@ -47,7 +47,8 @@ def emulator_passes(cfg) -> list[dict]:
     from vmhost.density import DensityRunner
     runner = DensityRunner(cfg)
     recs: list[dict] = []
-    build = runner._build
+    owner = getattr(runner, "stepper", runner)      # what builds the simulated host
+    build = owner.build if hasattr(owner, "build") else owner._build
 
     def hooked_build():
         build()
@@ -64,8 +65,11 @@ def emulator_passes(cfg) -> list[dict]:
             if prev is not None:
                 prev()
         ksm.on_scan_end = at_end
-    runner._build = hooked_build
-    res = runner.run()
+    if owner is runner:
+        runner._build = hooked_build
+    else:
+        owner.build = hooked_build
+    res = runner.run(suggest=False) if owner is not runner else runner.run()
     passes = []
     for a, b in zip(recs, recs[1:]):
         p = {"guests": b["guests"], **{k: b.get(k, 0) - a.get(k, 0) for k in FEATURES}}

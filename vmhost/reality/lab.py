@@ -24,6 +24,7 @@ their memory. Measuring the host's KSM on live guests lives in ``vmhost.reality.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import glob
 import json
 import os
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_LINE = "vmhost-guest: ready"
+WRITER_LINE = "vmhost-writer:"
 KERNEL_META = "linux-image-cloud-amd64"
 KERNEL_GLOB = "linux-image-6.1.0-*-cloud-amd64"
 BOOT_TIMEOUT_S = 90.0
@@ -48,14 +50,41 @@ QUIT_TIMEOUT_S = 5.0
 BUILD_TIMEOUT_S = 300.0
 
 INIT_SCRIPT = f"""#!/bin/busybox sh
-# vmhost lab guest: mount the pseudo filesystems, say we are up, then idle forever.
+# vmhost lab guest: mount the pseudo filesystems, say we are up, then idle forever -- or, with
+# vmhost.write_kib_s=R vmhost.hot_kib=H on the kernel command line, fill an H KiB file in the
+# initramfs with random bytes, say we are up, and rewrite it in place at R KiB/s (256 KiB at a
+# time, round the file, paced by /proc/uptime): a known writer for measuring write rates. About
+# once a second it says how far it is: "vmhost-writer: UPTIME_CENTISECONDS KIB_WRITTEN".
 /bin/busybox mkdir -p /proc /sys /dev /tmp
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev
+rate=0; hot=0
+for a in $(/bin/busybox cat /proc/cmdline); do
+  case "$a" in vmhost.write_kib_s=*) rate=${{a#*=}};; vmhost.hot_kib=*) hot=${{a#*=}};; esac
+done
+blocks=$((hot / 256))
+if [ "$rate" -gt 0 ] && [ "$blocks" -gt 0 ]; then
+  /bin/busybox dd if=/dev/urandom of=/tmp/hot bs=256k count=$blocks 2>/dev/null
+  echo "{READY_LINE}"
+  read up rest < /proc/uptime; t0=$(( ${{up%.*}} * 100 + 1${{up#*.}} - 100 ))
+  done_kib=0; off=0; said=$t0
+  while true; do
+    read up rest < /proc/uptime; now=$(( ${{up%.*}} * 100 + 1${{up#*.}} - 100 ))
+    if [ $done_kib -lt $(( (now - t0) * rate / 100 )) ]; then
+      /bin/busybox dd if=/dev/urandom of=/tmp/hot bs=256k count=1 seek=$off conv=notrunc 2>/dev/null
+      off=$(( (off + 1) % blocks )); done_kib=$((done_kib + 256))
+      if [ $((now - said)) -ge 100 ]; then echo "{WRITER_LINE} $now $done_kib"; said=$now; fi
+    else
+      /bin/busybox sleep 0.05
+    fi
+  done
+fi
 echo "{READY_LINE}"
 while true; do /bin/busybox sleep 3600; done
 """
+#: the initramfs is cached under a name that changes with its /init
+INITRD_NAME = f"initrd-{hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()[:12]}.gz"
 
 
 class LabError(RuntimeError):
@@ -114,7 +143,7 @@ def build_guest(cache: str | os.PathLike | None = None) -> GuestFiles:
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kernel = _cached_kernel(cache)
-        initrd = cache / "initrd.gz"
+        initrd = cache / INITRD_NAME
         if not initrd.exists():
             _build_initrd(initrd)
         return GuestFiles(kernel[0], initrd, kernel[1])
@@ -383,9 +412,12 @@ class Lab:
     """
 
     def __init__(self, files: GuestFiles | None = None, workdir: str | os.PathLike | None = None,
-                 mem_mib: int = 128, merge: bool = False, extra_args: list[str] | None = None):
+                 mem_mib: int = 128, merge: bool = False, extra_args: list[str] | None = None,
+                 write_kib_s: int = 0, hot_kib: int = 0):
         self.files = files
         self.mem_mib, self.merge = mem_mib, merge
+        # the guest's known writer (INIT_SCRIPT): R KiB/s rewritten round a file of H KiB
+        self.write_kib_s, self.hot_kib = write_kib_s, hot_kib
         self.extra_args = list(extra_args or [])
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir else None
@@ -426,7 +458,7 @@ class Lab:
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(self.mem_mib),
                "-nographic", "-no-reboot",
                "-kernel", str(self.files.kernel), "-initrd", str(self.files.initrd),
-               "-append", "console=ttyS0",
+               "-append", kernel_command_line(self.write_kib_s, self.hot_kib),
                "-qmp", f"unix:{qmp},server,nowait"]
         if not self.merge:
             cmd += ["-machine", "mem-merge=off"]
@@ -456,6 +488,42 @@ class Lab:
         for g in new:
             g.wait_ready(max(end - time.monotonic(), 0.1))
         return new
+
+
+def writer_rate(console: str, window_s: float = 6.0) -> float | None:
+    """KiB/s the guest's writer really wrote over the last ``window_s`` seconds of guest time
+    it reported on its console (it falls behind its target when the host is short of CPU),
+    or None before two reports."""
+    points = []
+    for line in console.splitlines():
+        if WRITER_LINE in line:
+            try:
+                cs, kib = line.split(WRITER_LINE, 1)[1].split()[:2]
+                points.append((int(cs) / 100.0, int(kib)))
+            except ValueError:
+                continue
+    if len(points) < 2:
+        return None
+    t_end, k_end = points[-1]
+    start = next((p for p in points if p[0] >= t_end - window_s), points[0])
+    if start[0] >= t_end:
+        start = points[-2]
+    return (k_end - start[1]) / (t_end - start[0])
+
+
+def kernel_command_line(write_kib_s: int = 0, hot_kib: int = 0) -> str:
+    """The lab guest's kernel command line (serial console; the writer's knobs if any)."""
+    if write_kib_s < 0 or hot_kib < 0:
+        raise LabError("the guest writer's rate and file size must be >= 0")
+    line = "console=ttyS0"
+    if write_kib_s:
+        if hot_kib < 256:
+            raise LabError("a writing guest needs a file of at least 256 KiB (hot_kib)")
+        # the writer paces itself by the guest's clock: keep that clock off the TSC, whose
+        # frequency the guest calibrates at boot and gets wrong when the host is short of
+        # CPU (seen: a guest clock 1.5 x fast); the HPET ticks at a fixed rate of QEMU's clock
+        line += f" clocksource=hpet vmhost.write_kib_s={write_kib_s} vmhost.hot_kib={hot_kib}"
+    return line
 
 
 def qemu_pids() -> list[int]:

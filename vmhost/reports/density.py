@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmhost.density import GIB_PAGES, format_result
+from vmhost.density.result import EDGE
+from vmhost.density.stepper import GIB_PAGES
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Report
@@ -60,13 +61,11 @@ def tables(res: dict) -> list[Table]:
 
 
 def headline(res: dict) -> list[str]:
-    v = res["vms_per_host"]
-    out = [f"VMs per host: {v['no_ksm']} without KSM, {v['ksm']} with KSM, {v['ideal']} if every identical "
-           f"page were merged" + (f" (at least: {', '.join(res['capped_curves'])} reached the end of the boot "
-                                  f"sequence)" if res.get("capped_curves") else "") + ".",
-           f"KSM was limited by: {'; '.join(res['limited_by'])}."]
-    b = res.get("at_best")
+    out = [line + "." for line in headline_lines(res)]
+    b = res.get("at_best") or (res.get("cpu_limit") or {}).get("at_best")
     if b:
+        if b is not res.get("at_best"):
+            out.append(f"With pages_to_scan {res['cpu_limit']['pages_to_scan']}:")
         out.append(f"At {b['guests']} guests KSM saves {fmt(b['saved_gib'])} GiB; ksmd uses "
                    f"{fmt(100 * b['ksmd_cpu_share'])}% of one CPU at steady state, "
                    f"{fmt(b['cpu_s_per_gib_saved'])} CPU-seconds per GiB saved.")
@@ -77,9 +76,10 @@ def headline(res: dict) -> list[str]:
         if b.get("storm"):
             s = b["storm"]
             out.append(f"An unmerge storm at {b['guests']} guests needs {fmt(_gib(s['headroom_pages']))} GiB; "
-                       f"{fmt(_gib(s['available_pages']))} GiB are free above the min watermark: it "
+                       f"{fmt(_gib(s['available_pages']))} GiB are free above the min watermark (less the guest pages "
+                       f"in swap): it "
                        f"{'survives' if s['survives'] else 'does not survive'}. The most guests that "
-                       f"survive one: {res.get('vms_surviving_storm')}.")
+                       f"survive one: {res.get('vms_surviving_storm', (res.get('cpu_limit') or {}).get('vms_surviving_storm'))}.")
     h = res["host"]
     out.append(f"Capacity for guests: {fmt(_gib(h['capacity_pages']))} GiB of {fmt(_gib(h['ram_pages']))} GiB "
                f"RAM (less the high watermarks and the free headroom). Resolution 1/{res['resolution']}: "
@@ -164,3 +164,116 @@ def build(res: dict) -> Report:
 def write_density_report(res: dict, directory: str | Path) -> None:
     """report.html, result.json, report.txt and the CSV tables, atomically."""
     build(res).write(directory, res, files={"report.txt": format_result(res) + "\n"})
+
+
+# ------------------------------------------------------------------------------------------
+# the text report (report.txt, and what `vmhost density` prints)
+
+def _gib(pages) -> str:
+    return "-" if pages is None else f"{pages / GIB_PAGES:.2f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _t(v) -> str:
+    return "-" if v is None else f"{v:g}s"
+
+
+def headline_lines(res: dict) -> list[str]:
+    """The answer a planner acts on: the three counts, the count that survives the storm, what
+    bound KSM and, when the CPU limit did, the knob that meets it and the count with it."""
+    v = res["vms_per_host"]
+    cl = res.get("cpu_limit")
+    ksm = f"KSM {v['ksm']}"
+    if "vms_surviving_storm" in res:
+        ksm += f" ({res['vms_surviving_storm']} survive the unmerge storm)"
+    if cl:
+        ksm = (f"KSM {v['ksm']} at pages_to_scan {cl['configured_pages_to_scan']} (ksmd CPU "
+               f"{_pct(cl['ksmd_cpu_share'])} > {_pct(cl['limit'])} at {cl['fails_at_guests']} guest(s))")
+        if cl.get("pages_to_scan"):
+            ksm += (f"; the largest pages_to_scan found that meets it: {cl['pages_to_scan']} "
+                    f"({cl['breaks_at_pages_to_scan']} breaks it), with it KSM {cl['vms_ksm']}"
+                    + (f" ({cl['vms_surviving_storm']} survive the unmerge storm)"
+                       if cl.get("vms_surviving_storm") is not None else ""))
+        else:
+            ksm += "; no lower pages_to_scan found that meets the limit"
+    out = [f"VMs per host: no KSM {v['no_ksm']}, {ksm}, ideal {v['ideal']}"
+           + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
+              if res.get("capped_curves") else "")]
+    margin = (cl or {}).get("limit_margin") if cl and cl.get("pages_to_scan") else res.get("limit_margin")
+    out.append(f"KSM limited by: {'; '.join((cl or {}).get('limited_by') or res['limited_by'])}"
+               + (f" (by {margin:.2%}: at the edge, a coarser or finer resolution may count one guest "
+                  f"more or less)" if margin is not None and margin < EDGE else ""))
+    if res.get("accounting"):
+        out.append(f"accounting: {res['accounting']}")
+    for u in res.get("unfaithful", ()):
+        out.append(f"NOT FAITHFUL at this resolution: {u}")
+    return out
+
+
+def format_result(res: dict) -> str:
+    h = res["host"]
+    lines = [f"density {res['config']} ({res['profile']}): host {_gib(h['ram_pages'])} GiB, THP {h['thp']}, "
+             f"order {res['order']}, {res['sequence_length']} guests in the boot sequence",
+             f"resolution: 1/{res['resolution']} ({res['resolution_note']})"]
+    for n in res["notes"]:
+        lines.append(f"note: {n}")
+    v = res["vms_per_host"]
+    lines.extend(headline_lines(res))
+    pol = res.get("policy")
+    if pol and pol["name"] != "fixed":
+        last = pol["changes"][-1] if pol["changes"] else None
+        lines.append(f"KSM policy {pol['name']}: {pol['wakeups']} wake-ups, {len(pol['changes'])} "
+                     f"changes" + (f"; last at {last['t_s']:g}s: run={last['run']} pages_to_scan="
+                                   f"{last['pages_to_scan']} sleep_millisecs={last['sleep_millisecs']} "
+                                   f"({last['reason']})" if last else ""))
+    b = res.get("at_best")
+    cl = res.get("cpu_limit") or {}
+    if not b and cl.get("at_best"):
+        b = cl["at_best"]
+        lines.append(f"with pages_to_scan {cl['pages_to_scan']} (the steps below are at the configured "
+                     f"{cl['configured_pages_to_scan']}):")
+    if b:
+        lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct(b['ksmd_cpu_share'])} "
+                     f"(steady); {b['cpu_s_per_gib_saved'] if b['cpu_s_per_gib_saved'] is not None else '-'}"
+                     f" ksmd CPU-s per GiB saved")
+        swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]
+                        and b is res.get("at_best")), 0)
+        if swapped:
+            lines.append(f"at {b['guests']} guests {_gib(swapped)} GiB of guest pages are in swap "
+                         f"(counted in the KSM column, as pages held)")
+        t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
+        lines.append(f"time to 50/90/99% of steady-state savings: first guest {_t(t1['p50_s'])}/"
+                     f"{_t(t1['p90_s'])}/{_t(t1['p99_s'])}; guest {b['guests']} "
+                     f"{_t(tl['p50_s'])}/{_t(tl['p90_s'])}/{_t(tl['p99_s'])}")
+        if b.get("storm"):
+            s = b["storm"]
+            lines.append(f"unmerge storm at {b['guests']} guests: needs {_gib(s['headroom_pages'])} GiB "
+                         f"({s['storm_pages']} storm + {s['churn_pages']} churn pages), "
+                         f"{_gib(s['available_pages'])} GiB free above min watermark less swapped guest pages: "
+                         f"{'survives' if s['survives'] else 'does NOT survive'}; "
+                         f"largest N surviving: {res.get('vms_surviving_storm', cl.get('vms_surviving_storm'))}")
+    lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
+                 f"{'cpu':>7} {'swapin/s':>8} {'swap GiB':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
+                 f"{'scans':>5} verdict")
+    steps = {s["guests"]: s for s in res["steps"]}
+    for row in res["curve"]:
+        s = steps.get(row["guests"])
+        if s is None:
+            if row["fits_no_ksm"] or row["fits_ideal"]:
+                lines.append(f"{row['guests']:>4} {'':<16} {_gib(row['no_ksm_pages']):>9} {'':>8} "
+                             f"{_gib(row['ideal_pages']):>9}")
+            continue
+        verdict = "ok" if s["ok"] else "FAIL: " + "; ".join(s["violations"])
+        if not s["steady"]:
+            verdict += f" (not steady: {s['settled_by']})"
+        lines.append(f"{row['guests']:>4} {s['image'][:16]:<16} {_gib(row['no_ksm_pages']):>9} "
+                     f"{_gib(s['held_pages']):>8} {_gib(row['ideal_pages']):>9} {_gib(s['saved_pages']):>9} "
+                     f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib(s['swapped_pages']):>8} "
+                     f"{_gib(s['free_pages']):>8} "
+                     f"{_t(s['time_to']['p50_s']):>8} {_t(s['time_to']['p90_s']):>8} "
+                     f"{_t(s['time_to']['p99_s']):>8} {s['full_scans']:>5} {verdict}")
+    lines.append(f"wall time {res['wall_s']:.1f}s")
+    return "\n".join(lines)

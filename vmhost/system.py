@@ -1,0 +1,63 @@
+"""A host as booted: the Host, its KSM engine, ksmd and the KSM tuning policy, wired once.
+
+On a real machine this is what exists after boot: the kernel (``mm/``, ``mm/ksm.c`` with
+its ksmd thread), the init script that writes ``/sys/kernel/mm/ksm`` and the tuning daemon
+(ksmtuned, MoM, ...) that keeps writing it. Every study that starts from a host config
+(density, fleet hosts, hot-remove scenarios) builds it here, so a ``policy:`` section means
+the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vmhost.config import _err
+
+if TYPE_CHECKING:
+    from vmhost.config import HostConfig
+
+
+@dataclass
+class HostSystem:
+    host: Any              # vmhost.host.Host
+    ksm: Any               # vmhost.ksm.engine.Ksm
+    ksmd: Any              # vmhost.ksm.ksmd.Ksmd
+    policy: Any            # vmhost.policies.Policy (attached)
+
+
+def attach_ksm(host, knobs=(), *, path: str = "", resolution: int = 1):
+    """KSM and ksmd on ``host``, with the sysfs knob writes ``knobs`` ((name, value) pairs,
+    in order). A refused write is bad input: one line naming ``ksm.<knob>``."""
+    from vmhost.ksm.engine import Ksm
+    from vmhost.ksm.ksmd import Ksmd
+    ksm = Ksm(host)
+    ksmd = Ksmd(ksm, host.clock)
+    for name, value in knobs:
+        rc = ksm.write_knob(name, str(value))
+        if rc:
+            where = f" at resolution {resolution}" if resolution > 1 else ""
+            raise _err(path, f"ksm.{name}", f"the write is refused{where} "
+                                            f"({errno.errorcode.get(-rc, rc)})")
+    return ksm, ksmd
+
+
+def build_system(hcfg: "HostConfig", *, resolution: int = 1, knobs=None,
+                 full_scale_knobs: dict | None = None) -> HostSystem:
+    """The host of ``hcfg`` with KSM, ksmd and its tuning policy (fixed knobs when none).
+
+    ``resolution`` > 1: ``hcfg`` already describes the scaled host (1/N of its pages); its
+    watermarks are set to the full-size host's / N, ``knobs`` are the scaled knob writes and
+    ``full_scale_knobs`` the configured pages_to_scan and sleep_millisecs the policy sees."""
+    host = hcfg.build()
+    if resolution > 1:
+        host.allocator.scale_watermarks(resolution)
+    ksm, ksmd = attach_ksm(host, hcfg.ksm if knobs is None else knobs, path=hcfg.path,
+                           resolution=resolution)
+    policy = hcfg.make_policy(resolution)
+    try:
+        policy.attach(host, ksm, full_scale_knobs)
+    except ValueError as exc:
+        raise _err(hcfg.path, "policy", str(exc)) from None
+    return HostSystem(host, ksm, ksmd, policy)
