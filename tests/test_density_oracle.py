@@ -1,5 +1,5 @@
 """The density oracle on the real kernel: refusals, clean-up on interrupt and crash, and the
-small emulator-vs-kernel comparison (configs/density-oracle-small.yaml, 2 GiB of guests).
+small emulator-vs-kernel comparison (configs/oracle/density-small.yaml, 2 GiB of guests).
 
 These drive /sys/kernel/mm/ksm for real (every project machine runs as root on a 6.18 kernel
 with KSM), so they never skip.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from vmhost.reality import ksm_oracle  # noqa: E402
 from vmhost.reality.density_oracle import compare, ksmd_pid  # noqa: E402
 
-SMALL = ROOT / "configs" / "density-oracle-small.yaml"
+SMALL = ROOT / "configs" / "oracle" / "density-small.yaml"
 KNOBS = list(ksm_oracle.DEFAULTS) + ["run"]
 
 TINY = """\

@@ -49,8 +49,8 @@ or ``--emulator-resolution N``) and prints, per step, the kernel's mean over ``-
 spread ((max - min) / mean) and the emulator's error, against the tolerances: pages_sharing at
 steady state 2%, time to 50% and 90% of the step's savings 15% or one full scan, ksmd's CPU
 share 10%, used memory 1%. Saved runs compare with ``python -m vmhost.reality.density_oracle
---table EMULATOR.json KERNEL.json...``. The bundled comparisons: ``configs/density-oracle-small.yaml``
-(2 GiB, CI) and ``density-oracle-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each). They run with
+--table EMULATOR.json KERNEL.json...``. The bundled comparisons: ``configs/oracle/density-small.yaml``
+(2 GiB, CI) and ``configs/oracle/density-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each). They run with
 ``smart_scan: 0``: with 6.18's smart scan a page that did not merge is skipped for up to 8 passes,
 so the 2-scan settle window ends at a point that moves from run to run (the kernel spread 5-8%
 there); with every page visited every pass, the kernel repeats itself exactly.
