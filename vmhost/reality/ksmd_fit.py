@@ -20,9 +20,13 @@ Features: ``ptes_walked`` (every PTE ksmd looks at, including zero-page and smar
 ones), ``pages`` (pages processed: pages_scanned), ``checksums``, ``tree_compares``,
 ``merges``, ``thp_splits`` (huge pages KSM split), ``dups_walked``.
 
-``python -m vmhost.reality.ksmd_fit KERNEL.json [KERNEL.json ...] [--write]``: the kernel
-results of ``vmhost density CONFIG --oracle --json`` (one config or several); prints the fit
-and its error per kind; ``--write`` stores the costs in the calibration file.
+``python -m vmhost.reality.ksmd_fit KERNEL.json [KERNEL.json ...] [--write] [--rows]
+[--cache=DIR]``: the kernel results of ``vmhost density CONFIG --oracle --json`` (one config or
+several); runs the emulator on each config (``--cache``: keep its passes in DIR), prints the
+fit, its error per kind of pass, and a cross-check on the stepped single-pass workloads of
+``vmhost bench ksm --calibrate`` (4 KiB pages, no THP: there the density fit is ~30% low, the
+first pass ~60% low); ``--write`` stores the costs (``cost_ns``) and the fit
+(``density_fit``) in the calibration file.
 """
 
 from __future__ import annotations
