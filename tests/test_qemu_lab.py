@@ -98,7 +98,7 @@ def test_cli_imports_a_real_elf_dump(live, tmp_path):
                         tmp_path / "g0.img", "--json"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
-    image = dumps.load_image(tmp_path / "g0.img")
+    image = dumps.load_fingerprints(tmp_path / "g0.img")
     assert image.header["source"]["format"] == "elf"
     assert image.header["low_ram_end"] == 128 << 20
 

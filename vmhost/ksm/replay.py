@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno as errno_mod
 
 from hw.topology import Topology
+from hw.units import PAGE_SIZE, HPAGE_PAGES
 from vmhost.host import Host
 from vmhost.ksm.engine import Ksm
 from vmhost.ksm.ksmd import Ksmd
@@ -22,8 +23,6 @@ from vmhost.mm.invariants import check
 from vmhost.mm.mm import PROT_NONE, PROT_READ, PROT_WRITE
 from vmhost.profile import get_profile
 
-PAGE = 4096
-HPAGE_PAGES = 512
 REGION_BASE = 0x7E0000000           # a 2 MiB-aligned virtual page number
 ORACLE_KNOBS = (("pages_to_scan", 1_000_000), ("sleep_millisecs", 50))
 
@@ -33,7 +32,7 @@ class Replay:
         self.trace = trace
         self.check_invariants = check_invariants
         pages = max(trace.total_pages(), 1)
-        mem = max(4 * pages * PAGE, 256 << 20)
+        mem = max(4 * pages * PAGE_SIZE, 256 << 20)
         self.host = Host(Topology.uniform(1, mem), block_pages=32768, profile=get_profile(trace.profile))
         self.ksm = Ksm(self.host)
         self.ksmd = Ksmd(self.ksm, self.host.clock)

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from vmhost.mm.mempolicy import LOCAL, MemPolicy
+from hw.units import HPAGE_PAGES
 from vmhost.mm import fault
+from vmhost.mm.mempolicy import LOCAL, MemPolicy
 from vmhost.mm.vma import LAYOUT_GEN, PTE_WRITE, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.host import Host
 
 MMAP_BASE = 0x7F00_0000_0000 >> 12      # top of the mmap area, in pages
-THP_PAGES = 512                         # a 2 MiB transparent huge page
 
 MADV_DONTNEED = 4
 MADV_MERGEABLE = 12
@@ -156,7 +156,7 @@ class MM:
         if pfnmap:
             flags |= VmFlags.PFNMAP | VmFlags.IO | VmFlags.DONTEXPAND
         if at is None:
-            at = self.get_unmapped_area(pages, THP_PAGES if thp else 1)
+            at = self.get_unmapped_area(pages, HPAGE_PAGES if thp else 1)
         elif self.vmas_overlapping(at, at + pages):
             self.munmap(at, pages)            # MAP_FIXED replaces what was there
         shmem = self.host.new_shmem(pages) if shared else None
