@@ -12,21 +12,16 @@ registering, but those do not cut short the timed sleep between batches
 early. So ksmd's sleeps always pass on the clock, also across run=0/run=1
 toggles, and time-based rules (stable_node chain pruning) see them.
 
-CPU time is modelled per operation, from the engine's work counters, with
-costs fitted to the real ksmd on this project's machines (ksmd's own CPU time
-from /proc/<ksmd>/schedstat over first, merging, steady and merged passes;
-data, method and fit in ``ksmd_calibration.json``, relative RMS error 0.10):
-
-==================  ========  ================================================
-operation           cost      what it stands for
-==================  ========  ================================================
-page visited        560 ns    PTE walk, rmap_item lookup (a pass over merged
-                              pages runs at about 1.8 M pages/s)
-checksum            778 ns    xxhash32 of 4 KiB (a first pass: ~0.76 M pages/s)
-tree comparison     380 ns    memcmp of two pages, mostly cache misses
-merge               449 ns    write-protect, TLB flush, PTE replace (poorly
-                              determined: it moves with tree comparisons)
-==================  ========  ================================================
+CPU time is modelled per operation, from the engine's work counters (and the
+huge pages KSM split), with costs fitted to the real ksmd on this project's
+machines: ``ksmd_calibration.json``, key ``cost_ns``, is the one source of the
+costs (ns per operation: ``ptes_walked`` every PTE ksmd looks at, ``pages``
+every page it processes, ``checksums``, ``tree_compares`` (memcmp of two pages,
+mostly cache misses), ``merges`` (try_to_merge_one_page), ``thp_splits``,
+``dups_walked``, ``batches`` a wake-up's own cost). The file also holds the data and the error of the fit:
+``vmhost.reality.ksmd_fit`` refits them from density runs on the kernel
+(ksmd's schedstat per full pass against the emulator's work on the same pass),
+``vmhost bench ksm --calibrate`` from stepped single-pass workloads.
 
 The scan-time advisor (advisor_mode=scan-time) retunes pages_to_scan at the
 end of every full scan from the scan time and ksmd's CPU share, as 6.8 does.
@@ -34,6 +29,8 @@ end of every full scan from the scan time and ksmd's CPU share, as 6.8 does.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmhost.clock import NS_PER_MS, Clock, Event
@@ -41,7 +38,9 @@ from vmhost.clock import NS_PER_MS, Clock, Event
 if TYPE_CHECKING:
     from vmhost.ksm.engine import Ksm
 
-COST_NS = {"pages": 560, "checksums": 778, "tree_compares": 380, "merges": 449, "dups_walked": 100}
+CALIBRATION_PATH = Path(__file__).resolve().parent / "ksmd_calibration.json"
+#: ns per operation (work counter names, "pages" and "thp_splits"): the calibration's cost_ns
+COST_NS: dict[str, float] = json.loads(CALIBRATION_PATH.read_text())["cost_ns"]
 EWMA_WEIGHT = 30
 ADVISOR_MIN_CPU = 10
 
@@ -89,7 +88,7 @@ class Ksmd:
             return                            # wait to be woken
         before = self._work_ns()
         done = ksm.do_scan(ksm.knobs.pages_to_scan)
-        cost = self._work_ns() - before + done * COST_NS["pages"]
+        cost = int(self._work_ns() - before + done * COST_NS["pages"] + COST_NS.get("batches", 0))
         self.cpu_ns += cost
         self.batches += 1
         if ksm.should_run():
@@ -97,8 +96,9 @@ class Ksmd:
             self._event = self.clock.at(self.clock.now + cost + self._slept_ms * NS_PER_MS,
                                         self._tick)
 
-    def _work_ns(self) -> int:
-        return sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())
+    def _work_ns(self) -> float:
+        return (sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())
+                + self.ksm.host.vmstat["thp_split_page"] * COST_NS.get("thp_splits", 0))
 
     def run_full_scans(self, count: int) -> int:
         """Let ksmd run until ``count`` more full scans completed or it went idle."""
