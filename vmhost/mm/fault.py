@@ -116,8 +116,9 @@ def _read_fault(host: "Host", vma: Vma, offsets: np.ndarray) -> None:
     swapped = (vma.ptef[offsets] & PTE_SWAP) != 0
     if swapped.any():
         host.swap.swap_in(vma, offsets[swapped], write=False)
-    none = vma.ptef[offsets] & (PTE_PRESENT | PTE_SWAP) == 0
-    vma.ptef[offsets[none]] = PTE_PRESENT | PTE_ZERO
+    none = offsets[vma.ptef[offsets] & (PTE_PRESENT | PTE_SWAP) == 0]
+    vma.ptef[none] = PTE_PRESENT | PTE_ZERO
+    thp.mark_pgtable(vma, none[~thp.huge_zero_ranges(host, vma, none)])
     vma.ptef[offsets] |= np.uint8(PTE_YOUNG)
 
 
@@ -164,6 +165,7 @@ def _replace_zero_or_none(host: "Host", vma: Vma, offs: np.ndarray) -> None:
     pfns = alloc_for(host, vma, offs)
     host.frames.init_anon(pfns, 0, av.id, vma.linear_index(offs))
     _map_new(host, vma, offs, pfns)
+    thp.mark_pgtable(vma, offs)                 # do_anonymous_page installs 4 KiB PTEs
 
 
 def _map_new(host: "Host", vma: Vma, offs: np.ndarray, pfns: np.ndarray) -> None:
@@ -182,6 +184,7 @@ def _copy_on_write(host: "Host", vma: Vma, offs: np.ndarray) -> None:
     for pfn in cached.tolist():              # wp_can_reuse_anon_folio: drop an unneeded swap slot
         if not frames.flags[pfn] & PG_KSM:
             host.swap.try_free_swap(pfn)
+    thp.mark_pgtable(vma, offs)     # a shared huge PMD is split; the copy is one 4 KiB page
     is_ksm = frames.has(old, PG_KSM)
     exclusive = ~is_ksm & (frames.mapcount[old] == 1) & (frames.refcount[old] == 1)
     av = host.anon_vmas.prepare(vma)
@@ -258,9 +261,32 @@ def zap(host: "Host", vma: Vma, lo: int, hi: int) -> None:
     if swapped.any():                        # free_swap_and_cache for each swap PTE
         vma.mm.swap_ents -= int(swapped.sum())
         host.swap.free_entries(vma.pte[lo:hi][swapped])
+    _zap_pgtables(vma, lo, hi)
     vma.pte[lo:hi] = NO_PFN
     vma.ptef[lo:hi] = 0
     vma.mm.touch_ptes()
+
+
+def _zap_pgtables(vma: Vma, lo: int, hi: int) -> None:
+    """Page-table state after zapping [lo, hi). A 2 MiB range zapped whole has no page table
+    left (a huge PMD is cleared; an emptied page table is freed, as MADV_DONTNEED does with
+    CONFIG_PT_RECLAIM). A range zapped in part keeps its page table, and a huge PMD there is
+    split first, so it gets one; a range that mapped nothing gets none. Called before the
+    PTEs are cleared."""
+    a, b = vma.start + lo, vma.start + hi
+    first, last = a // HPAGE_PAGES, (b - 1) // HPAGE_PAGES
+    base = vma.start // HPAGE_PAGES
+    whole_lo = -(-a // HPAGE_PAGES)                  # first range starting at or after a
+    whole_hi = b // HPAGE_PAGES                      # ranges before this one end by b
+    if whole_hi > whole_lo:
+        vma.pgtable[whole_lo - base: whole_hi - base] = False
+    for r in {first, last}:
+        if whole_lo <= r < whole_hi:
+            continue
+        s = max(r * HPAGE_PAGES, vma.start) - vma.start
+        e = min((r + 1) * HPAGE_PAGES, vma.end) - vma.start
+        if vma.ptef[s:e].any():
+            vma.pgtable[r - base] = True
 
 
 def _shmem_fault(host: "Host", vma: Vma, offs: np.ndarray, write: bool) -> None:

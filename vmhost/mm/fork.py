@@ -37,6 +37,7 @@ def fork_mm(host: "Host", parent: MM, child_id: int) -> MM:
                    pvma.policy, pvma.shmem)
         cvma.pte = pvma.pte.copy()
         cvma.ptef = pvma.ptef & _CLEAR_YOUNG
+        cvma.pgtable = pvma.pgtable.copy()     # copy_page_range copies page tables as they are
         mapped = pvma.present_mask()
         pfns = pvma.pte[mapped]
         np.add.at(frames.mapcount, pfns, 1)

@@ -49,7 +49,8 @@ def huge_candidates(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
     first = ((vma.start + offs) // HPAGE_PAGES) * HPAGE_PAGES - vma.start
     starts = np.unique(first)
     starts = starts[(starts >= 0) & (starts + HPAGE_PAGES <= vma.pages)]
-    # pmd_none, or only the zero page mapped there (a read fault maps the huge zero page)
+    # pmd_none, or the huge zero page: no page table there (a split or a 4 KiB fault made one)
+    starts = starts[~vma.pgtable[vma.pmd_index(starts)]]
     ok = []
     for s in starts:
         f = vma.ptef[s: s + HPAGE_PAGES]
@@ -58,6 +59,15 @@ def huge_candidates(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
         if (empty | plain_zero).all():
             ok.append(s)
     return np.asarray(ok, dtype=np.int64)
+
+
+def huge_zero_ranges(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
+    """Mask over ``offs``: a read fault there maps the huge zero page (a whole 2 MiB range of
+    a THP VMA with no page table yet), not a 4 KiB zero-page PTE."""
+    if not thp_allowed(host, vma) or len(offs) == 0:
+        return np.zeros(len(offs), dtype=np.bool_)
+    first = ((vma.start + offs) // HPAGE_PAGES) * HPAGE_PAGES - vma.start
+    return (first >= 0) & (first + HPAGE_PAGES <= vma.pages) & ~vma.pgtable[vma.pmd_index(offs)]
 
 
 def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) -> None:
@@ -98,6 +108,31 @@ def free_unmapped_folios(host: "Host", pfns: np.ndarray) -> None:
         host.allocator.free_huge(int(head))
 
 
+def mark_pgtable(vma: Vma, offs) -> None:
+    """A PTE page table now exists for the 2 MiB ranges holding these offsets."""
+    vma.pgtable[vma.pmd_index(offs)] = True
+
+
+def _split_pmds(host: "Host", pfns: np.ndarray) -> None:
+    """Every mapping of the folio ``pfns`` becomes PTE-mapped (unmap_folio splits each huge
+    PMD): mark a page table in each VMA range that maps one of its pages."""
+    frames = host.frames
+    mapped = pfns[frames.mapcount[pfns] > 0]
+    if len(mapped) == 0:
+        return
+    index = frames.index[mapped]
+    for owner in np.unique(frames.owner[mapped]).tolist():
+        mine = frames.owner[mapped] == owner
+        for vma in list(host.anon_vmas[int(owner)].vmas):
+            offs = index[mine] - vma.pgoff
+            inside = (offs >= 0) & (offs < vma.pages)
+            offs, want = offs[inside], mapped[mine][inside]
+            hit = offs[(vma.pte[offs] == want)
+                       & ((vma.ptef[offs] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT)]
+            if len(hit):
+                mark_pgtable(vma, hit)
+
+
 def split_huge_page(host: "Host", pfn: int) -> None:
     """Split the folio holding ``pfn`` into 512 ordinary pages (split_huge_page).
 
@@ -109,6 +144,7 @@ def split_huge_page(host: "Host", pfn: int) -> None:
     frames = host.frames
     head = head_of(pfn)
     pfns = np.arange(head, head + HPAGE_PAGES, dtype=np.int64)
+    _split_pmds(host, pfns)
     frames.flags[pfns] &= _COMPOUND_MASK
     frames.refcount[pfns] -= 1                          # the folio reference goes
     host.vmstat["thp_split_page"] += 1

@@ -9,6 +9,10 @@ indexed by the page's offset in the VMA:
   KSM put it there, which the kernel marks with the dirty bit), swap entry,
   young (accessed) and dirty.
 
+A third array, ``pgtable``, has one flag per 2 MiB range: whether a PTE page
+table exists there (the PMD level). A huge page is mapped by the PMD itself, so
+a range with a page table is handled 4 KiB at a time by every later fault.
+
 Keeping the table per VMA makes splitting, merging and scanning plain array
 slices; the kernel keeps one radix tree per mm, which is the same mapping.
 """
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hw.units import HPAGE_PAGES
 from vmhost.mm.mempolicy import MemPolicy
 
 if TYPE_CHECKING:
@@ -81,6 +86,10 @@ class Vma:
         self.chain: list["AnonVma"] = []         # anon_vma_chain (same_vma list)
         self.pte = np.full(end - start, NO_PFN, dtype=np.int64)
         self.ptef = np.zeros(end - start, dtype=np.uint8)
+        # one entry per 2 MiB range the VMA touches (first one holds ``start``): True once a
+        # page table exists there (the PMD was split, or a 4 KiB PTE was installed); False is
+        # pmd_none, a huge PMD, or the huge zero page: only there may a fault map a huge page
+        self.pgtable = np.zeros(self._pmd_count(start, end), dtype=np.bool_)
 
     def __setattr__(self, name, value) -> None:
         if name in _LAYOUT_ATTRS:
@@ -119,6 +128,14 @@ class Vma:
         """Offsets whose PTE maps a frame of its own (not the zero page)."""
         return (self.ptef & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT
 
+    @staticmethod
+    def _pmd_count(start: int, end: int) -> int:
+        return (end - 1) // HPAGE_PAGES - start // HPAGE_PAGES + 1
+
+    def pmd_index(self, offsets) -> np.ndarray:
+        """Index into ``pgtable`` of the 2 MiB range holding each page offset."""
+        return (self.start + np.asarray(offsets, dtype=np.int64)) // HPAGE_PAGES - self.start // HPAGE_PAGES
+
     def take_tail(self, at: int) -> "Vma":
         """Split at virtual page ``at``: this VMA keeps [start, at), returns [at, end).
 
@@ -131,6 +148,9 @@ class Vma:
         tail.ptef = self.ptef[cut:].copy()
         self.pte = self.pte[:cut].copy()
         self.ptef = self.ptef[:cut].copy()
+        first = at // HPAGE_PAGES - self.start // HPAGE_PAGES
+        tail.pgtable = self.pgtable[first:].copy()
+        self.pgtable = self.pgtable[:self._pmd_count(self.start, at)].copy()
         self.end = at
         return tail
 
@@ -139,4 +159,9 @@ class Vma:
         assert nxt.start == self.end and nxt.pgoff == self.pgoff + self.pages
         self.pte = np.concatenate([self.pte, nxt.pte])
         self.ptef = np.concatenate([self.ptef, nxt.ptef])
+        if nxt.start % HPAGE_PAGES:              # the 2 MiB range at the seam is one range
+            self.pgtable[-1] |= nxt.pgtable[0]
+            self.pgtable = np.concatenate([self.pgtable, nxt.pgtable[1:]])
+        else:
+            self.pgtable = np.concatenate([self.pgtable, nxt.pgtable])
         self.end = nxt.end
