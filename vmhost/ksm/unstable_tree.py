@@ -26,6 +26,18 @@ class UnstableTreeMixin:
             return -1
         return pages.anon_page_at(self.host, vma, vpn - vma.start)
 
+    def _insert_gen(self, item: int, pfn: int) -> int:
+        """tree_gen of an item entering the unstable tree: the mm's page-table generation, which
+        lets later walks trust ``tree_pfn`` until a PTE of that mm changes. A page no longer
+        mapped (the huge page was split under the merge attempt and this zero-filled subpage
+        remapped to the zero page; ksmd still holds it) gets a generation that never matches,
+        so the next walk looks the address up again and stops there, as the kernel's
+        get_mergeable_page does."""
+        gen = self._mm(item).pt_gen
+        if self.host.frames.mapcount[pfn] == 0:
+            gen -= 1
+        return gen & GEN_MASK
+
     def _unstable_hashed(self, item: int, pfn: int) -> tuple[int, int]:
         """The unstable tree as hash + log while nothing changed (see fastscan)."""
         items = self.items
@@ -45,7 +57,7 @@ class UnstableTreeMixin:
         items.nid[item] = nid
         items.tree_pfn[item] = pfn
         items.tree_key[item] = key
-        items.tree_gen[item] = self._mm(item).pt_gen & GEN_MASK
+        items.tree_gen[item] = self._insert_gen(item, pfn)
         self._uh[h] = item
         self._log_unstable(item)
         self.c.pages_unshared += 1
@@ -102,7 +114,7 @@ class UnstableTreeMixin:
         self.items.nid[item] = nid
         self.items.tree_pfn[item] = pfn
         self.items.tree_key[item] = key
-        self.items.tree_gen[item] = self._mm(item).pt_gen & GEN_MASK & GEN_MASK
+        self.items.tree_gen[item] = self._insert_gen(item, pfn)
         tree.link(item, parent, go_left)
         self.c.pages_unshared += 1
         return NIL, -1
