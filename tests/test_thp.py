@@ -105,3 +105,36 @@ def test_ksm_on_thp_backed_zero_pages_merges_nothing():
     assert s["pages_shared"] + s["pages_sharing"] == 16 and s["ksm_zero_pages"] == 0
     assert h.used_pages() == 1                     # one KSM page left; every zero page freed
     invariants.check(h, before)
+
+
+def test_split_range_keeps_a_page_table_until_dontneed_frees_it():
+    h = thp_host()
+    p = h.spawn("a")
+    vma = p.mm.mmap(2 * HPAGE_PAGES, thp=True, at=0x10000)
+    p.mm.write(vma.start, ids(5))
+    split_huge_page(h, int(vma.pte[0]))
+    assert vma.pgtable.tolist() == [True, False]
+    p.mm.write(vma.start + 7, ids(9))             # PTE level: one 4 KiB page, no new folio
+    assert h.vmstat["thp_fault_alloc"] == 1 and h.used_pages() == 2
+    p.mm.madvise(vma.start + 1, 10, "dontneed")   # part of the range: the page table stays
+    p.mm.write(vma.start + 3, ids(4))
+    assert h.vmstat["thp_fault_alloc"] == 1
+    p.mm.madvise(vma.start, HPAGE_PAGES, "dontneed")   # all of it: the emptied table is freed
+    assert vma.pgtable.tolist() == [False, False]
+    p.mm.write(vma.start + 3, ids(4))
+    assert h.vmstat["thp_fault_alloc"] == 2
+    invariants.check(h)
+
+
+def test_page_table_state_follows_vma_split_and_merge():
+    h = thp_host()
+    p = h.spawn("a")
+    vma = p.mm.mmap(3 * HPAGE_PAGES, thp=True, at=0x10000)
+    p.mm.write(vma.start + HPAGE_PAGES + 5, ids(1))
+    split_huge_page(h, int(vma.pte[HPAGE_PAGES + 5]))
+    tail = vma.take_tail(vma.start + HPAGE_PAGES + 100)    # cut inside the split range
+    assert vma.pgtable.tolist() == [False, True] and tail.pgtable.tolist() == [True, False]
+    vma.absorb(tail)
+    assert vma.pgtable.tolist() == [False, True, False]
+    child = h.fork(p, "b")
+    assert child.mm.vmas[0].pgtable.tolist() == [False, True, False]
