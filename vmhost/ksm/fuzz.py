@@ -222,8 +222,8 @@ def generate(seed: int, thp: bool = True) -> dict:
     """A random valid trace document; the same seed always gives the same document.
 
     ``thp=False`` makes every THP region a plain one of the same size (and changes nothing
-    else): the kernel does not always find a huge page free, and the THP model has the known
-    differences kept in tests/ksm_traces/known_differences/.
+    else): the kernel does not always find a huge page free, so a batch that must agree
+    exactly leaves THP out.
     """
     doc = _Gen(random.Random(seed), thp).document()
     parse_trace(doc, f"<fuzz seed {seed}>")          # the generator only writes valid traces
