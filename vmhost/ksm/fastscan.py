@@ -882,7 +882,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 return i, processed, BAIL_BEFORE_SKIP, item
             ifl = 0
         if smart and not is_ksm:
-            age, skips, skip = smart_skip(IT.age[item], IT.remaining_skips[item])
+            age, skips, skip = smart_skip(np.int64(IT.age[item]),
+                                          np.int64(IT.remaining_skips[item]))
             if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_SKIP, item
