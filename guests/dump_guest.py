@@ -111,8 +111,8 @@ def _sample_nonzero(ids: np.ndarray, r: int) -> np.ndarray:
 def load_dump_image(path: str | os.PathLike) -> DumpImage:
     """An image file of ``vmhost guests import`` as a :class:`DumpImage`; DumpError if the
     file is not one."""
-    from guests.dumps import load_image, sharing_stats
-    gi = load_image(path)
+    from guests.dumps import load_fingerprints, sharing_stats
+    gi = load_fingerprints(path)
     order = np.argsort(gi.pfn, kind="stable")
     fp, zero = gi.fingerprint[order], gi.zero[order]
     ids = np.where(zero, np.uint64(0), fingerprint_ids(fp))

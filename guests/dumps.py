@@ -56,6 +56,7 @@ import multiprocessing
 import os
 import struct
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,8 @@ from pathlib import Path
 import mmh3
 import numpy as np
 
-from hw import PAGE_SIZE
+from guests.strict_yaml import DocumentError, load_json
+from hw.units import PAGE_SIZE
 
 IMAGE_FORMAT = "vmhost-guest-image"
 IMAGE_VERSION = 1
@@ -349,11 +351,6 @@ def _hash_chunk(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return hash_pages(_mapped(path), offset, pages)
 
 
-def _worker_exit() -> None:
-    for path in list(_MAPS):
-        _release(path)
-
-
 @dataclass
 class GuestImage:
     """Per-page fingerprints of one guest's RAM."""
@@ -546,7 +543,7 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def save_image(image: GuestImage, path: str | os.PathLike) -> None:
+def save_fingerprints(image: GuestImage, path: str | os.PathLike) -> None:
     """Write ``image`` to ``path`` (atomically: a temporary file renamed into place)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -565,26 +562,61 @@ def save_image(image: GuestImage, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def load_image(path: str | os.PathLike) -> GuestImage:
+def load_fingerprints(path: str | os.PathLike) -> GuestImage:
     path = str(path)
     _open_size(path)
     try:
         with zipfile.ZipFile(path) as zf:
-            header = json.loads(zf.read("header.json"))
+            header = load_json(zf.read("header.json"), f"{path}: header.json")
             arrays = {}
             for name in ("pfn", "fingerprint", "zero"):
                 with zf.open(f"{name}.npy") as fh:
                     arrays[name] = np.lib.format.read_array(io.BytesIO(fh.read()),
                                                             allow_pickle=False)
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+    except DocumentError as exc:
+        raise DumpError(str(exc)) from None
+    except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError,
+            NotImplementedError, RuntimeError) as exc:      # (an unsupported or encrypted member)
         raise DumpError(f"{path}: not a guest image ({exc})") from None
-    if header.get("format") != IMAGE_FORMAT or header.get("version") != IMAGE_VERSION:
-        raise DumpError(f"{path}: header.json field 'format'/'version': not a "
-                        f"{IMAGE_FORMAT} v{IMAGE_VERSION}")
     n = arrays["pfn"].shape[0]
+    _check_header(header, path, n)
     if arrays["fingerprint"].shape != (n, 2) or arrays["zero"].shape != (n,):
         raise DumpError(f"{path}: arrays have inconsistent shapes")
     return GuestImage(arrays["pfn"], arrays["fingerprint"], arrays["zero"], header)
+
+
+HEADER_KEYS = ("format", "version", "hash", "page_size", "source", "layout", "low_ram_end", "ram",
+               "skipped", "pages", "stats")
+SOURCE_KEYS = ("path", "format", "size", "sha256_first_mib", "mtime_ns", "btime_ns")
+
+
+def _check_header(header, path: str, pages: int) -> None:
+    """header.json as :func:`fingerprint_dump` writes it: no unknown (ignored) field, and the
+    format, hash and page size this code reads."""
+    def bad(field: str, reason: str) -> DumpError:
+        return DumpError(f"{path}: header.json field {field!r}: {reason}")
+    if not isinstance(header, dict):
+        raise DumpError(f"{path}: header.json: expected an object")
+    for key in header:
+        if key not in HEADER_KEYS:
+            raise bad(key, f"unknown field (allowed: {', '.join(HEADER_KEYS)})")
+    if header.get("format") != IMAGE_FORMAT or header.get("version") != IMAGE_VERSION:
+        raise bad("format'/'version", f"not a {IMAGE_FORMAT} v{IMAGE_VERSION}")
+    if header.get("hash", HASH_NAME) != HASH_NAME:
+        raise bad("hash", f"fingerprints made with {header['hash']!r}, not {HASH_NAME}")
+    if header.get("page_size", PAGE_SIZE) != PAGE_SIZE:
+        raise bad("page_size", f"{header['page_size']!r} is not {PAGE_SIZE}")
+    if header.get("pages", pages) != pages:
+        raise bad("pages", f"{header['pages']!r} does not match the {pages} pages stored")
+    src = header.get("source", {})
+    if not isinstance(src, dict) or any(k not in SOURCE_KEYS for k in src):
+        raise bad("source", f"expected an object with fields {', '.join(SOURCE_KEYS)}")
+    for key in ("stats",):
+        if not isinstance(header.get(key, {}), dict):
+            raise bad(key, "expected an object")
+    for key in ("ram", "skipped"):
+        if not isinstance(header.get(key, []), list):
+            raise bad(key, "expected a list")
 
 
 def import_dump(dump: str | os.PathLike, image_path: str | os.PathLike, fmt: str = "auto",
@@ -595,12 +627,12 @@ def import_dump(dump: str | os.PathLike, image_path: str | os.PathLike, fmt: str
     if not out_dir.is_dir():
         raise DumpError(f"{image_path}: output directory {out_dir} does not exist")
     image = fingerprint_dump(dump, fmt, jobs, layout, low_ram_end)
-    save_image(image, image_path)
+    save_fingerprints(image, image_path)
     return image
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an image file (what :func:`save_image` writes), not a dump."""
+    """Whether ``path`` is an image file (what :func:`save_fingerprints` writes), not a dump."""
     try:
         with open(path, "rb") as fh:
             if fh.read(4) != b"PK\x03\x04":
@@ -615,7 +647,7 @@ def read_guest_image(path: str | os.PathLike, jobs: int = 1) -> GuestImage:
     """An image file as it is, or a dump (ELF or raw, PC layout) fingerprinted now."""
     _open_size(str(path))
     if is_image_file(path):
-        image = load_image(path)
+        image = load_fingerprints(path)
         image.header["read_from"] = str(path)      # in memory only: what to name in errors
         return image
     return fingerprint_dump(path, jobs=jobs)

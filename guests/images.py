@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from guests.interning import Interner, key64, tagged
+from guests.strict_yaml import DocumentError, load_yaml
+from hw.units import PAGES_PER_MIB
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
-PAGES_PER_MIB = 256
 CLASSES = ("zero", "kernel", "pagecache", "app", "unique", "pattern")
 SHARED_KEY = {"kernel": "kernel", "pattern": "kernel", "pagecache": "packages", "app": "app"}
 DEFAULT_CHUNK = 16            # pages per layout chunk (64 KiB): classes interleave in RAM
@@ -108,22 +108,61 @@ class Image:
         return GuestMemory.build(self, name, seed, domain, memory_mib or self.memory_mib)
 
 
+IMAGE_KEYS = ("name", "description", "memory_mib", "classes", "kernel", "packages", "app", "os",
+              "chunk_pages", "assumptions", "sources", "expect")
+CLASS_KEYS = ("fraction", "mib", "distinct", "pool", "boot", "steady")
+BOOT_KEYS = ("touched",)
+STEADY_KEYS = ("rate", "hot")
+EXPECT_KEYS = ("zero_fraction", "ideal_sharing_3", "sharing_fraction_2", "self_fraction_min",
+               "zero_touched_min", "cross_image_sharing_max", "measured")
+
+
+def _fields(path: str, where: str, value, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+    """``value`` as a mapping with only ``allowed`` keys (an unknown key would be ignored)."""
+    if not isinstance(value, dict):
+        raise ImageError(f"{path}: {where or 'image'}: expected a mapping")
+    for k in value:
+        if k not in allowed:
+            raise ImageError(f"{path}: {where + '.' if where else ''}{k}: unknown field "
+                             f"(allowed: {', '.join(allowed)})")
+    for k in required:
+        if k not in value:
+            raise ImageError(f"{path}: missing field {k!r}")
+    return value
+
+
 def _num(path, where, value, lo=0.0, hi=None) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ImageError(f"{path}: {where}: {value!r} is not a number") from None
-    if v < lo or (hi is not None and v > hi) or math.isnan(v):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ImageError(f"{path}: {where}: {value!r} is not a number")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or (hi is not None and v > hi):
         raise ImageError(f"{path}: {where}: {v} is outside [{lo}, {hi if hi is not None else 'inf'}]")
     return v
 
 
+def _whole(path, where, value, lo: int) -> int:
+    v = _num(path, where, value, lo)
+    if v != int(v):
+        raise ImageError(f"{path}: {where}: {value!r} is not a whole number")
+    return int(v)
+
+
+def _text(path, where, value, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
+        raise ImageError(f"{path}: {where}: expected a non-empty name")
+    return str(value)
+
+
+def _texts(path, where, value) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ImageError(f"{path}: {where}: expected a list of strings")
+    return list(value)
+
+
 def parse_image(data: dict, path: str = "<image>") -> Image:
-    if not isinstance(data, dict):
-        raise ImageError(f"{path}: an image is a mapping")
-    for key in ("name", "memory_mib", "classes"):
-        if key not in data:
-            raise ImageError(f"{path}: missing field {key!r}")
+    _fields(path, "", data, IMAGE_KEYS, ("name", "memory_mib", "classes"))
     classes = {}
     raw = data["classes"]
     if not isinstance(raw, dict):
@@ -131,9 +170,10 @@ def parse_image(data: dict, path: str = "<image>") -> Image:
     for cname, c in raw.items():
         if cname not in CLASSES:
             raise ImageError(f"{path}: classes: unknown class {cname!r} (known: {', '.join(CLASSES)})")
-        c = c or {}
         where = f"classes.{cname}"
-        boot, steady = c.get("boot", {}) or {}, c.get("steady", {}) or {}
+        c = _fields(path, where, c or {}, CLASS_KEYS)
+        boot = _fields(path, where + ".boot", c.get("boot", {}) or {}, BOOT_KEYS)
+        steady = _fields(path, where + ".steady", c.get("steady", {}) or {}, STEADY_KEYS)
         spec = ClassSpec(
             cname,
             fraction=_num(path, where + ".fraction", c["fraction"], 0, 1) if "fraction" in c else None,
@@ -149,25 +189,33 @@ def parse_image(data: dict, path: str = "<image>") -> Image:
             raise ImageError(f"{path}: {where}.distinct must be above 0")
         classes[cname] = spec
     classes.setdefault("zero", ClassSpec("zero", boot_touched=0.0))
-    img = Image(name=str(data["name"]), description=str(data.get("description", "")),
-                memory_mib=int(_num(path, "memory_mib", data["memory_mib"], 1)), classes=classes,
-                kernel=str(data.get("kernel", "kernel")), packages=str(data.get("packages", "packages")),
-                app=str(data.get("app", "app")), os=str(data.get("os", "linux")),
-                chunk_pages=int(_num(path, "chunk_pages", data.get("chunk_pages", DEFAULT_CHUNK), 1)),
-                assumptions=list(data.get("assumptions", [])), sources=list(data.get("sources", [])),
-                expect=dict(data.get("expect", {}) or {}), path=path)
+    img = Image(name=_text(path, "name", data["name"], ""),
+                description=_text(path, "description", data.get("description"), ""),
+                memory_mib=_whole(path, "memory_mib", data["memory_mib"], 1), classes=classes,
+                kernel=_text(path, "kernel", data.get("kernel"), "kernel"),
+                packages=_text(path, "packages", data.get("packages"), "packages"),
+                app=_text(path, "app", data.get("app"), "app"),
+                os=_text(path, "os", data.get("os"), "linux"),
+                chunk_pages=_whole(path, "chunk_pages", data.get("chunk_pages", DEFAULT_CHUNK), 1),
+                assumptions=_texts(path, "assumptions", data.get("assumptions", [])),
+                sources=_texts(path, "sources", data.get("sources", [])),
+                expect=dict(_fields(path, "expect", data.get("expect", {}) or {}, EXPECT_KEYS)),
+                path=path)
     img.class_pages()            # validates the sizes
     return img
 
 
 def load_image(path: str | Path) -> Image:
+    """Read an image file (YAML; a duplicate key or an unknown field is an ImageError)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), str(path))
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ImageError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise ImageError(f"{path}: cannot read (not UTF-8 text: {exc.reason})") from None
+    except DocumentError as exc:
+        raise ImageError(str(exc)) from None
     return parse_image(data, str(path))
 
 

@@ -351,8 +351,9 @@ def import_host(uri: str) -> LibvirtHost:
     try:
         import libvirt
     except ImportError:
-        raise LibvirtImportError("libvirt-python is not installed (apt-get install libvirt-dev "
-                                 "pkg-config, then pip install libvirt-python)") from None
+        raise LibvirtImportError("libvirt-python is not installed: pip install 'vmhost[libvirt]' "
+                                 "(it builds against libvirt's headers: apt-get install "
+                                 "libvirt-dev pkg-config first)") from None
     # libvirt prints every error on stderr by default; they are raised as exceptions anyway
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:

@@ -8,8 +8,8 @@ describe what a guest is given.
 from hw.memory import BlockState, MemoryBlock, PhysicalMemory, Zone
 from hw.swap import SwapDevice, SwapIOError
 from hw.topology import NumaNode, Topology
+from hw.units import PAGE_SIZE
 
-PAGE_SIZE = 4096
 
 __all__ = [
     "PAGE_SIZE", "BlockState", "MemoryBlock", "PhysicalMemory", "Zone",

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hw.topology import Topology
+from hw.units import PAGE_SIZE
 
-PAGE_SIZE = 4096
 DEFAULT_BLOCK_PAGES = 32768  # 128 MiB of 4 KiB pages
 
 
@@ -48,10 +48,6 @@ class MemoryBlock:
     first_pfn: int
     pages: int
     hole_pages: int = 0    # firmware holes at the end of the block (make it unofflinable)
-
-    @property
-    def pfn_range(self) -> range:
-        return range(self.first_pfn, self.first_pfn + self.pages)
 
 
 class PhysicalMemory:

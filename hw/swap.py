@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from hw.units import PAGE_SIZE
+
 
 
 class SwapIOError(IOError):

@@ -1,7 +1,7 @@
 """The reality check: three real 128 MiB QEMU guests merged by the real KSM, against the
 emulator's prediction from their dumps and page-table ground truth (``vmhost calibrate qemu``).
 
-Every project machine has QEMU, the Debian kernel package and root (platform.md section 2), so
+Every project machine has QEMU, the Debian kernel package and root (docs/platform.md section 2), so
 nothing skips. Budget: about 30 s for the real side (boot, dumps, convergence) and about 60 s
 for the emulator's five or six full scans.
 """
@@ -15,6 +15,8 @@ from vmhost.reality import lab
 from vmhost.reality import calibrate
 from vmhost.cli import build_parser
 from vmhost.reality import ksm_oracle as oracle
+
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import pytest
 
 from vmhost import container
 
+pytestmark = pytest.mark.docker
+
 TAG = "vmhost:test"
 BASE = container.DEFAULT_BASE
 

@@ -174,7 +174,7 @@ def test_determinism_and_jobs(tmp_path, monkeypatch):
     assert np.array_equal(one.fingerprint, two.fingerprint)
     assert np.array_equal(one.zero, two.zero) and np.array_equal(one.pfn, two.pfn)
     assert (tmp_path / "one.img").read_bytes() == (tmp_path / "one-again.img").read_bytes()
-    loaded = dumps.load_image(tmp_path / "two.img")
+    loaded = dumps.load_fingerprints(tmp_path / "two.img")
     assert loaded.header == two.header
     assert np.array_equal(loaded.fingerprint, one.fingerprint)
     assert loaded.fingerprint.dtype == np.dtype("<u8") and loaded.fingerprint.shape == (600, 2)

@@ -17,7 +17,7 @@ import yaml
 from guests.images import catalog
 from vmhost.cli import main
 from vmhost.fleet.config import load_fleet, parse_fleet
-from vmhost.fleet.estimate import HostEstimate, profile
+from vmhost.fleet.estimate import HostEstimate, savings_profile
 from vmhost.fleet.placement import place
 from vmhost.fleet.runner import run_fleet
 from vmhost.fleet.tasks import TASK_LOG_ENV, ResultStore
@@ -168,7 +168,7 @@ def test_estimate_matches_exact_merging(name):
         exact = len(nz) - len(np.unique(nz)) + int(np.count_nonzero(c == 0))
         est = HostEstimate()
         for d in domains:
-            est.add(profile(img, 1024, d, mergeable=True))
+            est.add(savings_profile(img, 1024, d, mergeable=True))
         assert 0.9 * exact <= est.saved <= 1.001 * exact + 1, (domains, exact, est.saved)
 
 
@@ -352,6 +352,7 @@ def test_bad_config_exit_status(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.libvirt
 def test_inventory_from_libvirt_import(tmp_path):
     hv = tmp_path / "hv01.yaml"
     assert main(["import", "libvirt", "--uri", f"test://{ROOT}/tests/libvirt/node.xml", "-o", str(hv)]) == 0

@@ -11,6 +11,8 @@ from vmhost.ksm.ksmd import Ksmd
 from vmhost.mm import invariants
 from vmhost.qemu import spawn_guests
 
+pytestmark = pytest.mark.libvirt
+
 DOMAIN = """<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory>
 <vcpu>1</vcpu><os><type>hvm</type></os>{backing}</domain>"""
 

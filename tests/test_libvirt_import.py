@@ -24,6 +24,8 @@ from guests.spec import GuestNumaCell, GuestSpec, MemoryDevice, NumaTune
 from vmhost.cli import main
 from vmhost.config import parse_host_config
 
+pytestmark = pytest.mark.libvirt
+
 FIXTURES = Path(__file__).parent / "libvirt"
 REPO = Path(__file__).parent.parent
 GIB = 1 << 30

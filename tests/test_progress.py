@@ -39,3 +39,19 @@ def test_quiet_prints_nothing_and_an_open_total_counts_up():
     with Progress(None, "search", stream=out) as p:
         p.advance(2)
     assert "2 done" in out.getvalue()
+
+
+def test_a_start_note_is_shown_at_once_and_the_log_stays_short():
+    out = io.StringIO()
+    with Progress(100, "density", stream=out, start="booting guest 1") as p:
+        assert out.getvalue().splitlines() == [p._line()] and "0/100" in p._line()
+        assert "booting guest 1" in out.getvalue()
+        for i in range(100):
+            p.advance(note=f"guest {i}")
+    assert len(out.getvalue().splitlines()) == 11         # the start line stands for 0/10
+    tty = Tty()
+    with Progress(4, "density", stream=tty, start="booting guest 1") as p:
+        assert tty.getvalue().startswith("\r") and "0/4" in tty.getvalue()
+        for _ in range(4):
+            p.advance()
+    assert tty.getvalue().count("\r") == 5 and tty.getvalue().endswith("\n")

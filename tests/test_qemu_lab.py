@@ -1,6 +1,6 @@
 """The QEMU lab on real guests (TCG), and the host's real KSM merging three live guests.
 
-Every project machine has QEMU, the Debian kernel package and root (platform.md section 2), so
+Every project machine has QEMU, the Debian kernel package and root (docs/platform.md section 2), so
 nothing here skips. Budget: one lab guest (about 6 s) and one three-guest KSM measurement
 (about 30 s: boot, dumps, convergence).
 """
@@ -22,7 +22,9 @@ from vmhost.reality import lab  # noqa: E402
 from vmhost.reality import live_ksm  # noqa: E402
 from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 
-# platform.md section 2, measured on this kind of machine
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
+# docs/platform.md section 2, measured on this kind of machine
 REF_PAGES_SHARED = 7167
 REF_PAGES_SHARING = 36700
 REF_IDEAL_SHARING = 36341
@@ -96,7 +98,7 @@ def test_cli_imports_a_real_elf_dump(live, tmp_path):
                         tmp_path / "g0.img", "--json"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
-    image = dumps.load_image(tmp_path / "g0.img")
+    image = dumps.load_fingerprints(tmp_path / "g0.img")
     assert image.header["source"]["format"] == "elf"
     assert image.header["low_ram_end"] == 128 << 20
 

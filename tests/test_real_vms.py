@@ -65,7 +65,7 @@ def test_one_resolution_for_catalog_yaml_and_dumps(tmp_path):
 
 
 def test_a_dump_guest_is_the_dump_page_for_page():
-    gi = dumps.load_image(BUNDLED[0])
+    gi = dumps.load_fingerprints(BUNDLED[0])
     img = load_dump_image(BUNDLED[0])
     gm = img.instantiate("a", seed=1)
     # non-zero pages written at boot, in guest-physical order; zero pages never touched
@@ -76,7 +76,7 @@ def test_a_dump_guest_is_the_dump_page_for_page():
     same = sharing([gm, img.instantiate("b", seed=2)])
     assert same["inter_sharing"] == gi.stats()["distinct_nonzero"]
     two = [load_dump_image(p).instantiate(f"g{i}", seed=i) for i, p in enumerate(BUNDLED)]
-    real = dumps.cross_sharing([dumps.load_image(p) for p in BUNDLED])
+    real = dumps.cross_sharing([dumps.load_fingerprints(p) for p in BUNDLED])
     assert sharing(two)["ideal_sharing"] == real["total"]["ideal_sharing"]
     assert sharing(two)["inter_sharing"] == real["inter_sharing"]
     # another sharing domain shares nothing with the first
@@ -87,7 +87,7 @@ def test_a_dump_guest_is_the_dump_page_for_page():
 def test_dump_guests_and_interned_dumps_give_pages_the_same_ids():
     from guests.images import from_dump
     from guests.interning import Interner
-    gi = dumps.load_image(BUNDLED[1])
+    gi = dumps.load_fingerprints(BUNDLED[1])
     a = from_dump(gi, Interner(), "a")
     b = load_dump_image(BUNDLED[1]).instantiate("b")
     assert np.array_equal(np.sort(a.content[a.touched]), np.sort(b.content[b.touched]))
@@ -111,7 +111,7 @@ def test_a_dump_at_a_resolution_keeps_its_sharing_proportions():
 def test_density_example_from_the_lab_dumps():
     cfg = load_density(CONFIGS / "density-lab-dumps.yaml")
     res = DensityRunner(cfg).run()
-    real = dumps.cross_sharing([dumps.load_image(p) for p in BUNDLED])
+    real = dumps.cross_sharing([dumps.load_fingerprints(p) for p in BUNDLED])
     assert res["vms_per_host"]["no_ksm"] == 2 and res["vms_per_host"]["ksm"] == 3
     last = res["steps"][-1]
     # the emulated KSM merges what the real guests had in common, up to its chains' copies
@@ -132,15 +132,15 @@ def test_density_example_from_the_fitted_profile():
 
 
 def test_bundled_profile_is_the_fit_of_the_bundled_dumps():
-    images = [dumps.load_image(p) for p in BUNDLED]
-    later = [tuple(dumps.load_image(p) for p in WRITER)]
+    images = [dumps.load_fingerprints(p) for p in BUNDLED]
+    later = [tuple(dumps.load_fingerprints(p) for p in WRITER)]
     doc = fit_profile(images, "lab-tiny", later=later)
     assert doc == yaml.safe_load((CONFIGS / "profiles" / "lab-tiny.yaml").read_text())
     err = prediction_error(doc, images, later=later)
     assert abs(err["ideal_error"]) < 0.05 and abs(err["inter_error"]) < 0.05, err
     # fitted to two of the three idle guests, it predicts the sharing of all three
-    two = fit_profile([dumps.load_image(p) for p in BUNDLED[:2]], "two")
-    three = prediction_error(two, [dumps.load_image(p) for p in BUNDLED], 3)
+    two = fit_profile([dumps.load_fingerprints(p) for p in BUNDLED[:2]], "two")
+    three = prediction_error(two, [dumps.load_fingerprints(p) for p in BUNDLED], 3)
     assert abs(three["ideal_error"]) < 0.05 and abs(three["inter_error"]) < 0.05, three
     m = doc["expect"]["measured"]
     # the bundled writer aimed at 4 MiB/s (its console said it kept up)
@@ -150,7 +150,7 @@ def test_bundled_profile_is_the_fit_of_the_bundled_dumps():
 def test_a_series_of_dumps_of_one_vm_is_one_vm():
     import copy
     from guests.profile import vm_groups
-    w0, w1 = [dumps.load_image(p) for p in WRITER]
+    w0, w1 = [dumps.load_fingerprints(p) for p in WRITER]
     # a third dump 2 s after the second, in which 100 more non-zero pages changed
     w2 = copy.deepcopy(w1)
     pages = np.flatnonzero(~w2.zero)[:100]
@@ -168,7 +168,7 @@ def test_a_series_of_dumps_of_one_vm_is_one_vm():
 
 
 def bundled_images():
-    return [dumps.load_image(p) for p in BUNDLED]
+    return [dumps.load_fingerprints(p) for p in BUNDLED]
 
 
 def test_fleet_places_and_simulates_dump_guests(tmp_path):
@@ -192,7 +192,7 @@ def test_fleet_places_and_simulates_dump_guests(tmp_path):
     assert [h["vms"] for h in hosts] == [["lab0-1", "lab1-1", "lab2-1"], ["fit-1", "fit-2"]]
     # simulated at 1/4: KSM merges what the real guests share; the profile's two guests
     # share what the profile predicts
-    real = dumps.cross_sharing([dumps.load_image(p) for p in BUNDLED])["total"]["ideal_sharing"]
+    real = dumps.cross_sharing([dumps.load_fingerprints(p) for p in BUNDLED])["total"]["ideal_sharing"]
     assert abs(hosts[0]["saved_pages"] - real) <= 0.05 * real, (hosts[0]["saved_pages"], real)
     doc = yaml.safe_load((CONFIGS / "profiles" / "lab-tiny.yaml").read_text())
     two = predict(doc, 2)["ideal_sharing"]

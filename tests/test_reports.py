@@ -393,6 +393,7 @@ def test_density_csvs_read_back_to_the_result(density):
                     for s in res["steps"] for n in s["per_node"]]
 
 
+@pytest.mark.chromium
 def test_density_plots_are_seen_in_chromium(density, tmp_path):
     res, d = density
     m = measure(tmp_path, d)
@@ -437,6 +438,7 @@ def test_density_report_of_a_result_without_timeline_or_nodes(density, tmp_path)
     assert all(p["drawn"] == p["marks"] > 0 for p in m["plots"] if not p["noData"])
 
 
+@pytest.mark.chromium
 def test_degenerate_plots_in_chromium(tmp_path):
     rep = Report("edge cases")
     rep.plot(LinePlot("one point", "x", "y", [Series("s", [3], [7])]))

@@ -4,10 +4,11 @@ import numpy as np
 
 from hw.topology import Topology
 from tests.conftest import ids
+from hw.units import HPAGE_PAGES
 from vmhost.host import Host
 from vmhost.mm import invariants
 from vmhost.mm.frames import PG_HEAD, PG_TAIL
-from vmhost.mm.thp import HPAGE, split_huge_page
+from vmhost.mm.thp import split_huge_page
 from vmhost.mm.vma import PTE_ZERO
 
 
@@ -18,13 +19,13 @@ def thp_host(mode="madvise"):
 def test_write_in_hugepage_vma_maps_a_whole_folio():
     h = thp_host()
     p = h.spawn("a")
-    vma = p.mm.mmap(2 * HPAGE, thp=True, at=0x10000)
+    vma = p.mm.mmap(2 * HPAGE_PAGES, thp=True, at=0x10000)
     p.mm.write(vma.start + 3, ids(42))
-    pfns = vma.pte[:HPAGE]
-    assert (np.diff(pfns) == 1).all() and pfns[0] % HPAGE == 0
+    pfns = vma.pte[:HPAGE_PAGES]
+    assert (np.diff(pfns) == 1).all() and pfns[0] % HPAGE_PAGES == 0
     assert h.frames.flags[pfns[0]] & PG_HEAD and (h.frames.flags[pfns[1:]] & PG_TAIL).all()
     assert p.mm.view(vma.start, 5).tolist() == [0, 0, 0, 42, 0]
-    assert (vma.ptef[HPAGE:] == 0).all() and h.vmstat["thp_fault_alloc"] == 1
+    assert (vma.ptef[HPAGE_PAGES:] == 0).all() and h.vmstat["thp_fault_alloc"] == 1
     invariants.check(h)
 
 
@@ -32,7 +33,7 @@ def test_thp_needs_madvise_in_madvise_mode_and_never_means_never():
     for mode, thp, huge in (("madvise", None, False), ("always", None, True), ("never", True, False)):
         h = thp_host(mode)
         p = h.spawn("a")
-        vma = p.mm.mmap(HPAGE, thp=thp, at=0x10000)
+        vma = p.mm.mmap(HPAGE_PAGES, thp=thp, at=0x10000)
         p.mm.write(vma.start, ids(1))
         assert bool(h.frames.flags[vma.pte[0]] & PG_HEAD) == huge, mode
 
@@ -40,12 +41,12 @@ def test_thp_needs_madvise_in_madvise_mode_and_never_means_never():
 def test_split_frees_unmapped_and_zero_maps_zero_filled_pages():
     h = thp_host()
     p = h.spawn("a")
-    vma = p.mm.mmap(HPAGE, thp=True, at=0x10000)
+    vma = p.mm.mmap(HPAGE_PAGES, thp=True, at=0x10000)
     p.mm.write(vma.start, ids(5, 0, 6))          # page 1 written with zeroes: zero-filled too
     p.mm.madvise(vma.start + 10, 10, "dontneed")  # unmapped part of the folio
     before = invariants.views(h)
     used = h.used_pages()
-    assert used == HPAGE                          # the folio lives on while any page is mapped
+    assert used == HPAGE_PAGES                          # the folio lives on while any page is mapped
     split_huge_page(h, int(vma.pte[0]))
     assert h.used_pages() == 2                    # only the non-zero pages keep frames
     assert vma.ptef[1] & PTE_ZERO and vma.ptef[100] & PTE_ZERO
@@ -56,11 +57,11 @@ def test_split_frees_unmapped_and_zero_maps_zero_filled_pages():
 def test_folio_is_freed_when_its_last_page_is_unmapped():
     h = thp_host()
     p = h.spawn("a")
-    vma = p.mm.mmap(HPAGE, thp=True, at=0x10000)
+    vma = p.mm.mmap(HPAGE_PAGES, thp=True, at=0x10000)
     p.mm.write(vma.start, ids(1))
     c = h.fork(p)
-    p.mm.munmap(vma.start, HPAGE)
-    assert h.used_pages() == HPAGE                # the child still maps it
+    p.mm.munmap(vma.start, HPAGE_PAGES)
+    assert h.used_pages() == HPAGE_PAGES                # the child still maps it
     h.exit(c)
     assert h.used_pages() == 0
     invariants.check(h)
@@ -74,8 +75,8 @@ def test_no_free_chunk_falls_back_to_small_pages():
     p.mm.write(small.start, np.arange(1, n + 1, dtype=np.uint64))   # breaks every 2 MiB chunk
     for off in range(0, n, 2):                                      # free pages never coalesce
         p.mm.madvise(small.start + off, 1, "dontneed")
-    assert h.allocator.free_pages() > 4 * HPAGE
-    vma = p.mm.mmap(HPAGE, thp=True, at=0x10000)
+    assert h.allocator.free_pages() > 4 * HPAGE_PAGES
+    vma = p.mm.mmap(HPAGE_PAGES, thp=True, at=0x10000)
     p.mm.write(vma.start, ids(1))
     assert not h.frames.flags[vma.pte[0]] & PG_HEAD
     assert h.vmstat["thp_fault_fallback"] >= 1
@@ -93,7 +94,7 @@ def test_ksm_on_thp_backed_zero_pages_merges_nothing():
     procs = []
     for i in range(2):
         p = h.spawn(f"g{i}")
-        vma = p.mm.mmap(2 * HPAGE, thp=True, at=0x10000)
+        vma = p.mm.mmap(2 * HPAGE_PAGES, thp=True, at=0x10000)
         p.mm.write(vma.start, np.full(8, 77, dtype=np.uint64))    # 8 shared pages, rest zero
         p.mm.madvise(vma.start, vma.pages, "mergeable")
         procs.append(p)

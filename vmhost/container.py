@@ -72,7 +72,8 @@ def _docker():
     try:
         import docker
     except ImportError:
-        raise ContainerError("the docker Python package is needed: pip install docker") from None
+        raise ContainerError("the docker Python package is not installed: "
+                             "pip install 'vmhost[docker]'") from None
     return docker
 
 

@@ -31,7 +31,7 @@ from vmhost.mm.page_alloc import PageAllocator
 from vmhost.mm.shmem import Shmem
 from vmhost.mm.vma import Vma
 from vmhost.profile import DEFAULT_PROFILE, Profile, get_profile
-from vmhost.task import Process
+from vmhost.process import Process
 
 GIB = 1 << 30
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from hw.units import PAGE_SIZE
 from vmhost.config import _err, parse_duration_ns, parse_host_config
 from vmhost.density.config import HostRun, MixEntry, _image, parse_settle
 from vmhost.density.stepper import HostStepper, StepResult
@@ -94,7 +95,7 @@ def simulate_host(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, see
                policy=st.policy_summary(), timeline=st.timeline,
                wall_s=round(time.perf_counter() - wall0, 3),
                not_booted=[vm.name for vm in vms[booted:]],
-               ram_pages=sum(n.mem_bytes for n in run.host.topology.nodes) // 4096,
+               ram_pages=sum(n.mem_bytes for n in run.host.topology.nodes) // PAGE_SIZE,
                ksmd_cpu_s=last.ksmd_cpu_s_total, resolution=resolution, unfaithful=st.unfaithful,
                vms=[asdict(vm) for vm in vms])
     out["oom_kills"] = [k["name"] for k in out["oom_kills"]]

@@ -23,6 +23,13 @@ A scenario file is a host configuration (``vmhost.config``: ``host:`` and
       - ksm_scans: 2                     # ksmd runs N more full scans (run=1 is written if run is 0)
       - run_for: 500ms                   # the clock runs (ksmd, kswapd) for this long
       - offline: {blocks: [4, 5]}        # or {node: 1} (all its online blocks) or {device: NAME}
+                                         # or {pages_of: guest1} (the blocks holding its pages)
+                                         # or {empty: true} (one online block holding no page);
+                                         # options: signal_after: 1s (the offlining writer gets
+                                         # a signal then: EINTR if still retrying; default 10s),
+                                         # run_write_after: 200ms (another writer of KSM's run
+                                         # arrives then; it waits for the offline to end)
+      - ksm: {run: 0}                    # writes to /sys/kernel/mm/ksm (refusals are reported)
       - unplug: NAME                     # hot-remove a DIMM / virtio-mem device (offline + remove)
       - online: {blocks: [4]}
       - add_dimm: {name: d1, node: 1, size: 1GiB, zone: movable, online: true}
@@ -55,17 +62,19 @@ from typing import Any
 import numpy as np
 
 from hw.memory import BlockState, Zone
-from vmhost.config import (HostConfig, _err, expect_int, expect_mapping, parse_duration_ns,
-                           parse_host_config, parse_size, read_yaml)
+from hw.units import HPAGE_PAGES, PAGE_SIZE
+from vmhost.config import HostConfig, parse_host_config
 from vmhost.errors import InputError
-from vmhost.ksm.trace import _Validator, content_ids
+from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
+from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
+from vmhost.schema import (expect_bool, expect_int, expect_mapping, expect_str, fail,
+                           parse_duration_ns, parse_size, read_yaml)
 
-PAGE_SIZE = 4096
-HPAGE = 512
 STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
-              "pressure", "reclaim", "write")
+              "pressure", "reclaim", "write", "ksm")
+OFFLINE_TARGETS = ("blocks", "node", "device", "pages_of", "empty")
 
 
 @dataclass
@@ -106,21 +115,9 @@ class Scenario:
 # ------------------------------------------------------------------------------------------
 # validation
 
-def _content(spec: Any, count: int, path: str, key: str) -> Any:
-    v = _Validator(path)
-    v.where = key
-    return v.content(spec, count)
-
-
-def _bool(value: Any, path: str, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise _err(path, key, f"expected true or false, got {value!r}")
-    return value
-
-
 def _range_list(value: Any, pages: int, path: str, key: str) -> list[tuple[int, int]]:
     if not isinstance(value, list):
-        raise _err(path, key, "expected a list of {start, count}")
+        raise fail(path, key, "expected a list of {start, count}")
     out = []
     for i, r in enumerate(value):
         k = f"{key}[{i}]"
@@ -135,27 +132,27 @@ def _region(r: Any, path: str, key: str) -> RegionSpec:
     expect_mapping(r, path, key, ("name", "size", "pages", "content", "fill", "mergeable", "thp", "pinned"),
                    ("name",))
     if not isinstance(r["name"], str) or not r["name"]:
-        raise _err(path, f"{key}.name", "expected a non-empty name")
+        raise fail(path, f"{key}.name", "expected a non-empty name")
     if ("size" in r) == ("pages" in r):
-        raise _err(path, key, "give exactly one of size and pages")
+        raise fail(path, key, "give exactly one of size and pages")
     if "size" in r:
         size = parse_size(r["size"], path, f"{key}.size", minimum=PAGE_SIZE)
         if size % PAGE_SIZE:
-            raise _err(path, f"{key}.size", f"{r['size']!r} is not a whole number of 4 KiB pages")
+            raise fail(path, f"{key}.size", f"{r['size']!r} is not a whole number of 4 KiB pages")
         pages = size // PAGE_SIZE
     else:
         pages = expect_int(r["pages"], path, f"{key}.pages", 1)
     spec = RegionSpec(r["name"], pages)
     if "content" in r:
-        spec.fills.append((0, pages, _content(r["content"], pages, path, f"{key}.content")))
+        spec.fills.append((0, pages, parse_content(r["content"], pages, path, f"{key}.content")))
     for i, f in enumerate(r.get("fill", []) or []):
         k = f"{key}.fill[{i}]"
         expect_mapping(f, path, k, ("start", "count", "content"), ("start", "count", "content"))
         start = expect_int(f["start"], path, f"{k}.start", 0, pages - 1)
         count = expect_int(f["count"], path, f"{k}.count", 1, pages - start)
-        spec.fills.append((start, count, _content(f["content"], count, path, f"{k}.content")))
-    spec.mergeable = _bool(r.get("mergeable", False), path, f"{key}.mergeable")
-    spec.thp = _bool(r.get("thp", False), path, f"{key}.thp")
+        spec.fills.append((start, count, parse_content(f["content"], count, path, f"{k}.content")))
+    spec.mergeable = expect_bool(r.get("mergeable", False), path, f"{key}.mergeable")
+    spec.thp = expect_bool(r.get("thp", False), path, f"{key}.thp")
     spec.pinned = _range_list(r.get("pinned", []), pages, path, f"{key}.pinned")
     return spec
 
@@ -164,12 +161,12 @@ def _blocks_arg(value: Any, path: str, key: str, nblocks: int) -> list[int]:
     if isinstance(value, str) and "-" in value:
         lo, _, hi = value.partition("-")
         if not (lo.strip().isdigit() and hi.strip().isdigit()) or int(lo) > int(hi):
-            raise _err(path, key, f"{value!r} is not a block range like 4-7")
+            raise fail(path, key, f"{value!r} is not a block range like 4-7")
         value = list(range(int(lo), int(hi) + 1))
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise _err(path, key, "expected a block number, a list of them, or a range like 4-7")
+        raise fail(path, key, "expected a block number, a list of them, or a range like 4-7")
     for i, b in enumerate(value):
         expect_int(b, path, f"{key}[{i}]", 0, nblocks - 1)
     return list(value)
@@ -182,7 +179,7 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
     nblocks = sum(n.mem_bytes // block_bytes for n in cfg.topology.nodes)
     procs_doc = doc.get("processes", {}) or {}
     if not isinstance(procs_doc, dict):
-        raise _err(path, "processes", "expected a mapping of process names")
+        raise fail(path, "processes", "expected a mapping of process names")
     procs: list[ProcSpec] = []
     regions_of: dict[str, dict[str, int]] = {}
     for name, p in procs_doc.items():
@@ -194,24 +191,24 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
         if "policy" in p:
             pol = expect_mapping(p["policy"], path, f"{key}.policy", ("mode", "nodes"), ("mode",))
             if pol["mode"] not in MODES:
-                raise _err(path, f"{key}.policy.mode", f"{pol['mode']!r} is not one of {', '.join(MODES)}")
+                raise fail(path, f"{key}.policy.mode", f"{pol['mode']!r} is not one of {', '.join(MODES)}")
             nodes = pol.get("nodes", [])
             if not isinstance(nodes, list):
-                raise _err(path, f"{key}.policy.nodes", "expected a list of node ids")
+                raise fail(path, f"{key}.policy.nodes", "expected a list of node ids")
             for i, n in enumerate(nodes):
                 expect_int(n, path, f"{key}.policy.nodes[{i}]", 0, nnodes - 1)
             try:
                 spec.policy = MemPolicy(pol["mode"], tuple(nodes))
             except ValueError as exc:
-                raise _err(path, f"{key}.policy", str(exc)) from None
+                raise fail(path, f"{key}.policy", str(exc)) from None
         regions = p["regions"]
         if not isinstance(regions, list) or not regions:
-            raise _err(path, f"{key}.regions", "expected a non-empty list of regions")
+            raise fail(path, f"{key}.regions", "expected a non-empty list of regions")
         names = {}
         for i, r in enumerate(regions):
             reg = _region(r, path, f"{key}.regions[{i}]")
             if reg.name in names:
-                raise _err(path, f"{key}.regions[{i}].name", f"two regions are named {reg.name!r}")
+                raise fail(path, f"{key}.regions[{i}].name", f"two regions are named {reg.name!r}")
             names[reg.name] = reg.pages
             spec.regions.append(reg)
         regions_of[spec.name] = names
@@ -219,7 +216,7 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
     kernel_pages = []
     kp = doc.get("kernel_pages", []) or []
     if not isinstance(kp, list):
-        raise _err(path, "kernel_pages", "expected a list of {node, pages}")
+        raise fail(path, "kernel_pages", "expected a list of {node, pages}")
     for i, k in enumerate(kp):
         key = f"kernel_pages[{i}]"
         expect_mapping(k, path, key, ("node", "pages"), ("node", "pages"))
@@ -227,53 +224,69 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
                              expect_int(k["pages"], path, f"{key}.pages", 1)))
     timeline = doc.get("timeline", []) or []
     if not isinstance(timeline, list):
-        raise _err(path, "timeline", "expected a list of steps")
+        raise fail(path, "timeline", "expected a list of steps")
     steps: list[Step] = []
     devices: dict[str, str] = {}
     for i, s in enumerate(timeline):
         key = f"timeline[{i}]"
         if not isinstance(s, dict) or len(s) != 1:
-            raise _err(path, key, f"expected one step such as {{offline: {{blocks: [4]}}}} "
+            raise fail(path, key, f"expected one step such as {{offline: {{blocks: [4]}}}} "
                                   f"(kinds: {', '.join(STEP_KINDS)})")
         (kind, body), = s.items()
         key = f"{key}.{kind}"
         if kind not in STEP_KINDS:
-            raise _err(path, key, f"unknown step (kinds: {', '.join(STEP_KINDS)})")
+            raise fail(path, key, f"unknown step (kinds: {', '.join(STEP_KINDS)})")
         if kind == "ksm_scans":
             args = expect_int(body, path, key, 1, 10_000)
         elif kind == "run_for":
             args = parse_duration_ns(body, path, key)
+        elif kind == "ksm":
+            if not isinstance(body, dict) or not body:
+                raise fail(path, key, "expected knob writes such as {run: 0}")
+            args = [(str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in body.items()]
         elif kind in ("offline", "online"):
-            expect_mapping(body, path, key, ("blocks", "node", "device"))
-            if len(body) != 1:
-                raise _err(path, key, "give one of blocks, node, device")
-            if "blocks" in body:
+            targets = OFFLINE_TARGETS if kind == "offline" else ("blocks", "node", "device")
+            options = ("signal_after", "run_write_after") if kind == "offline" else ()
+            expect_mapping(body, path, key, targets + options)
+            if sum(t in body for t in targets) != 1:
+                raise fail(path, key, f"give one of {', '.join(targets)}")
+            opts = {o: parse_duration_ns(body[o], path, f"{key}.{o}") for o in options if o in body}
+            if "pages_of" in body:
+                if body["pages_of"] not in regions_of:
+                    raise fail(path, f"{key}.pages_of", f"no process {body['pages_of']!r}")
+                args = {"pages_of": body["pages_of"]}
+            elif "empty" in body:
+                if body["empty"] is not True:
+                    raise fail(path, f"{key}.empty", "expected true")
+                args = {"empty": True}
+            elif "blocks" in body:
                 args = {"blocks": _blocks_arg(body["blocks"], path, f"{key}.blocks", nblocks)}
             elif "node" in body:
                 args = {"node": expect_int(body["node"], path, f"{key}.node", 0, nnodes - 1)}
             else:
-                if body["device"] not in devices:
-                    raise _err(path, f"{key}.device", f"no device {body['device']!r} was added before")
+                if expect_str(body["device"], path, f"{key}.device") not in devices:
+                    raise fail(path, f"{key}.device", f"no device {body['device']!r} was added before")
                 args = {"device": body["device"]}
+            args.update(opts)
         elif kind == "unplug":
-            if body not in devices:
-                raise _err(path, key, f"no hot-added device {body!r} (add_dimm / add_virtio_mem first)")
+            if expect_str(body, path, key, "a device name") not in devices:
+                raise fail(path, key, f"no hot-added device {body!r} (add_dimm / add_virtio_mem first)")
             args = body
         elif kind in ("add_dimm", "add_virtio_mem"):
             req = ("name", "node", "size") if kind == "add_dimm" else ("name", "node", "blocks")
             expect_mapping(body, path, key, req + ("zone", "online"), req)
             if not isinstance(body["name"], str) or not body["name"] or body["name"] == "boot":
-                raise _err(path, f"{key}.name", "expected a device name (not 'boot')")
+                raise fail(path, f"{key}.name", "expected a device name (not 'boot')")
             if body["name"] in devices and (kind == "add_dimm" or devices[body["name"]] != kind):
-                raise _err(path, f"{key}.name", f"a device named {body['name']!r} exists already")
+                raise fail(path, f"{key}.name", f"a device named {body['name']!r} exists already")
             args = {"name": body["name"], "node": expect_int(body["node"], path, f"{key}.node", 0, nnodes - 1),
-                    "zone": body.get("zone", "movable"), "online": _bool(body.get("online", True), path, f"{key}.online")}
+                    "zone": body.get("zone", "movable"), "online": expect_bool(body.get("online", True), path, f"{key}.online")}
             if args["zone"] not in ("movable", "normal"):
-                raise _err(path, f"{key}.zone", f"{args['zone']!r} is not movable or normal")
+                raise fail(path, f"{key}.zone", f"{args['zone']!r} is not movable or normal")
             if kind == "add_dimm":
                 size = parse_size(body["size"], path, f"{key}.size", minimum=block_bytes)
                 if size % block_bytes:
-                    raise _err(path, f"{key}.size", f"{body['size']!r} is not a multiple of the block size")
+                    raise fail(path, f"{key}.size", f"{body['size']!r} is not a multiple of the block size")
                 args["size"] = size
                 nblocks += size // block_bytes
             else:
@@ -283,11 +296,11 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
         elif kind == "pressure":
             expect_mapping(body, path, key, ("pages", "size", "node", "content"))
             if ("pages" in body) == ("size" in body):
-                raise _err(path, key, "give exactly one of pages and size")
+                raise fail(path, key, "give exactly one of pages and size")
             pages = (expect_int(body["pages"], path, f"{key}.pages", 1) if "pages" in body
                      else parse_size(body["size"], path, f"{key}.size", minimum=PAGE_SIZE) // PAGE_SIZE)
             args = {"pages": pages, "node": expect_int(body.get("node", 0), path, f"{key}.node", 0, nnodes - 1),
-                    "content": _content(body.get("content", {"unique": 1_000_000 + i}), pages, path,
+                    "content": parse_content(body.get("content", {"unique": 1_000_000 + i}), pages, path,
                                         f"{key}.content")}
         elif kind == "reclaim":
             expect_mapping(body, path, key, ("node", "pages"), ("pages",))
@@ -296,15 +309,15 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
         else:  # write
             expect_mapping(body, path, key, ("proc", "region", "start", "count", "content"),
                            ("proc", "region", "content"))
-            if body["proc"] not in regions_of:
-                raise _err(path, f"{key}.proc", f"no process {body['proc']!r}")
-            if body["region"] not in regions_of[body["proc"]]:
-                raise _err(path, f"{key}.region", f"process {body['proc']!r} has no region {body['region']!r}")
+            if expect_str(body["proc"], path, f"{key}.proc") not in regions_of:
+                raise fail(path, f"{key}.proc", f"no process {body['proc']!r}")
+            if expect_str(body["region"], path, f"{key}.region") not in regions_of[body["proc"]]:
+                raise fail(path, f"{key}.region", f"process {body['proc']!r} has no region {body['region']!r}")
             pages = regions_of[body["proc"]][body["region"]]
             start = expect_int(body.get("start", 0), path, f"{key}.start", 0, pages - 1)
             count = expect_int(body.get("count", pages - start), path, f"{key}.count", 1, pages - start)
             args = {"proc": body["proc"], "region": body["region"], "start": start, "count": count,
-                    "content": _content(body["content"], count, path, f"{key}.content")}
+                    "content": parse_content(body["content"], count, path, f"{key}.content")}
         steps.append(Step(i, kind, args))
     return Scenario(path, cfg, procs, kernel_pages, steps)
 
@@ -339,14 +352,14 @@ class Runner:
                 proc.mm.policy = spec.policy
             at, addrs = self.REGION_BASE, {}
             for reg in spec.regions:
-                at = -(-at // HPAGE) * HPAGE
+                at = -(-at // HPAGE_PAGES) * HPAGE_PAGES
                 proc.mm.mmap(reg.pages, thp=reg.thp, at=at)
                 addrs[reg.name] = at
                 for start, count, content in reg.fills:
                     proc.mm.write(at + start, content_ids(content, count))
                 if reg.mergeable:
                     proc.mm.madvise(at, reg.pages, "mergeable")
-                at += reg.pages + HPAGE           # a gap keeps regions in separate VMAs
+                at += reg.pages + HPAGE_PAGES           # a gap keeps regions in separate VMAs
             self.procs[spec.name] = proc
             self.addrs[spec.name] = addrs
         for spec in self.scn.procs:
@@ -402,6 +415,9 @@ class Runner:
             if self.ksm.knobs.run == 0:
                 self.ksm.write_knob("run", "1")
             out["scans_done"] = self.ksmd.run_full_scans(args)
+        elif step.kind == "ksm":
+            out["writes"] = [{"knob": k, "value": v, "rc": _errname(self.ksm.write_knob(k, v))}
+                             for k, v in args]
         elif step.kind == "run_for":
             host.clock.run_until(host.clock.now + args)
         elif step.kind == "offline":
@@ -443,16 +459,33 @@ class Runner:
         want = BlockState.ONLINE if online else BlockState.OFFLINE
         if "blocks" in args:
             return list(args["blocks"])
+        if "pages_of" in args:
+            return self._blocks_holding(args["pages_of"])
+        if "empty" in args:
+            frames = self.host.frames
+            empty = [b.index for b in phys.blocks if b.index and b.state is want and b.hole_pages == 0
+                     and not frames.refcount[b.first_pfn: b.first_pfn + b.pages].any()]
+            return empty[-1:]
         if "node" in args:
             return [b.index for b in phys.blocks if b.node == args["node"] and b.state is want]
         return [b.index for b in phys.blocks_of_device(args["device"]) if b.state is want]
 
+    def _blocks_holding(self, name: str) -> list[int]:
+        """The online blocks holding a frame mapped by process ``name``."""
+        proc = self.procs[name]
+        pfns = [vma.pte[(vma.ptef & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT] for vma in proc.mm.vmas] if proc.alive else []
+        pfns = np.concatenate(pfns) if pfns else np.zeros(0, dtype=np.int64)
+        pfns = pfns[pfns != NO_PFN]
+        blocks = sorted(set((pfns // self.host.phys.block_pages).tolist()))
+        return [b for b in blocks if self.host.phys.blocks[b].state is BlockState.ONLINE]
+
     def _offline(self, args: dict):
         results = []
+        opts = {k: args[k] for k in ("signal_after", "run_write_after") if k in args}
         for b in self._resolve_blocks(args, online=True):
             if b >= len(self.host.phys.blocks):
                 raise InputError(f"{self.scn.path}: offline: there is no block {b}")
-            results.append(self.host.hotplug.offline_block(b))
+            results.append(self.host.hotplug.offline_block(b, **{f"{k}_ns": v for k, v in opts.items()}))
         return results
 
     def _pressure_step(self, args: dict) -> dict:
@@ -475,10 +508,6 @@ class Runner:
 
 def _errname(rc: int) -> str:
     return "ok" if rc == 0 else errno.errorcode.get(-rc, str(rc))
-
-
-def run_scenario(path: str | Path) -> dict:
-    return Runner(load_scenario(path)).run()
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,12 +569,5 @@ def format_result(res: dict) -> str:
 def write_report(res: dict, directory: str | Path) -> None:
     """The report directory (HTML, JSON, text, CSV), atomically: see vmhost.reports.hotremove."""
     from vmhost.reports.hotremove import write_hotremove_report
-    write_hotremove_report(res, directory)
+    write_hotremove_report(res, directory, format_result(res))
 
-
-def _jsonable(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,41 +1,62 @@
 """KSM tuning policies: who turns ksmd on and how hard it scans, over time.
 
 A policy runs on the host's virtual clock and writes KSM's knobs the way the
-real tool would write /sys/kernel/mm/ksm. Each is a small class with
-``attach(host, ksm)`` that schedules its own wake-ups:
+real tool writes /sys/kernel/mm/ksm, from what the tool reads (/proc/meminfo,
+ps, the KSM files), with the tool's own constants and arithmetic (the tools
+work in kB; so do these classes):
 
 - ``fixed``: the configured knobs, once.
-- ``ksmtuned``: the ksmtuned daemon's loop (RHEL, Proxmox): every 60 s, if the
-  guests' committed memory (the QEMU processes' RSS) plus a threshold still
-  fits in RAM and free memory is above the threshold, KSM is stopped;
-  otherwise ksmd runs, pages_to_scan grows by 300 (up to 1250) while free
-  memory is under the threshold and shrinks by 50 (down to 64) when it is not,
-  and sleep_millisecs is 10 ms scaled by 16 GiB over the host's RAM (at least
-  10). The threshold is 20% of RAM, at least 2048 MiB.
-- ``mom``: oVirt MOM's KSM controller: the same rule with the same constants,
-  evaluated every 10 s, with "committed" taken as the resident size of the
-  guests rather than their configured size.
-- ``kubevirt``: KubeVirt's node handler: KSM runs only while the node is under
-  memory pressure (available memory below 20%), with fixed knobs; it stops
-  when available memory is back above the threshold plus a 5% margin.
+- ``ksmtuned`` (ksmtuned.sh, RHEL/Fedora/Proxmox): sleeps its monitor interval
+  (60 s), then ``adjust``: with ``total`` = MemTotal, ``thres`` = total x 20 /
+  100 but at least KSM_THRES_CONST = 2048 (kB, compared with a kB value), free
+  = MemFree + Buffers + Cached and committed = the qemu processes' RSS: if
+  committed + thres < total and free > thres, KSM is stopped; otherwise
+  ``npages`` (starting at 0) grows by 300 while free < thres and shrinks by 50
+  otherwise, clamped to [64, 1250], and pages_to_scan, sleep_millisecs =
+  max(10, 10 x 16 GiB / total) and run=1 are written.
+- ``mom`` (oVirt MOM with VDSM's 03-ksm.policy): every 10 s (policy engine
+  interval, after a first sleep) with free memory averaged over the host
+  monitor's last 10 samples (taken every 5 s): threshold = MemTotal x 0.20 (no
+  floor); committed = the qemu processes' virtual size (``ksm_shareable``:
+  ps -o vsz); stop when threshold + committed < MemTotal and average free >
+  threshold; otherwise run=1, sleep_millisecs = max(10, 10 x 16 GiB / MemTotal)
+  (the original published rules had no 10 ms floor: ``sleep_min_ms: 0``) and
+  pages_to_scan = the current pages_to_scan + 300 (average free under the
+  threshold) or - 50, clamped to [64, 1250]; merge_across_nodes is set to the
+  policy's value whenever no page is shared, and run=2 (unmerge) is written
+  while pages are shared and the value differs. Only changed values are
+  written (MOM's KSM controller).
+- ``kubevirt`` (virt-handler's KSM handler): at start (twice: Start() and the
+  loop's first spin), then every 3 minutes: with MemTotal, MemAvailable and
+  ksmd's current run and pages_to_scan, sleep = 100 x 16 GiB / (MemTotal -
+  MemAvailable) but at least 10 ms; without pressure (available > 20% of total)
+  a running KSM decays pages_to_scan by 50 and stops once it would go under
+  64; under pressure a stopped KSM starts at 100 pages, a running one grows by
+  300 up to 1250.
 - ``advisor``: the kernel's own scan-time advisor (advisor_mode=scan-time,
   6.8+), which retunes pages_to_scan after every full scan.
 
-The constants are the published defaults of those tools (``field.md``).
+Every process of an emulated host is a guest's QEMU process, so "the qemu
+processes" are all of them. The emulator has no page cache: MemFree + Buffers
++ Cached is the free memory, and MemAvailable is free memory less the high
+watermarks (the kernel's ``totalreserve_pages``), never below 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
+
+from hw.units import PAGE_SIZE
 from vmhost.clock import NS_PER_S
+
+PAGE_KIB = PAGE_SIZE // 1024
 
 if TYPE_CHECKING:
     from vmhost.host import Host
     from vmhost.ksm.engine import Ksm
-
-MIB_PAGES = 256          # 4 KiB pages in a MiB
 
 
 def scaled_scan_knobs(pages_to_scan: int, sleep_millisecs: int, resolution: int,
@@ -116,12 +137,16 @@ class Policy:
 
 @dataclass
 class Periodic(Policy):
-    """A policy that looks at the host every ``interval_s`` seconds (its ``adjust``)."""
+    """A policy that looks at the host every ``interval_s`` seconds (its ``adjust``); the
+    first look is after one interval (the tool sleeps first), or at once with
+    ``FIRST_AT_START``."""
     interval_s: float = 60.0
+    FIRST_AT_START: ClassVar[bool] = False
 
     def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
         super().attach(host, ksm, full_scale_knobs)
-        host.clock.after(0, self._tick)
+        interval = int(self.interval_s * NS_PER_S)
+        host.clock.after(0 if self.FIRST_AT_START else interval, self._tick)
 
     def _tick(self) -> None:
         self.adjust()
@@ -130,75 +155,163 @@ class Periodic(Policy):
     def adjust(self) -> None:
         raise NotImplementedError
 
+    # -- /proc/meminfo and ps, full scale, in kB as the tools read them -------------------------
+    def mem_total_kb(self) -> int:
+        return self.host_pages() * PAGE_KIB
+
+    def mem_free_kb(self) -> int:
+        """MemFree + Buffers + Cached (no page cache in the emulator)."""
+        return self.free_pages() * PAGE_KIB
+
+    def mem_available_kb(self) -> int:
+        """MemAvailable: free memory less the kernel's reserve (the high watermarks)."""
+        reserve = sum(wm.high for wm in self.host.allocator.watermarks) * self.resolution
+        return max(0, self.free_pages() - reserve) * PAGE_KIB
+
+    def qemu_rss_kb(self) -> int:
+        """``ps -o rsz`` summed over the qemu processes."""
+        return self.guest_rss_pages() * PAGE_KIB
+
+    def qemu_vsz_kb(self) -> int:
+        """``ps -o vsz`` summed over the qemu processes: every mapped page, resident or not."""
+        pages = sum(v.pages for p in self.host.processes.values() for v in p.mm.vmas)
+        return pages * self.resolution * PAGE_KIB
+
+
+def _clamp(value: int, lo: int, hi: int) -> int:
+    return lo if value < lo else hi if value > hi else value
+
 
 @dataclass
 class KsmTuned(Periodic):
-    """ksmtuned's adjust() loop."""
+    """ksmtuned's loop: sleep KSM_MONITOR_INTERVAL, then adjust()."""
     name: str = "ksmtuned"
-    interval_s: float = 60.0
-    boost: int = 300
-    decay: int = 50
-    npages_min: int = 64
-    npages_max: int = 1250
-    thres_coef: int = 20                # percent of RAM
-    thres_const_mib: int = 2048
-    sleep_msec: int = 10                # for a 16 GiB host
-    committed: Callable[["Host"], int] | None = None
+    interval_s: float = 60.0            # KSM_MONITOR_INTERVAL
+    boost: int = 300                    # KSM_NPAGES_BOOST
+    decay: int = 50                     # -KSM_NPAGES_DECAY
+    npages_min: int = 64                # KSM_NPAGES_MIN
+    npages_max: int = 1250              # KSM_NPAGES_MAX
+    thres_coef: int = 20                # KSM_THRES_COEF, percent of MemTotal
+    thres_const_kb: int = 2048          # KSM_THRES_CONST (the script compares it with kB)
+    sleep_msec: int = 10                # KSM_SLEEP_MSEC, for a 16 GiB host
 
     def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
         self.npages = 0
         super().attach(host, ksm, full_scale_knobs)
-
-    def _committed_pages(self) -> int:
-        if self.committed is not None:
-            return self.committed(self.host)
-        # ksmtuned sums the qemu processes' RSS
-        return self.guest_rss_pages()
+        # computed once, when the script starts
+        self.total = self.mem_total_kb()
+        self.sleep = max(self.sleep_msec * 16 * 1024 * 1024 // max(self.total, 1), 10)
+        self.thres = max(self.total * self.thres_coef // 100, self.thres_const_kb)
 
     def adjust(self) -> None:
-        total = self.host_pages()
-        thres = max(total * self.thres_coef // 100, self.thres_const_mib * MIB_PAGES)
-        sleep = max(self.sleep_msec * 16 * 1024 * MIB_PAGES // max(total, 1), 10)
-        if self._committed_pages() + thres < total and self.free_pages() > thres:
+        free, committed = self.mem_free_kb(), self.qemu_rss_kb()
+        if committed + self.thres < self.total and free > self.thres:
             self._write(run=0)
             self._record("committed memory fits: KSM stopped")
+            return
+        if free < self.thres:
+            self.npages = _clamp(self.npages + self.boost, self.npages_min, self.npages_max)
+            reason = "free memory under threshold: boost"
         else:
-            if self.free_pages() < thres:
-                self.npages = min(self.npages + self.boost, self.npages_max)
-                reason = "free memory under threshold: boost"
-            else:
-                self.npages = max(self.npages - self.decay, self.npages_min)
-                reason = "free memory above threshold: decay"
-            self._write(pages_to_scan=self.npages, sleep_millisecs=sleep, run=1)
-            self._record(reason)
+            self.npages = _clamp(self.npages - self.decay, self.npages_min, self.npages_max)
+            reason = "free memory above threshold: decay"
+        self._write(pages_to_scan=self.npages, sleep_millisecs=self.sleep, run=1)
+        self._record(reason)
 
 
 @dataclass
-class Mom(KsmTuned):
-    """oVirt MOM's KSM controller: ksmtuned's rule, every 10 s, on resident guest memory."""
+class Mom(Periodic):
+    """oVirt MOM's policy engine running VDSM's KSM policy (03-ksm.policy)."""
     name: str = "mom"
-    interval_s: float = 10.0
+    interval_s: float = 10.0            # policy-engine-interval
+    monitor_interval_s: float = 5.0     # host-monitor-interval
+    sample_history: int = 10            # sample-history-length (for StatAvg)
+    pages_boost: int = 300              # ksm_pages_boost
+    pages_decay: int = 50               # -ksm_pages_decay
+    npages_min: int = 64                # ksm_npages_min
+    npages_max: int = 1250              # ksm_npages_max
+    sleep_ms_baseline: int = 10         # ksm_sleep_ms_baseline, for a 16 GiB host
+    sleep_min_ms: int = 10              # VDSM's (max 10 ...); 0 in MOM's first published rules
+    free_percent: float = 0.20          # ksm_free_percent
+    merge_across_nodes: int = 1         # ksmMergeAcrossNodes
+
+    def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
+        self.samples: list[int] = []
+        super().attach(host, ksm, full_scale_knobs)
+        host.clock.after(0, self._sample)
+
+    def _sample(self) -> None:
+        self.samples = (self.samples + [self.mem_free_kb()])[-self.sample_history:]
+        self.host.clock.after(int(self.monitor_interval_s * NS_PER_S), self._sample)
+
+    def adjust(self) -> None:
+        total = self.mem_total_kb()                 # HostMemory's "mem_available" is MemTotal
+        threshold = total * self.free_percent
+        committed = self.qemu_vsz_kb()              # HostKSM's ksm_shareable
+        free_avg = sum(self.samples) / len(self.samples)
+        shared = self.ksm.c.pages_shared
+        if shared == 0:
+            try:
+                self._write(merge_across_nodes=self.merge_across_nodes)
+            except ValueError:                      # MOM logs a failed write and goes on
+                self._record("merge_across_nodes write refused")
+        action = 2 if shared > 0 and self.ksm.knobs.merge_across_nodes != self.merge_across_nodes else 0
+        if (threshold + committed < total and free_avg > threshold) or action != 0:
+            self._write(run=action)
+            self._record("unmerge for merge_across_nodes" if action else
+                         "committed memory fits: KSM stopped")
+            return
+        sleep = max(self.sleep_min_ms, self.sleep_ms_baseline * 16777216 // max(total, 1))
+        delta = self.pages_boost if free_avg < threshold else -self.pages_decay
+        npages = _clamp(self.intent["pages_to_scan"] + delta, self.npages_min, self.npages_max)
+        self._write(run=1, sleep_millisecs=sleep, pages_to_scan=npages)
+        self._record("average free memory under threshold: boost" if delta > 0
+                     else "average free memory above threshold: decay")
 
 
 @dataclass
 class KubeVirt(Periodic):
-    """KSM only under memory pressure, with fixed knobs."""
+    """virt-handler's KSM handler (pkg/virt-handler/ksm): a spin at start, then every 3 min."""
     name: str = "kubevirt"
-    interval_s: float = 10.0
-    pressure_percent: int = 20
-    margin_percent: int = 5
-    pages_to_scan: int = 100
-    sleep_millisecs: int = 20
+    interval_s: float = 180.0
+    pages_boost: int = 300
+    pages_decay: int = 50               # -pagesDecayDefault
+    npages_min: int = 64
+    npages_max: int = 1250
+    npages_init: int = 100
+    sleep_ms_baseline: int = 100
+    free_percent: float = 0.2
+    FIRST_AT_START: ClassVar[bool] = True
+
+    def attach(self, host: "Host", ksm: "Ksm", full_scale_knobs: dict | None = None) -> None:
+        super().attach(host, ksm, full_scale_knobs)
+        host.clock.after(0, self.adjust)            # Start() spins, then loop() spins again
 
     def adjust(self) -> None:
-        total = self.host_pages()
-        available = self.free_pages() * 100 // max(total, 1)
-        if available < self.pressure_percent:
-            self._write(pages_to_scan=self.pages_to_scan, sleep_millisecs=self.sleep_millisecs, run=1)
-            self._record(f"available {available}% < {self.pressure_percent}%: KSM on")
-        elif available >= self.pressure_percent + self.margin_percent and self.ksm.knobs.run:
-            self._write(run=0)
-            self._record(f"available {available}%: pressure over, KSM off")
+        total, available = self.mem_total_kb(), self.mem_available_kb()
+        running = self.ksm.knobs.run == 1
+        pages = self.intent["pages_to_scan"]
+        sleep = self.sleep_ms_baseline * (16 * 1024 * 1024) // max(total - available, 1)
+        sleep = max(sleep, self.sleep_ms_baseline // 10)
+        if np.float32(available) > np.float32(total) * np.float32(self.free_percent):
+            if not running:
+                self._write(run=0)
+                self._record("no memory pressure: KSM stays off")
+                return
+            pages -= self.pages_decay
+            if pages < self.npages_min:
+                self._write(run=0)
+                self._record("no memory pressure: KSM stopped")
+                return
+            reason = "no memory pressure: decay"
+        elif running:
+            pages = min(pages + self.pages_boost, self.npages_max)
+            reason = "memory pressure: boost"
+        else:
+            pages = self.npages_init
+            reason = "memory pressure: KSM started"
+        self._write(sleep_millisecs=sleep, pages_to_scan=pages, run=1)
+        self._record(reason)
 
 
 @dataclass
@@ -232,13 +345,18 @@ def resolution_refusal(name: str, resolution: int) -> str | None:
     return None
 
 
+def options_of(cls: type[Policy]) -> dict:
+    """The options a policy takes in a config (its dataclass fields but its own state)."""
+    return {f.name: f for f in fields(cls) if f.name not in ("name", "history", "resolution")}
+
+
 def make_policy(name: str, **options) -> Policy:
     """A policy by name, with its options (each policy's dataclass fields)."""
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown KSM policy {name!r} (known: {', '.join(POLICIES)})") from None
-    known = set(cls.__dataclass_fields__) - {"name", "history", "resolution", "committed"}
+    known = set(options_of(cls))
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"KSM policy {name!r}: unknown option(s) {', '.join(sorted(unknown))} "

@@ -4,7 +4,8 @@ On a terminal the bar is redrawn in place (carriage return) and the last note is
 it; when stderr is a file or a pipe (CI logs, scripts) it prints a plain line at every tenth of
 the way instead, so logs stay short and readable. ``quiet`` turns it off entirely: scripts that
 read stdout see nothing on stderr either. The total may grow while running (a search that does
-not know its end), and a bar with no total counts up without a percentage.
+not know its end), and a bar with no total counts up without a percentage. A ``start`` note is
+shown at once, before the first step (a first step can be slow: a cold compile, a first boot).
 """
 
 from __future__ import annotations
@@ -20,17 +21,23 @@ class Progress:
     """``with Progress(total, label) as p: ... p.advance(note=...)``."""
 
     def __init__(self, total: int | None, label: str, quiet: bool = False,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, start: str = ""):
         self.total, self.label, self.quiet = total, label, quiet
         self.stream = stream if stream is not None else sys.stderr
         self.done = 0
-        self.note = ""
+        self.note = start
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._t0 = time.monotonic()
         self._last_tenth = -1
         self._drawn = False
 
     def __enter__(self) -> "Progress":
+        if self.note and not self.quiet:        # a start note: shown at once, before any work
+            if self._tty:
+                self._draw()
+            else:
+                self._last_tenth = 0
+                print(self._line(), file=self.stream, flush=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from guests.spec import GuestSpec, MemoryDevice
+from hw.units import HPAGE_PAGES, PAGES_PER_MIB
 from vmhost.clock import NS_PER_S
 from vmhost.mm import fault, thp
 from vmhost.mm.mempolicy import MemPolicy
@@ -58,11 +59,9 @@ from vmhost.mm.vma import PTE_PRESENT, PTE_ZERO, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.host import Host
-    from vmhost.task import Process
+    from vmhost.process import Process
 
-PAGES_PER_MIB = 256
-HPAGE = thp.HPAGE
-GUARD_PAGES = HPAGE                      # gap left between RAM blocks (keeps VMAs apart)
+GUARD_PAGES = HPAGE_PAGES                      # gap left between RAM blocks (keeps VMAs apart)
 HOTPLUG_ALIGN = 1 << 18                  # 1 GiB in pages
 DEFAULT_VIRTIO_MEM_BLOCK_MIB = 2
 
@@ -204,14 +203,14 @@ class QemuProcess:
     # -- RAM blocks -----------------------------------------------------------------------
     def _place(self, pages: int) -> int:
         """A 2 MiB-aligned address for a new block, below the previous one with a gap."""
-        span = -(-pages // HPAGE) * HPAGE
+        span = -(-pages // HPAGE_PAGES) * HPAGE_PAGES
         if self._next_top is None:
-            top = self.mm.get_unmapped_area(span + GUARD_PAGES, HPAGE) + span + GUARD_PAGES
+            top = self.mm.get_unmapped_area(span + GUARD_PAGES, HPAGE_PAGES) + span + GUARD_PAGES
         else:
             top = self._next_top
-        start = (top - span - GUARD_PAGES) // HPAGE * HPAGE
+        start = (top - span - GUARD_PAGES) // HPAGE_PAGES * HPAGE_PAGES
         while self.mm.vmas_overlapping(start, start + span + GUARD_PAGES):
-            start -= HPAGE
+            start -= HPAGE_PAGES
         self._next_top = start
         return start
 
@@ -369,11 +368,11 @@ class QemuProcess:
         in_huge = np.zeros(len(offs), dtype=bool)
         if len(huge):
             hs = set(huge.tolist())
-            in_huge = np.isin((offs // HPAGE) * HPAGE, huge)
-            if int(in_huge.sum()) != HPAGE * len(hs):
+            in_huge = np.isin((offs // HPAGE_PAGES) * HPAGE_PAGES, huge)
+            if int(in_huge.sum()) != HPAGE_PAGES * len(hs):
                 raise ValueError("every page of a huge range must be given")
         for vma, voffs, pos in self._by_vma(region.vpn + offs[in_huge]):
-            starts = np.unique((voffs + vma.start) // HPAGE * HPAGE - vma.start)
+            starts = np.unique((voffs + vma.start) // HPAGE_PAGES * HPAGE_PAGES - vma.start)
             for s in starts.tolist():
                 map_huge_range(self.host, vma, s)
             fault.write_fault(self.host, vma, voffs, ids[in_huge][pos])
@@ -447,7 +446,7 @@ class QemuProcess:
 
     def _hotplug_gpfn(self, pages: int) -> int:
         at = self._hotplug_next
-        self._hotplug_next += -(-pages // HPAGE) * HPAGE
+        self._hotplug_next += -(-pages // HPAGE_PAGES) * HPAGE_PAGES
         return at
 
     def plug_dimm(self, size_mib: int, node: int | None = None, name: str | None = None) -> Region:
@@ -562,7 +561,7 @@ def map_huge_range(host: "Host", vma: Vma, start: int) -> bool:
     """Fault a zero-filled THP in at VMA offset ``start`` (2 MiB-aligned address, range empty),
     as a first write to a MADV_HUGEPAGE range does. False if THP is not allowed there or no
     huge page could be allocated (the caller then gets 4 KiB pages)."""
-    if (vma.start + start) % HPAGE or start + HPAGE > vma.pages:
+    if (vma.start + start) % HPAGE_PAGES or start + HPAGE_PAGES > vma.pages:
         raise ValueError(f"offset {start} of {vma} is not a whole 2 MiB-aligned range")
     fault._fault_huge(host, vma, np.array([start], dtype=np.int64))
     f = vma.ptef[start]

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from guests import dumps
-from hw import PAGE_SIZE
+from hw.units import PAGE_SIZE
 from vmhost.errors import InputError
 
 MIB = 1 << 20
@@ -55,7 +55,7 @@ def run(size_mib: int = 1024, jobs: int = 1, zero_fraction: float = 0.33,
         image = dumps.fingerprint_dump(dump, "raw", jobs=jobs, layout="flat")
         seconds = time.perf_counter() - t
         t = time.perf_counter()
-        dumps.save_image(image, os.path.join(tmp, "synthetic.img"))
+        dumps.save_fingerprints(image, os.path.join(tmp, "synthetic.img"))
         save_seconds = time.perf_counter() - t
     cores = min(jobs, os.cpu_count() or 1)
     rate = size_mib * MIB / GIB / seconds

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from hw.topology import Topology
-from vmhost.benchmarks.ksm_workload import PAGE, Workload, child_argv
+from hw.units import PAGE_SIZE
+from vmhost.benchmarks.ksm_workload import Workload, child_argv
 from vmhost.errors import InputError
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
@@ -88,8 +89,8 @@ def _summary(passes: list[dict], key: str) -> dict:
 
 def host_bytes_for(pages: int) -> int:
     """Physical memory of the emulated host: the workload + 1/16, whole 128 MiB blocks."""
-    need = pages * PAGE * 17 // 16
-    block = BLOCK_PAGES * PAGE
+    need = pages * PAGE_SIZE * 17 // 16
+    block = BLOCK_PAGES * PAGE_SIZE
     return max(-(-need // block) * block, 2 * block)
 
 
@@ -110,7 +111,7 @@ def emulator_memory(host, ksm) -> dict:
 def _engine_version(ksm) -> dict:
     """Which emulator engine was measured: the commit, local changes, the compiled scan."""
     root = Path(__file__).resolve().parents[2]
-    out = {"fast": getattr(ksm, "fast", None)}
+    out = {"fast": ksm.fast}
     try:
         out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
                                        capture_output=True, timeout=10).stdout.strip()
@@ -123,10 +124,8 @@ def _engine_version(ksm) -> dict:
 
 
 def _work(ksm) -> dict[str, int]:
-    """The engine's operation counters by name (a Counter before, an array with names now)."""
-    if hasattr(ksm, "work_counts"):
-        return dict(ksm.work_counts())
-    return dict(ksm.work)
+    """The engine's operation counters by name."""
+    return ksm.work_counts()
 
 
 _warmed = False
@@ -331,7 +330,7 @@ def run(pages: int = 262144, procs: int = 4, scans: int = 2, kernel: bool = True
     if scans <= 0:
         raise InputError("--scans must be positive")
     w = Workload(pages, procs, mix=mix)
-    out = {"pages": pages, "procs": procs, "mix": mix, "scans": scans, "bytes": pages * PAGE,
+    out = {"pages": pages, "procs": procs, "mix": mix, "scans": scans, "bytes": pages * PAGE_SIZE,
            "expected": w.expected(), "date": datetime.date.today().isoformat()}
     if kernel:
         out["kernel"] = run_kernel(w, scans, log=log)
@@ -356,8 +355,8 @@ def run(pages: int = 262144, procs: int = 4, scans: int = 2, kernel: bool = True
 def run_host(host_gib: float, procs: int, scans: int = 1, log=None) -> dict:
     """Emulator only: a host of ``host_gib`` GiB whose processes fill it, to steady state."""
     from vmhost.footprint import Footprint, check_fits
-    pages = int(host_gib * (1 << 30)) // PAGE
-    check_fits(Footprint(host_bytes_for(pages) // PAGE, pages, pages),
+    pages = int(host_gib * (1 << 30)) // PAGE_SIZE
+    check_fits(Footprint(host_bytes_for(pages) // PAGE_SIZE, pages, pages),
                f"bench ksm --host-gib {host_gib:g}")
     t0, c0 = time.perf_counter(), time.process_time()
     r = run(pages, procs, scans, kernel=False, emulator=True, log=log)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PAGE = 4096
-WORDS = PAGE // 8
+from hw.units import PAGE_SIZE
+
+WORDS = PAGE_SIZE // 8
 MADV_MERGEABLE, MADV_NOHUGEPAGE = 12, 15
 DEFAULT_SEED = 20240611
 
@@ -123,7 +124,7 @@ def child_argv(w: Workload, index: int) -> list[str]:
 def _child(pages: int, procs: int, index: int, seed: int, mix: str) -> None:
     ids = Workload(pages, procs, seed, mix).contents(index)
     n = len(ids)
-    m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+    m = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
     m.madvise(MADV_NOHUGEPAGE)          # 15; 14 would be MADV_HUGEPAGE
     words = np.frombuffer(m, dtype="<u8").reshape(n, WORDS)

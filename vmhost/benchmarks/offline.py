@@ -21,20 +21,19 @@ import time
 import numpy as np
 
 from hw.topology import NumaNode, Topology
+from hw.units import GIB, PAGE_SIZE, PAGES_PER_GIB
 from vmhost.host import Host
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MemPolicy
 from vmhost.system import attach_ksm
 
-GIB = 1 << 30
-PAGES_PER_GIB = GIB // 4096
 BLOCK_PAGES = 32768
 
 
 def run(gib: int = 16, check: bool = True) -> dict:
     t_start = time.perf_counter()
     pages = gib * PAGES_PER_GIB
-    topo = Topology([NumaNode(0, (gib + 2) * GIB, (0, 1)), NumaNode(1, gib * GIB + 2 * BLOCK_PAGES * 4096, (2, 3))],
+    topo = Topology([NumaNode(0, (gib + 2) * GIB, (0, 1)), NumaNode(1, gib * GIB + 2 * BLOCK_PAGES * PAGE_SIZE, (2, 3))],
                     [[10, 21], [21, 10]])
     host = Host(topo, block_pages=BLOCK_PAGES, movable_nodes=(1,))
     ksm, ksmd = attach_ksm(host, (("pages_to_scan", pages * 4), ("sleep_millisecs", 20), ("run", 1)))
@@ -49,7 +48,7 @@ def run(gib: int = 16, check: bool = True) -> dict:
     t_merged = time.perf_counter()
     before_stats = ksm.stats()
     before = invariants.views(host) if check else None
-    blocks = [b.index for b in host.phys.online_blocks(1)][: gib * GIB // (BLOCK_PAGES * 4096)]
+    blocks = [b.index for b in host.phys.online_blocks(1)][: gib * GIB // (BLOCK_PAGES * PAGE_SIZE)]
     migrated = ksm_migrated = 0
     virtual_ns = 0
     failures = []
@@ -69,7 +68,7 @@ def run(gib: int = 16, check: bool = True) -> dict:
         invariants.check(host, before)
         verdict = f"ok ({time.perf_counter() - t_check:.1f} s)"
     return {
-        "gib_offlined": gib, "blocks": len(blocks), "block_mib": BLOCK_PAGES * 4096 >> 20,
+        "gib_offlined": gib, "blocks": len(blocks), "block_mib": BLOCK_PAGES * PAGE_SIZE >> 20,
         "pages_migrated": migrated, "ksm_pages_migrated": ksm_migrated, "failures": failures,
         "wall_s": round(wall, 3), "pages_per_wall_s": round(migrated / wall) if wall else None,
         "virtual_s": round(virtual_ns / 1e9, 4),

@@ -16,12 +16,12 @@ import time
 import numpy as np
 
 from hw.topology import Topology
+from hw.units import PAGE_SIZE
 from vmhost.errors import InputError
 from vmhost.host import Host
 from vmhost.mm.rmap import walk_many
 from vmhost.profile import get_profile
 
-PAGE = 4096
 
 
 def run(children: int, pages: int, profile: str = "linux-6.18") -> dict:
@@ -32,7 +32,7 @@ def run(children: int, pages: int, profile: str = "linux-6.18") -> dict:
     get_profile(profile)
     started = time.perf_counter()
     needed = pages * (children + 1)
-    mem = max(needed * PAGE * 2, 1 << 30)
+    mem = max(needed * PAGE_SIZE * 2, 1 << 30)
     host = Host(Topology.uniform(1, mem), profile=profile)
     parent = host.spawn("server")
     vma = parent.mm.mmap(pages)

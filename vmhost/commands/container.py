@@ -47,6 +47,10 @@ def register(sub) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    import importlib.util
+    if importlib.util.find_spec("docker") is None:
+        raise InputError("container build: the docker Python package is not installed: "
+                         "pip install 'vmhost[docker]'")
     from vmhost.container import ContainerError, build
     context = Path(args.context)
     if not (context / "Dockerfile").is_file():

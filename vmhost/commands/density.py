@@ -7,6 +7,10 @@ import json
 import time
 
 
+# shown at once on the progress line: the first guest of a first run waits for the compile
+START_NOTE = "booting guest 1 (the first run after an install also compiles the scan loop: up to a minute)"
+
+
 def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
     p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density.py)")
@@ -17,6 +21,11 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.add_argument("--bench", action="store_true",
                    help="benchmark: run the search and print its wall time (and the resolution)")
+    p.add_argument("--oracle", action="store_true",
+                   help="run the study on this machine's kernel instead (root; see vmhost/reality/density_oracle.py)")
+    p.add_argument("--compare", action="store_true", help="with --oracle: the emulator beside the kernel, per step")
+    p.add_argument("--runs", type=int, default=1, help="with --oracle: kernel runs (their mean and spread)")
+    p.add_argument("--emulator-resolution", type=int, metavar="N", help="with --compare: the emulator at 1/N")
     p.add_argument("--resolutions", metavar="N,N,...",
                    help="resolution invariance: run the config at each 1/N and compare every headline "
                         "figure with the finest (see vmhost/density/invariance.py); exit 1 if one disagrees")
@@ -24,13 +33,17 @@ def register(sub) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.oracle or args.compare:
+        from vmhost.reality.density_oracle import run_cli
+        return run_cli(args)
     from vmhost.density import DensityRunner, _jsonable, format_result, load_density, write_report
     from vmhost.progress import Progress
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
         return _invariance(args, cfg)
     wall0 = time.perf_counter()
-    with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json) as bar:
+    with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json,
+                  start=START_NOTE) as bar:
         def progress(step: dict) -> None:
             verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
             bar.advance(step["booted"], f"{step['guests']} guests ({step['image']}): saved "

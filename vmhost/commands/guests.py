@@ -139,9 +139,9 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from guests.dumps import DumpError, load_image
+    from guests.dumps import DumpError, load_fingerprints
     try:
-        image = load_image(args.image)
+        image = load_fingerprints(args.image)
     except DumpError as exc:
         raise _dump_error(exc) from None
     print(json.dumps(image.header, indent=1) if args.json else _summary(image.header))
@@ -149,11 +149,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _sharing(args: argparse.Namespace) -> int:
-    from guests.dumps import DumpError, cross_sharing, load_image
+    from guests.dumps import DumpError, cross_sharing, load_fingerprints
     if args.max_page_sharing < 2:
         raise InputError("guests sharing: --max-page-sharing must be at least 2")
     try:
-        images = [load_image(p) for p in args.images]
+        images = [load_fingerprints(p) for p in args.images]
     except DumpError as exc:
         raise _dump_error(exc) from None
     res = cross_sharing(images, args.max_page_sharing)

@@ -106,23 +106,12 @@ def _fraction_or_percent(value: Any, path: str, key: str) -> float:
 
 
 def _image(value: Any, path: str, key: str):
-    from guests.images import ImageError, catalog, load_image
-    if not isinstance(value, str) or not value:
-        raise _err(path, key, "expected an image name from the catalog or a path to an image file")
-    if value.endswith((".yaml", ".yml")):
-        p = Path(value)
-        if not p.is_absolute():
-            p = Path(path).resolve().parent / p
-        if not p.is_file():
-            raise _err(path, key, f"no image file {value!r}")
-        try:
-            return load_image(p)
-        except ImageError as exc:
-            raise _err(path, key, f"bad image file: {exc}") from None
-    cat = catalog()
-    if value not in cat:
-        raise _err(path, key, f"unknown image {value!r} (catalog: {', '.join(sorted(cat))})")
-    return cat[value]
+    from guests.images import ImageError
+    from guests.resolve import resolve_image
+    try:
+        return resolve_image(value, Path(path).resolve().parent)
+    except ImageError as exc:
+        raise _err(path, key, str(exc)) from None
 
 
 def _mix_entry(e: Any, i: int, path: str) -> MixEntry:

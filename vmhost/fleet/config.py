@@ -27,14 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from vmhost.config import (ConfigError, HostConfig, _err, expect_int, expect_mapping,
-                           load_config, parse_duration_ns, parse_host_config, parse_size,
-                           read_yaml)
-from vmhost.density import _bool, _image, _number
+from hw.units import PAGE_SIZE, PAGES_PER_MIB
+from vmhost.config import HostConfig, load_config, parse_host_config
 from vmhost.errors import InputError
 from vmhost.policies import resolution_refusal
+from vmhost.schema import (SchemaError, expect_bool, expect_domain, expect_enum, expect_image,
+                           expect_int, expect_list, expect_mapping, expect_mib, expect_number,
+                           expect_str, fail, is_percentage, parse_duration_ns, parse_percentage,
+                           parse_size, read_yaml)
 
-PAGE_SIZE = 4096
 TOP_KEYS = ("hosts", "inventory", "placement", "simulation", "sweep")
 MODEL_KEYS = ("name", "count", "host", "ksm", "policy")
 INVENTORY_KEYS = ("vms", "generate", "libvirt")
@@ -127,12 +128,8 @@ def parse_fleet(doc: Any, path: str) -> Fleet:
     if "sweep" not in doc:
         return Fleet(path, [first])
     sw = expect_mapping(doc["sweep"], path, "sweep", SWEEP_KEYS, SWEEP_KEYS)
-    key = sw["key"]
-    if not isinstance(key, str) or not key:
-        raise _err(path, "sweep.key", "expected a dotted key path such as placement.policy")
-    values = sw["values"]
-    if not isinstance(values, list) or not values:
-        raise _err(path, "sweep.values", "expected a non-empty list of values")
+    key = expect_str(sw["key"], path, "sweep.key", "a dotted key path such as placement.policy")
+    values = expect_list(sw["values"], path, "sweep.values", nonempty=True)
     _, leaf = _resolve(base, key, path)
     scenarios, names = [], set()
     for i, value in enumerate(values):
@@ -141,7 +138,7 @@ def parse_fleet(doc: Any, path: str) -> Fleet:
         p[leaf] = copy.deepcopy(value)
         name = f"{key}={_short(value)}"
         if name in names:
-            raise _err(path, f"sweep.values[{i}]", f"{_short(value)} is listed twice")
+            raise fail(path, f"sweep.values[{i}]", f"{_short(value)} is listed twice")
         names.add(name)
         try:
             scenarios.append(parse_scenario(d, path, name, value))
@@ -166,11 +163,11 @@ def _resolve(doc: dict, key: str, path: str) -> tuple[Any, Any]:
     for part in key.split("."):
         m = _TOKEN.match(part)
         if not m:
-            raise _err(path, "sweep.key", f"{key!r} is not a dotted key path (bad step {part!r})")
+            raise fail(path, "sweep.key", f"{key!r} is not a dotted key path (bad step {part!r})")
         steps.append(m.group(1))
         steps.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
     if steps[0] == "sweep":
-        raise _err(path, "sweep.key", "the sweep cannot sweep itself")
+        raise fail(path, "sweep.key", "the sweep cannot sweep itself")
     node: Any = doc
     walked = ""
     for j, step in enumerate(steps):
@@ -178,14 +175,14 @@ def _resolve(doc: dict, key: str, path: str) -> tuple[Any, Any]:
         here = f"{walked}[{step}]" if isinstance(step, int) else (f"{walked}.{step}" if walked else step)
         if isinstance(step, int):
             if not isinstance(node, list):
-                raise _err(path, "sweep.key", f"{walked or 'the document'} is not a list in {key!r}")
+                raise fail(path, "sweep.key", f"{walked or 'the document'} is not a list in {key!r}")
             if step >= len(node):
-                raise _err(path, "sweep.key", f"{here} does not exist ({walked} has {len(node)} entries)")
+                raise fail(path, "sweep.key", f"{here} does not exist ({walked} has {len(node)} entries)")
         else:
             if not isinstance(node, dict):
-                raise _err(path, "sweep.key", f"{walked or 'the document'} is not a mapping in {key!r}")
+                raise fail(path, "sweep.key", f"{walked or 'the document'} is not a mapping in {key!r}")
             if step not in node and not last:
-                raise _err(path, "sweep.key", f"{here} does not exist in the fleet document")
+                raise fail(path, "sweep.key", f"{here} does not exist in the fleet document")
         if last:
             return node, step
         node = node[step]
@@ -197,9 +194,7 @@ def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
     models = _models(doc["hosts"], path)
     vms = _inventory(doc["inventory"], path)
     pl = expect_mapping(doc.get("placement", {}) or {}, path, "placement", PLACEMENT_KEYS)
-    policy = pl.get("policy", "sharing-aware")
-    if policy not in POLICIES:
-        raise _err(path, "placement.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
+    policy = expect_enum(pl.get("policy", "sharing-aware"), path, "placement.policy", POLICIES)
     scn = Scenario(name, value, models, vms, policy)
     scn.sim = _simulation(doc.get("simulation", {}) or {}, path)
     _check_resolution(scn, path)
@@ -211,9 +206,9 @@ def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
         kept = m.kept_free_pages(scn.sim.resolution)
         scn.room_pages[m.index] = m.ram_pages - _reserve(reserve, m, path) - kept
         if scn.room_pages[m.index] <= 0:
-            raise _err(path, "placement.reserve", f"{reserve!r} leaves no room on host model {m.name!r} "
-                                                  f"({m.ram_pages // 256} MiB, of which the kernel "
-                                                  f"keeps {kept // 256} MiB free)")
+            raise fail(path, "placement.reserve", f"{reserve!r} leaves no room on host model {m.name!r} "
+                                                  f"({m.ram_pages // PAGES_PER_MIB} MiB, of which the kernel "
+                                                  f"keeps {kept // PAGES_PER_MIB} MiB free)")
     _check_fit(scn, path)
     return scn
 
@@ -222,17 +217,14 @@ def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
 # host models
 
 def _models(entries: Any, path: str) -> list[HostModel]:
-    if not isinstance(entries, list) or not entries:
-        raise _err(path, "hosts", "expected a non-empty list of host models")
+    expect_list(entries, path, "hosts", "host models", nonempty=True)
     out, names = [], set()
     for i, m in enumerate(entries):
         key = f"hosts[{i}]"
         expect_mapping(m, path, key, MODEL_KEYS, ("name", "host"))
-        name = m["name"]
-        if not isinstance(name, str) or not name:
-            raise _err(path, f"{key}.name", "expected a non-empty name")
+        name = expect_str(m["name"], path, f"{key}.name")
         if name in names:
-            raise _err(path, f"{key}.name", f"two host models are named {name!r}")
+            raise fail(path, f"{key}.name", f"two host models are named {name!r}")
         names.add(name)
         count = None
         if m.get("count") is not None:
@@ -240,7 +232,7 @@ def _models(entries: Any, path: str) -> list[HostModel]:
         doc = {k: copy.deepcopy(m[k]) for k in ("host", "ksm", "policy") if k in m}
         try:
             cfg = parse_host_config(doc, path)
-        except ConfigError as exc:
+        except SchemaError as exc:
             raise InputError(f"{path}: {key}.{_strip(exc, path)}") from None
         out.append(HostModel(i, name, count, doc, cfg))
     return out
@@ -248,34 +240,14 @@ def _models(entries: Any, path: str) -> list[HostModel]:
 
 def _reserve(value: Any, model: HostModel, path: str) -> int:
     ram = model.ram_pages
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            pct = float(value.strip()[:-1])
-        except ValueError:
-            raise _err(path, "placement.reserve", f"{value!r} is not a percentage") from None
-        if not 0 <= pct < 100:
-            raise _err(path, "placement.reserve", f"{value} is out of range [0%, 100%)")
+    if is_percentage(value):
+        pct = parse_percentage(value, path, "placement.reserve", 0.0, 100.0, hi_open=True)
         return int(math.ceil(pct / 100 * ram))
     return -(-parse_size(value, path, "placement.reserve", minimum=0) // PAGE_SIZE)
 
 
 # ------------------------------------------------------------------------------------------
 # inventory
-
-def _memory_mib(value: Any, path: str, key: str) -> int:
-    if isinstance(value, str) and value.strip().startswith("-"):
-        raise _err(path, key, f"{value!r} is negative")
-    size = parse_size(value, path, key, minimum=1 << 20)
-    if size % (1 << 20):
-        raise _err(path, key, f"{value!r} is not a whole number of MiB")
-    return size >> 20
-
-
-def _domain(value: Any, path: str, key: str) -> str:
-    if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
-        raise _err(path, key, "expected a sharing domain name")
-    return str(value)
-
 
 def _image_ref(img, value: str) -> str:
     """What a task names the image by: the catalog name, or the image file's absolute path."""
@@ -285,18 +257,16 @@ def _image_ref(img, value: str) -> str:
 
 def _vm_template(e: Any, path: str, key: str, keys: tuple[str, ...]) -> Vm:
     expect_mapping(e, path, key, keys, ("image",))
-    img = _image(e["image"], path, f"{key}.image")
-    mem = _memory_mib(e["memory"], path, f"{key}.memory") if "memory" in e else img.memory_mib
+    img = expect_image(e["image"], path, f"{key}.image")
+    mem = expect_mib(e["memory"], path, f"{key}.memory") if "memory" in e else img.memory_mib
     try:
         img.class_pages(mem)
     except ValueError as exc:
-        raise _err(path, f"{key}.memory", f"too small for image {img.name!r} ({exc})") from None
-    name = e.get("name", img.name)
-    if not isinstance(name, str) or not name:
-        raise _err(path, f"{key}.name", "expected a non-empty name prefix")
-    return Vm(name, _image_ref(img, e["image"]), mem, _domain(e.get("domain", "default"), path, f"{key}.domain"),
-              _bool(e.get("nosharepages", False), path, f"{key}.nosharepages"),
-              _bool(e.get("locked", False), path, f"{key}.locked"), key, img)
+        raise fail(path, f"{key}.memory", f"too small for image {img.name!r} ({exc})") from None
+    name = expect_str(e.get("name", img.name), path, f"{key}.name", "a non-empty name prefix")
+    return Vm(name, _image_ref(img, e["image"]), mem, expect_domain(e.get("domain", "default"), path, f"{key}.domain"),
+              expect_bool(e.get("nosharepages", False), path, f"{key}.nosharepages"),
+              expect_bool(e.get("locked", False), path, f"{key}.locked"), key, img)
 
 
 class _Names:
@@ -314,7 +284,7 @@ class _Names:
 
     def add(self, vm: Vm) -> Vm:
         if vm.name in self.taken:
-            raise _err(self.path, vm.where, f"VM name {vm.name!r} is also used by {self.taken[vm.name]}")
+            raise fail(self.path, vm.where, f"VM name {vm.name!r} is also used by {self.taken[vm.name]}")
         self.taken[vm.name] = vm.where
         return vm
 
@@ -323,9 +293,7 @@ def _inventory(inv: Any, path: str) -> list[Vm]:
     expect_mapping(inv, path, "inventory", INVENTORY_KEYS)
     names = _Names(path)
     vms: list[Vm] = []
-    entries = inv.get("vms", [])
-    if not isinstance(entries, list):
-        raise _err(path, "inventory.vms", "expected a list of VMs")
+    entries = expect_list(inv.get("vms", []), path, "inventory.vms", "VMs")
     for i, e in enumerate(entries):
         key = f"inventory.vms[{i}]"
         t = _vm_template(e, path, key, VM_KEYS)
@@ -333,13 +301,11 @@ def _inventory(inv: Any, path: str) -> list[Vm]:
         vms.extend(names.numbered(t) for _ in range(count))
     if "generate" in inv:
         vms.extend(_generate(inv["generate"], path, names))
-    lv = inv.get("libvirt", [])
-    if not isinstance(lv, list):
-        raise _err(path, "inventory.libvirt", "expected a list of {file, image, ...}")
+    lv = expect_list(inv.get("libvirt", []), path, "inventory.libvirt", "{file, image, ...}")
     for i, e in enumerate(lv):
         vms.extend(_libvirt(e, path, f"inventory.libvirt[{i}]", names))
     if not vms:
-        raise _err(path, "inventory", "no VMs (give vms, generate or libvirt)")
+        raise fail(path, "inventory", "no VMs (give vms, generate or libvirt)")
     return vms
 
 
@@ -347,14 +313,13 @@ def _generate(g: Any, path: str, names: _Names) -> list[Vm]:
     expect_mapping(g, path, "inventory.generate", GENERATE_KEYS, ("count", "mix"))
     count = expect_int(g["count"], path, "inventory.generate.count", 1, 1_000_000)
     seed = expect_int(g.get("seed", 1), path, "inventory.generate.seed", 0, 2**32 - 1)
-    mix = g["mix"]
-    if not isinstance(mix, list) or not mix:
-        raise _err(path, "inventory.generate.mix", "expected a non-empty list of {image, memory, weight, ...}")
+    mix = expect_list(g["mix"], path, "inventory.generate.mix", "{image, memory, weight, ...}",
+                      nonempty=True)
     templates, weights = [], []
     for i, e in enumerate(mix):
         key = f"inventory.generate.mix[{i}]"
         templates.append(_vm_template(e, path, key, MIX_KEYS))
-        weights.append(_number(e.get("weight", 1), path, f"{key}.weight", 0.0, lo_open=True))
+        weights.append(expect_number(e.get("weight", 1), path, f"{key}.weight", 0.0, lo_open=True))
     w = np.array(weights) / sum(weights)
     picks = np.random.default_rng(seed).choice(len(templates), size=count, p=w)
     return [names.numbered(templates[int(i)]) for i in picks]
@@ -363,36 +328,33 @@ def _generate(g: Any, path: str, names: _Names) -> list[Vm]:
 def _libvirt(e: Any, path: str, key: str, names: _Names) -> list[Vm]:
     from guests.images import ImageError
     expect_mapping(e, path, key, LIBVIRT_KEYS, ("file",))
-    f = e["file"]
-    if not isinstance(f, str) or not f:
-        raise _err(path, f"{key}.file", "expected the path of a host YAML written by `vmhost import libvirt`")
+    f = expect_str(e["file"], path, f"{key}.file",
+                   "the path of a host YAML written by `vmhost import libvirt`")
     p = Path(f) if Path(f).is_absolute() else Path(path).resolve().parent / f
     if not p.is_file():
-        raise _err(path, f"{key}.file", f"no such file {f!r}")
+        raise fail(path, f"{key}.file", f"no such file {f!r}")
     try:
         guests = load_config(p).guests
     except InputError as exc:
-        raise _err(path, f"{key}.file", str(exc)) from None
-    state = e.get("state", "running")
-    if state not in ("running", "all"):
-        raise _err(path, f"{key}.state", f"{state!r} is not running or all")
+        raise fail(path, f"{key}.file", str(exc)) from None
+    state = expect_enum(e.get("state", "running"), path, f"{key}.state", ("running", "all"))
     default = e.get("image")
-    default_img = _image(default, path, f"{key}.image") if default is not None else None
-    domain = _domain(e.get("domain", "default"), path, f"{key}.domain")
+    default_img = expect_image(default, path, f"{key}.image") if default is not None else None
+    domain = expect_domain(e.get("domain", "default"), path, f"{key}.domain")
     out = []
     for j, g in enumerate(guests):
         if state == "running" and not g.running:
             continue
         if g.image is None and default is None:
-            raise _err(path, f"{key}.image", f"guest {g.name!r} names no image: give a default image")
+            raise fail(path, f"{key}.image", f"guest {g.name!r} names no image: give a default image")
         try:
             # a guest's own image path is relative to its host file
-            img = _image(g.image, str(p), f"guests[{j}].image") if g.image else default_img
+            img = expect_image(g.image, str(p), f"guests[{j}].image") if g.image else default_img
             img.class_pages(g.memory_mib)
         except ImageError as exc:
-            raise _err(path, f"{key}.file", f"guests[{j}]: too small for image ({exc})") from None
+            raise fail(path, f"{key}.file", f"guests[{j}]: too small for image ({exc})") from None
         except InputError as exc:
-            raise _err(path, f"{key}.file", _strip(exc, str(p))) from None
+            raise fail(path, f"{key}.file", _strip(exc, str(p))) from None
         out.append(names.add(Vm(g.name, _image_ref(img, g.image or default), g.memory_mib, domain,
                                 g.nosharepages or g.hugepages, g.locked or g.hugepages,
                                 f"{key}.file", img)))
@@ -407,9 +369,7 @@ def _simulation(s: Any, path: str) -> Simulation:
     sim = Simulation()
     sim.resolution = expect_int(s.get("resolution", 1), path, "simulation.resolution", 1, 1 << 16)
     sim.seed = expect_int(s.get("seed", 1), path, "simulation.seed", 0, 2**32 - 1)
-    sim.boot = s.get("boot", "staggered")
-    if sim.boot not in BOOTS:
-        raise _err(path, "simulation.boot", f"{sim.boot!r} is not one of {', '.join(BOOTS)}")
+    sim.boot = expect_enum(s.get("boot", "staggered"), path, "simulation.boot", BOOTS)
     if "write_period" in s:
         parse_duration_ns(s["write_period"], path, "simulation.write_period")
         sim.write_period = s["write_period"]
@@ -417,10 +377,10 @@ def _simulation(s: Any, path: str) -> Simulation:
         st = expect_mapping(s["settle"], path, "simulation.settle", SETTLE_KEYS)
         if "time" in st:
             if any(k in st for k in ("scans", "tolerance", "max_scans")):
-                raise _err(path, "simulation.settle", "give either time or scans/tolerance/max_scans")
+                raise fail(path, "simulation.settle", "give either time or scans/tolerance/max_scans")
             parse_duration_ns(st["time"], path, "simulation.settle.time")
         scans = expect_int(st.get("scans", 2), path, "simulation.settle.scans", 1, 100)
-        _number(st.get("tolerance", 0.001), path, "simulation.settle.tolerance", 0.0, 1.0)
+        expect_number(st.get("tolerance", 0.001), path, "simulation.settle.tolerance", 0.0, 1.0)
         expect_int(st.get("max_scans", 30), path, "simulation.settle.max_scans", scans + 2, 100_000)
         sim.settle = dict(st)
     return sim
@@ -430,9 +390,9 @@ def _check_fit(scn: Scenario, path: str) -> None:
     """Every VM fits an empty host of some model by its configured memory."""
     room = max(scn.room_pages.values())
     for vm in scn.vms:
-        if vm.memory_mib * 256 > room:
-            raise _err(path, vm.where, f"VM {vm.name} ({vm.memory_mib} MiB) fits no host model "
-                                       f"(the most room is {room // 256} MiB, after the reserve and "
+        if vm.memory_mib * PAGES_PER_MIB > room:
+            raise fail(path, vm.where, f"VM {vm.name} ({vm.memory_mib} MiB) fits no host model "
+                                       f"(the most room is {room // PAGES_PER_MIB} MiB, after the reserve and "
                                        f"what the kernel keeps free)")
 
 
@@ -443,18 +403,18 @@ def _check_resolution(scn: Scenario, path: str) -> None:
     key = "simulation.resolution"
     for vm in scn.vms:
         if vm.memory_mib % r:
-            raise _err(path, key, f"{r} does not divide the memory of VM {vm.name} ({vm.memory_mib} MiB)")
+            raise fail(path, key, f"{r} does not divide the memory of VM {vm.name} ({vm.memory_mib} MiB)")
     for m in scn.models:
         c = m.config
         if c.policy and (why := resolution_refusal(c.policy[0], r)):
-            raise _err(path, f"hosts[{m.index}].policy.name", why)
+            raise fail(path, f"hosts[{m.index}].policy.name", why)
         if c.block_pages % r:
-            raise _err(path, key, f"{r} does not divide host model {m.name!r}'s block size "
+            raise fail(path, key, f"{r} does not divide host model {m.name!r}'s block size "
                                   f"({c.block_pages} pages)")
         for n in c.topology.nodes:
             if (n.mem_bytes // PAGE_SIZE) % r:
-                raise _err(path, key, f"{r} does not divide node {n.id}'s memory of host model {m.name!r}")
+                raise fail(path, key, f"{r} does not divide node {n.id}'s memory of host model {m.name!r}")
         for s in c.swap:
             if s["pages"] < r:
-                raise _err(path, key, f"swap device {s['name']} of host model {m.name!r} is smaller "
+                raise fail(path, key, f"swap device {s['name']} of host model {m.name!r} is smaller "
                                       f"than {r} pages")

@@ -31,12 +31,12 @@ import math
 from dataclasses import dataclass, field
 
 from guests.images import SHARED_KEY
+from hw.units import PAGES_PER_MIB
 
-PAGES_PER_MIB = 256
 
 
 @dataclass(frozen=True)
-class Profile:
+class SavingsProfile:
     """What one VM brings to a host, for the estimate."""
     pages: int                                      # configured memory
     boot_pages: float                               # resident before any merging
@@ -44,14 +44,14 @@ class Profile:
     shared: tuple[tuple[tuple, float, float], ...]  # (content key, distinct resident D, a)
 
 
-def profile(img, memory_mib: int, domain: str, mergeable: bool, locked: bool = False) -> Profile:
+def savings_profile(img, memory_mib: int, domain: str, mergeable: bool, locked: bool = False) -> SavingsProfile:
     pages = memory_mib * PAGES_PER_MIB
     sizes = img.class_pages(memory_mib)
     written = sum(n * (1.0 - (1.0 - img.classes[c].boot_touched) * (1.0 - _hot(img.classes[c])))
                   for c, n in sizes.items())
     boot = float(pages) if locked else written
     if not mergeable:
-        return Profile(pages, boot, 0.0, ())
+        return SavingsProfile(pages, boot, 0.0, ())
     self_saved, shared = 0.0, []
     for cname, n in sizes.items():
         if n == 0:
@@ -69,7 +69,7 @@ def profile(img, memory_mib: int, domain: str, mergeable: bool, locked: bool = F
         if cname in SHARED_KEY:
             key = (cname, domain, getattr(img, SHARED_KEY[cname]))
             shared.append((key, d, f / spec.pool))
-    return Profile(pages, boot, self_saved, tuple(shared))
+    return SavingsProfile(pages, boot, self_saved, tuple(shared))
 
 
 def _hot(spec) -> float:
@@ -84,14 +84,14 @@ class HostEstimate:
     absent: dict[tuple, float] = field(default_factory=dict)
     saved: float = 0.0
 
-    def saving(self, p: Profile) -> float:
+    def saving(self, p: SavingsProfile) -> float:
         """Pages KSM would save by merging ``p``'s guest into this host."""
         return p.self_saved + self.cross_saving(p)
 
-    def cross_saving(self, p: Profile) -> float:
+    def cross_saving(self, p: SavingsProfile) -> float:
         return sum(d * (1.0 - self.absent.get(k, 1.0)) for k, d, _a in p.shared)
 
-    def add(self, p: Profile) -> None:
+    def add(self, p: SavingsProfile) -> None:
         self.saved += self.saving(p)
         for k, _d, a in p.shared:
             self.absent[k] = self.absent.get(k, 1.0) * (1.0 - min(a, 1.0))

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vmhost.fleet.config import Scenario
-from vmhost.fleet.estimate import HostEstimate, Profile, profile
+from vmhost.fleet.estimate import HostEstimate, SavingsProfile, savings_profile
 
 
 @dataclass
@@ -57,12 +57,12 @@ class _Packer:
         self.together = scn.sim.boot == "together"
         self.hosts: list[PlacedHost] = []
         self.left = {m.index: m.count for m in scn.models}
-        cache: dict[tuple, Profile] = {}
+        cache: dict[tuple, SavingsProfile] = {}
         self.profiles = []
         for vm in scn.vms:
             k = (vm.image, vm.memory_mib, vm.domain, vm.nosharepages, vm.locked)
             if k not in cache:
-                cache[k] = profile(vm.img, vm.memory_mib, vm.domain, not vm.nosharepages, vm.locked)
+                cache[k] = savings_profile(vm.img, vm.memory_mib, vm.domain, not vm.nosharepages, vm.locked)
             self.profiles.append(cache[k])
 
     def charge(self, h: PlacedHost, i: int) -> float:

@@ -9,10 +9,10 @@ without KSM.
 
 from __future__ import annotations
 
+from hw.units import PAGES_PER_GIB
 from vmhost.fleet.config import Fleet
 from vmhost.fleet.placement import Placement
 
-GIB_PAGES = 262144
 
 
 def scenario_hosts(fleet: Fleet, placements: list[Placement], keys: list[list[str]],
@@ -83,7 +83,7 @@ def summarize(fleet: Fleet, placements: list[Placement], keys: list[list[str]],
 
 
 def _gib(pages: float) -> str:
-    return f"{pages / GIB_PAGES:.1f}"
+    return f"{pages / PAGES_PER_GIB:.1f}"
 
 
 def format_result(res: dict) -> str:

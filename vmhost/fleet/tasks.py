@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vmhost.fleet.config import Scenario
 from vmhost.fleet.placement import PlacedHost
+from vmhost.reports.files import dumps_json
 
 # parts of the packages that do not change what a host simulation computes
 _NOT_THE_MODEL = ("vmhost/commands", "vmhost/fleet", "vmhost/benchmarks", "vmhost/reports",
@@ -88,15 +89,7 @@ def run_host_task(key: str, task: dict) -> dict:
         with open(log, "a") as fh:
             fh.write(f"{key} {os.getpid()} {wall:.3f}\n")
     # through JSON here, so that a fresh result and one read back from the store are equal
-    return json.loads(json.dumps({"key": key, "result": result, "wall_s": round(wall, 4)},
-                                 default=_jsonable))
-
-
-def _jsonable(o):
-    import numpy as np
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    return json.loads(dumps_json({"key": key, "result": result, "wall_s": round(wall, 4)}))
 
 
 class ResultStore:

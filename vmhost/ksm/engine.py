@@ -35,15 +35,18 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from hw.units import PAGE_SIZE
 from vmhost.ksm.checksum import checksum, memcmp_key
 from vmhost.ksm.consistency import ConsistencyMixin
 from vmhost.ksm import fastscan
 from vmhost.ksm.counters import COUNTER_NAMES, WORK_NAMES
 from vmhost.ksm.items import (RMAP_ITEM_BYTES, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, MmSlot,
                               RmapItems)
+from vmhost.ksm import knobs as knob_table
 from vmhost.ksm.keyindex import KeyIndex
-from vmhost.ksm.knobs import KNOBS_2_6_33, KNOBS_6_18, RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
+from vmhost.ksm.knobs import RUN_MERGE, RUN_OFFLINE, RUN_UNMERGE, Knobs
 from vmhost.ksm.merge import MergeMixin
+from vmhost.ksm.notifier import NotifierMixin
 from vmhost.ksm.rbtree import NIL, IndexedRbTree, RbTree
 from vmhost.ksm.registration import RegistrationMixin
 from vmhost.ksm.scan import ScanMixin
@@ -58,7 +61,6 @@ if TYPE_CHECKING:
     from vmhost.host import Host
     from vmhost.mm.mm import MM
 
-PAGE_SIZE = 4096
 
 
 
@@ -80,7 +82,7 @@ for _i, _name in enumerate(COUNTER_NAMES):
 
 
 class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, RegistrationMixin,
-          ConsistencyMixin, KsmHooks):
+          ConsistencyMixin, NotifierMixin, KsmHooks):
     """The KSM of one host: its state, counters and knobs; the algorithms are in the mixins."""
 
     def __init__(self, host: "Host"):
@@ -88,6 +90,8 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self.profile = host.profile
         self.knobs = Knobs()
         self.c = Counters()
+        self.waiting_writes: list[tuple[str, str]] = []   # knob writes blocked by offlining
+        self.waited_writes: list[tuple[str, str, int]] = []  # ... and how they ended (rc)
         nr_nodes = host.topology.node_count
         self.items = RmapItems(trees=nr_nodes)
         self.nodes = StableNodes(trees=nr_nodes)
@@ -206,16 +210,19 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
 
     def write_knob(self, name: str, text) -> int:
         """A write to /sys/kernel/mm/ksm/NAME: 0 or -errno, effects applied."""
-        available = KNOBS_6_18 if self.profile.ksm_advisor else KNOBS_2_6_33
-        if name not in available:
+        if name not in knob_table.available(self.profile):
             return -errno.ENOENT
         rc, value = self.knobs.parse(name, text)
         if rc:
             return rc
         k = self.knobs
-        if name == "run":
-            if k.run & RUN_OFFLINE:
-                return -errno.EBUSY     # the writer would block until offlining ends
+        apply = knob_table.BY_NAME[name].apply
+        if apply in ("run", "tree") and k.run & RUN_OFFLINE:
+            # the writer blocks (wait_while_offlining) until memory offlining ends; it is
+            # completed then, by the memory notifier (ksm/notifier.py)
+            self.waiting_writes.append((name, text))
+            return 0
+        if apply == "run":
             if k.run != value:
                 k.run = value
                 if value & RUN_UNMERGE:
@@ -226,23 +233,22 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             if value & RUN_MERGE:
                 self.wakeup()
             return 0
-        if name in ("max_page_sharing", "merge_across_nodes"):
+        if apply == "tree":
             if getattr(k, name) == value:
                 return 0
-            if k.run & RUN_OFFLINE:
-                return -errno.EBUSY     # the writer would block until offlining ends
             if self.c.pages_shared or not self.remove_all_stable_nodes():
                 return -errno.EBUSY
             setattr(k, name, value)
             return 0
-        if name == "advisor_mode":
+        if apply == "advisor":
             if value != k.advisor_mode:
                 k.advisor_mode = value
-                k.pages_to_scan = k.advisor_min_pages_to_scan if value == "scan-time" else 100
+                k.pages_to_scan = k.advisor_min_pages_to_scan if value == "scan-time" \
+                    else knob_table.BY_NAME["pages_to_scan"].default
                 self.on_advisor_reset()
             return 0
         setattr(k, name, value)
-        if name == "sleep_millisecs":
+        if apply == "wake":
             self.wakeup()
         return 0
 

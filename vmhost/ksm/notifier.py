@@ -5,8 +5,10 @@ never vetoes), registered on the host's memory notifier chain
 (``vmhost.mm.hotplug``):
 
 - MEM_GOING_OFFLINE: KSM_RUN_OFFLINE is set in ``run``. ksmd parks before
-  its next batch (``Ksm.should_run`` is False while it is set) and writes of
-  ``run`` are refused (they would block until the offline ends). On the
+  its next batch (``Ksm.should_run`` is False while it is set) and ``run``
+  reads 4 plus its old value. Writes of ``run``, ``max_page_sharing`` and
+  ``merge_across_nodes`` wait (wait_while_offlining): the engine queues them
+  and they complete, in order, when the offline ends or is cancelled. On the
   2.6.33 profile the kernel held ksm_thread_mutex across the whole offline;
   the effect modelled is the same: ksmd parked and knob writes blocked from
   GOING_OFFLINE to the end.
@@ -23,6 +25,10 @@ never vetoes), registered on the host's memory notifier chain
 
 ``ksm_migrate_pages`` is folio_migrate_ksm for a batch: the stable node of
 each migrated KSM page now points at the new frame.
+
+``NotifierMixin`` gives the engine the hooks core mm calls for these
+(``vmhost.mm.hooks``): the notifier, migration, and the swap-in copy rule's
+questions (is a stable node live, is ``run`` unmerging).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vmhost.ksm.knobs import RUN_OFFLINE
+from vmhost.ksm.knobs import RUN_OFFLINE, RUN_UNMERGE
 from vmhost.ksm.rbtree import NIL
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
 
@@ -67,6 +73,9 @@ class KsmMemoryNotifier:
         knobs = self.ksm.knobs
         if knobs.run & RUN_OFFLINE:
             knobs.run &= ~RUN_OFFLINE
+            waiting, self.ksm.waiting_writes = self.ksm.waiting_writes, []
+            for name, text in waiting:        # the blocked writers go on, in order
+                self.ksm.waited_writes.append((name, text, self.ksm.write_knob(name, text)))
             if self.ksm.should_run():
                 self.ksm.wakeup()
 
@@ -108,3 +117,29 @@ def ksm_migrate_pages(ksm: "Ksm", old: np.ndarray, new: np.ndarray) -> int:
     valid[valid] &= nodes.kpfn[owners[valid]] == old[valid]
     nodes.kpfn[owners[valid]] = new[valid]
     return int(valid.sum())
+
+
+class NotifierMixin:
+    """The engine's side of the hooks core mm calls around hotplug, migration and swap-in
+    (``vmhost.mm.hooks.KsmHooks``)."""
+
+    def memory_notifier(self) -> KsmMemoryNotifier:
+        if getattr(self, "_memory_notifier", None) is None:
+            self._memory_notifier = KsmMemoryNotifier(self)
+        return self._memory_notifier
+
+    def migrate_pages(self, old: np.ndarray, new: np.ndarray) -> None:
+        ksm_migrate_pages(self, old, new)
+
+    def stable_node_live(self, pfn: int) -> bool:
+        nodes = self.nodes
+        node = int(self.host.frames.owner[pfn])
+        if node < 0 or node >= nodes.capacity:
+            return False
+        return int(nodes.kind[node]) != 0 and int(nodes.kpfn[node]) == pfn
+
+    def unmerging(self) -> bool:
+        return bool(self.knobs.run & RUN_UNMERGE)
+
+    def run_state(self) -> int:
+        return int(self.knobs.run)

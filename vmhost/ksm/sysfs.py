@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmhost.errors import InputError
-from vmhost.ksm.knobs import KNOBS_2_6_33, KNOBS_6_18
+from vmhost.ksm.knobs import available
 
 if TYPE_CHECKING:
     from vmhost.ksm.engine import Ksm
@@ -31,7 +31,7 @@ def render(ksm: "Ksm") -> dict[str, str]:
     modern = ksm.profile.ksm_advisor
     stats = ksm.stats()
     files = {name: f"{stats[name]}\n" for name in (COUNTERS_6_18 if modern else COUNTERS_2_6_33)}
-    for name in KNOBS_6_18 if modern else KNOBS_2_6_33:
+    for name in available(ksm.profile):
         files[name] = ksm.knobs.show(name) + "\n"
     return files
 

@@ -1,6 +1,6 @@
 """KSM trace format v1: loading, validation, page contents and result comparison.
 
-A trace is a tiny program of memory operations (see ``/work/shared/spec/ksm-trace-v1.md``) that
+A trace is a tiny program of memory operations (see ``docs/ksm-trace-v1.md``) that
 runs both in the emulator (``vmhost ksm replay``) and in the real kernel (``vmhost ksm oracle``).
 This module is the part both engines share, so it never touches the kernel: it turns a YAML/JSON
 file into a validated :class:`Trace`, knows how page contents are derived from content specs, and
@@ -14,7 +14,7 @@ Extensions to v1 defined here (they keep every plain v1 trace's meaning):
 
 - region option ``prot: none`` (default ``readwrite``): the region is mapped ``PROT_NONE``.
   ``fill`` still writes it, the way a debugger does (``/proc/PID/mem``, a forced write fault), so
-  the kernel selftest "KSM merges PROT_NONE memory" (ksm-behaviour.md §11 F5) can be expressed.
+  the kernel selftest "KSM merges PROT_NONE memory" (docs/ksm-behaviour.md §11 F5) can be expressed.
 
 Step ``args`` after validation (defaults filled in, so engines need no second look at the YAML):
 
@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from guests.strict_yaml import DocumentError, load_json, load_yaml
+from hw.units import PAGE_SIZE
 from vmhost.errors import InputError
+from vmhost.ksm import knobs as knob_table
 
-PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
 MAX_ID = 1 << 63
 
@@ -52,21 +53,7 @@ PROFILES = ("linux-6.18", "linux-2.6.33")
 DEFAULT_PROFILE = "linux-6.18"
 
 #: Writable KSM sysfs knobs a trace may set (in /sys/kernel/mm/ksm).
-KNOBS = (
-    "run",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "max_page_sharing",
-    "merge_across_nodes",
-    "use_zero_pages",
-    "smart_scan",
-    "stable_node_chains_prune_millisecs",
-    "advisor_mode",
-    "advisor_max_cpu",
-    "advisor_min_pages_to_scan",
-    "advisor_max_pages_to_scan",
-    "advisor_target_scan_time",
-)
+KNOBS = knob_table.NAMES
 
 #: Global fields of a snapshot, in the order of the spec's output example (``step`` and ``procs``
 #: are structural and not listed).
@@ -85,6 +72,12 @@ SNAPSHOT_FIELDS = (
     "cow_ksm",
     "ksm_swpin_copy",
 )
+
+#: When a ``scan`` step gives up on ksmd: neither ``full_scans`` nor ``pages_scanned`` moved for
+#: IDLE_PERIODS sleeps of ``sleep_millisecs`` (read when the step starts), at least IDLE_MIN_MS.
+#: The oracle waits that long in wall time, the emulator on its virtual clock.
+IDLE_PERIODS = 10
+IDLE_MIN_MS = 500
 
 #: Per-process fields of a snapshot (from /proc/PID/ksm_stat).
 PROC_FIELDS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages")
@@ -141,24 +134,6 @@ class Trace:
 # Loading
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def load_trace(path: str | Path) -> Trace:
     """Read and validate a trace file (YAML, or JSON when the name ends in ``.json``)."""
     name = str(path)
@@ -168,25 +143,27 @@ def load_trace(path: str | Path) -> Trace:
         raise InputError(f"{name}: cannot read trace: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{name}: cannot read trace: not UTF-8 text ({exc.reason})") from None
-    if name.endswith(".json"):
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{name}: line {exc.lineno}: JSON syntax error: {exc.msg}") from None
-    else:
-        try:
-            doc = yaml.load(text, Loader=_StrictLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            what = getattr(exc, "problem", None) or str(exc)
-            raise InputError(f"{name}: {where}YAML syntax error: {what}") from None
+    json_file = name.endswith(".json")
+    try:
+        doc = load_json(text, name) if json_file else load_yaml(text, name)
+    except DocumentError as exc:      # duplicate keys are refused in both syntaxes
+        where = f"line {exc.line}: " if exc.line is not None else ""
+        raise InputError(f"{name}: {where}{'JSON' if json_file else 'YAML'} syntax error: "
+                         f"{exc.problem}") from None
     return parse_trace(doc, name)
 
 
 def parse_trace(doc: Any, path: str = "<trace>") -> Trace:
     """Validate an already-decoded document; ``path`` is used in messages."""
     return _Validator(path).trace(doc)
+
+
+def parse_content(spec: Any, count: int, path: str, where: str):
+    """A content spec (zero, {same: V}, {seq: S}, {unique: K}, {cycle: [...]}) for ``count``
+    pages, validated as a trace's fill content; ``where`` names its key in messages."""
+    v = _Validator(path)
+    v.where = where
+    return v.content(spec, count)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hw.units import HPAGE_PAGES
 from vmhost.mm import thp
 from vmhost.mm.frames import PG_DIRTY, PG_KSM, PG_MLOCKED, PG_SHMEM, PG_SWAPCACHE
 from vmhost.mm.vma import (NO_PFN, PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE,
@@ -148,7 +149,7 @@ def _fault_huge(host: "Host", vma: Vma, offs: np.ndarray) -> None:
         if head is None:
             host.vmstat["thp_fault_fallback"] += 1
             continue
-        span = slice(int(start), int(start) + thp.HPAGE)
+        span = slice(int(start), int(start) + HPAGE_PAGES)
         ksm_zero = int(np.count_nonzero(vma.ptef[span] & PTE_KSM_ZERO))
         if ksm_zero:
             host.ksm.zero_pages_unmapped(vma.mm, ksm_zero)

@@ -13,8 +13,10 @@ is re-homed lazily by the engine (migrate_nodes) when ksmd next meets it.
 What cannot move, and why (the ``failed`` reasons):
 
 - ``unmovable``: a kernel allocation (PG_KERNEL);
-- ``pinned``: a long-term GUP pin (PG_PINNED): migration would break the
-  pinning device's view of the page;
+- ``pinned``: a GUP pin or reference (PG_PINNED): the page's refcount is
+  above what its mappings explain, so folio_migrate_mapping fails with
+  -EAGAIN; transient, retried by the caller (memory offline retries until
+  its writer gets a signal);
 - ``ksm``: a KSM page on the 2.6.33 profile, for any reason but hot-remove
   (``Profile.ksm_migrate_any`` is False: until 3.9 only memory offlining
   could migrate KSM pages);
@@ -34,11 +36,14 @@ count found by the sweep must equal its mapcount; a mismatch fails the page
 (``busy``) rather than leaving a PTE at a freed frame.
 
 Cost model (virtual time, returned as ``cost_ns``): ``PAGE_NS`` per page
-(isolate from the LRU, allocate the target, copy 4 KiB at about 8 GB/s,
-unmap/remap bookkeeping) plus ``MAPPING_NS`` per PTE rewritten (rmap visit,
-set_pte and its share of the TLB shootdown). A 2 MiB THP moved whole costs
-512 x ``THP_PAGE_NS`` (a large copy without per-page allocation) plus its
-mappings.
+(isolate from the LRU, allocate the target, copy 4 KiB, unmap/remap
+bookkeeping) plus ``MAPPING_NS`` per PTE rewritten (rmap visit, set_pte and
+its share of the TLB shootdown). A 2 MiB THP moved whole costs 512 x
+``THP_PAGE_NS`` (a large copy without per-page allocation) plus its
+mappings. PAGE_NS and MAPPING_NS are fitted to the real kernel's memory
+offline on this machine class (a VM: 5-10 us per migrated page; bare metal
+is faster), measured by ``vmhost hotremove configs/hotremove-oracle-*.yaml
+--oracle``.
 """
 
 from __future__ import annotations
@@ -48,19 +53,20 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from hw.units import HPAGE_PAGES
 from vmhost.mm.frames import (PG_COMPOUND, PG_HEAD, PG_ISOLATED, PG_KERNEL, PG_KSM, PG_PINNED, PG_SHMEM,
                                PG_SWAPCACHE)
-from vmhost.mm.page_alloc import HPAGE, OutOfMemory
+from vmhost.mm.page_alloc import OutOfMemory
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
 
 if TYPE_CHECKING:
     from vmhost.host import Host
 
-PAGE_NS = 1000
-MAPPING_NS = 200
+PAGE_NS = 5000
+MAPPING_NS = 500
 THP_PAGE_NS = 300
 
-TRANSIENT = ("busy", "nomem")
+TRANSIENT = ("busy", "nomem", "pinned")
 
 
 @dataclass
@@ -121,7 +127,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
     # transparent huge pages: whole, or split and then moved as base pages
     compound = pfns[(frames.flags[pfns] & PG_COMPOUND) != 0]
     base = pfns[(frames.flags[pfns] & PG_COMPOUND) == 0]
-    heads = np.unique(compound - compound % HPAGE)
+    heads = np.unique(compound - compound % HPAGE_PAGES)
     moved_heads, split_pages = [], []
     for head in heads.tolist():
         node = int(host.phys.node_of(head))
@@ -134,7 +140,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
         from vmhost.mm import thp
         thp.split_huge_page(host, head)
         res.split_thp += 1
-        span = np.arange(head, head + HPAGE, dtype=np.int64)
+        span = np.arange(head, head + HPAGE_PAGES, dtype=np.int64)
         split_pages.append(span[frames.refcount[span] > 0])
     if split_pages:
         base = np.unique(np.concatenate([base] + split_pages))
@@ -142,8 +148,8 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
 
     old_parts, new_parts = [], []
     for head, new_head in moved_heads:
-        old_parts.append(np.arange(head, head + HPAGE, dtype=np.int64))
-        new_parts.append(np.arange(new_head, new_head + HPAGE, dtype=np.int64))
+        old_parts.append(np.arange(head, head + HPAGE_PAGES, dtype=np.int64))
+        new_parts.append(np.arange(new_head, new_head + HPAGE_PAGES, dtype=np.int64))
         res.migrated_thp += 1
     if len(base):
         src_nodes = host.phys.node_of(base)
@@ -171,7 +177,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
         _free(host, new[~ok])
         old, new = old[ok], new[ok]
     _finish(host, old, new, res)
-    whole = sum(HPAGE for _ in moved_heads)
+    whole = sum(HPAGE_PAGES for _ in moved_heads)
     res.migrated += len(old)
     res.cost_ns += (len(old) - whole) * PAGE_NS + whole * THP_PAGE_NS + res.mappings * MAPPING_NS
     host.vmstat["pgmigrate_success"] += len(old)
@@ -180,7 +186,7 @@ def migrate_pages(host: "Host", pfns, *, nodes: Sequence[int] | None = None, rea
 
 
 def _thp_movable(host: "Host", head: int) -> bool:
-    span = slice(head, head + HPAGE)
+    span = slice(head, head + HPAGE_PAGES)
     f = host.frames.flags[span]
     return not ((f & (PG_PINNED | PG_KERNEL)) != 0).any()
 
@@ -230,9 +236,7 @@ def _finish(host: "Host", old: np.ndarray, new: np.ndarray, res: MigrateResult) 
     ksm = (frames.flags[old] & PG_KSM) != 0
     if ksm.any():
         res.migrated_ksm += int(ksm.sum())
-        if hasattr(host.ksm, "nodes"):
-            from vmhost.ksm.notifier import ksm_migrate_pages
-            ksm_migrate_pages(host.ksm, old[ksm], new[ksm])
+        host.ksm.migrate_pages(old[ksm], new[ksm])
     _free(host, old)
 
 
@@ -243,7 +247,7 @@ def _free(host: "Host", pfns: np.ndarray) -> None:
     frames = host.frames
     heads = pfns[(frames.flags[pfns] & PG_HEAD) != 0]
     frames.clear(pfns)
-    in_chunk = np.isin(pfns - pfns % HPAGE, heads)
+    in_chunk = np.isin(pfns - pfns % HPAGE_PAGES, heads)
     for head in heads.tolist():
         host.allocator.free_huge(int(head))
     host.allocator.free(pfns[~in_chunk])

@@ -50,7 +50,7 @@ from vmhost.mm.page_alloc import OutOfMemory
 if TYPE_CHECKING:
     from vmhost.host import Host
     from vmhost.mm.mm import MM
-    from vmhost.task import Process
+    from vmhost.process import Process
 
 OOM_SCORE_ADJ_MIN = -1000
 OOM_SCORE_ADJ_MAX = 1000

@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hw.memory import MemoryBlock, PhysicalMemory, Zone
+from hw.units import HPAGE_PAGES, PAGE_SIZE
 
-PAGE_KIB = 4
+PAGE_KIB = PAGE_SIZE // 1024
 WATERMARK_SCALE_FACTOR = 10  # in 1/10000 of managed pages, the kernel default
-HPAGE = 512                  # pages in a 2 MiB transparent huge page
 
 
 class OutOfMemory(Exception):
@@ -95,21 +95,21 @@ class _FreeArea:
 
     @property
     def count(self) -> int:
-        return self.small.top + HPAGE * self.chunks.top
+        return self.small.top + HPAGE_PAGES * self.chunks.top
 
     def release(self, pfns: np.ndarray) -> None:
         """Add free frames: complete aligned chunks go to the chunk pile."""
         pfns = np.sort(np.asarray(pfns, dtype=np.int64))
-        heads, counts = np.unique(pfns // HPAGE, return_counts=True)
-        whole = heads[counts == HPAGE] * HPAGE
-        rest = pfns[~np.isin(pfns // HPAGE, heads[counts == HPAGE])]
+        heads, counts = np.unique(pfns // HPAGE_PAGES, return_counts=True)
+        whole = heads[counts == HPAGE_PAGES] * HPAGE_PAGES
+        rest = pfns[~np.isin(pfns // HPAGE_PAGES, heads[counts == HPAGE_PAGES])]
         self.chunks.push(whole[::-1])
         self.small.push(rest[::-1])
 
     def pop_small(self, count: int) -> np.ndarray:
         while self.small.top < count and self.chunks.top:
             head = int(self.chunks.pop(1)[0])
-            self.small.push(np.arange(head + HPAGE - 1, head - 1, -1, dtype=np.int64))
+            self.small.push(np.arange(head + HPAGE_PAGES - 1, head - 1, -1, dtype=np.int64))
         return self.small.pop(count)
 
     def pop_chunk(self) -> int | None:
@@ -119,14 +119,14 @@ class _FreeArea:
         small = self.small.pfns[: self.small.top]
         heads = self.chunks.pfns[: self.chunks.top]
         taken = [small[(small >= lo) & (small < hi)]]
-        taken += [np.arange(h, h + HPAGE, dtype=np.int64) for h in heads[(heads >= lo) & (heads < hi)]]
+        taken += [np.arange(h, h + HPAGE_PAGES, dtype=np.int64) for h in heads[(heads >= lo) & (heads < hi)]]
         self.small.remove_range(lo, hi)
         self.chunks.remove_range(lo, hi)
         return np.concatenate(taken)
 
     def all_pfns(self) -> np.ndarray:
         heads = self.chunks.pfns[: self.chunks.top]
-        expanded = (heads[:, None] + np.arange(HPAGE, dtype=np.int64)).ravel()
+        expanded = (heads[:, None] + np.arange(HPAGE_PAGES, dtype=np.int64)).ravel()
         return np.concatenate([self.small.pfns[: self.small.top], expanded])
 
 
@@ -220,7 +220,7 @@ class PageAllocator:
         for node in self._fallback[preferred]:
             if allowed is not None and node not in allowed:
                 continue
-            if self._headroom(node) < HPAGE:
+            if self._headroom(node) < HPAGE_PAGES:
                 continue
             for zone in self._zones(False):
                 head = self._areas[(node, zone)].pop_chunk()

@@ -65,9 +65,22 @@ def rmap_walk(host: "Host", pfn: int, visit: Visit) -> int:
 
 
 def mappings(host: "Host", pfn: int) -> list[tuple[Vma, int]]:
-    """Every (vma, offset) mapping ``pfn``."""
+    """Every (vma, offset) mapping ``pfn``, once each.
+
+    A walk may reach one mapping twice: a KSM page's walk visits a forked child's VMA through
+    the parent's rmap_item (the child is chained to the parent's anon_vma) and again through the
+    child's own rmap_item once ksmd has met it. The kernel's callbacks see the second visit's
+    PTE already changed by the first (page_vma_mapped_walk fails); a list collected before
+    acting must drop the repeat itself."""
     found: list[tuple[Vma, int]] = []
-    rmap_walk(host, pfn, lambda vma, off: found.append((vma, off)))
+    seen: set[tuple[int, int]] = set()
+
+    def add(vma: Vma, off: int) -> None:
+        if (id(vma), off) not in seen:
+            seen.add((id(vma), off))
+            found.append((vma, off))
+
+    rmap_walk(host, pfn, add)
     return found
 
 

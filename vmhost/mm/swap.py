@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 SWP_SHIFT = 40
 SWP_SLOT_MASK = (1 << SWP_SHIFT) - 1
-RUN_UNMERGE = 2          # vmhost.ksm.knobs.RUN_UNMERGE (core mm must not import the engine)
 
 
 def swp_entry(area: int, slot: int) -> int:
@@ -365,7 +364,7 @@ class Swap:
             return not (vma.anon_vma is not None and owner == vma.anon_vma.id
                         and int(frames.index[pfn]) == index)
         if flags & PG_KSM:
-            if self._ksm_node_live(pfn) and not self._ksm_run() & RUN_UNMERGE:
+            if host.ksm.stable_node_live(pfn) and not host.ksm.unmerging():
                 return False
         elif not flags & PG_ANON:
             return False                                    # no anon_vma yet: fresh from swap
@@ -375,17 +374,6 @@ class Swap:
                     and av.root is vma.anon_vma.root):
                 return False
         return True
-
-    def _ksm_node_live(self, pfn: int) -> bool:
-        nodes = getattr(self.host.ksm, "nodes", None)
-        node = int(self.host.frames.owner[pfn])
-        if nodes is None or node < 0 or node >= nodes.capacity:
-            return False
-        return int(nodes.kind[node]) != 0 and int(nodes.kpfn[node]) == pfn
-
-    def _ksm_run(self) -> int:
-        knobs = getattr(self.host.ksm, "knobs", None)
-        return int(knobs.run) if knobs is not None else 0
 
     def _sigbus(self, vma: Vma, off: int, entry: int, cause: str) -> None:
         proc = self.host.processes.get(vma.mm.id)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hw.units import HPAGE_PAGES
 from vmhost.mm.frames import PG_COMPOUND, PG_HEAD, PG_MLOCKED, PG_TAIL
 from vmhost.mm.vma import (PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE, PTE_YOUNG, PTE_ZERO,
                            VmFlags, Vma)
@@ -30,7 +31,6 @@ from vmhost.mm.vma import (PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_W
 if TYPE_CHECKING:
     from vmhost.host import Host
 
-HPAGE = 512
 _COMPOUND_MASK = np.uint16(~PG_COMPOUND & 0xFFFF)
 
 
@@ -46,13 +46,13 @@ def huge_candidates(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
     """Offsets (first of each 2 MiB range) where a write fault can map a whole huge page."""
     if not thp_allowed(host, vma) or len(offs) == 0:
         return np.zeros(0, dtype=np.int64)
-    first = ((vma.start + offs) // HPAGE) * HPAGE - vma.start
+    first = ((vma.start + offs) // HPAGE_PAGES) * HPAGE_PAGES - vma.start
     starts = np.unique(first)
-    starts = starts[(starts >= 0) & (starts + HPAGE <= vma.pages)]
+    starts = starts[(starts >= 0) & (starts + HPAGE_PAGES <= vma.pages)]
     # pmd_none, or only the zero page mapped there (a read fault maps the huge zero page)
     ok = []
     for s in starts:
-        f = vma.ptef[s: s + HPAGE]
+        f = vma.ptef[s: s + HPAGE_PAGES]
         empty = (f & (PTE_PRESENT | PTE_SWAP)) == 0
         plain_zero = (f & (PTE_ZERO | PTE_KSM_ZERO)) == PTE_ZERO
         if (empty | plain_zero).all():
@@ -63,22 +63,22 @@ def huge_candidates(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
 def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) -> None:
     """Map a freshly allocated, zero-filled folio at offsets [start, start+512)."""
     frames = host.frames
-    pfns = np.arange(head, head + HPAGE, dtype=np.int64)
-    frames.init_anon(pfns, 0, anon_vma_id, vma.linear_index(np.arange(start, start + HPAGE)))
+    pfns = np.arange(head, head + HPAGE_PAGES, dtype=np.int64)
+    frames.init_anon(pfns, 0, anon_vma_id, vma.linear_index(np.arange(start, start + HPAGE_PAGES)))
     frames.refcount[pfns] += 1                      # the folio's own reference
     frames.flags[head] |= PG_HEAD
-    frames.flags[head + 1: head + HPAGE] |= PG_TAIL
+    frames.flags[head + 1: head + HPAGE_PAGES] |= PG_TAIL
     if vma.flags & VmFlags.LOCKED:
         frames.flags[pfns] |= PG_MLOCKED
-    vma.pte[start: start + HPAGE] = pfns
-    vma.ptef[start: start + HPAGE] = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
-    vma.mm.rss_anon += HPAGE
+    vma.pte[start: start + HPAGE_PAGES] = pfns
+    vma.ptef[start: start + HPAGE_PAGES] = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
+    vma.mm.rss_anon += HPAGE_PAGES
     vma.mm.touch_ptes()
     host.vmstat["thp_fault_alloc"] += 1
 
 
 def head_of(pfn: int) -> int:
-    return pfn - pfn % HPAGE
+    return pfn - pfn % HPAGE_PAGES
 
 
 def same_folio(host: "Host", a: int, b: int) -> bool:
@@ -90,11 +90,11 @@ def free_unmapped_folios(host: "Host", pfns: np.ndarray) -> None:
     """Free the huge pages among ``pfns`` whose 512 pages are all unmapped now."""
     frames = host.frames
     compound = pfns[(frames.flags[pfns] & PG_COMPOUND) != 0]
-    for head in np.unique(compound - compound % HPAGE):
-        span = slice(int(head), int(head) + HPAGE)
+    for head in np.unique(compound - compound % HPAGE_PAGES):
+        span = slice(int(head), int(head) + HPAGE_PAGES)
         if frames.mapcount[span].any() or (frames.refcount[span] != 1).any():
             continue
-        frames.clear(np.arange(head, head + HPAGE))
+        frames.clear(np.arange(head, head + HPAGE_PAGES))
         host.allocator.free_huge(int(head))
 
 
@@ -108,7 +108,7 @@ def split_huge_page(host: "Host", pfn: int) -> None:
     from vmhost.mm.rmap import mappings
     frames = host.frames
     head = head_of(pfn)
-    pfns = np.arange(head, head + HPAGE, dtype=np.int64)
+    pfns = np.arange(head, head + HPAGE_PAGES, dtype=np.int64)
     frames.flags[pfns] &= _COMPOUND_MASK
     frames.refcount[pfns] -= 1                          # the folio reference goes
     host.vmstat["thp_split_page"] += 1

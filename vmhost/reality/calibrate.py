@@ -44,10 +44,9 @@ import numpy as np
 from guests import dumps
 from guests.interning import Interner
 from guests.spec import GuestSpec
+from hw.units import PAGE_SIZE, HPAGE_PAGES
 from vmhost.reality import lab
 
-PAGE = 4096
-HPAGE = 512
 PM_PRESENT = 1 << 63
 PM_SWAP = 1 << 62
 PM_FILE = 1 << 61
@@ -89,9 +88,9 @@ class VmaSnapshot:
         """Offsets of the 2 MiB ranges mapped by one whole THP."""
         st = self.state
         out = []
-        first = (-self.start) % HPAGE
-        for s in range(first, self.pages - HPAGE + 1, HPAGE):
-            if (st[s:s + HPAGE] == HUGE).all():
+        first = (-self.start) % HPAGE_PAGES
+        for s in range(first, self.pages - HPAGE_PAGES + 1, HPAGE_PAGES):
+            if (st[s:s + HPAGE_PAGES] == HUGE).all():
                 out.append(s)
         return out
 
@@ -126,7 +125,7 @@ def mergeable_vmas(pid: int) -> list[tuple[int, int]]:
 
 def _block_name(pages: int, mem_mib: int, taken: set[str]) -> str:
     """The QEMU RAM block a mergeable VMA holds, by size (pc machine, std VGA, e1000)."""
-    mib = pages * PAGE / (1 << 20)
+    mib = pages * PAGE_SIZE / (1 << 20)
     guess = {mem_mib: "pc.ram", 16: "vga.vram", 2: "acpi-tables", 0.25: "pc.bios",
              0.125: "pc.rom", 0.0625: "rom-64k", 1 / 256: "acpi-rsdp"}.get(mib, f"block-{pages}p")
     name, k = guess, 1
@@ -172,7 +171,7 @@ def _bit(flags: np.ndarray, bit: int) -> np.ndarray:
 
 
 def snapshot_vma(pid: int, start: int, end: int, name: str, read_contents: bool) -> VmaSnapshot:
-    vpn, pages = start // PAGE, (end - start) // PAGE
+    vpn, pages = start // PAGE_SIZE, (end - start) // PAGE_SIZE
     pm = read_pagemap(pid, vpn, pages)
     present = (pm & np.uint64(PM_PRESENT)) != 0
     pfn = (pm & np.uint64(PFN_MASK)).astype(np.int64)
@@ -187,19 +186,19 @@ def snapshot_vma(pid: int, start: int, end: int, name: str, read_contents: bool)
     state[zero] = ZERO
     # a HUGE range counts only when one whole folio maps the aligned 2 MiB: head first, pfns
     # consecutive; PTE-mapped pieces of a THP are treated as 4 KiB pages
-    first = (-vpn) % HPAGE
-    for s in range(first, pages - HPAGE + 1, HPAGE):
-        seg = state[s:s + HPAGE]
+    first = (-vpn) % HPAGE_PAGES
+    for s in range(first, pages - HPAGE_PAGES + 1, HPAGE_PAGES):
+        seg = state[s:s + HPAGE_PAGES]
         if not (seg == HUGE).any():
             continue
         ok = ((seg == HUGE).all() and _bit(kf[s:s + 1], KPF_COMPOUND_HEAD)[0]
-              and (np.diff(pfn[s:s + HPAGE]) == 1).all())
+              and (np.diff(pfn[s:s + HPAGE_PAGES]) == 1).all())
         if not ok:
             seg[seg == HUGE] = SMALL
     # THP pages outside any whole aligned range
     inside = np.zeros(pages, dtype=bool)
-    for s in range(first, pages - HPAGE + 1, HPAGE):
-        inside[s:s + HPAGE] = True
+    for s in range(first, pages - HPAGE_PAGES + 1, HPAGE_PAGES):
+        inside[s:s + HPAGE_PAGES] = True
     state[(state == HUGE) & ~inside] = SMALL
     snap = VmaSnapshot(vpn, pages, name, state, kf)
     if read_contents:
@@ -221,7 +220,7 @@ def read_process_pages(pid: int, vpn: int, state: np.ndarray):
     try:
         for run in np.split(want, cuts):
             a, n = int(run[0]), len(run)
-            buf = os.pread(fd, n * PAGE, (vpn + a) * PAGE)
+            buf = os.pread(fd, n * PAGE_SIZE, (vpn + a) * PAGE_SIZE)
             f, z = dumps.hash_pages(buf, 0, n)
             fp[a:a + n] = f
             zero[a:a + n] = z
@@ -248,7 +247,7 @@ def snapshot_process(pid: int, guest: str, mem_mib: int) -> ProcessSnapshot:
     snap = ProcessSnapshot(pid, guest)
     taken: set[str] = set()
     for start, end in mergeable_vmas(pid):
-        name = _block_name((end - start) // PAGE, mem_mib, taken)
+        name = _block_name((end - start) // PAGE_SIZE, mem_mib, taken)
         snap.vmas.append(snapshot_vma(pid, start, end, name, read_contents=True))
     return snap
 
@@ -332,7 +331,7 @@ def build_host(snaps: list[ProcessSnapshot], images: list[dumps.GuestImage], mem
 
     interner = interner or Interner()
     total = sum(v.pages for s in snaps for v in s.vmas)
-    host_bytes = max(4 * total * PAGE, 1 << 30)
+    host_bytes = max(4 * total * PAGE_SIZE, 1 << 30)
     host_bytes = -(-host_bytes // (128 << 20)) * (128 << 20)
     host = Host(Topology.uniform(1, host_bytes), block_pages=32768, thp="madvise")
     ksm = Ksm(host)

@@ -59,32 +59,21 @@ from pathlib import Path
 
 import numpy as np
 
+from hw.units import PAGE_SIZE, HPAGE_SIZE
 from vmhost.errors import InputError
-from vmhost.ksm.trace import (PAGE_SIZE, PROC_FIELDS, SNAPSHOT_FIELDS, Region, Trace,
-                              content_ids, dumps_result, format_result, load_trace, page_bytes)
+from vmhost.ksm.knobs import reset_order
+from vmhost.ksm.trace import (IDLE_MIN_MS, IDLE_PERIODS, PROC_FIELDS, SNAPSHOT_FIELDS,
+                              WORDS_PER_PAGE, Region, Trace, content_ids, dumps_result,
+                              format_result, load_trace, page_bytes)
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 LOCK_PATH = "/run/vmhost-ksm-oracle.lock"
 
 #: Kernel defaults of the writable knobs, in the order they are reset at the start of a run
 #: (advisor_mode first: leaving scan-time rewrites pages_to_scan).
-DEFAULTS = {
-    "advisor_mode": "none",
-    "max_page_sharing": "256",
-    "merge_across_nodes": "1",
-    "use_zero_pages": "0",
-    "smart_scan": "1",
-    "stable_node_chains_prune_millisecs": "2000",
-    "advisor_max_cpu": "70",
-    "advisor_min_pages_to_scan": "500",
-    "advisor_max_pages_to_scan": "30000",
-    "advisor_target_scan_time": "200",
-    "pages_to_scan": "100",
-    "sleep_millisecs": "20",
-}
+DEFAULTS = reset_order()
 ORACLE_PAGES_TO_SCAN = 1_000_000   # u32 knob; far above any trace's page count
 ORACLE_SLEEP_MS = 50
-IDLE_PERIODS = 10
 POLL_S = 0.001
 REPLY_TIMEOUT_S = 30.0
 TRACE_TIMEOUT_S = 300.0
@@ -94,7 +83,6 @@ MADV = {"mergeable": 12, "unmergeable": 13, "dontneed": 4}
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
 PR_SET_MEMORY_MERGE = 67
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
-HPAGE = 2 << 20
 PROT_NONE, PROT_RW = 0, 3
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 1, 2, 0x10, 0x20, 0x4000
 
@@ -189,14 +177,14 @@ def _map_regions(regions: list[Region]) -> dict[str, int]:
     offsets, off = {}, 0
     for r in regions:
         if r.thp:
-            off = -(-off // HPAGE) * HPAGE
+            off = -(-off // HPAGE_SIZE) * HPAGE_SIZE
         offsets[r.name] = off
         off += r.pages * PAGE_SIZE
-    total = off + HPAGE
+    total = off + HPAGE_SIZE
     res = _libc.mmap(None, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
     if res in (None, ctypes.c_void_p(-1).value):
         raise OSError(ctypes.get_errno(), f"mmap reserve: {_errname()}")
-    base = -(-res // HPAGE) * HPAGE
+    base = -(-res // HPAGE_SIZE) * HPAGE_SIZE
     addrs, used = {}, []
     for r in regions:
         addr, size = base + offsets[r.name], r.pages * PAGE_SIZE
@@ -250,8 +238,8 @@ class _WorkerLoop:
             finally:
                 os.close(fd)
         else:
-            words = (ctypes.c_uint64 * (count * 512)).from_address(addr)
-            np.frombuffer(words, dtype=np.uint64).reshape(count, 512)[:] = ids[:, None]
+            words = (ctypes.c_uint64 * (count * WORDS_PER_PAGE)).from_address(addr)
+            np.frombuffer(words, dtype=np.uint64).reshape(count, WORDS_PER_PAGE)[:] = ids[:, None]
         return ("ok", None)
 
     def do_madvise(self, region, advice, start, count, fds):
@@ -450,7 +438,7 @@ class _Run:
         start_fs = int(read_knob("full_scans"))
         target = start_fs + count
         sleep_ms = int(read_knob("sleep_millisecs"))
-        idle_s = max(IDLE_PERIODS * sleep_ms / 1000.0, 0.5)
+        idle_s = max(IDLE_PERIODS * sleep_ms, IDLE_MIN_MS) / 1000.0
         last = (start_fs, int(read_knob("pages_scanned")))
         last_move = time.monotonic()
         _must_write("run", 1)
@@ -519,7 +507,29 @@ def _refuse_unless_safe():
                          "use KSM (ksm_mergeable: yes); refusing to disturb them")
 
 
+_held_lock: list[int] = []   # the lock kept by holding_lock() across several runs
+
+
+@contextmanager
+def holding_lock():
+    """Keep the oracle's lock across several ``run_oracle`` calls (a turn of short traces).
+
+    Each run still checks that KSM is free, resets it and restores the knobs; only the lock
+    is not given up between them. Keep a turn short: other users wait for the lock
+    (``LOCK_TIMEOUT_S``).
+    """
+    fd = _acquire_lock()
+    _held_lock.append(fd)
+    try:
+        yield
+    finally:
+        _held_lock.remove(fd)
+        os.close(fd)
+
+
 def _acquire_lock():
+    if _held_lock:      # the same open file: already locked by us
+        return os.dup(_held_lock[-1])
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     end = time.monotonic() + LOCK_TIMEOUT_S
     while True:

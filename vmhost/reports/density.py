@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hw.units import PAGES_PER_GIB
 from vmhost.density.result import EDGE
-from vmhost.density.stepper import GIB_PAGES
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Report
@@ -37,7 +37,7 @@ NODE_COLUMNS = ["guests", "node", "total_pages", "free_pages", "used_pages"]
 
 
 def _gib(pages):
-    return None if pages is None else pages / GIB_PAGES
+    return None if pages is None else pages / PAGES_PER_GIB
 
 
 def _step_row(s: dict) -> list:
@@ -170,7 +170,7 @@ def write_density_report(res: dict, directory: str | Path) -> None:
 # the text report (report.txt, and what `vmhost density` prints)
 
 def _gib(pages) -> str:
-    return "-" if pages is None else f"{pages / GIB_PAGES:.2f}"
+    return "-" if pages is None else f"{pages / PAGES_PER_GIB:.2f}"
 
 
 def _pct(v) -> str:

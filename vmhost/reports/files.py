@@ -71,7 +71,11 @@ def plain(o: Any) -> Any:
     return o
 
 
-def dumps_json(o: Any) -> str:
+def dumps_json(o: Any, *, compact: bool = False) -> str:
+    """The one JSON encoder of the project: ``o`` as strict JSON (numpy values plain, NaN and
+    infinity null); indented with a final newline for files, or ``compact`` on one line."""
+    if compact:
+        return json.dumps(plain(o), allow_nan=False)
     return json.dumps(plain(o), indent=2, allow_nan=False) + "\n"
 
 

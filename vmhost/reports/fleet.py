@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmhost.fleet.result import GIB_PAGES, format_result
+from hw.units import PAGES_PER_GIB
+from vmhost.fleet.result import format_result
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Report
@@ -34,7 +35,7 @@ HOST_COLUMNS = ["scenario", "host", "model", "vms", "ram_pages", "configured_pag
 
 
 def _gib(pages):
-    return None if pages is None else pages / GIB_PAGES
+    return None if pages is None else pages / PAGES_PER_GIB
 
 
 def _label(s: dict) -> str:

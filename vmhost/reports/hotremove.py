@@ -104,7 +104,7 @@ def build(res: dict) -> Report:
     return rep
 
 
-def write_hotremove_report(res: dict, directory: str | Path) -> None:
-    """report.html, result.json, report.txt and the CSV tables, atomically."""
-    from vmhost.hotremove import format_result
-    build(res).write(directory, res, files={"report.txt": format_result(res) + "\n"})
+def write_hotremove_report(res: dict, directory: str | Path, text: str) -> None:
+    """report.html, result.json, report.txt (``text``, the study's own summary) and the CSV
+    tables, atomically. The study hands its text over: a report never imports its study."""
+    build(res).write(directory, res, files={"report.txt": text + "\n"})

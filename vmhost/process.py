@@ -1,4 +1,4 @@
-"""Processes (tasks) of the host: a pid, a name, an address space, OOM settings."""
+"""Processes of the host (the kernel's task_struct): a pid, a name, an address space, OOM settings."""
 
 from __future__ import annotations
 

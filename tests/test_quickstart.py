@@ -1,0 +1,64 @@
+"""The README's Quick start on a machine that has only the main install.
+
+libvirt-python and the docker SDK are extras: the main install must not need them, the commands
+that do must name the extra in one line (exit 2), and the fast part of the suite must be
+collectable without them. "Without them" is made here by blocking their import in a child
+interpreter (``sys.modules[name] = None`` makes ``import name`` fail), on this machine where
+they are installed.
+"""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = "not kernel and not qemu and not libvirt and not docker and not chromium"
+BLOCK = "import sys; sys.modules['libvirt'] = None; sys.modules['docker'] = None; "
+
+
+def run_blocked(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK + code, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_main_install_needs_no_extra():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower()
+             for d in project["dependencies"]}
+    assert not names & {"libvirt-python", "docker"}, names
+    extras = project["optional-dependencies"]
+    assert extras["libvirt"] == ["libvirt-python>=9"] and extras["docker"] == ["docker>=7"]
+    assert extras["test"] == ["vmhost[dev,libvirt,docker]"]
+
+
+def test_missing_extra_is_one_line_naming_it(tmp_path):
+    cli = "from vmhost.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = tmp_path / "host.yaml"
+    r = run_blocked(cli, "import", "libvirt", "--uri", "test:///default", "-o", str(out))
+    assert r.returncode == 2 and r.stdout == "" and not out.exists(), r.stderr
+    assert r.stderr.count("\n") == 1 and "pip install 'vmhost[libvirt]'" in r.stderr
+    assert "libvirt-dev pkg-config" in r.stderr and "Traceback" not in r.stderr
+    r = run_blocked(cli, "container", "build", "--context", str(ROOT))
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and "pip install 'vmhost[docker]'" in r.stderr
+
+
+def test_fast_part_collects_without_the_extras():
+    code = "import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+    r = run_blocked(code, "--collect-only", "-q", "-p", "no:cacheprovider", "-m", FAST, "tests")
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "test_libvirt_import.py" not in r.stdout and "test_container.py" not in r.stdout
+    assert "tests/test_quickstart.py::test_fast_part_collects_without_the_extras" in r.stdout
+    # and without -m, the same modules are collected (and fail on the missing import), not hidden
+    r = run_blocked(code, "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_container.py")
+    assert r.returncode != 0 and "docker" in r.stdout
+
+
+def test_density_shows_a_line_before_the_first_guest():
+    r = subprocess.run([sys.executable, "-m", "vmhost.cli", "density", "configs/density-tiny.yaml"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("density: [") and " 0/" in first and "booting guest 1" in first
+    assert "VMs per host" in r.stdout
