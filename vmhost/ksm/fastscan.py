@@ -791,6 +791,14 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     mps = params[P_MPS]
     chains = params[P_CHAINS] != 0
     block_node = S.block_node
+    # the arrays every visit reads, bound once (a group's field is otherwise re-read from
+    # memory after every store: the compiler cannot tell the group from the arrays)
+    f_flags, f_content, f_owner = F.flags, F.content, F.owner
+    it_address, it_rnext, it_flags, it_head = IT.address, IT.rnext, IT.flags, IT.head
+    it_age, it_skips, it_oldchecksum = IT.age, IT.remaining_skips, IT.oldchecksum
+    it_tree_key, it_nid = IT.tree_key, IT.nid
+    nd_kind, nd_kpfn, nd_nid, nd_key = ND.kind, ND.kpfn, ND.nid, ND.key
+    nd_ki_slots, nd_stale_state = ND.ki_slots, ND.stale_state
     cnt = S.cnt
     work = S.work
     uh = S.uh
@@ -802,14 +810,14 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             return i, processed, RUN_BUDGET, NIL
         # while no chain and no stale node exist, a stable-tree walk has no side effects (the
         # compiled merges make no stale node, but may make the first chain)
-        indexed = ND.stale_state[0] == 0 and cnt[C_CHAINS] == 0
+        indexed = nd_stale_state[0] == 0 and cnt[C_CHAINS] == 0
         off = cand[i]
         work[W_PTES] += 1
         if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT:
             i += 1
             continue
         pfn = pte[off]
-        pflags = F.flags[pfn]
+        pflags = f_flags[pfn]
         if (pflags & (PG_ANON | PG_KSM)) == 0:
             i += 1
             continue
@@ -817,16 +825,16 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
 
         # -- get_next_rmap_item: free items before vpn, find or create the one at vpn ----
         prev = cursor[1]
-        cur = cursor[0] if prev == NIL else IT.rnext[prev]
+        cur = cursor[0] if prev == NIL else it_rnext[prev]
         item = NIL
         while cur != NIL:
-            a = IT.address[cur]
+            a = it_address[cur]
             if a == vpn:
                 item = cur
                 break
             if a > vpn:
                 break
-            fl = IT.flags[cur]
+            fl = it_flags[cur]
             if fl & STABLE_FLAG:
                 if not stable_remove(F, IT, ND, S, np.int64(cur)):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
@@ -834,11 +842,11 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             if fl & UNSTABLE_FLAG and ((seqnr - fl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(cur), hashed):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
-            nxt = IT.rnext[cur]
+            nxt = it_rnext[cur]
             if prev == NIL:
                 cursor[0] = nxt
             else:
-                IT.rnext[prev] = nxt
+                it_rnext[prev] = nxt
             if fl & UNSTABLE_FLAG:
                 cnt[C_UNSHARED] -= 1
             S.mm_ksm[IT.mm[cur], 0] -= 1
@@ -852,29 +860,29 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             IT.free_top[0] -= 1
             item = IT.free_stack[IT.free_top[0]]
             IT.mm[item] = mm_id
-            IT.address[item] = vpn
-            IT.flags[item] = 0
-            IT.oldchecksum[item] = 0
-            IT.age[item] = 0
-            IT.remaining_skips[item] = 0
-            IT.head[item] = NIL
+            it_address[item] = vpn
+            it_flags[item] = 0
+            it_oldchecksum[item] = 0
+            it_age[item] = 0
+            it_skips[item] = 0
+            it_head[item] = NIL
             IT.hnext[item] = NIL
             IT.hprev[item] = NIL
             IT.anon_vma[item] = -1
-            IT.nid[item] = 0
+            it_nid[item] = 0
             IT.tree_pfn[item] = -1
             IT.tree_gen[item] = -1
-            IT.tree_key[item] = 0
+            it_tree_key[item] = 0
             S.mm_ksm[mm_id, 0] += 1
-            IT.rnext[item] = cur
+            it_rnext[item] = cur
             if prev == NIL:
                 cursor[0] = item
             else:
-                IT.rnext[prev] = item
+                it_rnext[prev] = item
         cursor[1] = item
         cursor[2] = vpn + 1
         is_ksm = (pflags & PG_KSM) != 0
-        ifl = IT.flags[item]
+        ifl = it_flags[item]
 
         # -- smart scan ----------------------------------------------------------------------
         if (ifl & STABLE_FLAG) and not is_ksm:              # its KSM page was left (COW)
@@ -882,33 +890,33 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 return i, processed, BAIL_BEFORE_SKIP, item
             ifl = 0
         if smart and not is_ksm:
-            age, skips, skip = smart_skip(np.int64(IT.age[item]),
-                                          np.int64(IT.remaining_skips[item]))
+            age, skips, skip = smart_skip(np.int64(it_age[item]),
+                                          np.int64(it_skips[item]))
             if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_SKIP, item
-            IT.age[item] = age
-            IT.remaining_skips[item] = skips
+            it_age[item] = age
+            it_skips[item] = skips
             if skip:
                 cnt[C_SKIPPED] += 1
                 if ifl & UNSTABLE_FLAG:
                     cnt[C_UNSHARED] -= 1
-                    IT.flags[item] = 0
+                    it_flags[item] = 0
                 i += 1
                 continue
 
         # -- cmp_and_merge_page ----------------------------------------------------------------
         nid = 0 if across else block_node[pfn // block_pages]
         if is_ksm:
-            node = F.owner[pfn]
-            if (node != NIL and (ND.kind[node] == NODE or ND.kind[node] == DUP)
-                    and (ifl & STABLE_FLAG) and IT.head[item] == node
-                    and (across or block_node[ND.kpfn[node] // block_pages] == ND.nid[node])):
+            node = f_owner[pfn]
+            if (node != NIL and (nd_kind[node] == NODE or nd_kind[node] == DUP)
+                    and (ifl & STABLE_FLAG) and it_head[item] == node
+                    and (across or block_node[nd_kpfn[node] // block_pages] == nd_nid[node])):
                 cnt[C_SCANNED] += 1
                 processed += 1
                 i += 1
                 continue
-            if not (across and node != NIL and (ND.kind[node] == NODE or ND.kind[node] == DUP)):
+            if not (across and node != NIL and (nd_kind[node] == NODE or nd_kind[node] == DUP)):
                 return i, processed, BAIL_BEFORE_MERGE, item
             # a KSM page this item does not hold yet (reached through fork): stable_tree_search
             # gives the page itself, and the item joins its node
@@ -920,7 +928,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                         return i, processed, BAIL_BEFORE_MERGE, item
                 cnt[C_UNSHARED] -= 1
-                IT.flags[item] = 0
+                it_flags[item] = 0
             IT.anon_vma[item] = vma_anon_vma
             S.av_delta[vma_anon_vma] += 1
             stable_append(IT, ND, S, np.int64(item), np.int64(node))
@@ -933,12 +941,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_MERGE, item
             cnt[C_UNSHARED] -= 1
-            IT.flags[item] = 0
+            it_flags[item] = 0
         work[W_CHECKSUMS] += 1
-        content = F.content[pfn]
+        content = f_content[pfn]
         cs = checksum_of(content, seed)
-        if IT.oldchecksum[item] != cs:
-            IT.oldchecksum[item] = cs
+        if it_oldchecksum[item] != cs:
+            it_oldchecksum[item] = cs
             cnt[C_SCANNED] += 1
             processed += 1
             i += 1
@@ -966,7 +974,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             cur = NIL
         elif indexed:
             # no chain and no stale node: a miss needs only plain, live nodes on the path
-            target = ki_find(ND.ki_slots, ND.key, ND.nid, np.uint64(key), np.int64(nid))
+            target = ki_find(nd_ki_slots, nd_key, nd_nid, np.uint64(key), np.int64(nid))
             if target == EMPTY:
                 target = NIL
             work[W_COMPARES] += _depth(np.int64(ND.ki_state[0]))
@@ -978,7 +986,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         effects = 0                     # chain upkeep to apply once the walk needs nothing else
         while cur != NIL:
             walked += 1
-            kind = ND.kind[cur]
+            kind = nd_kind[cur]
             if kind == CHAIN:
                 # stable_node_dup, first without side effects: a stale dup, a collapse or an
                 # empty chain is left to Python; pruning times and moves to the head of the
@@ -989,8 +997,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 d = ND.dhead[cur]
                 while d != NIL:
                     dups_seen += 1
-                    kp = ND.kpfn[d]
-                    if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != d:
+                    kp = nd_kpfn[d]
+                    if (f_flags[kp] & PG_KSM) == 0 or f_owner[kp] != d:
                         return i, processed, BAIL_AFTER_CHECKSUM, item
                     hl = ND.hlist_len[d]
                     sharable = hl > 0 and hl < mps
@@ -1010,12 +1018,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     S.eff_prune[effects] = prune
                     effects += 1
             elif kind == NODE:
-                kp = ND.kpfn[cur]
-                if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != cur:
+                kp = nd_kpfn[cur]
+                if (f_flags[kp] & PG_KSM) == 0 or f_owner[kp] != cur:
                     return i, processed, BAIL_AFTER_CHECKSUM, item    # stale: prune in Python
             else:
                 return i, processed, BAIL_AFTER_CHECKSUM, item
-            tk = ND.key[cur]
+            tk = nd_key[cur]
             if key < tk:
                 cur = ND.left[cur]
             elif key > tk:
@@ -1029,7 +1037,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             target = NIL                # every copy is full: the unstable tree makes a new one
         if target != NIL:
             # merge into that KSM page here only in the plain case; anything else is Python's
-            if ((not across and block_node[ND.kpfn[target] // block_pages] != ND.nid[target])
+            if ((not across and block_node[nd_kpfn[target] // block_pages] != nd_nid[target])
                     or (pflags & (PG_COMPOUND | PG_SWAPCACHE)) != 0
                     or S.freed_n[0] >= S.freed.shape[0]):
                 return i, processed, BAIL_AFTER_CHECKSUM, item
@@ -1057,15 +1065,15 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             if not clean:
                 return i, processed, BAIL_AFTER_STABLE, item    # the tree must be built now
             d = _depth(np.int64(S.ulog_len[0]))
-            t, h = hash_find(uh, np.int64(mask), IT.tree_key, IT.nid, np.uint64(key),
+            t, h = hash_find(uh, np.int64(mask), it_tree_key, it_nid, np.uint64(key),
                              np.int64(nid))
             if t == NIL:
                 if S.ulog_len[0] >= S.ulog.shape[0]:
                     return i, processed, BAIL_AFTER_STABLE, item
-                IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
-                IT.nid[item] = nid
+                it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+                it_nid[item] = nid
                 IT.tree_pfn[item] = pfn
-                IT.tree_key[item] = key
+                it_tree_key[item] = key
                 IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
                 uh[h] = item
                 S.ulog[S.ulog_len[0]] = item
@@ -1092,29 +1100,29 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         while cur != NIL:
             walked += 1
             if clean:
-                tk = IT.tree_key[cur]
+                tk = it_tree_key[cur]
             elif (S.pt_epoch[IT.mm[cur]] & GEN_MASK) == IT.tree_gen[cur]:
                 # no PTE of that mm changed since: the item still maps the same frame, whose
                 # contents may have changed under it (a write): compare them as they are now
-                tk = memcmp_key_of(F.content[IT.tree_pfn[cur]])
-                IT.tree_key[cur] = tk
+                tk = memcmp_key_of(f_content[IT.tree_pfn[cur]])
+                it_tree_key[cur] = tk
             else:
                 # get_mergeable_page: the page the item's address maps now, if any
                 tpfn = -1
-                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(IT.address[cur]))
+                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
                 if tv >= 0:
-                    toff = IT.address[cur] - V.start[tv]
+                    toff = it_address[cur] - V.start[tv]
                     tpte, tptef = page_tables(V, np.int64(tv))
                     if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT:
                         tpfn = tpte[toff]
-                        if (F.flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
+                        if (f_flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
                             tpfn = -1
                 if tpfn < 0 or tpfn == pfn:
                     aborted = True              # the page went, or it is this very page (fork)
                     break
-                tk = memcmp_key_of(F.content[tpfn])
+                tk = memcmp_key_of(f_content[tpfn])
                 IT.tree_pfn[cur] = tpfn
-                IT.tree_key[cur] = tk
+                it_tree_key[cur] = tk
                 IT.tree_gen[cur] = S.pt_epoch[IT.mm[cur]] & GEN_MASK
             at = cur
             if key < tk:
@@ -1139,10 +1147,10 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 return i, processed, BAIL_AFTER_STABLE, item    # two pages to merge: Python
         work[W_COMPARES] += walked
         if not aborted and not merged:
-            IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
-            IT.nid[item] = nid
+            it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+            it_nid[item] = nid
             IT.tree_pfn[item] = pfn
-            IT.tree_key[item] = key
+            it_tree_key[item] = key
             IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
             rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(nid),
                     np.int64(item), np.int64(at), go_left)
