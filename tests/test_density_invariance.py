@@ -4,7 +4,8 @@ issue's example gives the same VMs per host at 1/256 and 1/64.
 
 The finer resolutions cost time: density-mix and density-ksmtuned are held at 1/512 against
 1/256 (1/64 against 1/256 for the VMs-per-host answer of density-mix), density-tiny at 1/8 against
-1/1 (exact), and the 256 GiB benchmark on its first 3 guests at 1/1024 against 1/512 (its whole
+1/1 (exact), the real lab dumps at 1/4 against 1/1, the fitted profile at its shipped 1/8
+against 1/4, and the 256 GiB benchmark on its first 3 guests at 1/1024 against 1/512 (its whole
 search is a benchmark; past its 3rd guest two linked VDI clones can merge or not depending on
 the phase of smart scan's skip cycles, which moves with the resolution: see the README).
 """
@@ -22,7 +23,9 @@ CONFIGS = {p.name for p in (ROOT / "configs").glob("density-*.yaml")}
 CASES = [("density-tiny.yaml", [8, 1], None),
          ("density-mix.yaml", [512, 256], None),
          ("density-ksmtuned.yaml", [512, 256], None),
-         ("density-256g.yaml", [1024, 512], 3)]
+         ("density-256g.yaml", [1024, 512], 3),
+         ("density-lab-dumps.yaml", [4, 1], None),
+         ("density-profile.yaml", [8, 4], None)]
 
 
 def test_every_bundled_config_is_covered():

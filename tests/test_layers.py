@@ -27,7 +27,7 @@ EMULATOR = ("hw", "guests", "vmhost.clock", "vmhost.errors", "vmhost.profile", "
             "vmhost.schema", "vmhost.config", "vmhost.progress")
 STUDIES = ("vmhost.density", "vmhost.hostsim", "vmhost.fleet", "vmhost.hotremove")
 ABOVE_EMULATOR = STUDIES + ("vmhost.reports", "vmhost.reality", "vmhost.commands", "vmhost.cli",
-                            "vmhost.benchmarks", "vmhost.container")
+                            "vmhost.benchmarks")
 CLI = ("vmhost.commands", "vmhost.cli")
 
 
