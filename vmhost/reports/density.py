@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from hw.units import PAGES_PER_GIB
-from vmhost.density.result import EDGE
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Report
@@ -202,10 +201,11 @@ def headline_lines(res: dict) -> list[str]:
     out = [f"VMs per host: no KSM {v['no_ksm']}, {ksm}, ideal {v['ideal']}"
            + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
               if res.get("capped_curves") else "")]
-    margin = (cl or {}).get("limit_margin") if cl and cl.get("pages_to_scan") else res.get("limit_margin")
+    decided = cl if cl and cl.get("pages_to_scan") else res
+    margin = decided.get("limit_margin")
     out.append(f"KSM limited by: {'; '.join((cl or {}).get('limited_by') or res['limited_by'])}"
                + (f" (by {margin:.2%}: at the edge, a coarser or finer resolution may count one guest "
-                  f"more or less)" if margin is not None and margin < EDGE else ""))
+                  f"more or less)" if decided.get("at_edge") else ""))
     if res.get("accounting"):
         out.append(f"accounting: {res['accounting']}")
     for u in res.get("unfaithful", ()):
