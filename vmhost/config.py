@@ -40,7 +40,7 @@ from hw.topology import NumaNode, Topology
 from vmhost.errors import InputError
 from vmhost.profile import PROFILES
 from vmhost.schema import (expect_enum, expect_int, expect_list, expect_mapping,
-                           expect_number, expect_str, fail, parse_duration_ns, parse_size,
+                           expect_number, expect_str, fail, parse_size,
                            read_yaml)
 from hw.units import PAGE_SIZE
 

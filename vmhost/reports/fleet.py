@@ -142,15 +142,11 @@ def _per_host(res: dict) -> BarPlot:
 
 
 def build(res: dict) -> Report:
-    rep = Report(f"Fleet: {res['config']}",
-                 f"{len(res['scenarios'])} scenario(s)" + (f", sweep over {res['sweep']}" if res["sweep"] else ""))
-    for p in headline(res):
-        rep.text(p)
-    for plot in (_hosts_needed(res), _memory(res), *_swept(res), _cpu(res), _swap(res), _per_host(res)):
-        rep.plot(plot)
-    for t in tables(res):
-        rep.table(t)
-    return rep
+    return Report.of(f"Fleet: {res['config']}",
+                     f"{len(res['scenarios'])} scenario(s)" + (f", sweep over {res['sweep']}" if res["sweep"] else ""),
+                     headline(res),
+                     (_hosts_needed(res), _memory(res), *_swept(res), _cpu(res), _swap(res), _per_host(res)),
+                     tables(res))
 
 
 def write_fleet_report(res: dict, directory: str | Path) -> None:
