@@ -10,7 +10,7 @@ from vmhost.host import Host
 from vmhost.ksm.engine import Ksm
 from vmhost.ksm.knobs import RUN_OFFLINE
 from vmhost.ksm.ksmd import Ksmd
-from vmhost.mm import invariants
+from vmhost.mm import hotplug, invariants
 from vmhost.mm.frames import PG_KSM
 from vmhost.mm.mempolicy import MemPolicy
 
@@ -83,9 +83,17 @@ def test_offline_failing_on_a_pinned_page_cancels_and_leaves_state_as_before():
     free_before = h.allocator.free_pages()
     seen = []
     h.hotplug.register_notifier(lambda ev, s, n: seen.append(ev) or 0, priority=0, name="spy")
-    r = h.hotplug.offline_block(blk)
-    assert not r.ok and r.errno == errno.EBUSY and r.reason == "unmovable page"
+    t0 = h.clock.now
+    r = h.hotplug.offline_block(blk, signal_after_ns=2_000_000_000, run_write_after_ns=300_000_000)
+    # the kernel retries the pinned page until the writer's signal: EINTR, not EBUSY at once
+    assert not r.ok and r.errno == errno.EINTR and r.reason == "signal backoff"
     assert r.events == ["GOING_OFFLINE", "CANCEL_OFFLINE"] and seen == r.events
+    assert r.time_ns == h.clock.now - t0 == 2_000_000_000 + hotplug.SIGNAL_BACKOFF_NS
+    assert r.run_during == 1 | RUN_OFFLINE                  # run reads 5 (it was 1) meanwhile
+    assert r.run_write_wait_ns == r.time_ns - 300_000_000   # that writer waited to the end
+    assert ksm.waited_writes == [("run", "1", 0)]
+    assert r.migration.migrated > 0                         # the rest moved and stays moved
+    assert set(r.migration.failed.values()) == {"pinned"}
     assert h.phys.blocks[blk].state is BlockState.ONLINE
     assert not ksm.knobs.run & RUN_OFFLINE and ksm.should_run()
     assert ksm.stats() == stats
@@ -132,7 +140,9 @@ def test_ksmd_is_parked_while_going_offline():
         return 0
     h.hotplug.register_notifier(spy, priority=50)
     assert h.hotplug.offline_block(blocks_with_ksm(h)[-1] if blocks_with_ksm(h) else 4).ok
-    assert states == [("GOING_OFFLINE", False, -errno.EBUSY), ("OFFLINE", True, 0)]
+    # a write of run while going offline waits; it completes (in order) when the offline ends
+    assert states == [("GOING_OFFLINE", False, 0), ("OFFLINE", True, 0)]
+    assert ksm.waited_writes == [("run", "1", 0)] and ksm.knobs.run == 1
 
 
 def test_stale_stable_nodes_in_range_are_pruned_at_offline():

@@ -41,9 +41,10 @@ def test_ksm_scenario_migrates_ksm_pages():
 def test_pinned_scenario_reports_both_failure_causes():
     res = Runner(load_scenario(ROOT / "configs/hotremove-pinned.yaml")).run()
     reasons = sorted((b["ok"], b["reason"] or "") for b in res["steps"][1]["blocks"])
-    assert reasons == [(False, "failure to isolate range"), (False, "unmovable page"), (True, "")]
-    failed = [b for b in res["steps"][1]["blocks"] if b["reason"] == "unmovable page"][0]
-    assert failed["events"] == ["GOING_OFFLINE", "CANCEL_OFFLINE"]
+    assert reasons == [(False, "failure to isolate range"), (False, "signal backoff"), (True, "")]
+    failed = [b for b in res["steps"][1]["blocks"] if b["reason"] == "signal backoff"][0]
+    assert failed["events"] == ["GOING_OFFLINE", "CANCEL_OFFLINE"] and failed["errno"] == "EINTR"
+    assert 2000 < failed["time_ms"] < 2200 and failed["run_during"] == 5
 
 
 def test_cli_json_and_report(tmp_path):
@@ -97,3 +98,72 @@ def test_bench_report_format():
             "pages_per_virtual_s": 1, "ksm_before": {}, "ksm_after": {}, "counters_unchanged": True,
             "invariants": "ok", "setup_s": 0, "merge_s": 0}
     assert "pages migrated: 1" in offline.format_result(fake)
+
+
+ORACLE_BAD = [
+    ("  - offline: {pages_of: vm}", "  - offline: {pages_of: ghost}", "timeline[2].offline.pages_of", "no process"),
+    ("  - offline: {pages_of: vm}", "  - offline: {pages_of: vm, blocks: [1]}", "timeline[2].offline",
+     "give one of"),
+    ("  - offline: {pages_of: vm}", "  - offline: {pages_of: vm, signal_after: soon}",
+     "timeline[2].offline.signal_after", "not a duration"),
+    ("  - offline: {pages_of: vm}", "  - offline: {empty: 1}", "timeline[2].offline.empty", "expected true"),
+    ("  - ksm: {run: 0}", "  - ksm: []", "timeline[1].ksm", "knob writes"),
+]
+
+
+@pytest.mark.parametrize("old, new, key, words", ORACLE_BAD, ids=[b[2] + ":" + b[3] for b in ORACLE_BAD])
+def test_bad_oracle_scenario_is_one_line(tmp_path, old, new, key, words):
+    text = (ROOT / "configs/hotremove-oracle-ksm.yaml").read_text()
+    assert old in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(old, new))
+    r = vmhost("hotremove", str(bad))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and key in lines[0] and words in lines[0], r.stderr
+
+
+def test_offline_targets_pages_of_and_empty_and_ksm_knob_step(tmp_path):
+    res = Runner(load_scenario(ROOT / "configs/hotremove-oracle-mixed.yaml")).run()
+    assert res["steps"][1]["writes"] == [{"knob": "run", "value": "0", "rc": "ok"}]
+    (b,) = res["steps"][2]["blocks"]
+    assert b["ok"] and b["ksm_pages_migrated"] == 5 and b["ordinary_pages_migrated"] == 300
+    assert b["run_during"] == 4 and b["ksm_before"] == b["ksm_after"]
+    res = Runner(load_scenario(ROOT / "configs/hotremove-oracle-empty.yaml")).run()
+    (b,) = res["steps"][0]["blocks"]
+    assert b["ok"] and b["pages_migrated"] == 0 and b["blocks"] == [7]
+
+
+def test_pinned_page_retried_until_signal_and_run_writer_waits():
+    res = Runner(load_scenario(ROOT / "configs/hotremove-oracle-pinned.yaml")).run()
+    (b,) = res["steps"][2]["blocks"]
+    assert (b["ok"], b["errno"], b["reason"]) == (False, "EINTR", "signal backoff")
+    assert b["ordinary_pages_migrated"] == 299 and b["ksm_pages_migrated"] == 5   # all but the pin
+    assert b["run_during"] == 4
+    assert b["run_write_wait_ms"] == pytest.approx(b["time_ms"] - 200)
+    assert b["ksm_before"] == b["ksm_after"] and res["content_unchanged"]
+
+
+def test_oracle_refuses_what_it_cannot_do_in_one_line(tmp_path):
+    text = (ROOT / "configs/hotremove-ksm.yaml").read_text()     # two processes, node offline
+    bad = tmp_path / "two.yaml"
+    bad.write_text(text.replace("block_size: 4MiB", "block_size: 128MiB")
+                   .replace("{memory: 64MiB", "{memory: 256MiB").replace("{memory: 32MiB", "{memory: 256MiB"))
+    r = vmhost("hotremove", str(bad), "--oracle")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "one process" in lines[0], r.stderr
+    r = vmhost("hotremove", "configs/hotremove-pinned.yaml", "--oracle")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "block size" in lines[0], r.stderr
+
+
+def test_emulated_swap_of_ksm_pages():
+    """The swap experiment of vmhost.reality.swap_oracle, emulator side."""
+    from vmhost.reality.swap_oracle import run_emulator
+    ph = {p["phase"]: p for p in run_emulator(contents=3, mappings=10, private=4)["phases"]}
+    merged = {"pages_shared": 3, "pages_sharing": 27, "pages_unshared": 0, "pages_volatile": 0}
+    assert ph["merged"]["ksm"] == merged
+    assert ph["swap_out"]["ksm"] == merged and ph["swap_out"]["swapped_ptes"] == 34
+    assert ph["swap_out"]["pswpout"] == 3 + 4                     # one write per KSM page
+    assert ph["scan_after"]["ksm"]["pages_sharing"] == 0          # counters fall one pass later
+    assert ph["swap_in"]["ksm_swpin_copy"] == 3 * 9               # every PTE but the first copies
+    assert ph["remerged"]["ksm"] == merged and ph["remerged"]["content_mismatches"] == 0

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vmhost.hotremove import Runner, load_scenario, run_scenario
+from vmhost.hotremove import Runner, load_scenario
+
+
+def run_scenario(path):
+    return Runner(load_scenario(path)).run()
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,6 +23,13 @@ A scenario file is a host configuration (``vmhost.config``: ``host:`` and
       - ksm_scans: 2                     # ksmd runs N more full scans (run=1 is written if run is 0)
       - run_for: 500ms                   # the clock runs (ksmd, kswapd) for this long
       - offline: {blocks: [4, 5]}        # or {node: 1} (all its online blocks) or {device: NAME}
+                                         # or {pages_of: guest1} (the blocks holding its pages)
+                                         # or {empty: true} (one online block holding no page);
+                                         # options: signal_after: 1s (the offlining writer gets
+                                         # a signal then: EINTR if still retrying; default 10s),
+                                         # run_write_after: 200ms (another writer of KSM's run
+                                         # arrives then; it waits for the offline to end)
+      - ksm: {run: 0}                    # writes to /sys/kernel/mm/ksm (refusals are reported)
       - unplug: NAME                     # hot-remove a DIMM / virtio-mem device (offline + remove)
       - online: {blocks: [4]}
       - add_dimm: {name: d1, node: 1, size: 1GiB, zone: movable, online: true}
@@ -52,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hw.memory import BlockState, Zone
 from hw.units import HPAGE_PAGES, PAGE_SIZE
 from vmhost.config import HostConfig, parse_host_config
@@ -59,11 +68,13 @@ from vmhost.errors import InputError
 from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
+from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
 from vmhost.schema import (expect_bool, expect_int, expect_mapping, expect_str, fail,
                            parse_duration_ns, parse_size, read_yaml)
 
 STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
-              "pressure", "reclaim", "write")
+              "pressure", "reclaim", "write", "ksm")
+OFFLINE_TARGETS = ("blocks", "node", "device", "pages_of", "empty")
 
 
 @dataclass
@@ -229,11 +240,26 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
             args = expect_int(body, path, key, 1, 10_000)
         elif kind == "run_for":
             args = parse_duration_ns(body, path, key)
+        elif kind == "ksm":
+            if not isinstance(body, dict) or not body:
+                raise fail(path, key, "expected knob writes such as {run: 0}")
+            args = [(str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in body.items()]
         elif kind in ("offline", "online"):
-            expect_mapping(body, path, key, ("blocks", "node", "device"))
-            if len(body) != 1:
-                raise fail(path, key, "give one of blocks, node, device")
-            if "blocks" in body:
+            targets = OFFLINE_TARGETS if kind == "offline" else ("blocks", "node", "device")
+            options = ("signal_after", "run_write_after") if kind == "offline" else ()
+            expect_mapping(body, path, key, targets + options)
+            if sum(t in body for t in targets) != 1:
+                raise fail(path, key, f"give one of {', '.join(targets)}")
+            opts = {o: parse_duration_ns(body[o], path, f"{key}.{o}") for o in options if o in body}
+            if "pages_of" in body:
+                if body["pages_of"] not in regions_of:
+                    raise fail(path, f"{key}.pages_of", f"no process {body['pages_of']!r}")
+                args = {"pages_of": body["pages_of"]}
+            elif "empty" in body:
+                if body["empty"] is not True:
+                    raise fail(path, f"{key}.empty", "expected true")
+                args = {"empty": True}
+            elif "blocks" in body:
                 args = {"blocks": _blocks_arg(body["blocks"], path, f"{key}.blocks", nblocks)}
             elif "node" in body:
                 args = {"node": expect_int(body["node"], path, f"{key}.node", 0, nnodes - 1)}
@@ -241,6 +267,7 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
                 if expect_str(body["device"], path, f"{key}.device") not in devices:
                     raise fail(path, f"{key}.device", f"no device {body['device']!r} was added before")
                 args = {"device": body["device"]}
+            args.update(opts)
         elif kind == "unplug":
             if expect_str(body, path, key, "a device name") not in devices:
                 raise fail(path, key, f"no hot-added device {body!r} (add_dimm / add_virtio_mem first)")
@@ -388,6 +415,9 @@ class Runner:
             if self.ksm.knobs.run == 0:
                 self.ksm.write_knob("run", "1")
             out["scans_done"] = self.ksmd.run_full_scans(args)
+        elif step.kind == "ksm":
+            out["writes"] = [{"knob": k, "value": v, "rc": _errname(self.ksm.write_knob(k, v))}
+                             for k, v in args]
         elif step.kind == "run_for":
             host.clock.run_until(host.clock.now + args)
         elif step.kind == "offline":
@@ -429,16 +459,33 @@ class Runner:
         want = BlockState.ONLINE if online else BlockState.OFFLINE
         if "blocks" in args:
             return list(args["blocks"])
+        if "pages_of" in args:
+            return self._blocks_holding(args["pages_of"])
+        if "empty" in args:
+            frames = self.host.frames
+            empty = [b.index for b in phys.blocks if b.index and b.state is want and b.hole_pages == 0
+                     and not frames.refcount[b.first_pfn: b.first_pfn + b.pages].any()]
+            return empty[-1:]
         if "node" in args:
             return [b.index for b in phys.blocks if b.node == args["node"] and b.state is want]
         return [b.index for b in phys.blocks_of_device(args["device"]) if b.state is want]
 
+    def _blocks_holding(self, name: str) -> list[int]:
+        """The online blocks holding a frame mapped by process ``name``."""
+        proc = self.procs[name]
+        pfns = [vma.pte[(vma.ptef & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT] for vma in proc.mm.vmas] if proc.alive else []
+        pfns = np.concatenate(pfns) if pfns else np.zeros(0, dtype=np.int64)
+        pfns = pfns[pfns != NO_PFN]
+        blocks = sorted(set((pfns // self.host.phys.block_pages).tolist()))
+        return [b for b in blocks if self.host.phys.blocks[b].state is BlockState.ONLINE]
+
     def _offline(self, args: dict):
         results = []
+        opts = {k: args[k] for k in ("signal_after", "run_write_after") if k in args}
         for b in self._resolve_blocks(args, online=True):
             if b >= len(self.host.phys.blocks):
                 raise InputError(f"{self.scn.path}: offline: there is no block {b}")
-            results.append(self.host.hotplug.offline_block(b))
+            results.append(self.host.hotplug.offline_block(b, **{f"{k}_ns": v for k, v in opts.items()}))
         return results
 
     def _pressure_step(self, args: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vmhost.commands.common import whole_number
 from vmhost.errors import InputError
@@ -18,6 +19,11 @@ def register(sub) -> None:
     p.add_argument("--bench", action="store_true",
                    help="benchmark: offline blocks full of merged pages, report pages/s")
     p.add_argument("--gib", type=whole_number, default=16, help="--bench: GiB to offline (default 16)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also run the scenario on this machine's kernel (root; real memory blocks) "
+                        "and compare each offline with the emulator")
+    p.add_argument("--repeat", type=whole_number, default=3,
+                   help="--oracle: real runs to average (default 3)")
     p.set_defaults(func=_run)
 
 
@@ -39,6 +45,22 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("hotremove: a scenario file is required (or --bench)")
     from vmhost.hotremove import Runner, format_result, load_scenario, write_report
     scn = load_scenario(args.scenario)          # every input error is raised here, before any output
+    if args.oracle:
+        if args.repeat <= 0:
+            raise InputError("hotremove: --repeat must be positive")
+        from vmhost.reality.hotremove_oracle import OracleError, check_scenario, compare, format_comparison
+        check_scenario(scn)
+        try:
+            cmp = compare(args.scenario, args.repeat)
+        except OracleError as exc:
+            print(f"hotremove oracle: {exc}", file=sys.stderr)
+            return 1
+        if args.report:
+            from pathlib import Path
+            Path(args.report).mkdir(parents=True, exist_ok=True)
+            (Path(args.report) / "oracle.json").write_text(dumps_json(cmp))
+        print(dumps_json(cmp, compact=True) if args.json else format_comparison(cmp))
+        return 0 if cmp["agree"] else 1
     result = Runner(scn).run()
     if args.report:
         write_report(result, args.report)

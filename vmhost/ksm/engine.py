@@ -90,6 +90,8 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self.profile = host.profile
         self.knobs = Knobs()
         self.c = Counters()
+        self.waiting_writes: list[tuple[str, str]] = []   # knob writes blocked by offlining
+        self.waited_writes: list[tuple[str, str, int]] = []  # ... and how they ended (rc)
         nr_nodes = host.topology.node_count
         self.items = RmapItems(trees=nr_nodes)
         self.nodes = StableNodes(trees=nr_nodes)
@@ -215,9 +217,12 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             return rc
         k = self.knobs
         apply = knob_table.BY_NAME[name].apply
+        if apply in ("run", "tree") and k.run & RUN_OFFLINE:
+            # the writer blocks (wait_while_offlining) until memory offlining ends; it is
+            # completed then, by the memory notifier (ksm/notifier.py)
+            self.waiting_writes.append((name, text))
+            return 0
         if apply == "run":
-            if k.run & RUN_OFFLINE:
-                return -errno.EBUSY     # the writer would block until offlining ends
             if k.run != value:
                 k.run = value
                 if value & RUN_UNMERGE:
@@ -231,8 +236,6 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         if apply == "tree":
             if getattr(k, name) == value:
                 return 0
-            if k.run & RUN_OFFLINE:
-                return -errno.EBUSY     # the writer would block until offlining ends
             if self.c.pages_shared or not self.remove_all_stable_nodes():
                 return -errno.EBUSY
             setattr(k, name, value)

@@ -5,8 +5,10 @@ never vetoes), registered on the host's memory notifier chain
 (``vmhost.mm.hotplug``):
 
 - MEM_GOING_OFFLINE: KSM_RUN_OFFLINE is set in ``run``. ksmd parks before
-  its next batch (``Ksm.should_run`` is False while it is set) and writes of
-  ``run`` are refused (they would block until the offline ends). On the
+  its next batch (``Ksm.should_run`` is False while it is set) and ``run``
+  reads 4 plus its old value. Writes of ``run``, ``max_page_sharing`` and
+  ``merge_across_nodes`` wait (wait_while_offlining): the engine queues them
+  and they complete, in order, when the offline ends or is cancelled. On the
   2.6.33 profile the kernel held ksm_thread_mutex across the whole offline;
   the effect modelled is the same: ksmd parked and knob writes blocked from
   GOING_OFFLINE to the end.
@@ -71,6 +73,9 @@ class KsmMemoryNotifier:
         knobs = self.ksm.knobs
         if knobs.run & RUN_OFFLINE:
             knobs.run &= ~RUN_OFFLINE
+            waiting, self.ksm.waiting_writes = self.ksm.waiting_writes, []
+            for name, text in waiting:        # the blocked writers go on, in order
+                self.ksm.waited_writes.append((name, text, self.ksm.write_knob(name, text)))
             if self.ksm.should_run():
                 self.ksm.wakeup()
 
@@ -135,3 +140,6 @@ class NotifierMixin:
 
     def unmerging(self) -> bool:
         return bool(self.knobs.run & RUN_UNMERGE)
+
+    def run_state(self) -> int:
+        return int(self.knobs.run)

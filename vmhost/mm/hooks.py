@@ -64,6 +64,11 @@ class KsmHooks:
         """Is ``run`` set to unmerge (KSM_RUN_UNMERGE)? A swapped-in KSM page is then copied."""
         return False
 
+    def run_state(self) -> int | None:
+        """What /sys/kernel/mm/ksm/run reads (KSM_RUN_OFFLINE set while memory goes offline),
+        or None without KSM."""
+        return None
+
     def write_knob(self, name: str, text: str) -> int:
         """A write to /sys/kernel/mm/ksm/NAME: 0 or -errno (no such file without KSM)."""
         return -errno.ENOENT

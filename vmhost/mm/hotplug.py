@@ -14,20 +14,28 @@ with the kernel's errno and its reason string:
 5. (the node loses its last memory: logged, NODE_REMOVING_LAST_MEMORY never vetoes here)
 6. MEM_GOING_OFFLINE on the notifier chain; a veto -> that errno, "notifier failure"
 7. migrate every movable page out (KSM pages and THPs included, see
-   ``vmhost.mm.migrate``), pass after pass; a page that can never move
-   (long-term pin)                                 -> EBUSY  "unmovable page".
-   Transient failures (an extra reference, no free target frame; direct
-   reclaim is tried for the latter) are retried; the kernel retries until a
-   signal arrives, modelled as ``retry_budget`` passes -> EINTR "signal backoff"
+   ``vmhost.mm.migrate``), pass after pass. A page that cannot move now -- a
+   pin or an extra reference (migration fails with -EAGAIN), no free target
+   frame (direct reclaim is tried) -- is retried, and the kernel retries
+   forever: only a signal to the writer of ``state`` ends it. That is the
+   caller's ``signal_after_ns`` (default ``SIGNAL_AFTER_NS``): the loop sees it
+   at its next pass and the write fails   -> EINTR  "signal backoff".
+   While it retries, ksmd stays parked (``run`` reads 4 + its old value) and a
+   writer of ``run`` waits (``run_write_after_ns``: such a writer arrives
+   then; it completes when the offline ends). A page that can never move
+   (a kernel page found only now)         -> EBUSY  "unmovable page".
 8. commit: the blocks go offline, their frames leave the allocator
    (managed pages and watermarks drop), MEM_OFFLINE is sent.
 9. any failure after step 4: isolation undone, MEM_CANCEL_OFFLINE sent (only
-   when GOING_OFFLINE was).
+   when GOING_OFFLINE was). Pages already migrated stay where they went.
 
-Time (virtual, on the host clock): ``BLOCK_NS`` per block (isolation, memmap
-and zone bookkeeping, notifiers), ``SCAN_NS`` per page frame scanned per
-pass, plus the migration cost (``vmhost.mm.migrate``). While the offline
-"runs", the clock advances with ksmd parked (KSM's notifier set RUN_OFFLINE).
+Time (virtual, on the host clock, which runs while the offline does): ``BLOCK_NS``
+per block (isolation, memmap and zone bookkeeping, notifiers, the final
+check), ``SCAN_NS`` per page frame scanned per pass, the migration cost
+(``vmhost.mm.migrate``), ``RETRY_NS`` per pass that moved nothing, and
+``SIGNAL_BACKOFF_NS`` from the signal to the failed write's return. The
+constants are fitted to the real kernel's offline of a 128 MiB block on this
+machine class (``vmhost hotremove SCENARIO --oracle``; configs/hotremove-oracle-*.yaml).
 
 Onlining: MEM_GOING_ONLINE (a veto cancels with MEM_CANCEL_ONLINE), the
 block's frames join the free lists of its zone, MEM_ONLINE.
@@ -58,8 +66,11 @@ if TYPE_CHECKING:
 
 GOING_ONLINE, ONLINE, CANCEL_ONLINE = "GOING_ONLINE", "ONLINE", "CANCEL_ONLINE"
 GOING_OFFLINE, OFFLINE, CANCEL_OFFLINE = "GOING_OFFLINE", "OFFLINE", "CANCEL_OFFLINE"
-BLOCK_NS = 100_000
+BLOCK_NS = 12_000_000                # fitted: an empty 128 MiB block offlines in 6-35 ms here (median 13)
 SCAN_NS = 1
+RETRY_NS = 1_000_000                 # a pass that moved nothing, before the next one
+SIGNAL_AFTER_NS = 10_000_000_000     # when the caller gives up on a retrying offline
+SIGNAL_BACKOFF_NS = 1_000_000        # fitted: EINTR comes within ~1 ms of the signal here
 REMOVED = "(removed)"
 
 Notifier = Callable[[str, int, int], int]
@@ -78,6 +89,8 @@ class OfflineResult:
     ksm_after: dict | None = None
     time_ns: int = 0
     events: list[str] = field(default_factory=list)
+    run_during: int | None = None          # what /sys/kernel/mm/ksm/run read while it ran
+    run_write_wait_ns: int | None = None   # how long a writer of run arriving mid-offline waited
 
     def to_dict(self) -> dict:
         return {"blocks": self.blocks, "ok": self.ok,
@@ -91,13 +104,16 @@ class OfflineResult:
                 "mappings_moved": self.migration.mappings,
                 "stable_nodes_pruned": self.stable_nodes_pruned,
                 "ksm_before": self.ksm_before, "ksm_after": self.ksm_after,
-                "time_ms": round(self.time_ns / 1e6, 3), "events": self.events}
+                "time_ms": round(self.time_ns / 1e6, 3), "events": self.events,
+                "run_during": self.run_during,
+                "run_write_wait_ms": (None if self.run_write_wait_ns is None
+                                      else round(self.run_write_wait_ns / 1e6, 3))}
 
 
 class MemoryHotplug:
     def __init__(self, host: "Host"):
         self.host = host
-        self.retry_budget = 10
+        self.signal_after_ns = SIGNAL_AFTER_NS
         self._chain: list[tuple[int, int, str, Notifier]] = []
         self._seq = itertools.count()
         self.events: list[tuple[str, int, int]] = []
@@ -150,11 +166,18 @@ class MemoryHotplug:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     # -- offline ------------------------------------------------------------------------------------
-    def offline_block(self, index: int) -> OfflineResult:
+    def offline_block(self, index: int, **opts) -> OfflineResult:
         blk = self.host.phys.blocks[index]
-        return self.offline_pages(blk.first_pfn, blk.pages)
+        return self.offline_pages(blk.first_pfn, blk.pages, **opts)
 
-    def offline_pages(self, start_pfn: int, nr_pages: int) -> OfflineResult:
+    def _ksm_run(self) -> int | None:
+        return self.host.ksm.run_state()
+
+    def offline_pages(self, start_pfn: int, nr_pages: int, *, signal_after_ns: int | None = None,
+                      run_write_after_ns: int | None = None) -> OfflineResult:
+        """Write "offline" for [start_pfn, start_pfn + nr_pages); the writer gets a signal
+        ``signal_after_ns`` after it started (default ``self.signal_after_ns``), and another
+        process writes KSM's ``run`` (its current value) ``run_write_after_ns`` after it."""
         host = self.host
         bp = host.phys.block_pages
         res = OfflineResult(blocks=[], ksm_before=self._ksm_stats())
@@ -180,6 +203,10 @@ class MemoryHotplug:
         used = self._in_use(blocks)
         if (frames.flags[used] & PG_KERNEL).any():
             return fail(errno.EBUSY, "failure to isolate range")
+        signal_at = t0 + (self.signal_after_ns if signal_after_ns is None else signal_after_ns)
+        writer = None
+        if run_write_after_ns is not None and self._ksm_run() is not None:
+            writer = host.clock.at(t0 + run_write_after_ns, lambda: self._write_run(res))
         # isolate: the blocks' free pages leave the free lists; frames freed from now on
         # stay off them (the allocator does not hand out frames of a going-offline block)
         for b in blocks:
@@ -188,11 +215,12 @@ class MemoryHotplug:
         node = blocks[0].node
         if not any(b.state is BlockState.ONLINE for b in host.phys.blocks if b.node == node):
             res.events.append(f"node {node}: removing its last memory")
-        cost = len(blocks) * BLOCK_NS
         rc = self.notify(GOING_OFFLINE, start_pfn, nr_pages)
         res.events.append(GOING_OFFLINE)
+        res.run_during = self._ksm_run()
+        host.clock.run_until(t0 + len(blocks) * BLOCK_NS)
         if rc:
-            return self._cancel(res, blocks, start_pfn, nr_pages, -rc, "notifier failure", cost, t0)
+            return self._cancel(res, blocks, start_pfn, nr_pages, -rc, "notifier failure", t0, writer)
         # do_migrate_range: targets on other nodes (nearest first), this node only when no
         # other node has memory
         with_memory = {b.node for b in host.phys.blocks if b.state is BlockState.ONLINE}
@@ -201,28 +229,35 @@ class MemoryHotplug:
             used = self._in_use(blocks)
             if len(used) == 0:
                 break
-            if res.passes >= self.retry_budget:
+            if host.clock.now >= signal_at:
+                host.clock.run_until(max(host.clock.now, signal_at + SIGNAL_BACKOFF_NS))
                 return self._cancel(res, blocks, start_pfn, nr_pages, errno.EINTR, "signal backoff",
-                                    cost, t0)
+                                    t0, writer)
             res.passes += 1
-            cost += nr_pages * SCAN_NS
             mig = migrate_pages(host, used, nodes=others, reason="hotremove")
             res.migration.add(mig)
-            cost += mig.cost_ns
+            step = nr_pages * SCAN_NS + mig.cost_ns
             reasons = set(mig.failed.values())
             if reasons - set(TRANSIENT):
-                res.migration.failed = {p: r for p, r in res.migration.failed.items()}
+                host.clock.run_until(host.clock.now + step)
                 return self._cancel(res, blocks, start_pfn, nr_pages, errno.EBUSY, "unmovable page",
-                                    cost, t0)
+                                    t0, writer)
             if "nomem" in reasons:
                 host.reclaim.direct_reclaim(others, sum(1 for r in mig.failed.values() if r == "nomem"))
+            if mig.migrated == 0:
+                # nothing moved: the kernel spins on the same pages until something changes
+                # (an event on the clock) or the signal arrives
+                nxt = host.clock.next_time()
+                step = max(step, RETRY_NS, min(signal_at, nxt if nxt is not None else signal_at)
+                           - host.clock.now)
+            host.clock.run_until(host.clock.now + step)
         # commit
-        host.clock.run_until(t0 + cost)
         for b in blocks:
             b.state = BlockState.OFFLINE
             host.allocator.offline_block(b)
         self.notify(OFFLINE, start_pfn, nr_pages)
         res.events.append(OFFLINE)
+        self._writer_done(res, writer)
         if self.ksm_notifier is not None:
             res.stable_nodes_pruned = self.ksm_notifier.last_pruned
         res.ok = True
@@ -231,10 +266,23 @@ class MemoryHotplug:
         host.vmstat["blocks_offlined"] += len(blocks)
         return res
 
+    def _write_run(self, res: OfflineResult) -> None:
+        """Another process writes KSM's run (its current value) while the offline runs."""
+        res.run_write_wait_ns = -self.host.clock.now        # completed in _writer_done
+        self.host.ksm.write_knob("run", str(self._ksm_run() & 3))
+
+    def _writer_done(self, res: OfflineResult, writer) -> None:
+        """The offline ended: a writer of run that was waiting completes now."""
+        if writer is None:
+            return
+        if res.run_write_wait_ns is not None and res.run_write_wait_ns <= 0:
+            res.run_write_wait_ns += self.host.clock.now
+        else:
+            writer.cancel()                   # the offline ended before that writer came
+
     def _cancel(self, res: OfflineResult, blocks: list[MemoryBlock], start_pfn: int, nr_pages: int,
-                err: int, why: str, cost: int, t0: int) -> OfflineResult:
+                err: int, why: str, t0: int, writer=None) -> OfflineResult:
         host = self.host
-        host.clock.run_until(t0 + cost)
         frames = host.frames
         for b in blocks:
             b.state = BlockState.ONLINE
@@ -242,6 +290,7 @@ class MemoryHotplug:
             host.allocator.unisolate_block(b, span[frames.refcount[span] == 0])
         self.notify(CANCEL_OFFLINE, start_pfn, nr_pages)
         res.events.append(CANCEL_OFFLINE)
+        self._writer_done(res, writer)
         res.errno, res.reason = err, why
         res.ksm_after = self._ksm_stats()
         res.time_ns = host.clock.now - t0

@@ -13,8 +13,10 @@ is re-homed lazily by the engine (migrate_nodes) when ksmd next meets it.
 What cannot move, and why (the ``failed`` reasons):
 
 - ``unmovable``: a kernel allocation (PG_KERNEL);
-- ``pinned``: a long-term GUP pin (PG_PINNED): migration would break the
-  pinning device's view of the page;
+- ``pinned``: a GUP pin or reference (PG_PINNED): the page's refcount is
+  above what its mappings explain, so folio_migrate_mapping fails with
+  -EAGAIN; transient, retried by the caller (memory offline retries until
+  its writer gets a signal);
 - ``ksm``: a KSM page on the 2.6.33 profile, for any reason but hot-remove
   (``Profile.ksm_migrate_any`` is False: until 3.9 only memory offlining
   could migrate KSM pages);
@@ -34,11 +36,14 @@ count found by the sweep must equal its mapcount; a mismatch fails the page
 (``busy``) rather than leaving a PTE at a freed frame.
 
 Cost model (virtual time, returned as ``cost_ns``): ``PAGE_NS`` per page
-(isolate from the LRU, allocate the target, copy 4 KiB at about 8 GB/s,
-unmap/remap bookkeeping) plus ``MAPPING_NS`` per PTE rewritten (rmap visit,
-set_pte and its share of the TLB shootdown). A 2 MiB THP moved whole costs
-512 x ``THP_PAGE_NS`` (a large copy without per-page allocation) plus its
-mappings.
+(isolate from the LRU, allocate the target, copy 4 KiB, unmap/remap
+bookkeeping) plus ``MAPPING_NS`` per PTE rewritten (rmap visit, set_pte and
+its share of the TLB shootdown). A 2 MiB THP moved whole costs 512 x
+``THP_PAGE_NS`` (a large copy without per-page allocation) plus its
+mappings. PAGE_NS and MAPPING_NS are fitted to the real kernel's memory
+offline on this machine class (a VM: 5-10 us per migrated page; bare metal
+is faster), measured by ``vmhost hotremove configs/hotremove-oracle-*.yaml
+--oracle``.
 """
 
 from __future__ import annotations
@@ -57,11 +62,11 @@ from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
 if TYPE_CHECKING:
     from vmhost.host import Host
 
-PAGE_NS = 1000
-MAPPING_NS = 200
+PAGE_NS = 5000
+MAPPING_NS = 500
 THP_PAGE_NS = 300
 
-TRANSIENT = ("busy", "nomem")
+TRANSIENT = ("busy", "nomem", "pinned")
 
 
 @dataclass
