@@ -39,3 +39,12 @@ def pids_with_cmdline(needle: bytes) -> list[int]:
             if needle in cmd:
                 out.append(int(entry))
     return out
+
+
+def refused_before_writing(command: str, bad: Path, report: Path, *words: str) -> None:
+    """``vmhost COMMAND BAD --report REPORT`` on bad input: one line naming the file and every
+    word, exit status 2, nothing on stdout and no report directory."""
+    r = vmhost(command, bad, "--report", report)
+    one_line_exit_2(r, str(bad), *words)
+    assert r.stdout == ""
+    assert not report.exists()

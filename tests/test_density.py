@@ -10,6 +10,8 @@ import pytest
 from vmhost.density import DensityRunner, boot_sequence, format_result, load_density, run_density
 from vmhost.errors import InputError
 
+from helpers import refused_before_writing
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "configs").glob("density-*.yaml"))
 
@@ -244,13 +246,7 @@ BAD = [
 def test_bad_config_is_one_line_status_2_nothing_written(tmp_path, old, new, key, words):
     assert old in HAND
     bad = write(tmp_path, HAND.replace(old, new), "bad.yaml")
-    report = tmp_path / "rep"
-    r = vmhost("density", str(bad), "--report", str(report))
-    assert r.returncode == 2 and r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and key in lines[0] and words in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not report.exists()
+    refused_before_writing("density", bad, tmp_path / "rep", key, words)
     with pytest.raises(InputError):
         load_density(bad)
 
