@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,15 +50,27 @@ def worker_pids():
     return pids_with_cmdline(b"vmhost.reality.ksm_oracle\x00--worker")
 
 
+@contextmanager
+def locked():
+    """Hold the oracle lock: KSM is shared with every other oracle user on this machine, and a
+    knob written (or run=2) outside the lock would disturb a run in progress."""
+    fd = oracle._acquire_lock()
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def ksm_at_rest():
     """Every test starts and ends with KSM at its defaults and nothing merged."""
     yield
-    oracle.write_knob("run", 2)
-    oracle.write_knob("run", 0)
-    for name, value in oracle.DEFAULTS.items():
-        oracle.write_knob(name, value)
-    assert oracle.ksm_leftovers() == {}
+    with locked():
+        oracle.write_knob("run", 2)
+        oracle.write_knob("run", 0)
+        for name, value in oracle.DEFAULTS.items():
+            oracle.write_knob(name, value)
+        assert oracle.ksm_leftovers() == {}
     assert worker_pids() == []
 
 
@@ -70,21 +83,24 @@ def test_recorded_trace_replays(name, ksm_at_rest):
 
 def test_knobs_restored_after_trace(ksm_at_rest):
     # non-default starting values, so "restored" cannot be confused with "reset to defaults"
-    oracle.write_knob("pages_to_scan", 123)
-    oracle.write_knob("sleep_millisecs", 31)
-    oracle.write_knob("smart_scan", 0)
-    oracle.write_knob("stable_node_chains_prune_millisecs", 1500)
-    before = knob_values()
+    with locked():
+        oracle.write_knob("pages_to_scan", 123)
+        oracle.write_knob("sleep_millisecs", 31)
+        oracle.write_knob("smart_scan", 0)
+        oracle.write_knob("stable_node_chains_prune_millisecs", 1500)
+        before = knob_values()
     result = oracle.run_oracle(load_trace(CORPUS / "mps10_25_identical.yaml"))
     assert result["snapshots"][0]["pages_sharing"] == 22
-    assert knob_values() == before
-    assert oracle.ksm_leftovers() == {}
+    with locked():
+        assert knob_values() == before
+        assert oracle.ksm_leftovers() == {}
     assert worker_pids() == []
 
 
 def test_knobs_restored_after_failing_trace(ksm_at_rest, monkeypatch):
-    oracle.write_knob("sleep_millisecs", 33)
-    before = knob_values()
+    with locked():
+        oracle.write_knob("sleep_millisecs", 33)
+        before = knob_values()
 
     def boom(self, i):
         raise RuntimeError("injected failure")
@@ -93,8 +109,9 @@ def test_knobs_restored_after_failing_trace(ksm_at_rest, monkeypatch):
     with pytest.raises(RuntimeError, match="injected failure"):
         # merged pages, a forked child and changed knobs exist when the failure hits
         oracle.run_oracle(load_trace(CORPUS / "fork_with_ksm_pages.yaml"))
-    assert knob_values() == before
-    assert oracle.ksm_leftovers() == {}
+    with locked():
+        assert knob_values() == before
+        assert oracle.ksm_leftovers() == {}
     assert worker_pids() == []
 
 
@@ -107,10 +124,12 @@ def test_refuses_when_another_process_uses_ksm(ksm_at_rest, tmp_path):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "ready"
-        before = knob_values()
+        with locked():
+            before = knob_values()
         with pytest.raises(InputError, match=rf"process\(es\) .*{other.pid}.* already use KSM"):
             oracle.run_oracle(load_trace(CORPUS / "merge_two_pages.yaml"))
-        assert knob_values() == before
+        with locked():
+            assert knob_values() == before
     finally:
         other.kill()
         other.wait()

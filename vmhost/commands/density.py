@@ -20,6 +20,11 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.add_argument("--bench", action="store_true",
                    help="benchmark: run the search and print its wall time (and the resolution)")
+    p.add_argument("--oracle", action="store_true",
+                   help="run the study on this machine's kernel instead (root; see vmhost/reality/density_oracle.py)")
+    p.add_argument("--compare", action="store_true", help="with --oracle: the emulator beside the kernel, per step")
+    p.add_argument("--runs", type=int, default=1, help="with --oracle: kernel runs (their mean and spread)")
+    p.add_argument("--emulator-resolution", type=int, metavar="N", help="with --compare: the emulator at 1/N")
     p.add_argument("--resolutions", metavar="N,N,...",
                    help="resolution invariance: run the config at each 1/N and compare every headline "
                         "figure with the finest (see vmhost/density/invariance.py); exit 1 if one disagrees")
@@ -27,6 +32,9 @@ def register(sub) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.oracle or args.compare:
+        from vmhost.reality.density_oracle import run_cli
+        return run_cli(args)
     from vmhost.density import DensityRunner, format_result, load_density, write_report
     from vmhost.progress import Progress
     from hw.units import PAGES_PER_GIB

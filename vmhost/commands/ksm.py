@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmhost.commands.common import Parser, print_trace_result
+from vmhost.commands.common import Parser, print_trace_result, whole_number
 
 
 def register(sub) -> None:
@@ -23,6 +23,20 @@ def register(sub) -> None:
     oracle.add_argument("trace")
     oracle.add_argument("--json", action="store_true", help="print the result as JSON")
     oracle.set_defaults(func=_oracle)
+    fuzz = ksm_sub.add_parser("fuzz", help="random traces in the emulator and the kernel (root): "
+                              "differences shrunk and written as corpus traces")
+    fuzz.add_argument("--seed", type=whole_number, required=True)
+    fuzz.add_argument("--count", type=whole_number, required=True)
+    fuzz.add_argument("--start", type=whole_number, default=0,
+                      help="index of the first trace (to resume or split a campaign)")
+    fuzz.add_argument("--out", metavar="DIR", help="write differing traces and summary.json here")
+    fuzz.add_argument("--no-shrink", action="store_true", help="keep differing traces whole")
+    fuzz.add_argument("--no-thp", action="store_true",
+                      help="plain regions instead of THP ones (the kernel's THP is not repeatable)")
+    fuzz.add_argument("--emulator-only", action="store_true",
+                      help="only replay the traces (invariants checked), no kernel")
+    fuzz.add_argument("--json", action="store_true", help="print the summary as JSON")
+    fuzz.set_defaults(func=_fuzz)
     sysfs = ksm_sub.add_parser("sysfs", help="write the state after a trace as /sys/kernel/mm/ksm files")
     sysfs.add_argument("directory")
     sysfs.add_argument("--trace", required=True, help="the trace whose final state is written")
@@ -52,6 +66,34 @@ def _oracle(args: argparse.Namespace) -> int:
         return 1
     print_trace_result(result, args.json)
     return 0
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    import json
+
+    from vmhost.errors import InputError
+    from vmhost.reality.ksm_fuzz import run_campaign
+    if args.count < 1:
+        raise InputError(f"ksm fuzz: --count must be positive, got {args.count}")
+    if args.seed < 0 or args.start < 0:
+        bad = "--seed" if args.seed < 0 else "--start"
+        raise InputError(f"ksm fuzz: {bad} must be >= 0, got {getattr(args, bad[2:])}")
+    s = run_campaign(args.seed, args.count, args.out, not args.no_shrink, args.emulator_only,
+                     args.start, not args.no_thp)
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(f"{s['run']} traces, {s['agreed']} agree with the "
+              f"{'invariants' if s['emulator_only'] else 'kernel'}, "
+              f"{len(s['mismatches'])} differ, {len(s['emulator_errors'])} emulator errors, "
+              f"{len(s['kernel_unstable'])} kernel not repeatable, "
+              f"{len(s['oracle_errors'])} oracle errors ({s['seconds']:.0f} s)")
+        for m in s["mismatches"]:
+            print(f"  trace {m['trace']} (seed {m['seed']}, {m['shrunk_steps']} steps): "
+                  f"{m['diffs'][0]}")
+        for m in s["emulator_errors"]:
+            print(f"  trace {m['trace']} (seed {m['seed']}): emulator error {m['error']}")
+    return 1 if s["mismatches"] or s["emulator_errors"] else 0
 
 
 def _sysfs(args: argparse.Namespace) -> int:

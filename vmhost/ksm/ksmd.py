@@ -5,21 +5,23 @@ always ends the batch), then sleeps ``sleep_millisecs``; with nothing
 registered, or run != 1, it waits to be woken (by a run=1 write or the first
 mm registering). While memory goes offline it is parked.
 
-CPU time is modelled per operation, from the engine's work counters, with
-costs fitted to the real ksmd on this project's machines (ksmd's own CPU time
-from /proc/<ksmd>/schedstat over first, merging, steady and merged passes;
-data, method and fit in ``ksmd_calibration.json``, relative RMS error 0.10):
+The two waits are woken by different writers, as in ksm_scan_thread: the
+wait for work (ksm_thread_wait) ends on a run=1 write or the first mm
+registering, but those do not cut short the timed sleep between batches
+(ksm_iter_wait), which only a write of a *different* sleep_millisecs ends
+early. So ksmd's sleeps always pass on the clock, also across run=0/run=1
+toggles, and time-based rules (stable_node chain pruning) see them.
 
-==================  ========  ================================================
-operation           cost      what it stands for
-==================  ========  ================================================
-page visited        560 ns    PTE walk, rmap_item lookup (a pass over merged
-                              pages runs at about 1.8 M pages/s)
-checksum            778 ns    xxhash32 of 4 KiB (a first pass: ~0.76 M pages/s)
-tree comparison     380 ns    memcmp of two pages, mostly cache misses
-merge               449 ns    write-protect, TLB flush, PTE replace (poorly
-                              determined: it moves with tree comparisons)
-==================  ========  ================================================
+CPU time is modelled per operation, from the engine's work counters (and the
+huge pages KSM split), with costs fitted to the real ksmd on this project's
+machines: ``ksmd_calibration.json``, key ``cost_ns``, is the one source of the
+costs (ns per operation: ``ptes_walked`` every PTE ksmd looks at, ``pages``
+every page it processes, ``checksums``, ``tree_compares`` (memcmp of two pages,
+mostly cache misses), ``merges`` (try_to_merge_one_page), ``thp_splits``,
+``dups_walked``, ``batches`` a wake-up's own cost). The file also holds the data and the error of the fit:
+``vmhost.reality.ksmd_fit`` refits them from density runs on the kernel
+(ksmd's schedstat per full pass against the emulator's work on the same pass),
+``vmhost bench ksm --calibrate`` from stepped single-pass workloads.
 
 The scan-time advisor (advisor_mode=scan-time) retunes pages_to_scan at the
 end of every full scan from the scan time and ksmd's CPU share, as 6.8 does.
@@ -27,6 +29,8 @@ end of every full scan from the scan time and ksmd's CPU share, as 6.8 does.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmhost.clock import NS_PER_MS, Clock, Event
@@ -34,7 +38,9 @@ from vmhost.clock import NS_PER_MS, Clock, Event
 if TYPE_CHECKING:
     from vmhost.ksm.engine import Ksm
 
-COST_NS = {"pages": 560, "checksums": 778, "tree_compares": 380, "merges": 449, "dups_walked": 100}
+CALIBRATION_PATH = Path(__file__).resolve().parent / "ksmd_calibration.json"
+#: ns per operation (work counter names, "pages" and "thp_splits"): the calibration's cost_ns
+COST_NS: dict[str, float] = json.loads(CALIBRATION_PATH.read_text())["cost_ns"]
 EWMA_WEIGHT = 30
 ADVISOR_MIN_CPU = 10
 
@@ -45,7 +51,8 @@ class Ksmd:
         self.clock = clock
         self.cpu_ns = 0                      # ksmd's CPU time so far
         self.batches = 0
-        self._event: Event | None = None
+        self._event: Event | None = None      # the end of the timed sleep, or a wake-up now
+        self._slept_ms: int | None = None     # sleep_millisecs the pending timed sleep was taken with
         self._advisor = {"start": 0, "scan_time": 0, "change": 0, "cpu_ns": 0}
         ksm.wakeup = self.wake
         ksm.on_scan_start = self._advisor_start
@@ -54,33 +61,49 @@ class Ksmd:
 
     # -- the thread loop -------------------------------------------------------------------
     def wake(self) -> None:
-        """Wake ksmd now if it is idle or sleeping (run=1, a first mm, a new sleep time)."""
-        if self._event is not None:
-            self._event.cancel()
+        """A writer wakes ksmd (run=1, the first mm registering, a sleep_millisecs write,
+        the end of an offline).
+
+        Waiting for work (no timed sleep pending): ksmd runs now if it has work
+        (``wait_event(ksm_thread_wait, ksmd_should_run())``). In the timed sleep
+        between batches: only a changed sleep_millisecs ends it early
+        (``wait_event_timeout(ksm_iter_wait, sleep_ms != ksm_thread_sleep_millisecs)``);
+        anything else leaves ksmd asleep until the sleep ends.
+        """
+        ev = self._event
+        if ev is not None and not ev.cancelled:
+            if self._slept_ms is None or self.ksm.knobs.sleep_millisecs == self._slept_ms:
+                return                        # a wake-up now already pending, or still asleep
+            ev.cancel()
+        elif not self.ksm.should_run():
+            return                            # the wait's condition is still false
+        self._slept_ms = None
         self._event = self.clock.at(self.clock.now, self._tick)
 
     def _tick(self) -> None:
         self._event = None
+        self._slept_ms = None
         ksm = self.ksm
         if not ksm.should_run():
             return                            # wait to be woken
         before = self._work_ns()
         done = ksm.do_scan(ksm.knobs.pages_to_scan)
-        cost = self._work_ns() - before + done * COST_NS["pages"]
+        cost = int(self._work_ns() - before + done * COST_NS["pages"] + COST_NS.get("batches", 0))
         self.cpu_ns += cost
         self.batches += 1
         if ksm.should_run():
-            self._event = self.clock.at(self.clock.now + cost + ksm.knobs.sleep_millisecs * NS_PER_MS,
+            self._slept_ms = ksm.knobs.sleep_millisecs
+            self._event = self.clock.at(self.clock.now + cost + self._slept_ms * NS_PER_MS,
                                         self._tick)
 
-    def _work_ns(self) -> int:
-        return sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())
+    def _work_ns(self) -> float:
+        return (sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())
+                + self.ksm.host.vmstat["thp_split_page"] * COST_NS.get("thp_splits", 0))
 
     def run_full_scans(self, count: int) -> int:
         """Let ksmd run until ``count`` more full scans completed or it went idle."""
         target = self.ksm.seqnr + count
-        if self._event is None:
-            self.wake()
+        self.wake()
         self.clock.run_while(lambda: self.ksm.seqnr < target)
         return self.ksm.seqnr - (target - count)
 

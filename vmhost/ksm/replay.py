@@ -6,7 +6,10 @@ process is a process with its regions mapped back to back in ascending order
 ksmd starts with pages_to_scan 1,000,000 and sleep_millisecs 50 so that every
 wake-up is one full scan, before the trace's own knobs are written. A ``scan``
 step runs ksmd on the virtual clock until ``full_scans`` grew by N, or until
-it idles because nothing is registered.
+nothing moved for as long as the oracle waits before it calls ksmd idle
+(nothing registered, or no progress); that wait passes on the clock too. Between
+steps ksmd's pending sleep stays pending: the next ``scan`` step's run=1 does
+not cut it short, as in the kernel, so time-based rules see ksmd's sleeps.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import errno as errno_mod
 
 from hw.topology import Topology
 from hw.units import PAGE_SIZE, HPAGE_PAGES
+from vmhost.clock import NS_PER_MS
 from vmhost.host import Host
 from vmhost.ksm.engine import Ksm
 from vmhost.ksm.ksmd import Ksmd
-from vmhost.ksm.trace import PROC_FIELDS, SNAPSHOT_FIELDS, Trace, content_ids
+from vmhost.ksm.trace import (IDLE_MIN_MS, IDLE_PERIODS, PROC_FIELDS, SNAPSHOT_FIELDS, Trace,
+                              content_ids)
 from vmhost.mm.invariants import check
 from vmhost.mm.mm import PROT_NONE, PROT_READ, PROT_WRITE
 from vmhost.profile import get_profile
@@ -101,9 +106,23 @@ class Replay:
         self.host.exit(self.procs.pop(proc))
 
     def _scan(self, i, count):
-        self.ksm.write_knob("run", "1")
-        self.ksmd.run_full_scans(count)
-        self.ksm.write_knob("run", "0")
+        ksm, clock = self.ksm, self.host.clock
+        target = ksm.seqnr + count
+        idle_ns = max(IDLE_PERIODS * ksm.knobs.sleep_millisecs, IDLE_MIN_MS) * NS_PER_MS
+        last, last_move = (ksm.seqnr, ksm.c.pages_scanned), clock.now
+        ksm.write_knob("run", "1")
+        while ksm.seqnr < target:
+            # the oracle's rule: give up once nothing moved for idle_ns (ksmd waits for
+            # work, or makes no progress), and that much time passes
+            nxt = clock.next_time()
+            if nxt is None or nxt > last_move + idle_ns:
+                clock.run_until(last_move + idle_ns)
+                break
+            clock.step()
+            seen = (ksm.seqnr, ksm.c.pages_scanned)
+            if seen != last:
+                last, last_move = seen, clock.now
+        ksm.write_knob("run", "0")
         self._snapshot(i)
 
     def _snapshot(self, i):

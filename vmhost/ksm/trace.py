@@ -73,6 +73,12 @@ SNAPSHOT_FIELDS = (
     "ksm_swpin_copy",
 )
 
+#: When a ``scan`` step gives up on ksmd: neither ``full_scans`` nor ``pages_scanned`` moved for
+#: IDLE_PERIODS sleeps of ``sleep_millisecs`` (read when the step starts), at least IDLE_MIN_MS.
+#: The oracle waits that long in wall time, the emulator on its virtual clock.
+IDLE_PERIODS = 10
+IDLE_MIN_MS = 500
+
 #: Per-process fields of a snapshot (from /proc/PID/ksm_stat).
 PROC_FIELDS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages")
 

@@ -257,8 +257,19 @@ class MM:
             vma.flags = (vma.flags & ~_PROT_FLAGS) | _prot_flags(prot)
             if not vma.flags & VmFlags.WRITE:
                 vma.ptef &= np.uint8(~PTE_WRITE & 0xFF)
-            self._merge_neighbours(vma)
+        self._merge_range(start, start + pages)
         return 0
+
+    def _merge_range(self, start: int, end: int) -> None:
+        """vma_merge over every VMA of [start, end) after a change of their flags; a VMA
+        absorbed by its neighbour on the way is not visited again."""
+        seen: set[int] = set()
+        while True:
+            todo = [v for v in self.vmas_overlapping(start, end) if id(v) not in seen]
+            if not todo:
+                return
+            seen.add(id(todo[0]))
+            seen.add(id(self._merge_neighbours(todo[0])))
 
     # -- madvise --------------------------------------------------------------------------
     def madvise(self, start: int, pages: int, advice: int | str) -> int:
@@ -275,8 +286,7 @@ class MM:
             rc = self._madvise_vma(vma, advice)
             if rc:
                 return rc
-        for vma in self.vmas_overlapping(start, end):
-            self._merge_neighbours(vma)
+        self._merge_range(start, end)
         return result
 
     def _madvise_vma(self, vma: Vma, advice: int) -> int:

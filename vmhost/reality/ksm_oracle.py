@@ -62,8 +62,9 @@ import numpy as np
 from hw.units import PAGE_SIZE, HPAGE_SIZE
 from vmhost.errors import InputError
 from vmhost.ksm.knobs import reset_order
-from vmhost.ksm.trace import (PROC_FIELDS, SNAPSHOT_FIELDS, WORDS_PER_PAGE, Region, Trace,
-                              content_ids, dumps_result, format_result, load_trace, page_bytes)
+from vmhost.ksm.trace import (IDLE_MIN_MS, IDLE_PERIODS, PROC_FIELDS, SNAPSHOT_FIELDS,
+                              WORDS_PER_PAGE, Region, Trace, content_ids, dumps_result,
+                              format_result, load_trace, page_bytes)
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 LOCK_PATH = "/run/vmhost-ksm-oracle.lock"
@@ -73,7 +74,6 @@ LOCK_PATH = "/run/vmhost-ksm-oracle.lock"
 DEFAULTS = reset_order()
 ORACLE_PAGES_TO_SCAN = 1_000_000   # u32 knob; far above any trace's page count
 ORACLE_SLEEP_MS = 50
-IDLE_PERIODS = 10
 POLL_S = 0.001
 REPLY_TIMEOUT_S = 30.0
 TRACE_TIMEOUT_S = 300.0
@@ -438,7 +438,7 @@ class _Run:
         start_fs = int(read_knob("full_scans"))
         target = start_fs + count
         sleep_ms = int(read_knob("sleep_millisecs"))
-        idle_s = max(IDLE_PERIODS * sleep_ms / 1000.0, 0.5)
+        idle_s = max(IDLE_PERIODS * sleep_ms, IDLE_MIN_MS) / 1000.0
         last = (start_fs, int(read_knob("pages_scanned")))
         last_move = time.monotonic()
         _must_write("run", 1)
@@ -507,7 +507,29 @@ def _refuse_unless_safe():
                          "use KSM (ksm_mergeable: yes); refusing to disturb them")
 
 
+_held_lock: list[int] = []   # the lock kept by holding_lock() across several runs
+
+
+@contextmanager
+def holding_lock():
+    """Keep the oracle's lock across several ``run_oracle`` calls (a turn of short traces).
+
+    Each run still checks that KSM is free, resets it and restores the knobs; only the lock
+    is not given up between them. Keep a turn short: other users wait for the lock
+    (``LOCK_TIMEOUT_S``).
+    """
+    fd = _acquire_lock()
+    _held_lock.append(fd)
+    try:
+        yield
+    finally:
+        _held_lock.remove(fd)
+        os.close(fd)
+
+
 def _acquire_lock():
+    if _held_lock:      # the same open file: already locked by us
+        return os.dup(_held_lock[-1])
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     end = time.monotonic() + LOCK_TIMEOUT_S
     while True:
