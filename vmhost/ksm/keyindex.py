@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from vmhost.ksm.slab import ArrayCell
+
 EMPTY, TOMB = -1, -2
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
@@ -72,21 +74,8 @@ class KeyIndex:
         self.slots = np.full(capacity, EMPTY, dtype=np.int32)
         self.state = np.zeros(2, dtype=np.int64)    # [entries, tombstones]: compiled code inserts too
 
-    @property
-    def count(self) -> int:
-        return int(self.state[0])
-
-    @count.setter
-    def count(self, v: int) -> None:
-        self.state[0] = v
-
-    @property
-    def tombs(self) -> int:
-        return int(self.state[1])
-
-    @tombs.setter
-    def tombs(self, v: int) -> None:
-        self.state[1] = v
+    count = ArrayCell("state", 0)            # entries
+    tombs = ArrayCell("state", 1)            # tombstones
 
     def needs_rebuild(self) -> bool:
         return 2 * (self.count + self.tombs + 1) > len(self.slots)
