@@ -3,7 +3,7 @@
 # The build installs vmhost from a wheelhouse prepared OUTSIDE the build (pip cannot reach
 # the package index from inside a build here, and an air-gapped site has no index at all):
 #
-#   vmhost container build                    # all of it: base image, wheelhouse, image
+#   python3 tools/container.py build         # all of it: base image, wheelhouse, image
 #
 # or by hand, from the repository root (legacy builder; no BuildKit needed):
 #
@@ -12,14 +12,14 @@
 #       --python-version 3.11 --implementation cp --abi cp311 \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
 #   (pip 23 does not expand a manylinux_2_36 tag to older ones: name each one the wheels
-#   use, up to the base's glibc, 2.36 on bookworm; vmhost/container.py lists them all)
+#   use, up to the base's glibc, 2.36 on bookworm; tools/container.py lists them all)
 #   docker build --network none --build-arg BASE=vmhost-base:bookworm -t vmhost .
 #   docker run --rm --network none vmhost hotremove /configs/hotremove-ksm.yaml --json
 #
 # BASE is any image with a Debian userland or a Python >= 3.11:
 #   - vmhost-base:bookworm (the default) is made locally, with no registry, by
 #     `debootstrap --variant=minbase --include=python3,python3-venv bookworm DIR` and
-#     `tar -C DIR -c . | docker import - vmhost-base:bookworm` (vmhost/container.py does it).
+#     `tar -C DIR -c . | docker import - vmhost-base:bookworm` (tools/container.py does it).
 #     It already has python3 and venv, so the whole build runs with `--network none`.
 #   - a public python:3.11-slim has Python and venv too (build the wheelhouse for its
 #     Python version); a public debian:bookworm gets python3 from apt, which needs the

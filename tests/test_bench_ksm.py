@@ -6,8 +6,6 @@ test drives /sys/kernel/mm/ksm for real (root, KSM present on every project mach
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,10 +19,7 @@ from vmhost.benchmarks import ksm as bench  # noqa: E402
 from vmhost.benchmarks.ksm_workload import Workload  # noqa: E402
 from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 from vmhost.ksm.trace import page_bytes  # noqa: E402
-
-
-def vmhost(*args):
-    return subprocess.run([sys.executable, "-m", "vmhost.cli", *args], capture_output=True, text=True)
+from helpers import pids_with_cmdline, vmhost  # noqa: E402
 
 
 # -- the workload -------------------------------------------------------------------------------
@@ -88,16 +83,7 @@ def test_host_gib_mode_is_emulator_only():
 
 # -- the real kernel ----------------------------------------------------------------------------
 def _workload_children():
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"vmhost.benchmarks.ksm_workload\x00child" in cmd:
-                out.append(int(entry))
-    return out
+    return pids_with_cmdline(b"vmhost.benchmarks.ksm_workload\x00child")
 
 
 @pytest.mark.kernel

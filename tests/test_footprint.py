@@ -2,7 +2,8 @@
 
 import pytest
 
-from vmhost.benchmarks.ksm import PAGE, host_bytes_for, run_emulator
+from hw.units import PAGE_SIZE as PAGE
+from vmhost.benchmarks.ksm import host_bytes_for, run_emulator
 from vmhost.benchmarks.ksm_workload import Workload
 from vmhost.errors import InputError
 from vmhost.footprint import BASE_BYTES, GiB, Footprint, check_fits, fitting_resolution

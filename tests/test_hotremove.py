@@ -9,6 +9,8 @@ import pytest
 
 from vmhost.hotremove import Runner, load_scenario
 
+from helpers import refused_before_writing
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("hotremove-*.yaml"))
 
@@ -74,13 +76,7 @@ def test_bad_scenario_is_one_line_status_2_nothing_written(tmp_path, old, new, k
     assert old in text
     bad = tmp_path / "bad.yaml"
     bad.write_text(text.replace(old, new))
-    report = tmp_path / "rep"
-    r = vmhost("hotremove", str(bad), "--report", str(report))
-    assert r.returncode == 2 and r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and key in lines[0] and words in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not report.exists()
+    refused_before_writing("hotremove", bad, tmp_path / "rep", key, words)
 
 
 def test_missing_scenario_and_bench_flags():

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))  # run from any directory
 from vmhost.errors import InputError  # noqa: E402
 from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 from vmhost.ksm.trace import compare_results, load_trace  # noqa: E402
+from helpers import pids_with_cmdline  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -46,16 +47,7 @@ def knob_values():
 
 
 def worker_pids():
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"vmhost.reality.ksm_oracle\x00--worker" in cmd:
-                pids.append(int(entry))
-    return pids
+    return pids_with_cmdline(b"vmhost.reality.ksm_oracle\x00--worker")
 
 
 @contextmanager

@@ -27,7 +27,7 @@ EMULATOR = ("hw", "guests", "vmhost.clock", "vmhost.errors", "vmhost.profile", "
             "vmhost.schema", "vmhost.config", "vmhost.progress")
 STUDIES = ("vmhost.density", "vmhost.hostsim", "vmhost.fleet", "vmhost.hotremove")
 ABOVE_EMULATOR = STUDIES + ("vmhost.reports", "vmhost.reality", "vmhost.commands", "vmhost.cli",
-                            "vmhost.benchmarks", "vmhost.container")
+                            "vmhost.benchmarks")
 CLI = ("vmhost.commands", "vmhost.cli")
 
 
@@ -116,14 +116,7 @@ def test_no_study_and_report_import_each_other():
     reports = sorted(m for m in GRAPH if m.startswith("vmhost.reports."))
     studies = sorted(m for m in GRAPH if _in(m, STUDIES))
     both = {(s, r) for s in studies for r in reports if imports(s, r) and imports(r, s)}
-    assert both == KNOWN_CYCLES
-
-
-# Left to fix: vmhost.reports.density reads vmhost.density.result.EDGE (the "at the edge"
-# threshold) while density.result writes its report. Once the result carries what the report
-# needs (an at-edge flag or the threshold), remove the import and this entry.
-KNOWN_CYCLES = {("vmhost.density", "vmhost.reports.density"),
-                ("vmhost.density.result", "vmhost.reports.density")}
+    assert both == set()
 
 
 def test_the_contract_catches_a_lazy_import(tmp_path):

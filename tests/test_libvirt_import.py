@@ -344,35 +344,25 @@ def test_cli_bad_uri(tmp_path, uri, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_malformed_domain_xml_in_node_file(tmp_path):
-    # libvirt parses the node file itself when connecting and refuses it: the error names the
-    # file, the line and the mismatched tag.
+# libvirt parses the node file itself when connecting and refuses a bad one: the error names the
+# file, the line and the mismatched tag; an invalid value; an unknown memory unit (libvirt refuses
+# it before vmhost sees the XML; vmhost's own parser refuses it too:
+# test_parse_domain_xml_unknown_unit_is_one_line_naming_file_element_and_unit)
+BAD_NODE_FILES = [
+    ("malformed-node.xml", f"cannot connect: {(FIXTURES / 'malformed-node.xml').resolve()}:9: Opening and "
+                           "ending tag mismatch: domain line 5 and domian"),
+    ("invalid-domain-node.xml", "cannot connect: XML error: Invalid value 'lots' for element or attribute "
+                                "'./memory[1]'"),
+    ("unknown-unit-node.xml", "unknown-unit-node.xml: cannot connect: invalid argument: unknown suffix "
+                              "'furlongs'"),
+]
+
+
+@pytest.mark.parametrize("name, message", BAD_NODE_FILES, ids=[b[0] for b in BAD_NODE_FILES])
+def test_cli_bad_node_file(tmp_path, name, message):
     out = tmp_path / "host.yaml"
-    path = (FIXTURES / "malformed-node.xml").resolve()
-    line = _one_line_exit_2(run_cli("import", "libvirt", "--uri", node_uri("malformed-node.xml"),
-                                    "-o", str(out)))
-    assert f"cannot connect: {path}:9: Opening and ending tag mismatch: domain line 5 and " \
-           "domian" in line
-    assert os.listdir(tmp_path) == []
-
-
-def test_cli_invalid_domain_in_node_file(tmp_path):
-    out = tmp_path / "host.yaml"
-    line = _one_line_exit_2(run_cli("import", "libvirt", "--uri",
-                                    node_uri("invalid-domain-node.xml"), "-o", str(out)))
-    assert "cannot connect: XML error: Invalid value 'lots' for element or attribute " \
-           "'./memory[1]'" in line
-    assert os.listdir(tmp_path) == []
-
-
-def test_cli_unknown_memory_unit_in_node_file(tmp_path):
-    # libvirt refuses an unknown unit before vmhost sees the XML (vmhost's own parser refuses
-    # it too: test_parse_domain_xml_unknown_unit_is_one_line_naming_file_element_and_unit)
-    out = tmp_path / "host.yaml"
-    line = _one_line_exit_2(run_cli("import", "libvirt", "--uri",
-                                    node_uri("unknown-unit-node.xml"), "-o", str(out)))
-    assert "unknown-unit-node.xml: cannot connect: invalid argument: unknown suffix " \
-           "'furlongs'" in line
+    line = _one_line_exit_2(run_cli("import", "libvirt", "--uri", node_uri(name), "-o", str(out)))
+    assert message in line
     assert os.listdir(tmp_path) == []
 
 

@@ -8,13 +8,13 @@ some seconds apart measure it. Budget: about 15 s to start, 5 s a sampling, 5 s 
 """
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from guests import dumps
+from helpers import one_line_exit_2, vmhost
 from vmhost.fleet.config import parse_fleet
 from vmhost.reality.lab import writer_rate
 from vmhost.reality.libvirt_lab import LibvirtLab
@@ -22,19 +22,6 @@ from vmhost.reality.libvirt_lab import LibvirtLab
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu]
 WRITE_KIB_S, HOT_KIB = 4096, 40960
-
-
-def vmhost(*args):
-    return subprocess.run([sys.executable, "-m", "vmhost.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-
-
-def one_line_exit_2(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def alive(pid):

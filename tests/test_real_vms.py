@@ -7,8 +7,6 @@ profile against them: its predicted cross-guest sharing within 5%, its write rat
 """
 
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import yaml
 
 from guests import dumps
+from helpers import one_line_exit_2, vmhost
 from guests.dump_guest import load_dump_image
 from guests.images import ImageError, sharing
 from guests.profile import fit_profile, predict, prediction_error
@@ -30,20 +29,6 @@ BUNDLED = [CONFIGS / "dumps" / f"lab-g{i}.vmimg" for i in range(3)]
 WRITER = [CONFIGS / "dumps" / "lab-writer-t0.vmimg", CONFIGS / "dumps" / "lab-writer-t8.vmimg"]
 # the lab writer (vmhost.reality.lab.INIT_SCRIPT) rewrites this many KiB per second
 WRITE_KIB_S, HOT_KIB = 4096, 40960
-
-
-def vmhost(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "vmhost.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-
-
-def one_line_exit_2(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from hw.swap import SwapDevice
 from hw.topology import NumaNode, Topology
 from vmhost.errors import InputError
 from vmhost.profile import PROFILES
-from vmhost.schema import (SchemaError, expect_enum, expect_int, expect_list, expect_mapping,
-                           expect_number, expect_str, fail, parse_duration_ns, parse_size,
+from vmhost.schema import (expect_enum, expect_int, expect_list, expect_mapping,
+                           expect_number, expect_str, fail, parse_size,
                            read_yaml)
 from hw.units import PAGE_SIZE
 
@@ -48,14 +48,6 @@ HOST_KEYS = ("profile", "thp", "block_size", "nodes", "distance", "movable_nodes
 NODE_KEYS = ("memory", "cpus")
 SWAP_KEYS = ("name", "size", "priority", "read_mbps", "write_mbps")
 THP_MODES = ("always", "madvise", "never")
-
-# Names other modules still import from here (vmhost.density until it switches to
-# vmhost.schema): the schema's error and checks under their old names.
-ConfigError = SchemaError
-_err = fail
-__all__ = ["HostConfig", "load_config", "parse_host_config", "parse_policy", "parse_guests",
-           "ConfigError", "expect_int", "expect_mapping", "parse_duration_ns", "parse_size",
-           "read_yaml"]
 
 
 @dataclass

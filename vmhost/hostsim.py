@@ -24,9 +24,10 @@ import time
 from dataclasses import asdict, dataclass
 
 from hw.units import PAGE_SIZE
-from vmhost.config import _err, parse_duration_ns, parse_host_config
-from vmhost.density.config import HostRun, MixEntry, _image, parse_settle
+from vmhost.config import parse_host_config
+from vmhost.density.config import HostRun, MixEntry, parse_settle
 from vmhost.density.stepper import HostStepper, StepResult
+from vmhost.schema import expect_image, fail, parse_duration_ns
 
 BOOTS = ("together", "staggered")
 
@@ -55,9 +56,9 @@ def host_run(host_doc: dict, vms: list[VmSpec], *, resolution: int = 1, seed: in
          run.settle_time_ns) = parse_settle(settle, path, "simulation.settle")
     entries = []
     for i, vm in enumerate(vms):
-        img = _image(vm.image, path, f"vms[{i}].image")
+        img = expect_image(vm.image, path, f"vms[{i}].image")
         if resolution > 1 and vm.memory_mib % resolution:
-            raise _err(path, "simulation.resolution",
+            raise fail(path, "simulation.resolution",
                        f"{resolution} does not divide the memory of VM {vm.name} ({vm.memory_mib} MiB)")
         entries.append(MixEntry(i, img, vm.memory_mib, count=1, domain=vm.domain,
                                 nosharepages=vm.nosharepages, locked=vm.locked, name=vm.name))

@@ -13,7 +13,7 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vmhost.config import _err
+from vmhost.schema import fail
 
 if TYPE_CHECKING:
     from vmhost.config import HostConfig
@@ -38,7 +38,7 @@ def attach_ksm(host, knobs=(), *, path: str = "", resolution: int = 1):
         rc = ksm.write_knob(name, str(value))
         if rc:
             where = f" at resolution {resolution}" if resolution > 1 else ""
-            raise _err(path, f"ksm.{name}", f"the write is refused{where} "
+            raise fail(path, f"ksm.{name}", f"the write is refused{where} "
                                             f"({errno.errorcode.get(-rc, rc)})")
     return ksm, ksmd
 
@@ -59,5 +59,5 @@ def build_system(hcfg: "HostConfig", *, resolution: int = 1, knobs=None,
     try:
         policy.attach(host, ksm, full_scale_knobs)
     except ValueError as exc:
-        raise _err(hcfg.path, "policy", str(exc)) from None
+        raise fail(hcfg.path, "policy", str(exc)) from None
     return HostSystem(host, ksm, ksmd, policy)

@@ -4,4 +4,4 @@ Each module has ``register(sub)``, which adds its parsers to the top-level
 subparsers and sets ``func`` on each; ``vmhost.cli`` calls them in order.
 """
 
-COMMAND_MODULES = ("bench", "ksm", "guests", "hotremove", "importers", "container", "calibrate", "density", "fleet")
+COMMAND_MODULES = ("bench", "ksm", "guests", "hotremove", "importers", "calibrate", "density", "fleet")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
@@ -36,8 +35,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.oracle or args.compare:
         from vmhost.reality.density_oracle import run_cli
         return run_cli(args)
-    from vmhost.density import DensityRunner, _jsonable, format_result, load_density, write_report
+    from vmhost.density import DensityRunner, format_result, load_density, write_report
     from vmhost.progress import Progress
+    from hw.units import PAGES_PER_GIB
+    from vmhost.reports.files import dumps_json
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
         return _invariance(args, cfg)
@@ -53,11 +54,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.bench:
         result["bench"] = {"wall_s": round(wall, 3), "resolution": cfg.resolution,
                            "guests_simulated": len(result["steps"]),
-                           "host_gib": round(result["host"]["ram_pages"] / 262144, 3)}
+                           "host_gib": round(result["host"]["ram_pages"] / PAGES_PER_GIB, 3)}
     if args.report:
         write_report(result, args.report)
     if args.json:
-        print(json.dumps(result, default=_jsonable))
+        print(dumps_json(result, compact=True))
     else:
         print(format_result(result))
         if args.bench:
@@ -71,6 +72,7 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
     import sys
 
     from vmhost.density.invariance import at_resolution, check, format_check
+    from vmhost.reports.files import dumps_json
     from vmhost.errors import InputError
     try:
         rs = [int(x) for x in args.resolutions.split(",") if x.strip()]
@@ -85,5 +87,5 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
         if not (args.quiet or args.json):
             print(f"density: 1/{r} done ({run['wall_s']:.1f} s)", file=sys.stderr)
     out = check(cfg, rs, progress)
-    print(json.dumps(out) if args.json else format_check(out))
+    print(dumps_json(out, compact=True) if args.json else format_check(out))
     return 0 if out["ok"] else 1

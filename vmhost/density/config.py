@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from vmhost.config import (HostConfig, _err, expect_int, expect_mapping, parse_duration_ns,
-                           parse_host_config, parse_size, read_yaml)
+from hw.units import PAGE_SIZE
+from vmhost.config import HostConfig, parse_host_config
 from vmhost.policies import resolution_refusal
+from vmhost.schema import (expect_bool, expect_domain, expect_enum, expect_fraction, expect_image,
+                           expect_int, expect_list, expect_mapping, expect_mib, expect_number, fail,
+                           is_percentage, parse_duration_ns, parse_size, read_yaml)
 
-PAGE_SIZE = 4096
 ORDERS = ("as-listed", "round-robin", "weighted")
 DENSITY_KEYS = ("mix", "order", "seed", "max_guests", "resolution", "settle", "write_period",
                 "warm_start", "stride", "limits", "unmerge_storm", "samples_per_scan")
@@ -79,87 +81,36 @@ class DensityConfig(HostRun):
 # ------------------------------------------------------------------------------------------
 # validation
 
-def _bool(value: Any, path: str, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise _err(path, key, f"expected true or false, got {value!r}")
-    return value
-
-
-def _number(value: Any, path: str, key: str, lo: float, hi: float | None = None,
-            lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise _err(path, key, f"expected a number, got {value!r}")
-    if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-        raise _err(path, key, f"{value} is out of range {rng}")
-    return float(value)
-
-
-def _fraction_or_percent(value: Any, path: str, key: str) -> float:
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            v = float(value.strip()[:-1]) / 100
-        except ValueError:
-            raise _err(path, key, f"{value!r} is not a percentage") from None
-        return _number(v, path, key, 0.0, 1.0, lo_open=True)
-    return _number(value, path, key, 0.0, 1.0, lo_open=True)
-
-
-def _image(value: Any, path: str, key: str):
-    from guests.images import ImageError
-    from guests.resolve import resolve_image
-    try:
-        return resolve_image(value, Path(path).resolve().parent)
-    except ImageError as exc:
-        raise _err(path, key, str(exc)) from None
-
-
 def _mix_entry(e: Any, i: int, path: str) -> MixEntry:
     key = f"density.mix[{i}]"
     expect_mapping(e, path, key, MIX_KEYS, ("image",))
-    img = _image(e["image"], path, f"{key}.image")
-    if "memory" in e:
-        if isinstance(e["memory"], (int, float)) and not isinstance(e["memory"], bool) and e["memory"] <= 0:
-            raise _err(path, f"{key}.memory", f"{e['memory']!r} is not a positive size")
-        if isinstance(e["memory"], str) and e["memory"].strip().startswith("-"):
-            raise _err(path, f"{key}.memory", f"{e['memory']!r} is negative")
-        size = parse_size(e["memory"], path, f"{key}.memory", minimum=1 << 20)
-        if size % (1 << 20):
-            raise _err(path, f"{key}.memory", f"{e['memory']!r} is not a whole number of MiB")
-        mem = size >> 20
-    else:
-        mem = img.memory_mib
+    img = expect_image(e["image"], path, f"{key}.image")
+    mem = expect_mib(e["memory"], path, f"{key}.memory") if "memory" in e else img.memory_mib
     entry = MixEntry(i, img, mem, name=str(e.get("name", img.name)))
     if "weight" in e:
-        entry.weight = _number(e["weight"], path, f"{key}.weight", 0.0, lo_open=True)
+        entry.weight = expect_number(e["weight"], path, f"{key}.weight", 0.0, lo_open=True)
     if "count" in e:
         entry.count = expect_int(e["count"], path, f"{key}.count", 1, 100_000)
-    dom = e.get("domain", "default")
-    if not isinstance(dom, (str, int)) or isinstance(dom, bool) or str(dom) == "":
-        raise _err(path, f"{key}.domain", "expected a sharing domain name")
-    entry.domain = str(dom)
-    entry.nosharepages = _bool(e.get("nosharepages", False), path, f"{key}.nosharepages")
-    entry.locked = _bool(e.get("locked", False), path, f"{key}.locked")
+    entry.domain = expect_domain(e.get("domain", "default"), path, f"{key}.domain")
+    entry.nosharepages = expect_bool(e.get("nosharepages", False), path, f"{key}.nosharepages")
+    entry.locked = expect_bool(e.get("locked", False), path, f"{key}.locked")
     try:
         img.class_pages(mem)
     except ValueError as exc:
-        raise _err(path, f"{key}.memory", f"too small for image {img.name!r} ({exc})") from None
+        raise fail(path, f"{key}.memory", f"too small for image {img.name!r} ({exc})") from None
     return entry
 
 
 def parse_density(doc: Any, path: str) -> DensityConfig:
     hcfg = parse_host_config(doc, path, extra_keys=("density",))
     if "density" not in doc:
-        raise _err(path, "density", "missing")
+        raise fail(path, "density", "missing")
     d = expect_mapping(doc["density"], path, "density", DENSITY_KEYS, ("mix",))
-    mix_doc = d["mix"]
-    if not isinstance(mix_doc, list) or not mix_doc:
-        raise _err(path, "density.mix", "expected a non-empty list of {image, memory, weight or count, ...}")
+    mix_doc = expect_list(d["mix"], path, "density.mix", "{image, memory, weight or count, ...}",
+                          nonempty=True)
     mix = [_mix_entry(e, i, path) for i, e in enumerate(mix_doc)]
     cfg = DensityConfig(path, hcfg, mix=mix)
-    cfg.order = d.get("order", "weighted")
-    if cfg.order not in ORDERS:
-        raise _err(path, "density.order", f"{cfg.order!r} is not one of {', '.join(ORDERS)}")
+    cfg.order = expect_enum(d.get("order", "weighted"), path, "density.order", ORDERS)
     cfg.seed = expect_int(d.get("seed", 1), path, "density.seed", 0, 2**32 - 1)
     cfg.resolution = expect_int(d.get("resolution", 1), path, "density.resolution", 1, 1 << 16)
     cfg.samples_per_scan = expect_int(d.get("samples_per_scan", 32), path, "density.samples_per_scan", 1, 10_000)
@@ -172,7 +123,7 @@ def parse_density(doc: Any, path: str) -> DensityConfig:
     if "write_period" in d:
         cfg.write_period_ns = parse_duration_ns(d["write_period"], path, "density.write_period")
     if "warm_start" in d:
-        cfg.warm_start = _bool(d["warm_start"], path, "density.warm_start")
+        cfg.warm_start = expect_bool(d["warm_start"], path, "density.warm_start")
     if "stride" in d and d["stride"] != "auto":
         cfg.stride = expect_int(d["stride"], path, "density.stride", 1, 4096)
     (cfg.settle_scans, cfg.tolerance, cfg.max_scans,
@@ -180,55 +131,55 @@ def parse_density(doc: Any, path: str) -> DensityConfig:
     limits = d.get("limits", {}) or {}
     expect_mapping(limits, path, "density.limits", LIMIT_KEYS)
     if "swapin_rate" in limits:
-        cfg.swapin_rate = _number(limits["swapin_rate"], path, "density.limits.swapin_rate", 0.0)
+        cfg.swapin_rate = expect_number(limits["swapin_rate"], path, "density.limits.swapin_rate", 0.0)
     if "ksmd_cpu" in limits:
-        cfg.ksmd_cpu = _fraction_or_percent(limits["ksmd_cpu"], path, "density.limits.ksmd_cpu")
+        cfg.ksmd_cpu = expect_fraction(limits["ksmd_cpu"], path, "density.limits.ksmd_cpu")
     if "free_headroom" in limits:
         v = limits["free_headroom"]
-        if isinstance(v, str) and v.strip().endswith("%"):
-            cfg.free_headroom_fraction = _fraction_or_percent(v, path, "density.limits.free_headroom")
+        if is_percentage(v):
+            cfg.free_headroom_fraction = expect_fraction(v, path, "density.limits.free_headroom")
         else:
             cfg.free_headroom_bytes = parse_size(v, path, "density.limits.free_headroom", minimum=0)
     storm = d.get("unmerge_storm")
     if storm is not None:
         expect_mapping(storm, path, "density.unmerge_storm", STORM_KEYS, ("fraction", "window"))
-        cfg.storm_fraction = _fraction_or_percent(storm["fraction"], path, "density.unmerge_storm.fraction")
+        cfg.storm_fraction = expect_fraction(storm["fraction"], path, "density.unmerge_storm.fraction")
         cfg.storm_window_ns = parse_duration_ns(storm["window"], path, "density.unmerge_storm.window")
-    _check_resolution(cfg, d)
+    check_resolution(cfg)
     if cfg.order == "as-listed" and any(e.count is None for e in mix[:-1]):
         i = next(e.index for e in mix[:-1] if e.count is None)
-        raise _err(path, f"density.mix[{i}].count", "order as-listed needs a count on every entry but the last")
+        raise fail(path, f"density.mix[{i}].count", "order as-listed needs a count on every entry but the last")
     cfg.sequence = boot_sequence(cfg)
     return cfg
 
 
-def _check_resolution(cfg: DensityConfig, d: dict) -> None:
+def check_resolution(cfg: DensityConfig) -> None:
+    """Refuse a resolution that does not divide the host and every guest (or whose policy
+    cannot run scaled): one error naming ``density.resolution`` (or ``policy.name``)."""
     r, path = cfg.resolution, cfg.path
     if r == 1:
         return
     if cfg.host.policy and (why := resolution_refusal(cfg.host.policy[0], r)):
-        raise _err(path, "policy.name", why)
+        raise fail(path, "policy.name", why)
     for e in cfg.mix:
         if e.memory_mib % r:
-            raise _err(path, "density.resolution",
+            raise fail(path, "density.resolution",
                        f"{r} does not divide the memory of mix[{e.index}] ({e.memory_mib} MiB)")
-        if e.locked:
-            pass
     block = cfg.host.block_pages
     if block // r < 1 or block % r:
-        raise _err(path, "density.resolution", f"{r} does not divide the block size ({block} pages)")
+        raise fail(path, "density.resolution", f"{r} does not divide the block size ({block} pages)")
     from vmhost.density.scale import scaled_block_pages
     sblock = scaled_block_pages(cfg.host, r)
     for n in cfg.host.topology.nodes:
         if (n.mem_bytes // PAGE_SIZE) % r:
-            raise _err(path, "density.resolution", f"{r} does not divide node {n.id}'s memory")
+            raise fail(path, "density.resolution", f"{r} does not divide node {n.id}'s memory")
         if (n.mem_bytes // PAGE_SIZE // r) % sblock:
-            raise _err(path, "density.resolution", f"at 1/{r} node {n.id}'s memory is not a whole number "
+            raise fail(path, "density.resolution", f"at 1/{r} node {n.id}'s memory is not a whole number "
                                                    f"of {sblock}-page blocks (a block holds at least one "
                                                    f"huge page when THP is on)")
     for s in cfg.host.swap:
         if s["pages"] < r:
-            raise _err(path, "density.resolution", f"swap device {s['name']} is smaller than {r} pages")
+            raise fail(path, "density.resolution", f"swap device {s['name']} is smaller than {r} pages")
 
 
 def parse_settle(settle: Any, path: str, key: str) -> tuple[int, float, int, int | None]:
@@ -237,10 +188,10 @@ def parse_settle(settle: Any, path: str, key: str) -> tuple[int, float, int, int
     time_ns = None
     if "time" in settle:
         if any(k in settle for k in ("scans", "tolerance", "max_scans")):
-            raise _err(path, key, "give either time or scans/tolerance/max_scans")
+            raise fail(path, key, "give either time or scans/tolerance/max_scans")
         time_ns = parse_duration_ns(settle["time"], path, f"{key}.time")
     scans = expect_int(settle.get("scans", 2), path, f"{key}.scans", 1, 100)
-    tolerance = _number(settle.get("tolerance", 0.001), path, f"{key}.tolerance", 0.0, 1.0)
+    tolerance = expect_number(settle.get("tolerance", 0.001), path, f"{key}.tolerance", 0.0, 1.0)
     max_scans = expect_int(settle.get("max_scans", 30), path, f"{key}.max_scans", scans + 2, 100_000)
     return scans, tolerance, max_scans, time_ns
 

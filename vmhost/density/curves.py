@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HPAGE = 512
+from hw.units import HPAGE_PAGES
 
 
 @dataclass
@@ -37,8 +37,8 @@ def guest_facts(gm, entry, thp: bool) -> GuestFacts:
     if entry.locked:
         res[:] = True
     if thp and not entry.locked:
-        ranges = np.unique(np.flatnonzero(res) // HPAGE)
-        footprint = int(sum(min(HPAGE, gm.pages - r * HPAGE) for r in ranges.tolist()))
+        ranges = np.unique(np.flatnonzero(res) // HPAGE_PAGES)
+        footprint = int(sum(min(HPAGE_PAGES, gm.pages - r * HPAGE_PAGES) for r in ranges.tolist()))
     else:
         footprint = int(res.sum())
     mergeable = not entry.nosharepages

@@ -34,8 +34,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from vmhost.density.config import DensityConfig, _check_resolution
-from vmhost.density.result import EDGE
+from vmhost.density.config import DensityConfig, check_resolution
 from vmhost.density.search import DensitySearch
 
 LIMIT_KINDS = ("OOM kill", "swap-in rate", "ksmd CPU", "free memory", "guest pages", "the boot sequence")
@@ -85,7 +84,7 @@ def figures(res: dict) -> dict:
         "t90_first_s": (first.get("time_to") or {}).get("p90_s"),
         "storm_survives": ((ans or {}).get("storm") or {}).get("survives"),
         "_scan_s": scan_s,
-        "_edge": ((cl or {}).get("limit_margin") if cl else res.get("limit_margin")),
+        "_edge": bool((cl or {}).get("at_edge") if cl else res.get("at_edge")),
     }
 
 
@@ -103,7 +102,7 @@ def at_resolution(cfg: DensityConfig, r: int) -> DensityConfig:
     """The same config at resolution ``r`` (refused as the file would be: InputError)."""
     c = copy.copy(cfg)
     c.resolution = r
-    _check_resolution(c, {})
+    check_resolution(c)
     return c
 
 
@@ -122,7 +121,7 @@ def check(cfg: DensityConfig, resolutions: list[int], progress=None) -> dict:
     for r in rs:
         f = runs[r]["figures"]
         verdicts = {}
-        edge = any(x is not None and x < EDGE for x in (ref["_edge"], f["_edge"]))
+        edge = ref["_edge"] or f["_edge"]
         answer = "ksm_suggested" if ref["ksm_suggested"] is not None else "ksm"
         same_n = ref[answer] == f[answer]
         for k, tol in TOLERANCES.items():

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from vmhost.density.config import PAGE_SIZE
+from hw.units import PAGE_SIZE, PAGES_PER_GIB
 from vmhost.density.curves import GuestFacts, curve_pages
-from vmhost.density.stepper import GIB_PAGES
 
 
-EDGE = 0.01              # a limit broken by less than this: the count is at the edge
 ACCOUNTING = ("all three columns count the guests' pages, in RAM or in swap, against one capacity: "
               "RAM managed by the kernel less the high watermarks and the free headroom (swap is "
               "not capacity); a KSM step also has to meet the service limits")
@@ -85,7 +81,7 @@ def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: 
     if best:
         res["at_best"] = {
             "guests": best["guests"], "saved_pages": best["saved_pages"],
-            "saved_gib": round(best["saved_pages"] / GIB_PAGES, 4),
+            "saved_gib": round(best["saved_pages"] / PAGES_PER_GIB, 4),
             "cpu_s_per_gib_saved": best["cpu_s_per_gib_saved"],
             "ksmd_cpu_share": best["ksmd_cpu_share"],
             "time_to_first_guest": steps[0]["time_to"], "time_to_last_step": best["time_to"],
@@ -108,12 +104,3 @@ def write_report(res: dict, directory: str | Path) -> None:
     from vmhost.reports.density import write_density_report
     write_density_report(res, directory)
 
-
-def _jsonable(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

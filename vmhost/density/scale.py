@@ -14,20 +14,19 @@ from __future__ import annotations
 import copy
 import math
 
+from hw.units import HPAGE_PAGES, PAGES_PER_MIB
 from vmhost.config import HostConfig
 from vmhost.density.config import HostRun
+from vmhost.ksm import knobs as ksm_knobs
 
-HPAGE = 512
 MIN_BATCH_PAGES = 256
-DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MILLISECS = 100, 20     # the kernel's defaults
-SCALED_KNOBS = ("pages_to_scan", "advisor_max_pages_to_scan", "advisor_min_pages_to_scan")
 
 
 def full_scale_scan_knobs(hcfg: HostConfig) -> dict:
     """The configured pages_to_scan and sleep_millisecs (the kernel's defaults if not set)."""
     configured = dict(hcfg.ksm)
-    return {"pages_to_scan": int(configured.get("pages_to_scan", DEFAULT_PAGES_TO_SCAN)),
-            "sleep_millisecs": int(configured.get("sleep_millisecs", DEFAULT_SLEEP_MILLISECS))}
+    return {name: int(configured.get(name, ksm_knobs.BY_NAME[name].default))
+            for name in ("pages_to_scan", "sleep_millisecs")}
 
 
 def scaled_image(img, r: int):
@@ -47,8 +46,8 @@ def scaled_block_pages(h: HostConfig, r: int) -> int:
     (a block smaller than 2 MiB cannot hold a huge page, and the guests would silently lose THP
     at coarse resolutions while they have it at fine ones)."""
     b = max(1, h.block_pages // r)
-    if h.thp != "never" and b < HPAGE:
-        return HPAGE
+    if h.thp != "never" and b < HPAGE_PAGES:
+        return HPAGE_PAGES
     return b
 
 
@@ -59,7 +58,7 @@ def scaled_host(cfg: HostRun) -> tuple[HostConfig, list[tuple[str, str]], list[s
     knobs = []
     configured = dict(h.ksm)
     for name, value in h.ksm:
-        if name in SCALED_KNOBS and name != "pages_to_scan" and r > 1:
+        if name in ksm_knobs.SCALED and name != "pages_to_scan" and r > 1:
             knobs.append((name, str(max(1, int(round(int(value) / r))))))
         elif name not in ("pages_to_scan", "sleep_millisecs") or r == 1:
             knobs.append((name, value))
@@ -68,8 +67,8 @@ def scaled_host(cfg: HostRun) -> tuple[HostConfig, list[tuple[str, str]], list[s
         # MIN_BATCH_PAGES pages are grouped (both knobs x the same factor: the same scan rate
         # and CPU share at a coarser time grain), since each batch is a Python event
         from vmhost.policies import scaled_scan_knobs
-        pts = int(configured.get("pages_to_scan", DEFAULT_PAGES_TO_SCAN))
-        sleep = int(configured.get("sleep_millisecs", DEFAULT_SLEEP_MILLISECS))
+        full = full_scale_scan_knobs(h)
+        pts, sleep = full["pages_to_scan"], full["sleep_millisecs"]
         min_batch = 1 if "advisor_mode" in configured else MIN_BATCH_PAGES
         spts, ssleep = scaled_scan_knobs(pts, sleep, r, min_batch)
         knobs = [("pages_to_scan", str(spts)), ("sleep_millisecs", str(ssleep))] + knobs
@@ -89,7 +88,6 @@ def scaled_host(cfg: HostRun) -> tuple[HostConfig, list[tuple[str, str]], list[s
     s.swap = [dict(d, pages=d["pages"] // r, read_bps=d["read_bps"] / r, write_bps=d["write_bps"] / r)
               for d in h.swap]
     return s, knobs, notes
-
 
 
 SEARCHES_PER_CHECKSUM = 1.5
@@ -115,9 +113,9 @@ def unfaithful_figures(run: HostRun, mix) -> list[str]:
     r, out = run.resolution, []
     if r == 1 or run.host.thp == "never":
         return out
-    small = sorted({e.memory_mib for e in mix if e.memory_mib * 256 // r < HPAGE and not e.locked})
+    small = sorted({e.memory_mib for e in mix if e.memory_mib * PAGES_PER_MIB // r < HPAGE_PAGES and not e.locked})
     if small:
-        finest = max(1, min(small) * 256 // HPAGE)
+        finest = max(1, min(small) * PAGES_PER_MIB // HPAGE_PAGES)
         out.append(f"THP: guests of {', '.join(f'{m} MiB' for m in small)} are below one huge page at 1/{r}, "
                    f"so KSM merges the zero subpages that splitting a huge page maps to the zero page: "
                    f"memory saved, pages_sharing and ksmd CPU are not the full-size host's "

@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import time
 
-from vmhost.density.config import PAGE_SIZE, DensityConfig
+from hw.units import PAGE_SIZE, PAGES_PER_MIB
+from vmhost.density.config import DensityConfig
 from vmhost.density.result import build_result
 from vmhost.density.stepper import HostStepper, StepResult
 
 STRIDE_FROM, STRIDE_MAX = 8, 16
 MAX_CPU_TRIES = 6            # searches spent finding the largest pages_to_scan within the CPU limit
+EDGE = 0.01                  # a limit broken by less than this: the count is at the edge (``at_edge``)
 
 
 class DensitySearch:
@@ -102,7 +104,7 @@ class DensitySearch:
         tries = 0
 
         def scan_pages(step):
-            return sum(cfg.mix[i].memory_mib * 256 for i in cfg.sequence[:step["guests"]]
+            return sum(cfg.mix[i].memory_mib * PAGES_PER_MIB for i in cfg.sequence[:step["guests"]]
                        if not cfg.mix[i].nosharepages)
 
         while tries < MAX_CPU_TRIES:
@@ -140,7 +142,7 @@ class DensitySearch:
                    vms_ksm=again["vms_per_host"]["ksm"],
                    vms_surviving_storm=again.get("vms_surviving_storm"),
                    at_best=again.get("at_best"), limited_by=again["limited_by"],
-                   limit_margin=again.get("limit_margin"))
+                   limit_margin=again.get("limit_margin"), at_edge=again.get("at_edge"))
         return out
 
     def _with_pages_to_scan(self, pts: int) -> DensityConfig:
@@ -181,6 +183,7 @@ class DensitySearch:
         res["failed_step"] = failed_at
         if failed_at is not None:
             res["limit_margin"] = self._margin(failed_at)
+            res["at_edge"] = res["limit_margin"] < EDGE
         return res
 
     def _stride(self, n: int) -> int:

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from hw.units import PAGES_PER_GIB
 from vmhost.density.config import HostRun, MixEntry
 from vmhost.density.curves import GuestFacts, guest_facts, ideal_now
 from vmhost.density.scale import (depth_extra_ns, full_scale_scan_knobs, scaled_host, scaled_image,
                                   unfaithful_figures)
 
-GIB_PAGES = (1 << 30) // 4096
 TIMELINE_POINTS_PER_STEP = 64
 WRITES_PER_SCAN = 8
 POLICY_CHANGES_KEPT = 200
@@ -321,7 +321,7 @@ class HostStepper:
         last = booted[-1]
         saved_pages = saved * r
         cpu_total = round(self._cpu() * r / 1e9, 6)
-        gib_saved = saved_pages / GIB_PAGES
+        gib_saved = saved_pages / PAGES_PER_GIB
         return StepResult(
             guests=n, image=last.entry.image.name, mix=last.entry.index, guest=last.qp.spec.name,
             memory_mib=last.entry.memory_mib, domain=last.entry.domain,

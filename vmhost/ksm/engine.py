@@ -191,7 +191,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             assert age <= 1, "an unstable rmap_item outlived its tree"
             if age == 0:
                 if self._uhashed and self._unstable_clean():
-                    fastscan.hash_remove(self._uh, items.tree_key, items.nid, item)
+                    fastscan.hash_remove(self._uh, items.tree_key, items.nid, int(item))
                     self._log_unstable(-item - 2)
                 else:
                     self.build_unstable_trees()

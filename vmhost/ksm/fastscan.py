@@ -29,11 +29,11 @@ the same order, hence the same shape) the moment anything needs the tree itself.
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 import numpy as np
 from numba import njit
 
+from vmhost.ksm import arraygroup
+from vmhost.ksm.arraygroup import Group, GroupType
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
@@ -41,7 +41,7 @@ from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
-from vmhost.ksm.vma_registry import find_vma
+from vmhost.ksm.vma_registry import find_vma, page_tables
 from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KSM, PG_MLOCKED,
                               PG_SWAPCACHE)
 from vmhost.mm.vma import PTE_DIRTY, PTE_PRESENT, PTE_WRITE, PTE_YOUNG, PTE_ZERO
@@ -56,15 +56,97 @@ N_CODES = 7
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
  P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS, P_CHAINS, N_PARAMS) = range(15)
 
-FrameArrays = namedtuple("FrameArrays", "content flags owner mapcount refcount index")
-ItemArrays = namedtuple("ItemArrays", "mm address flags oldchecksum age remaining_skips head hnext "
-                        "hprev anon_vma nid rnext tree_pfn tree_gen tree_key left right parent "
-                        "color roots free_stack free_top")
-NodeArrays = namedtuple("NodeArrays", "kind kpfn prune_time hlist_len hhead nid chain dhead dnext "
-                        "dprev key stale stale_state left right parent color roots free_stack "
-                        "free_top ki_slots ki_state")
-ScanState = namedtuple("ScanState", "params cnt work mm_ksm pt_epoch block_node uh ulog ulog_len "
-                       "eff_chain eff_found eff_prune freed freed_n av_delta")
+
+class FrameArraysType(GroupType):
+    pass
+
+
+class FrameArrays(Group):
+    """The page frames' arrays (``mm.frames``)."""
+    __slots__ = ()
+
+    def __new__(cls, *arrays):
+        return _new_frame_arrays(*arrays)
+
+
+class ItemArraysType(GroupType):
+    pass
+
+
+class ItemArrays(Group):
+    """The rmap_items' arrays and the unstable trees' links (``items``)."""
+    __slots__ = ()
+
+    def __new__(cls, *arrays):
+        return _new_item_arrays(*arrays)
+
+
+class NodeArraysType(GroupType):
+    pass
+
+
+class NodeArrays(Group):
+    """The stable nodes' arrays, the stable trees' links and the key index."""
+    __slots__ = ()
+
+    def __new__(cls, *arrays):
+        return _new_node_arrays(*arrays)
+
+
+class ScanStateType(GroupType):
+    pass
+
+
+class ScanState(Group):
+    """The scan's parameters, counters and scratch tables."""
+    __slots__ = ()
+
+    def __new__(cls, *arrays):
+        return _new_scan_state(*arrays)
+
+
+_FRAME_FIELDS = ("content", "flags", "owner", "mapcount", "refcount", "index")
+_ITEM_FIELDS = ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head", "hnext",
+                "hprev", "anon_vma", "nid", "rnext", "tree_pfn", "tree_gen", "tree_key", "left",
+                "right", "parent", "color", "roots", "free_stack", "free_top")
+_NODE_FIELDS = ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
+                "dnext", "dprev", "key", "stale", "stale_state", "left", "right", "parent",
+                "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state")
+_STATE_FIELDS = ("params", "cnt", "work", "mm_ksm", "pt_epoch", "block_node", "uh", "ulog",
+                 "ulog_len", "eff_chain", "eff_found", "eff_prune", "freed", "freed_n", "av_delta")
+arraygroup.register(FrameArrays, FrameArraysType)
+arraygroup.register(ItemArrays, ItemArraysType)
+arraygroup.register(NodeArrays, NodeArraysType)
+arraygroup.register(ScanState, ScanStateType)
+_pack_frames = arraygroup.packer(FrameArraysType, _FRAME_FIELDS)
+_pack_items = arraygroup.packer(ItemArraysType, _ITEM_FIELDS)
+_pack_nodes = arraygroup.packer(NodeArraysType, _NODE_FIELDS)
+_pack_state = arraygroup.packer(ScanStateType, _STATE_FIELDS)
+
+
+@njit(cache=True)
+def _new_frame_arrays(*arrays):
+    return _pack_frames(arrays)
+
+
+@njit(cache=True)
+def _new_item_arrays(*arrays):
+    return _pack_items(arrays)
+
+
+@njit(cache=True)
+def _new_node_arrays(*arrays):
+    return _pack_nodes(arrays)
+
+
+@njit(cache=True)
+def _new_scan_state(*arrays):
+    return _pack_state(arrays)
+
+
+#: a helper only compiled code calls: no Python entry point is made for it (numba would
+#: otherwise compile one per helper, unpacking every group it takes)
+inner = njit(cache=True, nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 _WD = PTE_WRITE | PTE_DIRTY
 _CLEAN_RO = np.uint8(~_WD & 0xFF)
@@ -134,7 +216,7 @@ def smart_skip(age, skips):
 def hash_find(uh, mask, it_key, it_nid, key, nid):
     """The unstable-tree item with this key in tree ``nid`` (or NIL), and the slot where it
     is or where it would be inserted (the first tombstone on the way, else the empty slot)."""
-    h = slot_of(key, nid, mask)
+    h = slot_of(np.uint64(key), np.int64(nid), np.int64(mask))
     free = -1
     while uh[h] != EMPTY:
         t = uh[h]
@@ -150,7 +232,7 @@ def hash_find(uh, mask, it_key, it_nid, key, nid):
 @njit(cache=True, nogil=True)
 def hash_remove(uh, it_key, it_nid, item):
     mask = uh.shape[0] - 1
-    h = slot_of(it_key[item], it_nid[item], mask)
+    h = slot_of(it_key[item], np.int64(it_nid[item]), np.int64(mask))
     while uh[h] != item:
         h = (h + 1) & mask
     uh[h] = TOMB
@@ -185,14 +267,14 @@ def replay_unstable(log, n, it_key, it_nid, il, ir, ipar, icol, uroots):
         item = log[j]
         if item < 0:
             item = -item - 2
-            rb_erase(il, ir, ipar, icol, uroots, it_nid[item], item)
+            rb_erase(il, ir, ipar, icol, uroots, np.int64(it_nid[item]), np.int64(item))
             continue
         nid = it_nid[item]
-        at, go_left, _ = insert_point(il, ir, it_key, uroots[nid], it_key[item])
-        rb_link(il, ir, ipar, icol, uroots, nid, item, at, go_left)
+        at, go_left, _ = insert_point(il, ir, it_key, np.int64(uroots[nid]), it_key[item])
+        rb_link(il, ir, ipar, icol, uroots, np.int64(nid), np.int64(item), np.int64(at), go_left)
 
 
-@njit(cache=True, nogil=True)
+@inner
 def unstable_erase(IT, S, item, hashed):
     """remove_rmap_item_from_tree for an item in this pass's unstable tree: out of the hash
     table (logged) while the tree is hashed, else out of the rbtree. False, with nothing
@@ -200,15 +282,16 @@ def unstable_erase(IT, S, item, hashed):
     if hashed:
         if S.ulog_len[0] >= S.ulog.shape[0]:
             return False
-        hash_remove(S.uh, IT.tree_key, IT.nid, item)
+        hash_remove(S.uh, IT.tree_key, IT.nid, np.int64(item))
         S.ulog[S.ulog_len[0]] = -item - 2
         S.ulog_len[0] += 1
     else:
-        rb_erase(IT.left, IT.right, IT.parent, IT.color, IT.roots, IT.nid[item], item)
+        rb_erase(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(IT.nid[item]),
+                 np.int64(item))
     return True
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _put_one(F, S, pfn):
     """One mapping and its reference dropped from an ordinary page (not huge, not in the
     swap cache); a page left unreferenced is cleared and handed back for Python to free."""
@@ -226,7 +309,7 @@ def _put_one(F, S, pfn):
         S.freed_n[0] += 1
 
 
-@njit(cache=True, nogil=True)
+@inner
 def stable_append(IT, ND, S, item, node):
     """stable_tree_append: the item goes at the head of the KSM page's list."""
     ND.hlist_len[node] += 1
@@ -244,7 +327,7 @@ def stable_append(IT, ND, S, item, node):
     S.mm_ksm[IT.mm[item], 1] += 1
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _write_protect(F, ptef, off, pfn):
     """write_protect_page on an ordinary page (the pin was checked by the caller)."""
     flags = ptef[off]
@@ -254,7 +337,7 @@ def _write_protect(F, ptef, off, pfn):
         ptef[off] = flags & _CLEAN_RO
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _replace_page(F, S, pte, ptef, off, pfn, kpfn, locked):
     """replace_page: the PTE maps the KSM page instead, the old page loses a mapping."""
     S.work[W_MERGES] += 1
@@ -267,7 +350,7 @@ def _replace_page(F, S, pte, ptef, off, pfn, kpfn, locked):
     _put_one(F, S, np.int64(pfn))
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma):
     """try_to_merge_with_ksm_page + stable_tree_append for an ordinary page, exactly as
     Ksm._merge_one and Ksm.stable_tree_append do it (the caller checked it is possible)."""
@@ -282,7 +365,7 @@ def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_a
     stable_append(IT, ND, S, np.int64(item), np.int64(node))
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _stable_insert_walk(F, ND, S, nid, key, mps):
     """Where stable_tree_insert links a new node for ``key`` when the tree may hold chains
     and stale nodes (Ksm._stable_insert_walk, chains looked up without pruning), first
@@ -344,7 +427,7 @@ def _stable_insert_walk(F, ND, S, nid, key, mps):
     return True, at, go_left, walked, dups, moves, NIL
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _move_dup_to_head(ND, chain, found):
     prev = ND.dprev[found]
     nxt = ND.dnext[found]
@@ -362,14 +445,14 @@ def _move_dup_to_head(ND, chain, found):
     ND.dhead[chain] = found
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _live(F, ND, node):
     """ksm_get_folio's keyhole: the node's page is still its KSM page."""
     kp = ND.kpfn[node]
     return kp >= 0 and (F.flags[kp] & PG_KSM) != 0 and F.owner[kp] == node
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _free_node(ND, node):
     """StableNodes.free."""
     if ND.stale[node]:
@@ -380,16 +463,17 @@ def _free_node(ND, node):
     ND.free_top[0] += 1
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _tree_erase(ND, node):
     """IndexedRbTree.erase: out of its stable tree and out of the key index."""
-    rb_erase(ND.left, ND.right, ND.parent, ND.color, ND.roots, ND.nid[node], node)
-    ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, node)] = TOMB
+    rb_erase(ND.left, ND.right, ND.parent, ND.color, ND.roots, np.int64(ND.nid[node]),
+             np.int64(node))
+    ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, np.int64(node))] = TOMB
     ND.ki_state[0] -= 1
     ND.ki_state[1] += 1
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _del_dup(ND, dup):
     """StableNodes.del_dup."""
     chain = ND.chain[dup]
@@ -406,7 +490,7 @@ def _del_dup(ND, dup):
     ND.dprev[dup] = NIL
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _remove_node(IT, ND, S, node):
     """remove_node_from_stable_tree for a plain node or a dup (a node on the migrate list is
     Python's): every rmap_item on it is un-counted and loses its anon_vma reference."""
@@ -435,7 +519,7 @@ def _remove_node(IT, ND, S, node):
     _free_node(ND, np.int64(node))
 
 
-@njit(cache=True, nogil=True)
+@inner
 def stable_remove(F, IT, ND, S, item):
     """remove_rmap_item_from_tree for an item on a stable node. False, with nothing done,
     when that node is stale and on the migrate list (Python's)."""
@@ -470,7 +554,7 @@ def stable_remove(F, IT, ND, S, item):
     return True
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
     """__stable_node_chain with pruning, as Ksm._chain_lookup(prune=True) does it, side
     effects included: returns (tree node, chosen dup); (NIL, NIL) when the chain was freed."""
@@ -505,8 +589,9 @@ def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
         _del_dup(ND, np.int64(found))                  # the last dup replaces its chain
         ND.kind[found] = NODE
         ND.nid[found] = ND.nid[chain]
-        rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, ND.nid[chain], chain, found)
-        ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, chain)] = found
+        rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, np.int64(ND.nid[chain]),
+                   np.int64(chain), np.int64(found))
+        ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, np.int64(chain))] = found
         _free_node(ND, np.int64(chain))
         S.cnt[C_CHAINS] -= 1
         S.cnt[C_DUPS] -= 1
@@ -516,7 +601,7 @@ def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
     return chain, found
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _stable_search(F, IT, ND, S, nid, key, now, prune_ns, mps, chains):
     """stable_tree_search for a page that is not a KSM page, when the tree may hold chains
     and stale nodes, as Ksm.stable_tree_search walks it (merge_across_nodes=1): stale nodes
@@ -553,7 +638,7 @@ def _stable_search(F, IT, ND, S, nid, key, now, prune_ns, mps, chains):
             return NIL
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _alloc_node(ND, kind):
     """StableNodes.alloc: a node with every field at its initial value (the pool was
     checked by the caller)."""
@@ -574,7 +659,7 @@ def _alloc_node(ND, kind):
     return new
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _add_dup(ND, chain, dup):
     """StableNodes.add_dup: ``dup`` goes at the head of the chain's list."""
     ND.kind[dup] = DUP
@@ -587,7 +672,7 @@ def _add_dup(ND, chain, dup):
     ND.dhead[chain] = dup
 
 
-@njit(cache=True, nogil=True)
+@inner
 def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma,
                 t, tpfn, nid, key, hashed, indexed, mps, chains, now):
     """The page of ``item`` and the unstable tree's page of ``t`` (same contents) become one
@@ -608,8 +693,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     if tv < 0:
         return False
     toff = IT.address[t] - V.start[tv]
-    tpte = V.pte[tv]
-    tptef = V.ptef[tv]
+    tpte, tptef = page_tables(V, np.int64(tv))
     if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT or tpte[toff] != tpfn:
         return False
     if F.content[tpfn] != F.content[pfn]:
@@ -619,10 +703,11 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     if tptef[toff] & _WD and F.mapcount[tpfn] != F.refcount[tpfn]:
         return False
     if indexed:
-        at, go_left, d = insert_point(ND.left, ND.right, ND.key, ND.roots[nid], key)
+        at, go_left, d = insert_point(ND.left, ND.right, ND.key, np.int64(ND.roots[nid]),
+                                      np.uint64(key))
         dups = 0
         moves = 0
-        equal = ki_find(ND.ki_slots, ND.key, ND.nid, key, nid)
+        equal = ki_find(ND.ki_slots, ND.key, ND.nid, np.uint64(key), np.int64(nid))
         if equal == EMPTY:
             equal = NIL
     else:
@@ -657,8 +742,9 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
     ND.nid[new] = nid
     ND.key[new] = key
     if equal == NIL:
-        rb_link(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, new, at, go_left)
-        if ki_insert(ND.ki_slots, ND.key, ND.nid, new):
+        rb_link(ND.left, ND.right, ND.parent, ND.color, ND.roots, np.int64(nid), np.int64(new),
+                np.int64(at), go_left)
+        if ki_insert(ND.ki_slots, ND.key, ND.nid, np.int64(new)):
             ND.ki_state[1] -= 1
         ND.ki_state[0] += 1
     else:
@@ -668,8 +754,9 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
             ND.prune_time[chain] = now
             ND.nid[chain] = ND.nid[equal]
             ND.key[chain] = ND.key[equal]
-            rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, nid, equal, chain)
-            ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, equal)] = chain
+            rb_replace(ND.left, ND.right, ND.parent, ND.color, ND.roots, np.int64(nid),
+                       np.int64(equal), np.int64(chain))
+            ND.ki_slots[ki_locate(ND.ki_slots, ND.key, ND.nid, np.int64(equal))] = chain
             _add_dup(ND, np.int64(chain), np.int64(equal))
             S.cnt[C_CHAINS] += 1
             S.cnt[C_DUPS] += 1
@@ -704,6 +791,14 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     mps = params[P_MPS]
     chains = params[P_CHAINS] != 0
     block_node = S.block_node
+    # the arrays every visit reads, bound once (a group's field is otherwise re-read from
+    # memory after every store: the compiler cannot tell the group from the arrays)
+    f_flags, f_content, f_owner = F.flags, F.content, F.owner
+    it_address, it_rnext, it_flags, it_head = IT.address, IT.rnext, IT.flags, IT.head
+    it_age, it_skips, it_oldchecksum = IT.age, IT.remaining_skips, IT.oldchecksum
+    it_tree_key, it_nid = IT.tree_key, IT.nid
+    nd_kind, nd_kpfn, nd_nid, nd_key = ND.kind, ND.kpfn, ND.nid, ND.key
+    nd_ki_slots, nd_stale_state = ND.ki_slots, ND.stale_state
     cnt = S.cnt
     work = S.work
     uh = S.uh
@@ -715,14 +810,14 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             return i, processed, RUN_BUDGET, NIL
         # while no chain and no stale node exist, a stable-tree walk has no side effects (the
         # compiled merges make no stale node, but may make the first chain)
-        indexed = ND.stale_state[0] == 0 and cnt[C_CHAINS] == 0
+        indexed = nd_stale_state[0] == 0 and cnt[C_CHAINS] == 0
         off = cand[i]
         work[W_PTES] += 1
         if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT:
             i += 1
             continue
         pfn = pte[off]
-        pflags = F.flags[pfn]
+        pflags = f_flags[pfn]
         if (pflags & (PG_ANON | PG_KSM)) == 0:
             i += 1
             continue
@@ -730,16 +825,16 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
 
         # -- get_next_rmap_item: free items before vpn, find or create the one at vpn ----
         prev = cursor[1]
-        cur = cursor[0] if prev == NIL else IT.rnext[prev]
+        cur = cursor[0] if prev == NIL else it_rnext[prev]
         item = NIL
         while cur != NIL:
-            a = IT.address[cur]
+            a = it_address[cur]
             if a == vpn:
                 item = cur
                 break
             if a > vpn:
                 break
-            fl = IT.flags[cur]
+            fl = it_flags[cur]
             if fl & STABLE_FLAG:
                 if not stable_remove(F, IT, ND, S, np.int64(cur)):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
@@ -747,11 +842,11 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             if fl & UNSTABLE_FLAG and ((seqnr - fl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(cur), hashed):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
-            nxt = IT.rnext[cur]
+            nxt = it_rnext[cur]
             if prev == NIL:
                 cursor[0] = nxt
             else:
-                IT.rnext[prev] = nxt
+                it_rnext[prev] = nxt
             if fl & UNSTABLE_FLAG:
                 cnt[C_UNSHARED] -= 1
             S.mm_ksm[IT.mm[cur], 0] -= 1
@@ -765,29 +860,29 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             IT.free_top[0] -= 1
             item = IT.free_stack[IT.free_top[0]]
             IT.mm[item] = mm_id
-            IT.address[item] = vpn
-            IT.flags[item] = 0
-            IT.oldchecksum[item] = 0
-            IT.age[item] = 0
-            IT.remaining_skips[item] = 0
-            IT.head[item] = NIL
+            it_address[item] = vpn
+            it_flags[item] = 0
+            it_oldchecksum[item] = 0
+            it_age[item] = 0
+            it_skips[item] = 0
+            it_head[item] = NIL
             IT.hnext[item] = NIL
             IT.hprev[item] = NIL
             IT.anon_vma[item] = -1
-            IT.nid[item] = 0
+            it_nid[item] = 0
             IT.tree_pfn[item] = -1
             IT.tree_gen[item] = -1
-            IT.tree_key[item] = 0
+            it_tree_key[item] = 0
             S.mm_ksm[mm_id, 0] += 1
-            IT.rnext[item] = cur
+            it_rnext[item] = cur
             if prev == NIL:
                 cursor[0] = item
             else:
-                IT.rnext[prev] = item
+                it_rnext[prev] = item
         cursor[1] = item
         cursor[2] = vpn + 1
         is_ksm = (pflags & PG_KSM) != 0
-        ifl = IT.flags[item]
+        ifl = it_flags[item]
 
         # -- smart scan ----------------------------------------------------------------------
         if (ifl & STABLE_FLAG) and not is_ksm:              # its KSM page was left (COW)
@@ -795,32 +890,33 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 return i, processed, BAIL_BEFORE_SKIP, item
             ifl = 0
         if smart and not is_ksm:
-            age, skips, skip = smart_skip(IT.age[item], IT.remaining_skips[item])
+            age, skips, skip = smart_skip(np.int64(it_age[item]),
+                                          np.int64(it_skips[item]))
             if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_SKIP, item
-            IT.age[item] = age
-            IT.remaining_skips[item] = skips
+            it_age[item] = age
+            it_skips[item] = skips
             if skip:
                 cnt[C_SKIPPED] += 1
                 if ifl & UNSTABLE_FLAG:
                     cnt[C_UNSHARED] -= 1
-                    IT.flags[item] = 0
+                    it_flags[item] = 0
                 i += 1
                 continue
 
         # -- cmp_and_merge_page ----------------------------------------------------------------
         nid = 0 if across else block_node[pfn // block_pages]
         if is_ksm:
-            node = F.owner[pfn]
-            if (node != NIL and (ND.kind[node] == NODE or ND.kind[node] == DUP)
-                    and (ifl & STABLE_FLAG) and IT.head[item] == node
-                    and (across or block_node[ND.kpfn[node] // block_pages] == ND.nid[node])):
+            node = f_owner[pfn]
+            if (node != NIL and (nd_kind[node] == NODE or nd_kind[node] == DUP)
+                    and (ifl & STABLE_FLAG) and it_head[item] == node
+                    and (across or block_node[nd_kpfn[node] // block_pages] == nd_nid[node])):
                 cnt[C_SCANNED] += 1
                 processed += 1
                 i += 1
                 continue
-            if not (across and node != NIL and (ND.kind[node] == NODE or ND.kind[node] == DUP)):
+            if not (across and node != NIL and (nd_kind[node] == NODE or nd_kind[node] == DUP)):
                 return i, processed, BAIL_BEFORE_MERGE, item
             # a KSM page this item does not hold yet (reached through fork): stable_tree_search
             # gives the page itself, and the item joins its node
@@ -832,7 +928,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                         return i, processed, BAIL_BEFORE_MERGE, item
                 cnt[C_UNSHARED] -= 1
-                IT.flags[item] = 0
+                it_flags[item] = 0
             IT.anon_vma[item] = vma_anon_vma
             S.av_delta[vma_anon_vma] += 1
             stable_append(IT, ND, S, np.int64(item), np.int64(node))
@@ -845,12 +941,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_MERGE, item
             cnt[C_UNSHARED] -= 1
-            IT.flags[item] = 0
+            it_flags[item] = 0
         work[W_CHECKSUMS] += 1
-        content = F.content[pfn]
+        content = f_content[pfn]
         cs = checksum_of(content, seed)
-        if IT.oldchecksum[item] != cs:
-            IT.oldchecksum[item] = cs
+        if it_oldchecksum[item] != cs:
+            it_oldchecksum[item] = cs
             cnt[C_SCANNED] += 1
             processed += 1
             i += 1
@@ -878,10 +974,10 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             cur = NIL
         elif indexed:
             # no chain and no stale node: a miss needs only plain, live nodes on the path
-            target = ki_find(ND.ki_slots, ND.key, ND.nid, key, nid)
+            target = ki_find(nd_ki_slots, nd_key, nd_nid, np.uint64(key), np.int64(nid))
             if target == EMPTY:
                 target = NIL
-            work[W_COMPARES] += _depth(ND.ki_state[0])
+            work[W_COMPARES] += _depth(np.int64(ND.ki_state[0]))
             cur = NIL
         else:
             cur = ND.roots[nid]
@@ -890,7 +986,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         effects = 0                     # chain upkeep to apply once the walk needs nothing else
         while cur != NIL:
             walked += 1
-            kind = ND.kind[cur]
+            kind = nd_kind[cur]
             if kind == CHAIN:
                 # stable_node_dup, first without side effects: a stale dup, a collapse or an
                 # empty chain is left to Python; pruning times and moves to the head of the
@@ -901,8 +997,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 d = ND.dhead[cur]
                 while d != NIL:
                     dups_seen += 1
-                    kp = ND.kpfn[d]
-                    if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != d:
+                    kp = nd_kpfn[d]
+                    if (f_flags[kp] & PG_KSM) == 0 or f_owner[kp] != d:
                         return i, processed, BAIL_AFTER_CHECKSUM, item
                     hl = ND.hlist_len[d]
                     sharable = hl > 0 and hl < mps
@@ -922,12 +1018,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     S.eff_prune[effects] = prune
                     effects += 1
             elif kind == NODE:
-                kp = ND.kpfn[cur]
-                if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != cur:
+                kp = nd_kpfn[cur]
+                if (f_flags[kp] & PG_KSM) == 0 or f_owner[kp] != cur:
                     return i, processed, BAIL_AFTER_CHECKSUM, item    # stale: prune in Python
             else:
                 return i, processed, BAIL_AFTER_CHECKSUM, item
-            tk = ND.key[cur]
+            tk = nd_key[cur]
             if key < tk:
                 cur = ND.left[cur]
             elif key > tk:
@@ -941,7 +1037,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             target = NIL                # every copy is full: the unstable tree makes a new one
         if target != NIL:
             # merge into that KSM page here only in the plain case; anything else is Python's
-            if ((not across and block_node[ND.kpfn[target] // block_pages] != ND.nid[target])
+            if ((not across and block_node[nd_kpfn[target] // block_pages] != nd_nid[target])
                     or (pflags & (PG_COMPOUND | PG_SWAPCACHE)) != 0
                     or S.freed_n[0] >= S.freed.shape[0]):
                 return i, processed, BAIL_AFTER_CHECKSUM, item
@@ -968,15 +1064,16 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         if hashed:
             if not clean:
                 return i, processed, BAIL_AFTER_STABLE, item    # the tree must be built now
-            d = _depth(S.ulog_len[0])
-            t, h = hash_find(uh, mask, IT.tree_key, IT.nid, key, nid)
+            d = _depth(np.int64(S.ulog_len[0]))
+            t, h = hash_find(uh, np.int64(mask), it_tree_key, it_nid, np.uint64(key),
+                             np.int64(nid))
             if t == NIL:
                 if S.ulog_len[0] >= S.ulog.shape[0]:
                     return i, processed, BAIL_AFTER_STABLE, item
-                IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
-                IT.nid[item] = nid
+                it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+                it_nid[item] = nid
                 IT.tree_pfn[item] = pfn
-                IT.tree_key[item] = key
+                it_tree_key[item] = key
                 IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
                 uh[h] = item
                 S.ulog[S.ulog_len[0]] = item
@@ -1003,29 +1100,29 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         while cur != NIL:
             walked += 1
             if clean:
-                tk = IT.tree_key[cur]
+                tk = it_tree_key[cur]
             elif (S.pt_epoch[IT.mm[cur]] & GEN_MASK) == IT.tree_gen[cur]:
                 # no PTE of that mm changed since: the item still maps the same frame, whose
                 # contents may have changed under it (a write): compare them as they are now
-                tk = memcmp_key_of(F.content[IT.tree_pfn[cur]])
-                IT.tree_key[cur] = tk
+                tk = memcmp_key_of(f_content[IT.tree_pfn[cur]])
+                it_tree_key[cur] = tk
             else:
                 # get_mergeable_page: the page the item's address maps now, if any
                 tpfn = -1
-                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(IT.address[cur]))
+                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
                 if tv >= 0:
-                    toff = IT.address[cur] - V.start[tv]
-                    tptef = V.ptef[tv]
+                    toff = it_address[cur] - V.start[tv]
+                    tpte, tptef = page_tables(V, np.int64(tv))
                     if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT:
-                        tpfn = V.pte[tv][toff]
-                        if (F.flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
+                        tpfn = tpte[toff]
+                        if (f_flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
                             tpfn = -1
                 if tpfn < 0 or tpfn == pfn:
                     aborted = True              # the page went, or it is this very page (fork)
                     break
-                tk = memcmp_key_of(F.content[tpfn])
+                tk = memcmp_key_of(f_content[tpfn])
                 IT.tree_pfn[cur] = tpfn
-                IT.tree_key[cur] = tk
+                it_tree_key[cur] = tk
                 IT.tree_gen[cur] = S.pt_epoch[IT.mm[cur]] & GEN_MASK
             at = cur
             if key < tk:
@@ -1050,12 +1147,13 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 return i, processed, BAIL_AFTER_STABLE, item    # two pages to merge: Python
         work[W_COMPARES] += walked
         if not aborted and not merged:
-            IT.flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
-            IT.nid[item] = nid
+            it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+            it_nid[item] = nid
             IT.tree_pfn[item] = pfn
-            IT.tree_key[item] = key
+            it_tree_key[item] = key
             IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
-            rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, nid, item, at, go_left)
+            rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(nid),
+                    np.int64(item), np.int64(at), go_left)
             cnt[C_UNSHARED] += 1
         cnt[C_SCANNED] += 1
         processed += 1

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vmhost.ksm.rbtree import NIL, NodeLinks
+from vmhost.ksm.slab import zalloc
 
 if TYPE_CHECKING:
     from vmhost.mm.mm import MM
@@ -90,12 +91,7 @@ class RmapItems:
 
     def alloc(self, mm_id: int, address: int) -> int:
         """A zeroed item for (mm, address), as kmem_cache_zalloc gives it."""
-        if self.free_top[0] == 0:
-            self.grow()
-        self.free_top[0] -= 1
-        item = int(self.free_stack[self.free_top[0]])
-        for name, _, fill in self._FIELDS:
-            getattr(self, name)[item] = fill
+        item = zalloc(self)
         self.mm[item] = mm_id
         self.address[item] = address
         return item

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from vmhost.ksm.slab import ArrayCell
+
 EMPTY, TOMB = -1, -2
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
@@ -27,7 +29,7 @@ def slot_of(key, nid, mask):
 @njit(cache=True, nogil=True)
 def ki_find(slots, keys, nids, key, nid):
     mask = slots.shape[0] - 1
-    h = slot_of(key, nid, mask)
+    h = slot_of(np.uint64(key), np.int64(nid), np.int64(mask))
     while slots[h] != EMPTY:
         t = slots[h]
         if t >= 0 and keys[t] == key and nids[t] == nid:
@@ -39,7 +41,7 @@ def ki_find(slots, keys, nids, key, nid):
 @njit(cache=True, nogil=True)
 def ki_insert(slots, keys, nids, node):
     mask = slots.shape[0] - 1
-    h = slot_of(keys[node], nids[node], mask)
+    h = slot_of(keys[node], np.int64(nids[node]), np.int64(mask))
     while slots[h] >= 0:
         h = (h + 1) & mask
     reused = slots[h] == TOMB
@@ -50,13 +52,13 @@ def ki_insert(slots, keys, nids, node):
 @njit(cache=True, nogil=True)
 def _insert_all(slots, keys, nids, nodes):
     for node in nodes:
-        ki_insert(slots, keys, nids, node)
+        ki_insert(slots, keys, nids, np.int64(node))
 
 
 @njit(cache=True, nogil=True)
 def ki_locate(slots, keys, nids, node):
     mask = slots.shape[0] - 1
-    h = slot_of(keys[node], nids[node], mask)
+    h = slot_of(keys[node], np.int64(nids[node]), np.int64(mask))
     while slots[h] != EMPTY:
         if slots[h] == node:
             return h
@@ -72,21 +74,8 @@ class KeyIndex:
         self.slots = np.full(capacity, EMPTY, dtype=np.int32)
         self.state = np.zeros(2, dtype=np.int64)    # [entries, tombstones]: compiled code inserts too
 
-    @property
-    def count(self) -> int:
-        return int(self.state[0])
-
-    @count.setter
-    def count(self, v: int) -> None:
-        self.state[0] = v
-
-    @property
-    def tombs(self) -> int:
-        return int(self.state[1])
-
-    @tombs.setter
-    def tombs(self, v: int) -> None:
-        self.state[1] = v
+    count = ArrayCell("state", 0)            # entries
+    tombs = ArrayCell("state", 1)            # tombstones
 
     def needs_rebuild(self) -> bool:
         return 2 * (self.count + self.tombs + 1) > len(self.slots)
@@ -94,12 +83,12 @@ class KeyIndex:
     def insert(self, node: int) -> None:
         if self.needs_rebuild():
             self._rebuild(max(len(self.slots), 4 * (self.count + 1)))
-        if ki_insert(self.slots, self.owner.key, self.owner.nid, node):
+        if ki_insert(self.slots, self.owner.key, self.owner.nid, int(node)):
             self.tombs -= 1
         self.count += 1
 
     def delete(self, node: int) -> None:
-        h = ki_locate(self.slots, self.owner.key, self.owner.nid, node)
+        h = ki_locate(self.slots, self.owner.key, self.owner.nid, int(node))
         assert h >= 0, "node missing from the key index"
         self.slots[h] = TOMB
         self.count -= 1
@@ -107,7 +96,7 @@ class KeyIndex:
 
     def replace(self, old: int, new: int) -> None:
         """``new`` (same key and tree) takes ``old``'s entry."""
-        h = ki_locate(self.slots, self.owner.key, self.owner.nid, old)
+        h = ki_locate(self.slots, self.owner.key, self.owner.nid, int(old))
         assert h >= 0, "node missing from the key index"
         self.slots[h] = new
 

@@ -45,7 +45,7 @@ def _rotate_left(left, right, parent, roots, r, x):
     right[x] = left[y]
     if left[y] != NIL:
         parent[left[y]] = x
-    _replace_child(left, right, parent, roots, r, x, y)
+    _replace_child(left, right, parent, roots, r, x, np.int64(y))
     left[y] = x
     parent[x] = y
 
@@ -56,7 +56,7 @@ def _rotate_right(left, right, parent, roots, r, x):
     left[x] = right[y]
     if right[y] != NIL:
         parent[right[y]] = x
-    _replace_child(left, right, parent, roots, r, x, y)
+    _replace_child(left, right, parent, roots, r, x, np.int64(y))
     right[y] = x
     parent[x] = y
 
@@ -92,9 +92,9 @@ def rb_link(left, right, parent, color, roots, r, node, at, go_left):
                 z = g
                 continue
             if right[p] == z:
-                _rotate_left(left, right, parent, roots, r, p)
+                _rotate_left(left, right, parent, roots, r, np.int64(p))
                 z, p = p, z
-            _rotate_right(left, right, parent, roots, r, g)
+            _rotate_right(left, right, parent, roots, r, np.int64(g))
         else:
             u = left[g]
             if u != NIL and color[u] == RED:
@@ -104,9 +104,9 @@ def rb_link(left, right, parent, color, roots, r, node, at, go_left):
                 z = g
                 continue
             if left[p] == z:
-                _rotate_right(left, right, parent, roots, r, p)
+                _rotate_right(left, right, parent, roots, r, np.int64(p))
                 z, p = p, z
-            _rotate_left(left, right, parent, roots, r, g)
+            _rotate_left(left, right, parent, roots, r, np.int64(g))
         color[p] = BLACK
         color[g] = RED
         return
@@ -146,7 +146,7 @@ def rb_erase(left, right, parent, color, roots, r, z):
             parent[zr] = s
         left[s] = zl
         parent[zl] = s
-        _replace_child(left, right, parent, roots, r, z, s)
+        _replace_child(left, right, parent, roots, r, z, np.int64(s))
         color[s] = color[z]
     if removed_black:
         x = child
@@ -156,7 +156,7 @@ def rb_erase(left, right, parent, color, roots, r, z):
                 if color[w] == RED:
                     color[w] = BLACK
                     color[p] = RED
-                    _rotate_left(left, right, parent, roots, r, p)
+                    _rotate_left(left, right, parent, roots, r, np.int64(p))
                     w = right[p]
                 wl = left[w]
                 wr = right[w]
@@ -168,19 +168,19 @@ def rb_erase(left, right, parent, color, roots, r, z):
                 if wr == NIL or color[wr] == BLACK:
                     color[wl] = BLACK
                     color[w] = RED
-                    _rotate_right(left, right, parent, roots, r, w)
+                    _rotate_right(left, right, parent, roots, r, np.int64(w))
                     w = right[p]
                 color[w] = color[p]
                 color[p] = BLACK
                 if right[w] != NIL:
                     color[right[w]] = BLACK
-                _rotate_left(left, right, parent, roots, r, p)
+                _rotate_left(left, right, parent, roots, r, np.int64(p))
             else:
                 w = left[p]
                 if color[w] == RED:
                     color[w] = BLACK
                     color[p] = RED
-                    _rotate_right(left, right, parent, roots, r, p)
+                    _rotate_right(left, right, parent, roots, r, np.int64(p))
                     w = left[p]
                 wl = left[w]
                 wr = right[w]
@@ -192,13 +192,13 @@ def rb_erase(left, right, parent, color, roots, r, z):
                 if wl == NIL or color[wl] == BLACK:
                     color[wr] = BLACK
                     color[w] = RED
-                    _rotate_left(left, right, parent, roots, r, w)
+                    _rotate_left(left, right, parent, roots, r, np.int64(w))
                     w = left[p]
                 color[w] = color[p]
                 color[p] = BLACK
                 if left[w] != NIL:
                     color[left[w]] = BLACK
-                _rotate_right(left, right, parent, roots, r, p)
+                _rotate_right(left, right, parent, roots, r, np.int64(p))
             x = roots[r]
             break
         if x != NIL:
@@ -267,15 +267,17 @@ class RbTree:
 
     def link(self, node: int, parent: int, go_left: bool) -> None:
         n = self.n
-        rb_link(n.left, n.right, n.parent, n.color, n.roots, self.index, node, parent, go_left)
+        rb_link(n.left, n.right, n.parent, n.color, n.roots, int(self.index), int(node),
+                int(parent), bool(go_left))
 
     def erase(self, node: int) -> None:
         n = self.n
-        rb_erase(n.left, n.right, n.parent, n.color, n.roots, self.index, node)
+        rb_erase(n.left, n.right, n.parent, n.color, n.roots, int(self.index), int(node))
 
     def replace(self, old: int, new: int) -> None:
         n = self.n
-        rb_replace(n.left, n.right, n.parent, n.color, n.roots, self.index, old, new)
+        rb_replace(n.left, n.right, n.parent, n.color, n.roots, int(self.index), int(old),
+                   int(new))
 
     def first(self) -> int:
         node = self.root

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmhost.ksm.rbtree import NIL, NodeLinks
+from vmhost.ksm.slab import ArrayCell, zalloc
 
 FREE, NODE, DUP, CHAIN, MIGRATE = 0, 1, 2, 3, 4
 
@@ -44,13 +45,7 @@ class StableNodes:
         self.migrate_nodes: dict[int, None] = {}     # ordered: newest first is list_add's order
         self.stale_state = np.zeros(1, dtype=np.int64)  # nodes marked stale: compiled code prunes too
 
-    @property
-    def stale_count(self) -> int:
-        return int(self.stale_state[0])
-
-    @stale_count.setter
-    def stale_count(self, v: int) -> None:
-        self.stale_state[0] = v
+    stale_count = ArrayCell("stale_state", 0)
 
     @property
     def capacity(self) -> int:
@@ -74,12 +69,7 @@ class StableNodes:
         self.free_top[0] = top + old
 
     def alloc(self, kind: int) -> int:
-        if self.free_top[0] == 0:
-            self.grow()
-        self.free_top[0] -= 1
-        node = int(self.free_stack[self.free_top[0]])
-        for name, _, fill in self._FIELDS:
-            getattr(self, name)[node] = fill
+        node = zalloc(self)
         self.kind[node] = kind
         return node
 

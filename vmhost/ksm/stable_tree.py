@@ -235,7 +235,8 @@ class StableTreeMixin:
 
     def _stable_lookup(self, pfn: int, key: int, nid: int, tree) -> int:
         nodes = self.nodes
-        node = int(ki_find(self.stable_index.slots, nodes.key, nodes.nid, np.uint64(key), nid))
+        node = int(ki_find(self.stable_index.slots, nodes.key, nodes.nid, np.uint64(key),
+                           int(nid)))
         self.work[fastscan.W_COMPARES] += fastscan._depth(self.stable_index.count)
         if node == NIL or not self._candidate(node):
             return -1
@@ -289,9 +290,10 @@ class StableTreeMixin:
         tree = self.stable_trees[nid]
         key = self._key(kpfn)
         if self.stable_indexed():
-            equal = int(ki_find(self.stable_index.slots, nodes.key, nodes.nid, np.uint64(key), nid))
+            equal = int(ki_find(self.stable_index.slots, nodes.key, nodes.nid, np.uint64(key),
+                                int(nid)))
             parent, go_left, depth = fastscan.insert_point(
-                nodes.links.left, nodes.links.right, nodes.key, tree.root, np.uint64(key))
+                nodes.links.left, nodes.links.right, nodes.key, int(tree.root), np.uint64(key))
             self.work[fastscan.W_COMPARES] += depth
         else:
             parent, go_left, equal = self._stable_insert_walk(tree, key)

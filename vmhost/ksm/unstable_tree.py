@@ -44,7 +44,7 @@ class UnstableTreeMixin:
         nid = self._nid_of_pfn(pfn)
         key = np.uint64(self._key(pfn))
         mask = len(self._uh) - 1
-        t, h = fastscan.hash_find(self._uh, mask, items.tree_key, items.nid, key, nid)
+        t, h = fastscan.hash_find(self._uh, mask, items.tree_key, items.nid, key, int(nid))
         self.work[fastscan.W_COMPARES] += fastscan._depth(int(self._ulog_len[0]))
         if t != NIL:
             tpfn = int(items.tree_pfn[t])

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from hw.units import PAGES_PER_GIB
-from vmhost.density.result import EDGE
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Report
@@ -149,16 +148,13 @@ def _time_to(res: dict) -> LinePlot:
 
 def build(res: dict) -> Report:
     h = res["host"]
-    rep = Report(f"Density: {res['config']}",
-                 f"{res['profile']}: host {fmt(_gib(h['ram_pages']))} GiB, THP {h['thp']}, order {res['order']}, "
-                 f"{res['sequence_length']} guests in the boot sequence")
-    for p in headline(res):
-        rep.text(p)
-    for plot in (_density_curves(res), _savings_over_time(res), _per_node(res), _ksmd_cpu(res), _time_to(res)):
-        rep.plot(plot)
-    for t in tables(res):
-        rep.table(t)
-    return rep
+    return Report.of(f"Density: {res['config']}",
+                     f"{res['profile']}: host {fmt(_gib(h['ram_pages']))} GiB, THP {h['thp']}, order "
+                     f"{res['order']}, {res['sequence_length']} guests in the boot sequence",
+                     headline(res),
+                     (_density_curves(res), _savings_over_time(res), _per_node(res), _ksmd_cpu(res),
+                      _time_to(res)),
+                     tables(res))
 
 
 def write_density_report(res: dict, directory: str | Path) -> None:
@@ -169,7 +165,8 @@ def write_density_report(res: dict, directory: str | Path) -> None:
 # ------------------------------------------------------------------------------------------
 # the text report (report.txt, and what `vmhost density` prints)
 
-def _gib(pages) -> str:
+def _gib_text(pages) -> str:
+    """GiB with two decimals for the text report (``_gib`` is the number the plots take)."""
     return "-" if pages is None else f"{pages / PAGES_PER_GIB:.2f}"
 
 
@@ -202,10 +199,11 @@ def headline_lines(res: dict) -> list[str]:
     out = [f"VMs per host: no KSM {v['no_ksm']}, {ksm}, ideal {v['ideal']}"
            + (f"  (at least: {', '.join(res['capped_curves'])} reached the end of the sequence)"
               if res.get("capped_curves") else "")]
-    margin = (cl or {}).get("limit_margin") if cl and cl.get("pages_to_scan") else res.get("limit_margin")
+    decided = cl if cl and cl.get("pages_to_scan") else res
+    margin = decided.get("limit_margin")
     out.append(f"KSM limited by: {'; '.join((cl or {}).get('limited_by') or res['limited_by'])}"
                + (f" (by {margin:.2%}: at the edge, a coarser or finer resolution may count one guest "
-                  f"more or less)" if margin is not None and margin < EDGE else ""))
+                  f"more or less)" if decided.get("at_edge") else ""))
     if res.get("accounting"):
         out.append(f"accounting: {res['accounting']}")
     for u in res.get("unfaithful", ()):
@@ -215,12 +213,11 @@ def headline_lines(res: dict) -> list[str]:
 
 def format_result(res: dict) -> str:
     h = res["host"]
-    lines = [f"density {res['config']} ({res['profile']}): host {_gib(h['ram_pages'])} GiB, THP {h['thp']}, "
+    lines = [f"density {res['config']} ({res['profile']}): host {_gib_text(h['ram_pages'])} GiB, THP {h['thp']}, "
              f"order {res['order']}, {res['sequence_length']} guests in the boot sequence",
              f"resolution: 1/{res['resolution']} ({res['resolution_note']})"]
     for n in res["notes"]:
         lines.append(f"note: {n}")
-    v = res["vms_per_host"]
     lines.extend(headline_lines(res))
     pol = res.get("policy")
     if pol and pol["name"] != "fixed":
@@ -242,7 +239,7 @@ def format_result(res: dict) -> str:
         swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]
                         and b is res.get("at_best")), 0)
         if swapped:
-            lines.append(f"at {b['guests']} guests {_gib(swapped)} GiB of guest pages are in swap "
+            lines.append(f"at {b['guests']} guests {_gib_text(swapped)} GiB of guest pages are in swap "
                          f"(counted in the KSM column, as pages held)")
         t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
         lines.append(f"time to 50/90/99% of steady-state savings: first guest {_t(t1['p50_s'])}/"
@@ -250,9 +247,9 @@ def format_result(res: dict) -> str:
                      f"{_t(tl['p50_s'])}/{_t(tl['p90_s'])}/{_t(tl['p99_s'])}")
         if b.get("storm"):
             s = b["storm"]
-            lines.append(f"unmerge storm at {b['guests']} guests: needs {_gib(s['headroom_pages'])} GiB "
+            lines.append(f"unmerge storm at {b['guests']} guests: needs {_gib_text(s['headroom_pages'])} GiB "
                          f"({s['storm_pages']} storm + {s['churn_pages']} churn pages), "
-                         f"{_gib(s['available_pages'])} GiB free above min watermark less swapped guest pages: "
+                         f"{_gib_text(s['available_pages'])} GiB free above min watermark less swapped guest pages: "
                          f"{'survives' if s['survives'] else 'does NOT survive'}; "
                          f"largest N surviving: {res.get('vms_surviving_storm', cl.get('vms_surviving_storm'))}")
     lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
@@ -263,16 +260,16 @@ def format_result(res: dict) -> str:
         s = steps.get(row["guests"])
         if s is None:
             if row["fits_no_ksm"] or row["fits_ideal"]:
-                lines.append(f"{row['guests']:>4} {'':<16} {_gib(row['no_ksm_pages']):>9} {'':>8} "
-                             f"{_gib(row['ideal_pages']):>9}")
+                lines.append(f"{row['guests']:>4} {'':<16} {_gib_text(row['no_ksm_pages']):>9} {'':>8} "
+                             f"{_gib_text(row['ideal_pages']):>9}")
             continue
         verdict = "ok" if s["ok"] else "FAIL: " + "; ".join(s["violations"])
         if not s["steady"]:
             verdict += f" (not steady: {s['settled_by']})"
-        lines.append(f"{row['guests']:>4} {s['image'][:16]:<16} {_gib(row['no_ksm_pages']):>9} "
-                     f"{_gib(s['held_pages']):>8} {_gib(row['ideal_pages']):>9} {_gib(s['saved_pages']):>9} "
-                     f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib(s['swapped_pages']):>8} "
-                     f"{_gib(s['free_pages']):>8} "
+        lines.append(f"{row['guests']:>4} {s['image'][:16]:<16} {_gib_text(row['no_ksm_pages']):>9} "
+                     f"{_gib_text(s['held_pages']):>8} {_gib_text(row['ideal_pages']):>9} {_gib_text(s['saved_pages']):>9} "
+                     f"{_pct(s['ksmd_cpu_share']):>7} {s['swapin_rate']:>8.1f} {_gib_text(s['swapped_pages']):>8} "
+                     f"{_gib_text(s['free_pages']):>8} "
                      f"{_t(s['time_to']['p50_s']):>8} {_t(s['time_to']['p90_s']):>8} "
                      f"{_t(s['time_to']['p99_s']):>8} {s['full_scans']:>5} {verdict}")
     lines.append(f"wall time {res['wall_s']:.1f}s")

@@ -77,42 +77,43 @@ def headline(res: dict) -> list[str]:
     return out
 
 
-def _hosts_needed(res: dict) -> BarPlot:
+def _per_scenario(res: dict, title: str, unit: str, series: dict, note: str) -> BarPlot:
+    """A bar plot with one group per scenario: ``series`` maps a name to the value of a scenario."""
     sc = res["scenarios"]
-    return BarPlot("Hosts needed per scenario", "hosts", [_label(s) for s in sc],
-                   [Series("hosts needed", [s["hosts_needed"] for s in sc])],
-                   note="Hosts opened by the placement policy; every one of them was then simulated.")
+    return BarPlot(title, unit, [_label(s) for s in sc],
+                   [Series(name, [value(s) for s in sc]) for name, value in series.items()], note=note)
+
+
+def _hosts_needed(res: dict) -> BarPlot:
+    return _per_scenario(res, "Hosts needed per scenario", "hosts", {"hosts needed": lambda s: s["hosts_needed"]},
+                         "Hosts opened by the placement policy; every one of them was then simulated.")
 
 
 def _memory(res: dict) -> BarPlot:
-    sc = res["scenarios"]
-    return BarPlot(
-        "Memory per scenario", "GiB", [_label(s) for s in sc],
-        [Series("configured", [_gib(s["configured_pages"]) for s in sc]),
-         Series("used without KSM", [_gib(s["no_ksm_pages"]) for s in sc]),
-         Series("used with KSM", [_gib(s["used_pages"]) for s in sc]),
-         Series("saved by KSM", [_gib(s["saved_pages"]) for s in sc]),
-         Series("saving estimated by placement", [_gib(s["estimated_saved_pages"]) for s in sc])],
-        note="Summed over the scenario's hosts, as simulated (KSM at steady state after each boot).")
+    return _per_scenario(
+        res, "Memory per scenario", "GiB",
+        {"configured": lambda s: _gib(s["configured_pages"]),
+         "used without KSM": lambda s: _gib(s["no_ksm_pages"]),
+         "used with KSM": lambda s: _gib(s["used_pages"]),
+         "saved by KSM": lambda s: _gib(s["saved_pages"]),
+         "saving estimated by placement": lambda s: _gib(s["estimated_saved_pages"])},
+        "Summed over the scenario's hosts, as simulated (KSM at steady state after each boot).")
 
 
 def _cpu(res: dict) -> BarPlot:
-    sc = res["scenarios"]
-    return BarPlot(
-        "ksmd CPU per scenario", "% of one CPU", [_label(s) for s in sc],
-        [Series("mean over the hosts", [100 * s["ksmd_cpu_share_mean"] for s in sc]),
-         Series("the busiest host", [100 * s["ksmd_cpu_share_max"] for s in sc])],
-        note="ksmd's CPU share at steady state on each host.")
+    return _per_scenario(
+        res, "ksmd CPU per scenario", "% of one CPU",
+        {"mean over the hosts": lambda s: 100 * s["ksmd_cpu_share_mean"],
+         "the busiest host": lambda s: 100 * s["ksmd_cpu_share_max"]},
+        "ksmd's CPU share at steady state on each host.")
 
 
 def _swap(res: dict) -> BarPlot:
-    sc = res["scenarios"]
-    return BarPlot(
-        "Swap traffic per scenario", "GiB", [_label(s) for s in sc],
-        [Series("swapped out", [_gib(s["swapout_pages"]) for s in sc]),
-         Series("swapped in", [_gib(s["swapin_pages"]) for s in sc])],
-        note="Summed over the scenario's hosts, from the first boot to the last steady state. "
-             "OOM kills are listed above.")
+    return _per_scenario(
+        res, "Swap traffic per scenario", "GiB",
+        {"swapped out": lambda s: _gib(s["swapout_pages"]), "swapped in": lambda s: _gib(s["swapin_pages"])},
+        "Summed over the scenario's hosts, from the first boot to the last steady state. "
+        "OOM kills are listed above.")
 
 
 def _swept(res: dict) -> list[LinePlot]:
@@ -142,15 +143,11 @@ def _per_host(res: dict) -> BarPlot:
 
 
 def build(res: dict) -> Report:
-    rep = Report(f"Fleet: {res['config']}",
-                 f"{len(res['scenarios'])} scenario(s)" + (f", sweep over {res['sweep']}" if res["sweep"] else ""))
-    for p in headline(res):
-        rep.text(p)
-    for plot in (_hosts_needed(res), _memory(res), *_swept(res), _cpu(res), _swap(res), _per_host(res)):
-        rep.plot(plot)
-    for t in tables(res):
-        rep.table(t)
-    return rep
+    return Report.of(f"Fleet: {res['config']}",
+                     f"{len(res['scenarios'])} scenario(s)" + (f", sweep over {res['sweep']}" if res["sweep"] else ""),
+                     headline(res),
+                     (_hosts_needed(res), _memory(res), *_swept(res), _cpu(res), _swap(res), _per_host(res)),
+                     tables(res))
 
 
 def write_fleet_report(res: dict, directory: str | Path) -> None:

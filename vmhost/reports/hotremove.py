@@ -92,16 +92,9 @@ def _times(res: dict) -> BarPlot:
 
 
 def build(res: dict) -> Report:
-    rep = Report(f"Hot-remove: {res['scenario']}", f"{len(res['steps'])} timeline step(s)")
-    for p in headline(res):
-        rep.text(p)
-    rep.plot(_ksm_over_steps(res))
-    if _attempts(res):
-        rep.plot(_migrated(res))
-        rep.plot(_times(res))
-    for t in tables(res):
-        rep.table(t)
-    return rep
+    plots = [_ksm_over_steps(res)] + ([_migrated(res), _times(res)] if _attempts(res) else [])
+    return Report.of(f"Hot-remove: {res['scenario']}", f"{len(res['steps'])} timeline step(s)",
+                     headline(res), plots, tables(res))
 
 
 def write_hotremove_report(res: dict, directory: str | Path, text: str) -> None:

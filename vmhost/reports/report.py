@@ -9,6 +9,7 @@ command gives (such as the plain-text ``report.txt``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from vmhost.reports.files import atomic_directory, dumps_json, write_csv
 from vmhost.reports.model import BarPlot, LinePlot, Table
@@ -19,6 +20,19 @@ class Report:
     def __init__(self, title: str, subtitle: str = ""):
         self.title, self.subtitle = title, subtitle
         self.items: list[str | Table | LinePlot | BarPlot] = []
+
+    @classmethod
+    def of(cls, title: str, subtitle: str, paragraphs: Iterable[str],
+           plots: Iterable[LinePlot | BarPlot], tables: Iterable[Table]) -> "Report":
+        """A report in the usual order: the headline paragraphs, the plots, the tables."""
+        rep = cls(title, subtitle)
+        for p in paragraphs:
+            rep.text(p)
+        for plot in plots:
+            rep.plot(plot)
+        for t in tables:
+            rep.table(t)
+        return rep
 
     def text(self, paragraph: str) -> None:
         self.items.append(str(paragraph))

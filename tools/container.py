@@ -1,6 +1,8 @@
 """Build and run the vmhost container image (``Dockerfile`` at the repository root).
 
-Three steps, each usable alone (the container test and ``vmhost container build`` use them):
+Tooling of the source checkout, not part of the vmhost package: ``python3 tools/container.py
+build [--base NAME:TAG] [--tag T] [--json]`` (root; needs ``pip install '.[docker]'``, docker.io
+and debootstrap). Three steps, each usable alone (the container test and the build use them):
 
 1. :func:`make_base_image`: a Debian bookworm base image made locally, with no image registry
    (``debootstrap --variant=minbase`` with python3 and python3-venv, then ``docker import``).
@@ -566,3 +568,88 @@ def _build_locked(client, *, base, tag, context, network_mode, target, arch, mad
             "network_mode": network_mode, "wheels": [w.name for w in wheels],
             "size_bytes": result.image.attrs.get("Size"),
             "seconds": {k: round(v, 1) for k, v in phases.items()}}
+
+
+# -- command line ------------------------------------------------------------------------------
+NETWORK_MODES = ("auto", "none", "default", "host", "bridge")
+
+
+def _image_name(text: str) -> str:
+    import argparse
+    if not text or any(c.isspace() for c in text) or text.startswith((":", "-")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image name (NAME[:TAG])")
+    return text
+
+
+class _Parser:
+    """argparse, with a usage error as one line and exit status 2."""
+
+    @staticmethod
+    def make():
+        import argparse
+
+        class P(argparse.ArgumentParser):
+            def error(self, message):
+                print(f"container: {message}", file=sys.stderr)
+                raise SystemExit(2)
+        p = P(prog="tools/container.py", description="the vmhost container image")
+        sub = p.add_subparsers(dest="command", required=True, parser_class=P)
+        b = sub.add_parser(
+            "build", help="base image (debootstrap, once), wheelhouse, then docker build",
+            description="Make the base image if it is missing (the default one with debootstrap, "
+                        "once per machine), build the wheelhouse for the base's Python, and build "
+                        "the image with the legacy builder. Starts dockerd if no engine answers "
+                        "(as root).")
+        b.add_argument("--base", type=_image_name, default=DEFAULT_BASE, metavar="NAME:TAG",
+                       help=f"base image (default {DEFAULT_BASE}, made locally if missing)")
+        b.add_argument("--tag", "-t", type=_image_name, default=DEFAULT_TAG, metavar="T",
+                       help=f"name of the image to build (default {DEFAULT_TAG})")
+        b.add_argument("--context", metavar="DIR", default=str(SOURCE_ROOT),
+                       help="vmhost source checkout with the Dockerfile (default: this one)")
+        b.add_argument("--network", choices=NETWORK_MODES, default="auto",
+                       help="network of the build's RUN steps; auto: none when the base has "
+                            "Python with venv, else default (apt needs it)")
+        b.add_argument("--no-start", action="store_true",
+                       help="fail rather than start dockerd when no engine answers")
+        b.add_argument("--json", action="store_true", help="print the result as JSON")
+        b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+        return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _Parser.make().parse_args(argv)
+    import importlib.util
+    if importlib.util.find_spec("docker") is None:
+        print("container build: the docker Python package is not installed: "
+              "pip install '.[docker]'", file=sys.stderr)
+        return 2
+    context = Path(args.context)
+    if not (context / "Dockerfile").is_file():
+        print(f"container build: {context}: no Dockerfile (--context must be a vmhost source "
+              "checkout)", file=sys.stderr)
+        return 2
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        result = build(base=args.base, tag=args.tag, context=context,
+                       network_mode=args.network, start_engine=not args.no_start, log=log)
+    except ContainerError as exc:
+        print(f"container build: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        secs = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+        size = result["size_bytes"] or 0
+        print(f"{result['tag']}: {result['image'][:19]} from {result['base']}"
+              f"{' (made now)' if result['base_made'] else ''}; cp{result['python']}"
+              f" glibc {result['glibc']} {result['arch']}, {len(result['wheels'])} wheels, "
+              f"network {result['network_mode']}, {size / 2**20:.0f} MiB ({secs})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Helpers several test modules share: the CLI as a user runs it, its one-line errors, and the
+processes a test left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vmhost(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python3 -m vmhost.cli ARGS`` from the repository root (this checkout's code)."""
+    return subprocess.run([sys.executable, "-m", "vmhost.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def one_line_exit_2(r: subprocess.CompletedProcess, *words: str) -> str:
+    """Bad input: exit status 2, one line on stderr (no traceback) holding every word."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def pids_with_cmdline(needle: bytes) -> list[int]:
+    """The processes whose command line (NUL-separated, as /proc has it) contains ``needle``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmd:
+                out.append(int(entry))
+    return out
+
+
+def refused_before_writing(command: str, bad: Path, report: Path, *words: str) -> None:
+    """``vmhost COMMAND BAD --report REPORT`` on bad input: one line naming the file and every
+    word, exit status 2, nothing on stdout and no report directory."""
+    r = vmhost(command, bad, "--report", report)
+    one_line_exit_2(r, str(bad), *words)
+    assert r.stdout == ""
+    assert not report.exists()
