@@ -271,9 +271,17 @@ def python_of_image(client, image: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # 2. the wheelhouse
 
-_SOURCE_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "wheelhouse", "reports",
-                                        "*.egg-info", "__pycache__", ".pytest_cache",
-                                        ".benchmarks", "*.pyc", ".venv")
+_ANYWHERE = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache", "*.pyc")
+# the checkout's own output folders, at its top only (vmhost/reports is a package, not output)
+_TOP_ONLY = {".git", "build", "dist", "wheelhouse", "reports", ".benchmarks", ".venv"}
+
+
+def _source_ignore(directory: str, names: list[str]) -> set[str]:
+    """What the clean copy of the source tree leaves out (``shutil.copytree``'s ignore)."""
+    ignored = set(_ANYWHERE(directory, names))
+    if (Path(directory) / "pyproject.toml").is_file():
+        ignored |= _TOP_ONLY & set(names)
+    return ignored
 
 
 def _pip(args: Sequence[str], log: Log, env: dict | None = None,
@@ -331,7 +339,7 @@ def build_wheelhouse(dest: str | os.PathLike | None = None, *,
     env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
     with tempfile.TemporaryDirectory(prefix="vmhost-src-") as tmp:
         copy = Path(tmp) / "src"
-        shutil.copytree(source, copy, ignore=_SOURCE_IGNORE, symlinks=True)
+        shutil.copytree(source, copy, ignore=_source_ignore, symlinks=True)
         res = _pip(["wheel", "--no-deps", "-q", "-w", str(dest), str(copy)], log, env)
         if res.returncode != 0:
             raise _pip_failed("pip wheel of vmhost", res)

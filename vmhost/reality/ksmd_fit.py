@@ -120,7 +120,11 @@ def pairs(emu_steps: list[dict], kernels: list[dict]) -> list[dict]:
 
 
 def fit(rows: list[dict], fixed: dict, features=FITTED) -> dict:
-    from scipy.optimize import nnls
+    try:
+        from scipy.optimize import nnls
+    except ImportError:
+        from vmhost.errors import InputError
+        raise InputError("ksmd fit: scipy is not installed: pip install 'vmhost[fit]'") from None
     rows = [r for r in rows if r["kernel_cpu_s"] > 1e-4]
     a = np.array([[r.get(f, 0) for f in features] for r in rows], dtype=float)
     y = np.array([r["kernel_cpu_s"] * 1e9 for r in rows])
