@@ -85,6 +85,7 @@ from pathlib import Path
 import numpy as np
 
 from vmhost.errors import InputError
+from vmhost.reports.files import dumps_json
 from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, read_knob,
                                        read_ksm_stat, write_knob)
 
@@ -802,7 +803,7 @@ def _driver_main(cfg_path: str, out_fd: int) -> None:
         drv = _Driver(cfg, specs, progress)
         drv._cpu_first = _schedstat(drv.ksmd)[0]
         res = drv.run()
-        json.dump({"ok": res}, out, default=_jsonable)
+        out.write(dumps_json({"ok": res}, compact=True))
     except InputError as exc:
         json.dump({"input_error": str(exc)}, out)
     except BaseException as exc:  # noqa: BLE001 - reported to the CLI process
@@ -813,16 +814,6 @@ def _driver_main(cfg_path: str, out_fd: int) -> None:
         if drv is not None:
             drv.close()
     os._exit(0)
-
-
-def _jsonable(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ==============================================================================================
@@ -1036,7 +1027,7 @@ def run_cli(args) -> int:
     if args.report:
         write_report(res, args.report)
     if args.json:
-        print(json.dumps(out if args.compare or runs > 1 else res, default=_jsonable))
+        print(dumps_json(out if args.compare or runs > 1 else res, compact=True))
     else:
         for k in kernels:
             print(format_result(k))

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vmhost.reports.files import dumps_json
+
 CALIBRATION = Path(__file__).resolve().parents[1] / "ksm" / "ksmd_calibration.json"
 FEATURES = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "dups_walked",
             "batches")
@@ -162,16 +164,6 @@ def model_error(rows: list[dict], cost_ns: dict) -> dict:
             "per_kind": per_kind}
 
 
-def _jsonable(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(type(o).__name__)
-
-
 def stepped_passes() -> list[dict]:
     """The passes ``vmhost bench ksm --calibrate`` measured (in the calibration file)."""
     doc = json.loads(CALIBRATION.read_text())
@@ -208,7 +200,7 @@ def main(argv=None) -> int:
             emu_steps, res = emulator_passes(load_density(path))
             if cpath is not None:
                 cpath.parent.mkdir(parents=True, exist_ok=True)
-                cpath.write_text(json.dumps({"passes": emu_steps, "result": res}, default=_jsonable))
+                cpath.write_text(dumps_json({"passes": emu_steps, "result": res}, compact=True))
         rows += [dict(r, config=path) for r in pairs(emu_steps, ks)]
     cur = {k: v for k, v in COST_NS.items()}
     if "pages" in cur and "ptes_walked" not in cur:
