@@ -135,7 +135,6 @@ from pathlib import Path
 
 from vmhost.density.config import (DensityConfig, HostRun, MixEntry, boot_sequence, check_resolution,
                                    load_density, parse_density, parse_settle)
-from vmhost.density.curves import guest_facts as _guest_facts
 from vmhost.density.result import format_result, write_report
 from vmhost.density.search import DensitySearch
 from vmhost.density.stepper import HostStepper, StepResult
@@ -144,13 +143,7 @@ DensityRunner = DensitySearch          # the name the CLI and older callers use
 
 __all__ = ["DensityConfig", "HostRun", "MixEntry", "DensitySearch", "DensityRunner", "HostStepper",
            "StepResult", "boot_sequence", "load_density", "parse_density", "parse_settle",
-           "format_result", "write_report", "run_density", "check_resolution",
-           "_check_resolution", "_guest_facts"]
-
-
-def _check_resolution(cfg: DensityConfig, _doc: dict | None = None) -> None:
-    """The name vmhost.reality.density_oracle uses: ``check_resolution``."""
-    check_resolution(cfg)
+           "format_result", "write_report", "run_density", "check_resolution"]
 
 
 def run_density(path: str | Path, progress=None) -> dict:

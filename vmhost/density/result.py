@@ -37,15 +37,6 @@ def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: 
                        saved_pages=s["saved_pages"], fits_ksm=s["ok"])
         curve.append(row)
 
-    def largest(key):
-        best = 0
-        for row in curve:
-            if row.get(key):
-                best = row["guests"]
-            else:
-                break
-        return best
-
     ok_steps = [s for s in steps if s["ok"]]
     best = ok_steps[-1] if ok_steps else None
     vms_ksm = best["guests"] if best else 0
@@ -65,7 +56,8 @@ def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: 
         "limits": {"oom_kills": 0, "swapin_rate": cfg.swapin_rate, "ksmd_cpu": cfg.ksmd_cpu,
                    "free_headroom_pages": search.headroom_pages() if (
                        cfg.free_headroom_bytes is not None or cfg.free_headroom_fraction is not None) else None},
-        "vms_per_host": {"no_ksm": largest("fits_no_ksm"), "ksm": vms_ksm, "ideal": largest("fits_ideal")},
+        "vms_per_host": {"no_ksm": largest_fitting(curve, "fits_no_ksm"), "ksm": vms_ksm,
+                         "ideal": largest_fitting(curve, "fits_ideal")},
         "search_capped": failed_at is None,
         "limited_by": failed_at["violations"] if failed_at else
                       [f"the boot sequence ended at {len(cfg.sequence)} guests (max_guests or counts)"],
@@ -75,6 +67,25 @@ def build_result(search, steps: list[dict], facts: list[GuestFacts], failed_at: 
         "timeline": st.timeline,
         "wall_s": round(wall_s, 3),
     }
+    return add_answer(res, cfg, steps, curve)
+
+
+def largest_fitting(curve: list[dict], key: str) -> int:
+    """The most guests for which every row of ``curve`` up to them has ``key`` (a fits_* column)."""
+    best = 0
+    for row in curve:
+        if not row.get(key):
+            break
+        best = row["guests"]
+    return best
+
+
+def add_answer(res: dict, cfg, steps: list[dict], curve: list[dict]) -> dict:
+    """Add to ``res`` what the headline says of the answer (the last step that met every limit):
+    which curves the boot sequence capped, the savings and costs there, the storm-safe count.
+    Shared by the emulator's search and the kernel oracle, so both results read alike."""
+    ok_steps = [s for s in steps if s["ok"]]
+    best = ok_steps[-1] if ok_steps else None
     for k in ("no_ksm", "ideal"):
         if res["vms_per_host"][k] == len(curve) and curve:
             res.setdefault("capped_curves", []).append(k)

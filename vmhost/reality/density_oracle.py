@@ -84,16 +84,13 @@ from pathlib import Path
 
 import numpy as np
 
+from hw.units import HPAGE_PAGES, HPAGE_SIZE, PAGE_SIZE, PAGES_PER_GIB
 from vmhost.errors import InputError
 from vmhost.reports.files import dumps_json
-from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, read_knob,
-                                       read_ksm_stat, write_knob)
+from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, libc, read_knob,
+                                       read_ksm_stat, read_vmstat, write_knob)
 
-PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
-HPAGE_BYTES = 2 << 20
-HPAGE = 512
-GIB_PAGES = (1 << 30) // PAGE_SIZE
 SAFE_FRACTION = 0.6             # of MemAvailable: the most the guests may take
 GUEST_OVERHEAD_BYTES = 64 << 20  # a guest process's own interpreter, numpy, content arrays
 POLL_S = 0.004                  # counter polling period
@@ -114,18 +111,10 @@ MADV_MERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE = 12, 14, 15
 PR_SET_PDEATHSIG = 1
 PROT_RW, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 3, 2, 0x20, 0x4000
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                        ctypes.c_ulong)
 
 
 def _die_with_parent() -> None:        # preexec_fn of the driver and the guests
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _env() -> dict:
@@ -146,17 +135,17 @@ class _Guest:
                                     spec["memory_mib"])
         self.pages = self.gm.pages
         size = self.pages * PAGE_SIZE
-        raw = _libc.mmap(None, size + HPAGE_BYTES, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        raw = libc.mmap(None, size + HPAGE_SIZE, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         if raw in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "mmap of guest RAM failed")
-        self.addr = -(-raw // HPAGE_BYTES) * HPAGE_BYTES       # QEMU aligns RAM to 2 MiB
+        self.addr = -(-raw // HPAGE_SIZE) * HPAGE_SIZE       # QEMU aligns RAM to 2 MiB
         if self.addr > raw:
-            _libc.munmap(raw, self.addr - raw)
-        tail = raw + size + HPAGE_BYTES - (self.addr + size)
+            libc.munmap(raw, self.addr - raw)
+        tail = raw + size + HPAGE_SIZE - (self.addr + size)
         if tail:
-            _libc.munmap(self.addr + size, tail)
+            libc.munmap(self.addr + size, tail)
         advice = MADV_HUGEPAGE if spec["thp"] else MADV_NOHUGEPAGE
-        if _libc.madvise(self.addr, size, advice):
+        if libc.madvise(self.addr, size, advice):
             raise OSError(ctypes.get_errno(), "madvise(HUGEPAGE) of guest RAM failed")
         words = (ctypes.c_uint64 * (self.pages * WORDS)).from_address(self.addr)
         self.ram = np.frombuffer(words, dtype=np.uint64).reshape(self.pages, WORDS)
@@ -181,7 +170,7 @@ class _Guest:
         self.writes += len(gpfns)
 
     def register(self) -> dict:
-        if self.mergeable and _libc.madvise(self.addr, self.pages * PAGE_SIZE, MADV_MERGEABLE):
+        if self.mergeable and libc.madvise(self.addr, self.pages * PAGE_SIZE, MADV_MERGEABLE):
             raise OSError(ctypes.get_errno(), "madvise(MERGEABLE) of guest RAM failed")
         if self.gm.steady:
             self.next_write = time.monotonic_ns() + self.period_ns
@@ -315,11 +304,7 @@ def _counters() -> dict[str, int]:
 
 
 def _cow_ksm() -> int:
-    with open("/proc/vmstat") as fh:
-        for line in fh:
-            if line.startswith("cow_ksm "):
-                return int(line.split()[1])
-    return 0
+    return read_vmstat("cow_ksm").get("cow_ksm", 0)
 
 
 def mem_available_bytes() -> int:
@@ -372,7 +357,7 @@ def _footprint_pages(spec: dict) -> int:
     if spec["locked"]:
         return gm.pages
     if spec["thp"]:
-        return int(len(np.unique(np.flatnonzero(res) // HPAGE))) * HPAGE
+        return int(len(np.unique(np.flatnonzero(res) // HPAGE_PAGES))) * HPAGE_PAGES
     return int(res.sum())
 
 
@@ -634,7 +619,7 @@ class _Driver:
                        "stable_node_chains": c1["stable_node_chains"],
                        "stable_node_dups": c1["stable_node_dups"], "procs": procs},
         }
-        gib = saved / GIB_PAGES
+        gib = saved / PAGES_PER_GIB
         step["cpu_s_per_gib_saved"] = round(step["ksmd_cpu_s_total"] / gib, 6) if gib > 0 else None
         if cfg.storm_fraction is not None:
             storm = cfg.storm_fraction * saved
@@ -666,8 +651,9 @@ class _Driver:
 
     # -- the result ------------------------------------------------------------------------------
     def result(self, steps: list[dict], failed_at) -> dict:
-        from vmhost.density import DensityRunner, _guest_facts
-        from vmhost.density.result import ACCOUNTING
+        from vmhost.density import DensityRunner
+        from vmhost.density.curves import guest_facts
+        from vmhost.density.result import ACCOUNTING, add_answer, largest_fitting
         cfg = self.cfg
         runner = DensityRunner(cfg)       # the config's own host, for its capacity
         runner._build()
@@ -680,7 +666,7 @@ class _Driver:
         for spec in self.specs:
             e = cfg.mix[spec["mix"]]
             gm = GuestMemory.build(spec["image"], spec["name"], spec["seed"], spec["domain"], spec["memory_mib"])
-            f = _guest_facts(gm, e, _thp(cfg))
+            f = guest_facts(gm, e, _thp(cfg))
             noksm += f.footprint
             if f.mergeable:
                 seen = np.union1d(seen, f.contents)
@@ -696,14 +682,6 @@ class _Driver:
                 row.update(ksm_pages=s["held_pages"], ksm_ram_pages=s["used_pages"],
                            saved_pages=s["saved_pages"], fits_ksm=s["ok"])
             curve.append(row)
-
-        def largest(key):
-            best = 0
-            for row in curve:
-                if not row.get(key):
-                    break
-                best = row["guests"]
-            return best
 
         ok = [s for s in steps if s["ok"]]
         best = ok[-1] if ok else None
@@ -726,8 +704,9 @@ class _Driver:
             "order": cfg.order, "sequence_length": len(cfg.sequence),
             "limits": {"oom_kills": 0, "swapin_rate": cfg.swapin_rate, "ksmd_cpu": cfg.ksmd_cpu,
                        "free_headroom_pages": _headroom_pages(cfg)},
-            "vms_per_host": {"no_ksm": largest("fits_no_ksm"), "ksm": best["guests"] if best else 0,
-                             "ideal": largest("fits_ideal")},
+            "vms_per_host": {"no_ksm": largest_fitting(curve, "fits_no_ksm"),
+                             "ksm": best["guests"] if best else 0,
+                             "ideal": largest_fitting(curve, "fits_ideal")},
             "search_capped": failed_at is None,
             "limited_by": failed_at["violations"] if failed_at else
                           [f"the boot sequence ended at {len(cfg.sequence)} guests (max_guests or counts)"],
@@ -735,22 +714,7 @@ class _Driver:
             "kernel_proc_timeline": self.proc_timeline,
             "wall_s": round((time.monotonic_ns() - self.t_start) / 1e9, 3),
         }
-        for k in ("no_ksm", "ideal"):
-            if res["vms_per_host"][k] == len(curve) and curve:
-                res.setdefault("capped_curves", []).append(k)
-        if best:
-            res["at_best"] = {
-                "guests": best["guests"], "saved_pages": best["saved_pages"],
-                "saved_gib": round(best["saved_pages"] / GIB_PAGES, 4),
-                "cpu_s_per_gib_saved": best["cpu_s_per_gib_saved"],
-                "ksmd_cpu_share": best["ksmd_cpu_share"],
-                "time_to_first_guest": steps[0]["time_to"], "time_to_last_step": best["time_to"],
-                "storm": best.get("storm"),
-            }
-            if cfg.storm_fraction is not None:
-                surv = [s for s in ok if s["storm"]["survives"]]
-                res["vms_surviving_storm"] = surv[-1]["guests"] if surv else 0
-        return res
+        return add_answer(res, cfg, steps, curve)
 
     def close(self) -> None:
         for g in self.guests:
@@ -980,7 +944,7 @@ def format_compare(cmp: dict) -> str:
             return "-" if v is None else f"{v:.1f}s"
         lines.append(
             f"{r['guests']:>3} {r['image'][:14]:<14} {ps['kernel']:>14,.0f} {sp(ps['spread']):>7} "
-            f"{pct(ps['err']) + mark(ps['ok']):>11} {u['kernel'] / GIB_PAGES:>12.3f} "
+            f"{pct(ps['err']) + mark(ps['ok']):>11} {u['kernel'] / PAGES_PER_GIB:>12.3f} "
             f"{pct(u['err']) + mark(u['ok']):>11} {c['kernel']:>10.1%} {sp(c['spread']):>7} "
             f"{pct(c['err']) + mark(c['ok']):>11} {t(t5['kernel']):>10} {pct(t5['err']) + mark(t5['ok']):>11} "
             f"{t(t9['kernel']):>10} {pct(t9['err']) + mark(t9['ok']):>11} "
@@ -1017,9 +981,9 @@ def run_cli(args) -> int:
         ecfg = cfg
         er = getattr(args, "emulator_resolution", None)
         if er:
-            from vmhost.density import _check_resolution
+            from vmhost.density import check_resolution
             ecfg = dataclasses.replace(cfg, resolution=er)
-            _check_resolution(ecfg, {})
+            check_resolution(ecfg)
         emu = DensityRunner(ecfg).run()
         cmp = compare(emu, kernels)
         res["comparison"] = cmp

@@ -295,3 +295,23 @@ def send_result(fd: int, result: dict) -> None:
 
 def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def guarded_result(module: str, request: dict, timeout: float, what: str) -> dict:
+    """:func:`run_guarded`, then its outcome as the oracles report it: the child's result with
+    the journal it left (restored), an ``InputError`` for a refusal, an ``OracleError`` for a
+    failure, a child that died, or a change that could not be undone."""
+    from vmhost.errors import InputError
+    from vmhost.reality.ksm_oracle import OracleError
+    result, journal, problems, status = run_guarded(module, request, timeout)
+    if problems:
+        raise OracleError("could not restore: " + "; ".join(problems))
+    if result is None:
+        raise OracleError(f"{what}'s child ended without a result (status {status}); "
+                          f"restored {len(journal)} journalled change(s)")
+    if result.get("refused"):
+        raise InputError(result["refused"])
+    if not result["ok"]:
+        raise OracleError(result["error"])
+    result["journal"] = journal
+    return result

@@ -66,8 +66,8 @@ import numpy as np
 from vmhost.errors import InputError
 from vmhost.ksm.trace import PAGE_SIZE, Region, content_ids
 from vmhost.reality import guard
-from vmhost.reality.ksm_oracle import (MADV, OracleError, _libc, _map_regions, _Proc, exclusive_kernel_ksm,
-                                       mergeable_pids, read_globals, read_knob, write_knob)
+from vmhost.reality.ksm_oracle import (MADV, OracleError, _map_regions, _Proc, exclusive_kernel_ksm, libc,
+                                       mergeable_pids, read_globals, read_knob, read_vmstat, write_knob)
 
 KSM_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
 STEPPING = ("run", "pages_to_scan", "sleep_millisecs")
@@ -85,8 +85,8 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-_libc.vmsplice.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_uint)
-_libc.vmsplice.restype = ctypes.c_ssize_t
+libc.vmsplice.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_uint)
+libc.vmsplice.restype = ctypes.c_ssize_t
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class _Worker:
         words.reshape(count, 512)[:] = content_ids(content, count)[:, None]
 
     def do_madvise(self, region, advice, start, count):
-        rc = _libc.madvise(self.addrs[region] + start * PAGE_SIZE, count * PAGE_SIZE, MADV[advice])
+        rc = libc.madvise(self.addrs[region] + start * PAGE_SIZE, count * PAGE_SIZE, MADV[advice])
         return errno.errorcode.get(ctypes.get_errno(), "?") if rc else None
 
     def do_pin(self, region, start, count):
@@ -201,7 +201,7 @@ class _Worker:
         self.pipes.append((r, w))
         for i in range(count):
             iov = _Iovec(self.addrs[region] + (start + i) * PAGE_SIZE, PAGE_SIZE)
-            if _libc.vmsplice(w, ctypes.byref(iov), 1, SPLICE_F_NONBLOCK) != PAGE_SIZE:
+            if libc.vmsplice(w, ctypes.byref(iov), 1, SPLICE_F_NONBLOCK) != PAGE_SIZE:
                 raise OSError(ctypes.get_errno(), "vmsplice")
         return count
 
@@ -259,16 +259,6 @@ def _spawn(name: str, regions: list[Region]) -> _Proc:
 
 # --------------------------------------------------------------------------------------------
 # the child: one run of the scenario on real blocks
-
-def _vmstat(*keys) -> dict[str, int]:
-    out = {}
-    with open("/proc/vmstat") as fh:
-        for line in fh:
-            k, v = line.split()
-            if k in keys:
-                out[k] = int(v)
-    return out
-
 
 def _ksm() -> dict[str, int]:
     g = read_globals()
@@ -455,13 +445,13 @@ class _Case:
         before_map = self.ksm_mappings()
         ksm_before = _ksm()
         before_in = self.pages_in_block()
-        vm0 = _vmstat("pgmigrate_success", "pgmigrate_fail")
+        vm0 = read_vmstat("pgmigrate_success", "pgmigrate_fail")
         probe = _Probe(a.get("run_write_after"), a.get("signal_after"))
         probe.start()
         err, dt = guard.write_state(b, "offline")
         probe.done()
         self.crash("after_offline")
-        vm1 = _vmstat("pgmigrate_success", "pgmigrate_fail")
+        vm1 = read_vmstat("pgmigrate_success", "pgmigrate_fail")
         state = guard.block_state(b)
         migrated = vm1["pgmigrate_success"] - vm0["pgmigrate_success"]
         after_map = self.ksm_mappings()
@@ -592,20 +582,9 @@ def run_real_many(path: str, count: int, crash_at: str | None = None, retry_fore
 
 
 def _one_real(path: str, crash_at: str | None) -> dict:
-    result, journal, problems, status = guard.run_guarded(
+    return guard.guarded_result(
         "vmhost.reality.hotremove_oracle", {"scenario": str(Path(path).resolve()), "crash_at": crash_at},
-        CHILD_TIMEOUT_S)
-    if problems:
-        raise OracleError("could not restore: " + "; ".join(problems))
-    if result is None:
-        raise OracleError(f"the oracle's child ended without a result (status {status}); "
-                          f"restored {len(journal)} journalled change(s)")
-    if result.get("refused"):
-        raise InputError(result["refused"])
-    if not result["ok"]:
-        raise OracleError(result["error"])
-    result["journal"] = journal
-    return result
+        CHILD_TIMEOUT_S, "the oracle")
 
 
 FOREIGN = "(other processes)"

@@ -125,14 +125,21 @@ def _must_write(name: str, value) -> None:
         raise OracleError(f"cannot set KSM knob {name}={value}: {err}")
 
 
+def read_vmstat(*keys: str) -> dict[str, int]:
+    """The named counters of /proc/vmstat (a counter the kernel lacks is left out)."""
+    out = {}
+    with open("/proc/vmstat") as fh:
+        for line in fh:
+            k, v = line.split()
+            if k in keys:
+                out[k] = int(v)
+    return out
+
+
 def read_globals() -> dict[str, int]:
     out = {f: int((KSM_DIR / f).read_text()) for f in SNAPSHOT_FIELDS
            if f not in ("cow_ksm", "ksm_swpin_copy")}
-    with open("/proc/vmstat") as fh:
-        for line in fh:
-            key, val = line.split()
-            if key in ("cow_ksm", "ksm_swpin_copy"):
-                out[key] = int(val)
+    out.update(read_vmstat("cow_ksm", "ksm_swpin_copy"))
     return out
 
 
@@ -157,13 +164,13 @@ def mergeable_pids() -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Worker side (runs in the trace processes)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong)
 
 
@@ -181,7 +188,7 @@ def _map_regions(regions: list[Region]) -> dict[str, int]:
         offsets[r.name] = off
         off += r.pages * PAGE_SIZE
     total = off + HPAGE_SIZE
-    res = _libc.mmap(None, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    res = libc.mmap(None, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
     if res in (None, ctypes.c_void_p(-1).value):
         raise OSError(ctypes.get_errno(), f"mmap reserve: {_errname()}")
     base = -(-res // HPAGE_SIZE) * HPAGE_SIZE
@@ -190,9 +197,9 @@ def _map_regions(regions: list[Region]) -> dict[str, int]:
         addr, size = base + offsets[r.name], r.pages * PAGE_SIZE
         flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if r.shared else MAP_PRIVATE)
         prot = PROT_NONE if r.prot == "none" else PROT_RW
-        if _libc.mmap(addr, size, prot, flags, -1, 0) != addr:
+        if libc.mmap(addr, size, prot, flags, -1, 0) != addr:
             raise OSError(ctypes.get_errno(), f"mmap {r.name}: {_errname()}")
-        if _libc.madvise(addr, size, MADV_HUGEPAGE if r.thp else MADV_NOHUGEPAGE):
+        if libc.madvise(addr, size, MADV_HUGEPAGE if r.thp else MADV_NOHUGEPAGE):
             raise OSError(ctypes.get_errno(), f"madvise hugepage {r.name}: {_errname()}")
         addrs[r.name] = addr
         used.append((addr, addr + size))
@@ -200,7 +207,7 @@ def _map_regions(regions: list[Region]) -> dict[str, int]:
     cursor = res
     for start, end in used + [(res + total, res + total)]:
         if start > cursor:
-            _libc.munmap(cursor, start - cursor)
+            libc.munmap(cursor, start - cursor)
         cursor = max(cursor, end)
     return addrs
 
@@ -244,11 +251,11 @@ class _WorkerLoop:
 
     def do_madvise(self, region, advice, start, count, fds):
         addr = self.addrs[region] + start * PAGE_SIZE
-        rc = _libc.madvise(addr, count * PAGE_SIZE, MADV[advice])
+        rc = libc.madvise(addr, count * PAGE_SIZE, MADV[advice])
         return ("ok", _errname() if rc else None)
 
     def do_prctl(self, merge, fds):
-        rc = _libc.prctl(PR_SET_MEMORY_MERGE, 1 if merge else 0, 0, 0, 0)
+        rc = libc.prctl(PR_SET_MEMORY_MERGE, 1 if merge else 0, 0, 0, 0)
         return ("ok", _errname() if rc else None)
 
     def do_fork(self, fds):
@@ -649,10 +656,10 @@ def run_oracle(trace: Trace, timeout: float = TRACE_TIMEOUT_S) -> dict:
                 raise _Terminated()
             old_term = signal.signal(signal.SIGTERM, on_term)
         flag = ctypes.c_int(0)
-        _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.cast(ctypes.pointer(flag), ctypes.c_void_p)
+        libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.cast(ctypes.pointer(flag), ctypes.c_void_p)
                     .value, 0, 0, 0)
         old_reaper = flag.value
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         try:
             _reset_ksm()
             run = _Run(trace, time.monotonic() + timeout)
@@ -676,7 +683,7 @@ def run_oracle(trace: Trace, timeout: float = TRACE_TIMEOUT_S) -> dict:
         raise SystemExit(143) from None
     finally:
         if old_reaper is not None:
-            _libc.prctl(PR_SET_CHILD_SUBREAPER, old_reaper, 0, 0, 0)
+            libc.prctl(PR_SET_CHILD_SUBREAPER, old_reaper, 0, 0, 0)
         if main and old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         os.close(lock)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from guests import dumps
 from vmhost.reality import lab
-from vmhost.reality.ksm_oracle import KSM_DIR, exclusive_kernel_ksm, write_knob
+from vmhost.reality.ksm_oracle import KSM_DIR, exclusive_kernel_ksm, read_vmstat, write_knob
 
 COUNTERS = ("full_scans", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
             "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
@@ -39,16 +39,6 @@ POLL_S = 0.005
 
 def _counters() -> dict[str, int]:
     return {c: int((KSM_DIR / c).read_text()) for c in COUNTERS}
-
-
-def _vmstat(*keys: str) -> dict[str, int]:
-    out = {}
-    with open("/proc/vmstat") as fh:
-        for line in fh:
-            k, v = line.split()
-            if k in keys:
-                out[k] = int(v)
-    return out
 
 
 def _proc_memory(pid: int) -> dict[str, int]:
@@ -143,7 +133,7 @@ def merging_guests(files, guests: int, mem_mib: int, workdir: Path, knobs: dict,
 
 
 def _converge(timeout: float, stable_scans: int, tolerance: int) -> dict:
-    vm0 = _vmstat("thp_split_page", "cow_ksm")
+    vm0 = read_vmstat("thp_split_page", "cow_ksm")
     base = _counters()["full_scans"]
     samples: list[dict] = []
     t0 = time.monotonic()
@@ -167,7 +157,7 @@ def _converge(timeout: float, stable_scans: int, tolerance: int) -> dict:
                 break
     finally:
         write_knob("run", 0)
-    vm1 = _vmstat("thp_split_page", "cow_ksm")
+    vm1 = read_vmstat("thp_split_page", "cow_ksm")
     final = samples[-1] if samples else dict(_counters(), seconds=round(time.monotonic() - t0, 3))
     first_stable = final
     if converged:

@@ -42,9 +42,9 @@ import numpy as np
 from vmhost.errors import InputError
 from vmhost.ksm.trace import Region
 from vmhost.reality import guard
-from vmhost.reality.hotremove_oracle import KSM_KEYS, _spawn, _vmstat
+from vmhost.reality.hotremove_oracle import KSM_KEYS, _spawn
 from vmhost.reality.ksm_oracle import (OracleError, exclusive_kernel_ksm, mergeable_pids, read_globals,
-                                       read_knob, write_knob)
+                                       read_knob, read_vmstat, write_knob)
 
 SWAP_MIB = 64
 MEMCG_ROOT = Path("/sys/fs/cgroup/memory")
@@ -122,10 +122,10 @@ class _Experiment:
                 proc.call("fill", "private", 0, self.private, {"unique": 7})
             proc.call("madvise", "ram", "mergeable", 0, n)
             expected = {"ram": (list(range(n)), [11 + i % self.contents for i in range(n)])}
-            base = _vmstat(*VMSTAT)
+            base = read_vmstat(*VMSTAT)
 
             def phase(name, **extra):
-                vm = _vmstat(*VMSTAT)
+                vm = read_vmstat(*VMSTAT)
                 self.phases.append({"phase": name, "ksm": _ksm(),
                                     **{k: vm.get(k, 0) - base.get(k, 0) for k in VMSTAT},
                                     "swapped_ptes": _swapped(proc.pid, addrs["ram"], n)
@@ -202,19 +202,8 @@ def run_real(contents: int = DEFAULT["contents"], mappings: int = DEFAULT["mappi
         raise InputError("swap oracle: must run as root (swapon, memory cgroups)")
     req = {"contents": contents, "mappings": mappings, "private": private, "crash_at": crash_at}
     with exclusive_kernel_ksm():
-        result, journal, problems, status = guard.run_guarded("vmhost.reality.swap_oracle", req,
-                                                              CHILD_TIMEOUT_S)
-    if problems:
-        raise OracleError("could not restore: " + "; ".join(problems))
-    if result is None:
-        raise OracleError(f"the swap oracle's child ended without a result (status {status}); "
-                          f"restored {len(journal)} journalled change(s)")
-    if result.get("refused"):
-        raise InputError(result["refused"])
-    if not result["ok"]:
-        raise OracleError(result["error"])
-    result["journal"] = journal
-    return result
+        return guard.guarded_result("vmhost.reality.swap_oracle", req, CHILD_TIMEOUT_S,
+                                    "the swap oracle")
 
 
 def run_emulator(contents: int = DEFAULT["contents"], mappings: int = DEFAULT["mappings"],
