@@ -259,7 +259,7 @@ class HostStepper:
         limit_ns = clock.now + 4 * deadline_scans * self._scan_time_estimate() + 10 * 1_000_000_000
         while out["scans"] < deadline_scans:
             target = ksm.seqnr + 1
-            ok = clock.run_while(lambda: ksm.seqnr < target, limit=limit_ns)
+            ok = clock.run_while(lambda: ksm.seqnr < target, limit=limit_ns, fast_forward=True)
             if not ok:
                 out["settled_by"] = "time bound"
                 break
