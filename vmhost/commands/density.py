@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from vmhost.commands.common import whole_number
+
 
 # shown at once on the progress line: the first guest of a first run waits for the compile
 START_NOTE = "booting guest 1 (the first run after an install also compiles the scan loop: up to a minute)"
@@ -28,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--resolutions", metavar="N,N,...",
                    help="resolution invariance: run the config at each 1/N and compare every headline "
                         "figure with the finest (see vmhost/density/invariance.py); exit 1 if one disagrees")
+    p.add_argument("--workers", type=whole_number, metavar="N",
+                   help="with --resolutions: processes running resolutions side by side "
+                        "(default: the CPU count; 1: one after the other)")
     p.set_defaults(func=_run)
 
 
@@ -39,6 +44,10 @@ def _run(args: argparse.Namespace) -> int:
     from vmhost.progress import Progress
     from hw.units import PAGES_PER_GIB
     from vmhost.reports.files import dumps_json
+    if args.workers is not None and not args.resolutions:
+        from vmhost.errors import InputError
+        raise InputError("density: --workers goes with --resolutions (the search itself is one "
+                         "sequence of steps)")
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
         return _invariance(args, cfg)
@@ -86,6 +95,8 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
     def progress(r, run):
         if not (args.quiet or args.json):
             print(f"density: 1/{r} done ({run['wall_s']:.1f} s)", file=sys.stderr)
-    out = check(cfg, rs, progress)
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"density: --workers must be at least 1 (got {args.workers})")
+    out = check(cfg, rs, progress, workers=args.workers)
     print(dumps_json(out, compact=True) if args.json else format_check(out))
     return 0 if out["ok"] else 1
