@@ -22,8 +22,9 @@ class BuildPyWithCompiledEngine(build_py):
         super().run()
         if getattr(self, "editable_mode", False):
             return
+        # `-m` puts the build tree (the working directory) first on sys.path; PYTHONPATH is
+        # left alone, since pip's isolated build environment reaches its packages through it.
         env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
-        env["PYTHONPATH"] = os.path.abspath(self.build_lib)
         done = subprocess.run([sys.executable, "-m", "vmhost.ksm.warmup"],
                               cwd=self.build_lib, env=env)
         if done.returncode != 0:
