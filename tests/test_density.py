@@ -350,3 +350,22 @@ def test_knobs_that_break_the_cpu_limit_get_the_largest_pages_to_scan_that_meets
     assert tried[good]["vms_ksm"] == 6 and tried[bad]["limited_by"][0].startswith("ksmd CPU")
     head = format_result(res).splitlines()[2]
     assert "KSM 0 at pages_to_scan 100000" in head and f"meets it: {good}" in head and "KSM 6" in head
+
+
+def test_a_study_too_big_for_this_machine_is_refused_before_it_starts(tmp_path):
+    """density-256g at resolution 1 (256 guests of 4 GiB may boot: some 45 GiB of emulator
+    state) is refused in one line with the estimate and a resolution that fits, before any
+    output; the estimate falls with the resolution as the pages do."""
+    from helpers import one_line_exit_2, vmhost
+    from vmhost.density.search import DensitySearch
+    from vmhost.footprint import GiB, available_bytes
+    text = (ROOT / "configs" / "density-256g.yaml").read_text()
+    cfg = tmp_path / "256g-full.yaml"
+    cfg.write_text(text.replace("resolution: 512", "resolution: 1"))
+    full = DensitySearch(load_density(cfg)).footprint()
+    assert full.bytes() > available_bytes()
+    r = vmhost("density", cfg, "--json", timeout=120)
+    line = one_line_exit_2(r, str(cfg), "resolution 1 needs about", "would need")
+    assert r.stdout == "" and f"{full.bytes() / GiB:.1f} GiB" in line
+    shipped = DensitySearch(load_density(ROOT / "configs" / "density-256g.yaml")).footprint()
+    assert shipped == full.scaled(512) and shipped.bytes() < 1 * GiB

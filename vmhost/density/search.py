@@ -153,9 +153,22 @@ class DensitySearch:
         cfg.host.ksm = [("pages_to_scan", str(pts))] + knobs
         return cfg
 
+    def footprint(self):
+        """The simulation's memory at most (``vmhost.footprint``): the host's frames and every
+        guest of the boot sequence booted (the most the search can boot), at the resolution."""
+        from vmhost.footprint import Footprint
+        cfg = self.cfg
+        host = sum(n.mem_bytes for n in cfg.host.topology.nodes) // PAGE_SIZE
+        guests = [cfg.mix[i] for i in cfg.sequence]
+        mapped = sum(e.memory_mib * PAGES_PER_MIB for e in guests)
+        scanned = sum(e.memory_mib * PAGES_PER_MIB for e in guests if not e.nosharepages)
+        return Footprint(host, mapped, scanned).scaled(self.r)
+
     def _search(self) -> dict:
+        from vmhost.footprint import check_fits
         wall0 = time.perf_counter()
         cfg, st = self.cfg, self.stepper
+        check_fits(self.footprint(), f"density {cfg.path}", self.r)
         st.build()
         steps: list[dict] = []
         failed_at: dict | None = None
