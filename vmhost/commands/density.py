@@ -52,6 +52,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
         return _invariance(args, cfg)
+    from vmhost.density.search import DensitySearch
+    DensitySearch(cfg).check_fits()        # a study too big for this machine: refused before any output
     wall0 = time.perf_counter()
     with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json,
                   start=START_NOTE) as bar:
@@ -90,8 +92,9 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
         raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of whole numbers") from None
     if not rs or any(r < 1 for r in rs):
         raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of positive numbers")
+    from vmhost.density.search import DensitySearch
     for r in rs:
-        at_resolution(cfg, r)              # refuse a resolution before running any
+        DensitySearch(at_resolution(cfg, r)).check_fits()     # refuse a resolution before running any
 
     def progress(r, run):
         if not (args.quiet or args.json):

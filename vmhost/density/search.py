@@ -164,11 +164,16 @@ class DensitySearch:
         scanned = sum(e.memory_mib * PAGES_PER_MIB for e in guests if not e.nosharepages)
         return Footprint(host, mapped, scanned).scaled(self.r)
 
-    def _search(self) -> dict:
+    def check_fits(self) -> None:
+        """Refuse (one line: InputError) a search whose simulation would not fit in this
+        machine's memory, with the estimate and a resolution that would."""
         from vmhost.footprint import check_fits
+        check_fits(self.footprint(), f"density {self.cfg.path}", self.r)
+
+    def _search(self) -> dict:
         wall0 = time.perf_counter()
         cfg, st = self.cfg, self.stepper
-        check_fits(self.footprint(), f"density {cfg.path}", self.r)
+        self.check_fits()
         st.build()
         steps: list[dict] = []
         failed_at: dict | None = None
