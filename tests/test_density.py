@@ -353,9 +353,10 @@ def test_knobs_that_break_the_cpu_limit_get_the_largest_pages_to_scan_that_meets
 
 
 def test_a_study_too_big_for_this_machine_is_refused_before_it_starts(tmp_path):
-    """density-256g at resolution 1 (256 guests of 4 GiB may boot: some 45 GiB of emulator
-    state) is refused in one line with the estimate and a resolution that fits, before any
-    output; the estimate falls with the resolution as the pages do."""
+    """density-256g at resolution 1 (256 guests of 4 GiB may boot, and the strided search
+    keeps a copy of the simulation: some 90 GiB of emulator state) is refused in one line with
+    the estimate and a resolution that fits, before any output; the estimate falls with the
+    resolution as the pages do."""
     from helpers import one_line_exit_2, vmhost
     from vmhost.density.search import DensitySearch
     from vmhost.footprint import GiB, available_bytes

@@ -155,14 +155,17 @@ class DensitySearch:
 
     def footprint(self):
         """The simulation's memory at most (``vmhost.footprint``): the host's frames and every
-        guest of the boot sequence booted (the most the search can boot), at the resolution."""
+        guest of the boot sequence booted (the most the search can boot), at the resolution;
+        twice that when the search steps several guests at a time (it keeps a snapshot, a
+        copy of the whole simulation, from before each such step)."""
         from vmhost.footprint import Footprint
         cfg = self.cfg
         host = sum(n.mem_bytes for n in cfg.host.topology.nodes) // PAGE_SIZE
         guests = [cfg.mix[i] for i in cfg.sequence]
         mapped = sum(e.memory_mib * PAGES_PER_MIB for e in guests)
         scanned = sum(e.memory_mib * PAGES_PER_MIB for e in guests if not e.nosharepages)
-        return Footprint(host, mapped, scanned).scaled(self.r)
+        copies = 2 if any(self._stride(n) > 1 for n in range(len(guests))) else 1
+        return Footprint(copies * host, copies * mapped, copies * scanned).scaled(self.r)
 
     def check_fits(self) -> None:
         """Refuse (one line: InputError) a search whose simulation would not fit in this
