@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmhost.density import DensityRunner, boot_sequence, format_result, load_density, run_density
+from vmhost.density.search import DensitySearch
 from vmhost.errors import InputError
 
 from helpers import refused_before_writing
@@ -350,6 +351,18 @@ def test_knobs_that_break_the_cpu_limit_get_the_largest_pages_to_scan_that_meets
     assert tried[good]["vms_ksm"] == 6 and tried[bad]["limited_by"][0].startswith("ksmd CPU")
     head = format_result(res).splitlines()[2]
     assert "KSM 0 at pages_to_scan 100000" in head and f"meets it: {good}" in head and "KSM 6" in head
+
+
+def test_the_cpu_limits_searches_in_two_processes_give_the_same_answer(tmp_path):
+    """With two workers the next bisection search runs ahead in another process: the same
+    tries, the same suggested pages_to_scan and count as one search after the other."""
+    cfg = load_density(write(tmp_path, HAND.replace("  max_guests: 40\n",
+                                                    "  max_guests: 6\n  limits: {ksmd_cpu: 3%}\n")))
+    two = DensitySearch(cfg, workers=2).run()
+    one = DensitySearch(cfg, workers=1).run()
+    assert two["cpu_limit"]["tries"] and two["cpu_limit"] == one["cpu_limit"]
+    two.pop("wall_s"), one.pop("wall_s")
+    assert two == one
 
 
 def test_a_study_too_big_for_this_machine_is_refused_before_it_starts(tmp_path):

@@ -114,8 +114,8 @@ def test_resolutions_side_by_side_give_the_answers_of_one_after_the_other():
     assert apart == alone and [row["resolution"] for row in apart["rows"]] == [8, 4, 2]
 
 
-def test_workers_without_resolutions_is_refused_in_one_line():
+def test_no_workers_is_refused_in_one_line():
     from helpers import one_line_exit_2, vmhost
     cfg = str(ROOT / "configs" / "density-tiny.yaml")
-    one_line_exit_2(vmhost("density", cfg, "--workers", "2"), "--workers", "--resolutions")
+    one_line_exit_2(vmhost("density", cfg, "--workers", "0"), "--workers")
     one_line_exit_2(vmhost("density", cfg, "--resolutions", "8,4", "--workers", "0"), "--workers")

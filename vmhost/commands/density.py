@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from vmhost.commands.common import whole_number
@@ -32,8 +33,9 @@ def register(sub) -> None:
                    help="resolution invariance: run the config at each 1/N and compare every headline "
                         "figure with the finest (see vmhost/density/invariance.py); exit 1 if one disagrees")
     p.add_argument("--workers", type=whole_number, metavar="N",
-                   help="with --resolutions: processes running resolutions side by side "
-                        "(default: the CPU count; 1: one after the other)")
+                   help="processes for the searches that can run side by side: the resolutions "
+                        "of --resolutions, the searches for the largest pages_to_scan within the "
+                        "ksmd CPU limit (default: the CPU count; 1: one after the other)")
     p.set_defaults(func=_run)
 
 
@@ -45,10 +47,9 @@ def _run(args: argparse.Namespace) -> int:
     from vmhost.progress import Progress
     from hw.units import PAGES_PER_GIB
     from vmhost.reports.files import dumps_json
-    if args.workers is not None and not args.resolutions:
+    if args.workers is not None and args.workers < 1:
         from vmhost.errors import InputError
-        raise InputError("density: --workers goes with --resolutions (the search itself is one "
-                         "sequence of steps)")
+        raise InputError(f"density: --workers must be at least 1 (got {args.workers})")
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
         return _invariance(args, cfg)
@@ -61,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
             verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
             bar.advance(step["booted"], f"{step['guests']} guests ({step['image']}): saved "
                                         f"{step['saved_pages']} pages, {step['full_scans']} scans, {verdict}")
-        result = DensityRunner(cfg, progress=progress).run()
+        result = DensityRunner(cfg, progress=progress, workers=args.workers or os.cpu_count() or 1).run()
     wall = time.perf_counter() - wall0
     if args.bench:
         result["bench"] = {"wall_s": round(wall, 3), "resolution": cfg.resolution,
@@ -99,8 +100,6 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
     def progress(r, run):
         if not (args.quiet or args.json):
             print(f"density: 1/{r} done ({run['wall_s']:.1f} s)", file=sys.stderr)
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"density: --workers must be at least 1 (got {args.workers})")
     out = check(cfg, rs, progress, workers=args.workers)
     print(dumps_json(out, compact=True) if args.json else format_check(out))
     return 0 if out["ok"] else 1
