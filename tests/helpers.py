@@ -27,6 +27,28 @@ def one_line_exit_2(r: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
+def start_ksm(h, **knobs: str):
+    """KSM and ksmd on host ``h``, running, 100,000 pages every 20 ms (``knobs`` written
+    before ``run``): (ksm, ksmd)."""
+    from vmhost.ksm.engine import Ksm
+    from vmhost.ksm.ksmd import Ksmd
+    ksm = Ksm(h)
+    ksmd = Ksmd(ksm, h.clock)
+    for k, v in {"pages_to_scan": "100000", "sleep_millisecs": "20", **knobs, "run": "1"}.items():
+        assert ksm.write_knob(k, v) == 0
+    return ksm, ksmd
+
+
+def process_with(h, values, name: str = "p"):
+    """A new process of host ``h`` with one plain (no THP) VMA holding ``values``, one a page:
+    (process, vma)."""
+    import numpy as np
+    p = h.spawn(name)
+    v = p.mm.mmap(len(values), thp=False)
+    p.mm.write(v.start, np.asarray(values, dtype=np.uint64))
+    return p, v
+
+
 def pids_with_cmdline(needle: bytes) -> list[int]:
     """The processes whose command line (NUL-separated, as /proc has it) contains ``needle``."""
     out = []

@@ -142,6 +142,15 @@ def restore_block(b: int, zone: str, attempts: int = 20) -> str | None:
     return f"memory block {b}: state {block_state(b)}, zones {block_zones(b)} (wanted online {zone})"
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 # --------------------------------------------------------------------------------------------
 # swap files and cgroups
 
