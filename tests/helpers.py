@@ -10,6 +10,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A 4 MiB guest image (1024 pages) whose first half is kernel pages, the same in every guest of
+# a domain and all distinct inside one; a test adds the classes of the other half.
+UNIT_KERNEL_HALF = """\
+name: unit
+memory_mib: 4
+kernel: unit-kernel
+classes:
+  kernel: {fraction: 0.5, distinct: 1.0, pool: 1}
+"""
+
 
 def vmhost(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python3 -m vmhost.cli ARGS`` from the repository root (this checkout's code)."""
