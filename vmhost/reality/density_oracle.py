@@ -87,7 +87,7 @@ import numpy as np
 from hw.units import HPAGE_PAGES, HPAGE_SIZE, PAGE_SIZE, PAGES_PER_GIB
 from vmhost.errors import InputError
 from vmhost.reports.files import dumps_json
-from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, libc, read_knob,
+from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, libc, read_knob, recv_reply,
                                        read_ksm_stat, read_vmstat, write_knob)
 
 WORDS = PAGE_SIZE // 8
@@ -237,14 +237,7 @@ class _GuestHandle:
         self.info: dict | None = None
 
     def reply(self):
-        ready, _, _ = select.select([self.sock], [], [], REPLY_TIMEOUT_S)
-        msg = self.sock.recv(1 << 16) if ready else b""
-        if not msg:
-            raise OracleError(f"guest {self.name} (pid {self.pid}) died or did not answer")
-        status, value = pickle.loads(msg)
-        if status == "fail":
-            raise OracleError(f"guest {self.name}: {value}")
-        return value
+        return recv_reply(self.sock, f"guest {self.name}", self.pid, REPLY_TIMEOUT_S)
 
     def call(self, *cmd):
         self.sock.send(pickle.dumps(cmd))
@@ -476,7 +469,6 @@ class _Driver:
 
     # -- one step --------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg = self.cfg
         running = self.set_knobs()
         steps, failed_at = [], None
         n = 0

@@ -302,8 +302,21 @@ def send_result(fd: int, result: dict) -> None:
     os.close(fd)
 
 
-def ignore_sigint() -> None:
+def child_main(argv: list[str], work) -> int:
+    """The child's whole life (``--child JFD RFD``, request on stdin): SIGINT ignored (the
+    parent handles Ctrl-C), ``work(journal, request)`` run, and its result dict, its refusal
+    (an ``InputError``) or its failure sent to the parent."""
+    from vmhost.errors import InputError
+    journal, rfd = child_fds(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    req = json.loads(sys.stdin.read())
+    try:
+        send_result(rfd, {"ok": True, **work(journal, req)})
+    except InputError as exc:
+        send_result(rfd, {"ok": False, "refused": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        send_result(rfd, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    return 0
 
 
 def guarded_result(module: str, request: dict, timeout: float, what: str) -> dict:
