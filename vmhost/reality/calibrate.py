@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,12 +262,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
     from vmhost.reality import live_ksm
 
     files = lab.build_guest()
-    tmp = None
-    if dump_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="vmhost-calibrate-")
-        dump_dir = tmp.name
-    dump_dir = Path(dump_dir)
-    dump_dir.mkdir(parents=True, exist_ok=True)
+    dump_dir, remove_dumps = lab.dump_directory(dump_dir, "vmhost-calibrate-")
     out: dict = {"guests": guests, "mem_mib": mem_mib, "paused": paused,
                  "kernel_package": files.kernel_package,
                  "knobs": {"pages_to_scan": live_ksm.PAGES_TO_SCAN,
@@ -306,8 +300,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
             out["kernel"]["census_after"] = {g.name: census(pid=g.pid) for g in running}
         images = [dumps.fingerprint_dump(p) for p in paths]
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        remove_dumps()
     out["wall_seconds"] = round(time.monotonic() - t_start, 2)
     out["_snapshots"] = snaps
     out["_images"] = images

@@ -21,7 +21,6 @@ machine; the whole run is bounded by ``timeout`` and reports ``converged: false`
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,12 +80,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
     before the dumps and before KSM starts.
     """
     files = lab.build_guest()            # may download: do it before taking the KSM lock
-    tmp = None
-    if dump_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="vmhost-livesm-")
-        dump_dir = tmp.name
-    dump_dir = Path(dump_dir)
-    dump_dir.mkdir(parents=True, exist_ok=True)
+    dump_dir, remove_dumps = lab.dump_directory(dump_dir, "vmhost-livesm-")
     result: dict = {"guests": guests, "mem_mib": mem_mib, "kernel_package": files.kernel_package,
                     "pages_to_scan": PAGES_TO_SCAN, "sleep_millisecs": SLEEP_MS,
                     "stable_scans": stable_scans, "tolerance": tolerance}
@@ -106,8 +100,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
             result["zero_fraction"] = [im.header["stats"]["zero_fraction"] for im in images]
             result["ideal"] = dumps.cross_sharing(images, max_page_sharing=256)
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        remove_dumps()
     return result
 
 
