@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hw.units import HPAGE_PAGES
+from vmhost.mm.frames import PG_MLOCKED
 from vmhost.mm.mempolicy import MemPolicy
 
 if TYPE_CHECKING:
@@ -116,6 +117,14 @@ class Vma:
     @property
     def ksm_compatible(self) -> bool:
         return not self.flags & KSM_INCOMPATIBLE
+
+    def map_readonly(self, off: int, pfn: int, frames) -> None:
+        """Point the PTE at ``off`` to ``pfn``, present, young and write-protected (a write
+        faults), the page mlocked in a locked VMA; the caller counted the mapping."""
+        if self.flags & VmFlags.LOCKED:
+            frames.flags[pfn] |= PG_MLOCKED
+        self.pte[off] = pfn
+        self.ptef[off] = PTE_PRESENT | PTE_YOUNG
 
     def linear_index(self, offsets) -> np.ndarray:
         """page->index of a page at these offsets (linear_page_index)."""
