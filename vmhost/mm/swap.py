@@ -55,14 +55,6 @@ def swp_entry(area: int, slot: int) -> int:
     return (int(area) << SWP_SHIFT) | int(slot)
 
 
-def swp_area(entry) -> np.ndarray | int:
-    return np.asarray(entry) >> SWP_SHIFT if not isinstance(entry, int) else entry >> SWP_SHIFT
-
-
-def swp_slot(entry):
-    return np.asarray(entry) & SWP_SLOT_MASK if not isinstance(entry, int) else entry & SWP_SLOT_MASK
-
-
 class SwapReadError(Exception):
     """A swap-in read failed: the faulting access gets SIGBUS (VM_FAULT_SIGBUS)."""
 

@@ -130,9 +130,6 @@ class Vma:
         """page->index of a page at these offsets (linear_page_index)."""
         return self.pgoff + np.asarray(offsets, dtype=np.int64)
 
-    def offset_of_index(self, index: int) -> int:
-        return index - self.pgoff
-
     def present_mask(self) -> np.ndarray:
         """Offsets whose PTE maps a frame of its own (not the zero page)."""
         return (self.ptef & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT

@@ -48,10 +48,8 @@ from vmhost.reality import lab
 
 PM_PRESENT = 1 << 63
 PM_SWAP = 1 << 62
-PM_FILE = 1 << 61
 PFN_MASK = (1 << 55) - 1
 KPF_COMPOUND_HEAD = 15
-KPF_COMPOUND_TAIL = 16
 KPF_KSM = 21
 KPF_THP = 22
 KPF_ZERO_PAGE = 24

@@ -37,7 +37,6 @@ import numpy as np
 MEM_DIR = Path("/sys/devices/system/memory")
 KPF_BUDDY = 1 << 10
 KPF_LRU = 1 << 5
-KPF_SLAB = 1 << 7
 KPF_KSM = 1 << 21
 KPF_MMAP = 1 << 11
 KPF_ANON = 1 << 12
