@@ -283,7 +283,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
                 if not paused:
                     g.cont()
             out["snapshot_seconds"] = round(time.monotonic() - t_snap, 2)
-            conv = live_ksm._converge(timeout, stable_scans, tolerance)
+            conv = live_ksm.converge(timeout, stable_scans, tolerance)
             out["kernel"] = {k: conv[k] for k in (
                 "converged", "pages_shared", "pages_sharing", "pages_unshared",
                 "pages_volatile", "full_scans", "full_scans_to_converge",
@@ -292,7 +292,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
                 {k: s[k] for k in ("full_scans", "pages_shared", "pages_sharing",
                                    "pages_unshared", "pages_volatile", "seconds")}
                 for s in conv["samples"]]
-            out["kernel"]["processes"] = {g.name: live_ksm._proc_memory(g.pid)
+            out["kernel"]["processes"] = {g.name: live_ksm.proc_memory(g.pid)
                                           for g in running}
             out["kernel"]["census_before"] = {s.guest: census(s) for s in snaps}
             out["kernel"]["census_after"] = {g.name: census(pid=g.pid) for g in running}

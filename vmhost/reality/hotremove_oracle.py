@@ -64,8 +64,9 @@ import numpy as np
 from vmhost.errors import InputError
 from vmhost.ksm.trace import PAGE_SIZE, Region, content_ids
 from vmhost.reality import guard
-from vmhost.reality.ksm_oracle import (MADV, OracleError, _Proc, exclusive_kernel_ksm, libc, mergeable_pids, read_globals,
-                                       read_knob, read_vmstat, serve_worker, spawn_worker, write_knob)
+from vmhost.reality.ksm_oracle import (MADV, OracleError, WorkerHandle, exclusive_kernel_ksm, libc,
+                                       mergeable_pids, read_globals, read_knob, read_vmstat, serve_worker,
+                                       spawn_worker, write_knob)
 
 KSM_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
 STEPPING = ("run", "pages_to_scan", "sleep_millisecs")
@@ -235,7 +236,7 @@ class _Case:
         self.scn, self.journal, self.crash_at = scn, journal, crash_at
         self.proc_spec, self.written = check_scenario(scn)
         self.bp = guard.block_pages()
-        self.proc: _Proc | None = None
+        self.proc: WorkerHandle | None = None
         self.addrs: dict[str, int] = {}
         self.block: int | None = None
         self.zone0 = ""

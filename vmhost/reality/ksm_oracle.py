@@ -300,7 +300,7 @@ def serve_worker(fd: int, loop_class=_WorkerLoop):
 # Oracle side
 
 
-class _Proc:
+class WorkerHandle:
     """The oracle's handle on one trace process."""
 
     def __init__(self, name: str, pid: int, sock: socket.socket, popen=None):
@@ -356,7 +356,7 @@ def recv_reply(sock: socket.socket, who: str, pid: int, timeout: float = REPLY_T
     return value
 
 
-def spawn_worker(name: str, regions: list[Region], module: str = "vmhost.reality.ksm_oracle") -> _Proc:
+def spawn_worker(name: str, regions: list[Region], module: str = "vmhost.reality.ksm_oracle") -> WorkerHandle:
     """A worker process (``python -m MODULE --worker FD``, which calls :func:`serve_worker`)
     holding ``regions``, once it said hello."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -369,7 +369,7 @@ def spawn_worker(name: str, regions: list[Region], module: str = "vmhost.reality
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd="/")
     finally:
         theirs.close()
-    proc = _Proc(name, child.pid, mine, popen=child)
+    proc = WorkerHandle(name, child.pid, mine, popen=child)
     proc.send("init", regions)
     hello = proc.reply()
     if hello != child.pid:
@@ -382,8 +382,8 @@ class _Run:
 
     def __init__(self, trace: Trace, deadline: float):
         self.trace, self.deadline = trace, deadline
-        self.procs: dict[str, _Proc] = {}
-        self.all_procs: list[_Proc] = []
+        self.procs: dict[str, WorkerHandle] = {}
+        self.all_procs: list[WorkerHandle] = []
         self.snapshots: list[dict] = []
         self.errors: list[dict] = []
         self.base = read_globals()
@@ -405,7 +405,7 @@ class _Run:
         return {"version": 1, "engine": "kernel", "profile": self.trace.profile,
                 "snapshots": self.snapshots, "errors": self.errors}
 
-    def add(self, proc: _Proc):
+    def add(self, proc: WorkerHandle):
         self.procs[proc.name] = proc
         self.all_procs.append(proc)
 
@@ -437,7 +437,7 @@ class _Run:
         finally:
             theirs.close()
         pid = parent.reply()
-        kid = _Proc(child, pid, mine)
+        kid = WorkerHandle(child, pid, mine)
         self.add(kid)
         if kid.reply() != pid:
             raise OracleError(f"step {i}: forked child did not report pid {pid}")

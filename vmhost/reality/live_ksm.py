@@ -40,7 +40,7 @@ def _counters() -> dict[str, int]:
     return {c: int((KSM_DIR / c).read_text()) for c in COUNTERS}
 
 
-def _proc_memory(pid: int) -> dict[str, int]:
+def proc_memory(pid: int) -> dict[str, int]:
     """AnonHugePages (KiB) of the process and its KSM view (/proc/PID/ksm_stat)."""
     out = {}
     try:
@@ -91,9 +91,9 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
             paths = [g.dump_both(dump_dir / f"{g.name}.elf", dump_dir / f"{g.name}.raw")
                      for g in running]
             result["dumps"] = [[str(e), str(r)] for e, r in paths]
-            result["before"] = {g.name: _proc_memory(g.pid) for g in running}
-            result.update(_converge(timeout, stable_scans, tolerance))
-            result["processes"] = {g.name: _proc_memory(g.pid) for g in running}
+            result["before"] = {g.name: proc_memory(g.pid) for g in running}
+            result.update(converge(timeout, stable_scans, tolerance))
+            result["processes"] = {g.name: proc_memory(g.pid) for g in running}
         result["wall_seconds"] = round(time.monotonic() - started, 2)
         if fingerprint:
             images = [dumps.fingerprint_dump(elf) for elf, _ in paths]
@@ -125,7 +125,7 @@ def merging_guests(files, guests: int, mem_mib: int, workdir: Path, knobs: dict,
             write_knob("run", 0)
 
 
-def _converge(timeout: float, stable_scans: int, tolerance: int) -> dict:
+def converge(timeout: float, stable_scans: int, tolerance: int) -> dict:
     vm0 = read_vmstat("thp_split_page", "cow_ksm")
     base = _counters()["full_scans"]
     samples: list[dict] = []
