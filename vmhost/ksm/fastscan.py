@@ -1169,7 +1169,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
 
 @njit(cache=True, nogil=True)
 def scan_ahead(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
-               vma_locked, vma_anon_vma, pace_i, pace_f, cost_w):
+               vma_locked, vma_anon_vma, pace_i, pace_f, cost_w, pt_epoch):
     """``scan_run`` for the rest of ksmd's batch (``pace_i[PACE_DONE]`` pages of it done);
     then, while a batch ends inside this VMA with its budget spent and ksmd's next wake-up
     (now + the batch's CPU time, as ``Ksmd`` charges it, + the sleep) falls before the clock's
@@ -1177,8 +1177,8 @@ def scan_ahead(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, cu
     ``pace_i`` gets the whole batches run ahead (count, CPU time) and the wake-up time of the
     last one, the one returned (as scan_run returns it) for ksmd to finish and charge; a pool
     or table that must grow first ends the run ahead, as a full scan's end does (it is Python's),
-    and so does a change of the mm's page tables since ``cand`` was listed
-    (``PACE_CAND_GEN``: the next batch would list the candidates again)."""
+    and so does a change of the mm's page tables (``pt_epoch``, the host's) since ``cand``
+    was listed (``PACE_CAND_GEN``: the next batch would list the candidates again)."""
     work = S.work
     done0 = pace_i[PACE_DONE]
     while True:
@@ -1193,7 +1193,7 @@ def scan_ahead(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, cu
         cost = np.int64(wn - pace_f[PACE_BEFORE_NS] + (done0 + n) * pace_f[PACE_PAGE_NS]
                         + pace_f[PACE_BATCH_NS])
         when = pace_i[PACE_NOW] + cost + pace_i[PACE_SLEEP_NS]
-        if (when >= pace_i[PACE_HORIZON] or S.pt_epoch[mm_id] != pace_i[PACE_CAND_GEN]
+        if (when >= pace_i[PACE_HORIZON] or pt_epoch[mm_id] != pace_i[PACE_CAND_GEN]
                 or ND.free_top[0] == 0
                 or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]):
             return i, n, code, item

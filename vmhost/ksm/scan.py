@@ -262,7 +262,8 @@ class ScanMixin:
             listed = self._cand_cache.get(id(vma))
             gen = listed[0] if listed is not None and listed[1] is cand else -1
             i, n, code, item = fastscan.scan_ahead(*groups, cand, i, budget, *args[3:],
-                                                   *pace.arrays(host.clock, done, gen))
+                                                   *pace.arrays(host.clock, done, gen),
+                                                   host.pt_epoch)
             pace.ran_ahead(host.clock)
         slot.rmap_list, self.prev_item = int(cursor[0]), int(cursor[1])
         self.address = int(cursor[2])
