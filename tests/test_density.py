@@ -360,7 +360,7 @@ def test_the_cpu_limits_searches_in_two_processes_give_the_same_answer(tmp_path)
 
 def test_a_study_too_big_for_this_machine_is_refused_before_it_starts(tmp_path):
     """density-256g at resolution 1 (256 guests of 4 GiB may boot, and the strided search
-    keeps a copy of the simulation: some 90 GiB of emulator state) is refused in one line with
+    keeps a copy of the simulation: some 95 GiB of emulator state) is refused in one line with
     the estimate and a resolution that fits, before any output; the estimate falls with the
     resolution as the pages do."""
     from helpers import one_line_exit_2, vmhost

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+
 from hw.units import PAGE_SIZE, PAGES_PER_MIB
 from vmhost.density.config import DensityConfig
 from vmhost.density.result import build_result
@@ -28,6 +30,8 @@ from vmhost.density.stepper import HostStepper, StepResult
 
 STRIDE_FROM, STRIDE_MAX = 8, 16
 MAX_CPU_TRIES = 6            # searches spent finding the largest pages_to_scan within the CPU limit
+# a guest's model per page: its content id, class and boot-touched flag, and the frames written
+GUEST_MODEL_BYTES = np.dtype(np.uint64).itemsize + np.dtype(np.int8).itemsize + 2 * np.dtype(np.bool_).itemsize
 EDGE = 0.01                  # a limit broken by less than this: the count is at the edge (``at_edge``)
 
 
@@ -180,7 +184,8 @@ class DensitySearch:
         mapped = sum(e.memory_mib * PAGES_PER_MIB for e in guests)
         scanned = sum(e.memory_mib * PAGES_PER_MIB for e in guests if not e.nosharepages)
         copies = 2 if any(self._stride(n) > 1 for n in range(len(guests))) else 1
-        return Footprint(copies * host, copies * mapped, copies * scanned).scaled(self.r)
+        return Footprint(copies * host, copies * mapped, copies * scanned,
+                         other_bytes=copies * mapped * GUEST_MODEL_BYTES).scaled(self.r)
 
     def check_fits(self) -> None:
         """Refuse (one line: InputError) a search whose simulation would not fit in this
