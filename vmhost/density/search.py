@@ -203,6 +203,7 @@ class DensitySearch:
         n = 0
         while n < len(cfg.sequence) and failed_at is None:
             stride = min(self._stride(n), len(cfg.sequence) - n)
+            snapshot = None               # the last one goes first: two copies at most
             snapshot = st.snapshot() if stride > 1 else None
             step = self.boot_step(n, stride)
             if step["ok"] or stride == 1:
