@@ -307,6 +307,20 @@ def _cow_ksm() -> int:
     return read_vmstat("cow_ksm").get("cow_ksm", 0)
 
 
+KHUGEPAGED_DIR = Path("/sys/kernel/mm/transparent_hugepage/khugepaged")
+KHUGEPAGED_VMSTAT = ("thp_collapse_alloc", "thp_collapse_alloc_failed", "thp_split_page")
+
+
+def _khugepaged() -> dict[str, int]:
+    """khugepaged's counters (machine-wide: full_scans, pages_collapsed) and its /proc/vmstat
+    events, to tell how much of a step khugepaged re-collapsed."""
+    out = {f: int((KHUGEPAGED_DIR / f).read_text()) for f in ("full_scans", "pages_collapsed")
+           if (KHUGEPAGED_DIR / f).exists()}
+    vm = read_vmstat(*KHUGEPAGED_VMSTAT)
+    out.update({f: vm.get(f, 0) for f in KHUGEPAGED_VMSTAT})
+    return out
+
+
 def mem_available_bytes() -> int:
     with open("/proc/meminfo") as fh:
         for line in fh:
@@ -504,6 +518,7 @@ class _Driver:
             self.wait_boundary()
         self.check_interference()
         t0, c0, cpu0, wait0, cow0 = self.sample()
+        self._khp0 = _khugepaged()
         for g in booted:
             g.call("register")
         new_pages = sum(g.info["pages"] for g in booted)
@@ -617,7 +632,8 @@ class _Driver:
                        "resident_pages": resident, "anon_huge_pages": huge, "full_scan_s": scan_s,
                        "pages_volatile": c1["pages_volatile"],
                        "stable_node_chains": c1["stable_node_chains"],
-                       "stable_node_dups": c1["stable_node_dups"], "procs": procs},
+                       "stable_node_dups": c1["stable_node_dups"], "procs": procs,
+                       "khugepaged": {k: v - self._khp0.get(k, 0) for k, v in _khugepaged().items()}},
         }
         gib = saved / PAGES_PER_GIB
         step["cpu_s_per_gib_saved"] = round(step["ksmd_cpu_s_total"] / gib, 6) if gib > 0 else None
@@ -635,6 +651,7 @@ class _Driver:
         head = _headroom_pages(cfg)
         if head is not None and step["free_pages"] < head:
             v.append(f"free memory {step['free_pages']} pages < headroom {head}")
+        step["thp_collapse_alloc"] = step["kernel"]["khugepaged"].get("thp_collapse_alloc", 0)
         step["held_pages"] = used              # guest pages in RAM or swap (no swap here)
         step["violations"] = v
         step["ok"] = not v
@@ -910,6 +927,10 @@ def compare(emulator: dict, kernels: list[dict]) -> dict:
                 ok = abs(e) <= TOLERANCES["time"] or (scan is not None and abs(ev - km) <= scan)
             row[p] = {"emulator": ev, "kernel": km, "spread": _spread(kv), "err": e, "ok": ok}
         row["full_scan_s"] = scan
+        # huge pages khugepaged collapsed in the step (the kernel's count is machine-wide)
+        row["thp_collapse_alloc"] = {"emulator": es.get("thp_collapse_alloc"),
+                                     "kernel": _mean([k.get("kernel", {}).get("khugepaged", {}).get("thp_collapse_alloc")
+                                                        for k in ks])}
         rows.append(row)
     held = [r[k]["ok"] for r in rows for k in ("pages_sharing", "used_pages", "ksmd_cpu_share", "p50_s", "p90_s")
             if r[k]["ok"] is not None]
@@ -936,7 +957,8 @@ def format_compare(cmp: dict) -> str:
              f"used memory {TOLERANCES['used_pages']:.0%}",
              f"{'N':>3} {'image':<14} {'kernel sharing':>14} {'spread':>7} {'emu err':>8} "
              f"{'kernel used GiB':>15} {'emu err':>8} {'kernel cpu':>10} {'spread':>7} {'emu err':>8} "
-             f"{'kernel t50':>10} {'emu err':>8} {'kernel t90':>10} {'emu err':>8} {'scan s':>7}"]
+             f"{'kernel t50':>10} {'emu err':>8} {'kernel t90':>10} {'emu err':>8} {'scan s':>7} "
+             f"{'collapses k/e':>13}"]
     for r in cmp["steps"]:
         ps, u, c, t5, t9 = r["pages_sharing"], r["used_pages"], r["ksmd_cpu_share"], r["p50_s"], r["p90_s"]
 
@@ -948,10 +970,17 @@ def format_compare(cmp: dict) -> str:
             f"{pct(u['err']) + mark(u['ok']):>11} {c['kernel']:>10.1%} {sp(c['spread']):>7} "
             f"{pct(c['err']) + mark(c['ok']):>11} {t(t5['kernel']):>10} {pct(t5['err']) + mark(t5['ok']):>11} "
             f"{t(t9['kernel']):>10} {pct(t9['err']) + mark(t9['ok']):>11} "
-            f"{'-' if r['full_scan_s'] is None else format(r['full_scan_s'], '.1f'):>7}")
+            f"{'-' if r['full_scan_s'] is None else format(r['full_scan_s'], '.1f'):>7} "
+            f"{_collapses(r.get('thp_collapse_alloc')):>13}")
     lines.append(f"all within tolerance: {'yes' if cmp['all_within'] else 'no'}; wall: emulator "
                  f"{cmp['emulator_wall_s']}s, kernel {cmp['kernel_wall_s']}s")
     return "\n".join(lines)
+
+
+def _collapses(c: dict | None) -> str:
+    if not c or c.get("kernel") is None or c.get("emulator") is None:
+        return "-"
+    return f"{c['kernel']:.0f}/{c['emulator']}"
 
 
 def run_cli(args) -> int:
