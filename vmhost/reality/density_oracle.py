@@ -15,9 +15,12 @@ process on this kernel:
   ``nosharepages``) and runs its image's steady write model in real time, every
   ``write_period``.
 * **When a step starts.** The emulator boots a step's guests right after the full scan that
-  ended the previous step, so their first pass is the next one: the oracle fills the new
-  guests first (unregistered, so ksmd does not see them yet), waits for ``full_scans`` to move
-  and registers them at once (the kernel inserts a new mm_slot just behind ksmd's cursor).
+  ended the previous step, so their first pass is the next one: the oracle pauses ksmd
+  (``run`` 0) as soon as it sees the full scan that ends a step, fills the next guests
+  (seconds of real time), registers them (the kernel inserts a new mm_slot just behind ksmd's
+  cursor) and lets ksmd go on (``run`` 1). Without the pause ksmd would run extra passes over
+  the older guests during the fill; with smart scan each pass moves every skipped page's skip
+  cycle, and the next guest met the older guests' pages one pass off the emulator's.
 * **Steady state** is the emulator's rule: ``pages_shared``, ``pages_sharing`` and
   ``ksm_zero_pages`` moved by at most ``tolerance`` x the step's new pages over the last
   ``settle.scans`` full scans (no verdict before ``scans + 1`` scans), at most ``max_scans``;
@@ -94,7 +97,6 @@ WORDS = PAGE_SIZE // 8
 SAFE_FRACTION = 0.6             # of MemAvailable: the most the guests may take
 GUEST_OVERHEAD_BYTES = 64 << 20  # a guest process's own interpreter, numpy, content arrays
 POLL_S = 0.004                  # counter polling period
-BOUNDARY_POLL_S = 0.001         # while waiting for a full scan to end
 REPLY_TIMEOUT_S = 300.0
 KSMD_NICE = -20                 # during a run (the kernel starts ksmd at 5): see the docstring
 TIMELINE_POINTS_PER_STEP = 64
@@ -448,6 +450,15 @@ class _Driver:
         self.expected = {k: read_knob(k) for k in list(knobs) + ["run"]}
         return str(run) == "1"
 
+    def set_run(self, value: str) -> None:
+        """Pause (0) or resume (1) ksmd between steps: filling the next guests takes seconds of
+        real time, in which ksmd would run passes the emulator's boot sequence does not have
+        (with smart scan, passes that move every skipped page's skip cycle)."""
+        err = write_knob("run", value)
+        if err:
+            raise OracleError(f"KSM refused run={value} ({err})")
+        self.expected["run"] = value
+
     def check_interference(self) -> None:
         """Every oracle user takes the lock, but a stray write (run=2 unmerges everything)
         would silently spoil the measurement: the knobs set at the start must still hold."""
@@ -479,15 +490,6 @@ class _Driver:
     def saved(c: dict) -> int:
         return c["pages_sharing"] + c["ksm_zero_pages"]
 
-    def wait_boundary(self, limit_s: float = 600.0) -> None:
-        """Until full_scans moves (ksmd just ended a pass): a new mm then gets the next pass."""
-        start = int(read_knob("full_scans"))
-        end = time.monotonic() + limit_s
-        while int(read_knob("full_scans")) == start:
-            if time.monotonic() > end:
-                raise OracleError("ksmd did not finish a full scan in time")
-            time.sleep(BOUNDARY_POLL_S)
-
     # -- one step --------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
@@ -514,13 +516,14 @@ class _Driver:
             booted.append(g)
         for g in booted:
             g.info = g.reply()
-        if running and n > 0:
-            self.wait_boundary()
+        paused = running and n > 0            # ksmd was paused at the previous step's last boundary
         self.check_interference()
         t0, c0, cpu0, wait0, cow0 = self.sample()
         self._khp0 = _khugepaged()
         for g in booted:
             g.call("register")
+        if paused:
+            self.set_run("1")
         new_pages = sum(g.info["pages"] for g in booted)
         samples = [(t0, self.saved(c0), cpu0)]
         hist = [(t0, c0, cpu0, cow0, wait0)]
@@ -566,6 +569,8 @@ class _Driver:
                 st["settled_by"] = f"max_scans ({cfg.max_scans})"
             kk = min(k, len(hist) - 1)
             window = hist[-1 - kk] if kk > 0 else hist[-1]
+            if n + count < len(self.specs):
+                self.set_run("0")             # the next guests register before ksmd goes on
         t1, c1, cpu1, wait1, cow1 = self.sample()
         self.check_interference()
         samples.append((t1, self.saved(c1), cpu1))
