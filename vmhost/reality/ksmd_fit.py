@@ -45,9 +45,10 @@ from vmhost.reports.files import dumps_json
 CALIBRATION = Path(__file__).resolve().parents[1] / "ksm" / "ksmd_calibration.json"
 FEATURES = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "dups_walked",
             "batches")
-#: the costs fitted; the others keep their values (ptes_walked moves with pages and dups_walked
-#: with tree_compares in every density pass: they cannot be told apart there)
-FITTED = ("pages", "checksums", "tree_compares", "merges", "thp_splits", "batches")
+#: the costs fitted; dups_walked keeps its value (it moves with tree_compares in every density
+#: pass). ptes_walked is told apart from pages by smart scan's passes, where most PTEs walked are
+#: skipped pages (pages_scanned counts only the pages processed)
+FITTED = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "batches")
 
 
 def emulator_passes(cfg) -> list[dict]:
