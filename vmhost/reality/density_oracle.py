@@ -53,10 +53,11 @@ spread ((max - min) / mean) and the emulator's error, against the tolerances: pa
 steady state 2%, time to 50% and 90% of the step's savings 15% or one full scan, ksmd's CPU
 share 10%, used memory 1%. Saved runs compare with ``python -m vmhost.reality.density_oracle
 --table EMULATOR.json KERNEL.json...``. The bundled comparisons: ``configs/oracle/density-small.yaml``
-(2 GiB, CI) and ``configs/oracle/density-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each). They run with
-``smart_scan: 0``: with 6.18's smart scan a page that did not merge is skipped for up to 8 passes,
-so the 2-scan settle window ends at a point that moves from run to run (the kernel spread 5-8%
-there); with every page visited every pass, the kernel repeats itself exactly.
+(2 GiB, CI) and ``configs/oracle/density-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each) with
+``smart_scan: 0`` (every page visited every pass: the kernel repeats itself exactly), and
+``configs/oracle/density-{vdi-12g,tenants-10g,jvm-10g}.yaml`` (10-12 GiB) at 6.18's default
+``smart_scan: 1``: a page that did not merge is skipped for up to 8 passes, so where the 2-scan
+settle window ends depends on where the skip cycles stand (README, Real density).
 
 Safety. It refuses, with one line and exit 2, when not root, when another process uses KSM or
 holds the oracle lock too long (``exclusive_kernel_ksm``), and when the guests' memory (touched
