@@ -37,22 +37,28 @@ class StableTreeMixin:
 
     def remove_node_from_stable_tree(self, node: int) -> None:
         """Drop a node and un-count every rmap_item still listed on it."""
-        it, items, c = int(self.nodes.hhead[node]), self.items, self.c
+        it, items = int(self.nodes.hhead[node]), self.items
         while it != NIL:
             nxt = int(items.hnext[it])
-            if nxt != NIL:
-                c.pages_sharing -= 1
-            else:
-                c.pages_shared -= 1
-            self._mm(it).ksm_merging_pages -= 1
-            self.nodes.hlist_len[node] -= 1
-            self._put_anon_vma(it)
-            items.flags[it] = 0
-            items.head[it] = NIL
+            self._uncount_stable_item(node, it, nxt != NIL)
             it = nxt
         self.nodes.hhead[node] = NIL
         self._unlink_node(node)
         self.nodes.free(node)
+
+    def _uncount_stable_item(self, node: int, item: int, sharing: bool) -> None:
+        """An rmap_item leaves KSM page ``node``: one less in pages_sharing (``sharing``: another
+        item stays listed) or pages_shared, in its mm's merging pages and the node's list length;
+        its anon_vma reference dropped, the item no longer in the stable tree."""
+        if sharing:
+            self.c.pages_sharing -= 1
+        else:
+            self.c.pages_shared -= 1
+        self._mm(item).ksm_merging_pages -= 1
+        self.nodes.hlist_len[node] -= 1
+        self._put_anon_vma(item)
+        self.items.flags[item] = 0
+        self.items.head[item] = NIL
 
     def _unlink_node(self, node: int) -> None:
         """stable_node_dup_del, or off the migrate list."""
