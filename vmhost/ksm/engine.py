@@ -177,15 +177,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             if self.get_page(node) < 0:
                 return                      # the stale node took this item's counts with it
             self._hlist_del(node, item)
-            if self.nodes.hhead[node] != NIL:
-                c.pages_sharing -= 1
-            else:
-                c.pages_shared -= 1
-            self._mm(item).ksm_merging_pages -= 1
-            self.nodes.hlist_len[node] -= 1
-            self._put_anon_vma(item)
-            items.head[item] = NIL
-            items.flags[item] = 0
+            self._uncount(node, item, self.nodes.hhead[node] == NIL)
         elif flags & UNSTABLE_FLAG:
             age = (self.seqnr - flags) & SEQNR_MASK
             assert age <= 1, "an unstable rmap_item outlived its tree"

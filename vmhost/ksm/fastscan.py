@@ -32,12 +32,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vmhost.ksm import arraygroup
-from vmhost.ksm.arraygroup import Group, GroupType
+from vmhost.ksm.arraygroup import group
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
 from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
@@ -57,91 +57,25 @@ N_CODES = 7
  P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS, P_CHAINS, N_PARAMS) = range(15)
 
 
-class FrameArraysType(GroupType):
-    pass
-
-
-class FrameArrays(Group):
-    """The page frames' arrays (``mm.frames``)."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_frame_arrays(*arrays)
-
-
-class ItemArraysType(GroupType):
-    pass
-
-
-class ItemArrays(Group):
-    """The rmap_items' arrays and the unstable trees' links (``items``)."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_item_arrays(*arrays)
-
-
-class NodeArraysType(GroupType):
-    pass
-
-
-class NodeArrays(Group):
-    """The stable nodes' arrays, the stable trees' links and the key index."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_node_arrays(*arrays)
-
-
-class ScanStateType(GroupType):
-    pass
-
-
-class ScanState(Group):
-    """The scan's parameters, counters and scratch tables."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_scan_state(*arrays)
-
-
-_FRAME_FIELDS = ("content", "flags", "owner", "mapcount", "refcount", "index")
-_ITEM_FIELDS = ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head", "hnext",
-                "hprev", "anon_vma", "nid", "rnext", "tree_pfn", "tree_gen", "tree_key", "left",
-                "right", "parent", "color", "roots", "free_stack", "free_top")
-_NODE_FIELDS = ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
-                "dnext", "dprev", "key", "stale", "stale_state", "left", "right", "parent",
-                "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state")
-_STATE_FIELDS = ("params", "cnt", "work", "mm_ksm", "pt_epoch", "block_node", "uh", "ulog",
-                 "ulog_len", "eff_chain", "eff_found", "eff_prune", "freed", "freed_n", "av_delta")
-arraygroup.register(FrameArrays, FrameArraysType)
-arraygroup.register(ItemArrays, ItemArraysType)
-arraygroup.register(NodeArrays, NodeArraysType)
-arraygroup.register(ScanState, ScanStateType)
-_pack_frames = arraygroup.packer(FrameArraysType, _FRAME_FIELDS)
-_pack_items = arraygroup.packer(ItemArraysType, _ITEM_FIELDS)
-_pack_nodes = arraygroup.packer(NodeArraysType, _NODE_FIELDS)
-_pack_state = arraygroup.packer(ScanStateType, _STATE_FIELDS)
-
-
-@njit(cache=True)
-def _new_frame_arrays(*arrays):
-    return _pack_frames(arrays)
-
-
-@njit(cache=True)
-def _new_item_arrays(*arrays):
-    return _pack_items(arrays)
-
-
-@njit(cache=True)
-def _new_node_arrays(*arrays):
-    return _pack_nodes(arrays)
-
-
-@njit(cache=True)
-def _new_scan_state(*arrays):
-    return _pack_state(arrays)
+FrameArrays, FrameArraysType = group(
+    "FrameArrays", ("content", "flags", "owner", "mapcount", "refcount", "index"),
+    "The page frames' arrays (``mm.frames``).", __name__)
+ItemArrays, ItemArraysType = group(
+    "ItemArrays", ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head",
+                   "hnext", "hprev", "anon_vma", "nid", "rnext", "tree_pfn", "tree_gen",
+                   "tree_key", "left", "right", "parent", "color", "roots", "free_stack",
+                   "free_top"),
+    "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
+NodeArrays, NodeArraysType = group(
+    "NodeArrays", ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
+                   "dnext", "dprev", "key", "stale", "stale_state", "left", "right", "parent",
+                   "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state"),
+    "The stable nodes' arrays, the stable trees' links and the key index.", __name__)
+ScanState, ScanStateType = group(
+    "ScanState", ("params", "cnt", "work", "mm_ksm", "pt_epoch", "block_node", "uh", "ulog",
+                  "ulog_len", "eff_chain", "eff_found", "eff_prune", "freed", "freed_n",
+                  "av_delta"),
+    "The scan's parameters, counters and scratch tables.", __name__)
 
 
 #: a helper only compiled code calls: no Python entry point is made for it (numba would
@@ -315,15 +249,10 @@ def stable_append(IT, ND, S, item, node):
     ND.hlist_len[node] += 1
     IT.head[item] = node
     IT.flags[item] |= STABLE_FLAG
-    first = ND.hhead[node]
-    IT.hnext[item] = first
-    IT.hprev[item] = NIL
-    if first != NIL:
-        IT.hprev[first] = item
+    if hlist_add_head(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item)) != NIL:
         S.cnt[C_SHARING] += 1
     else:
         S.cnt[C_SHARED] += 1
-    ND.hhead[node] = item
     S.mm_ksm[IT.mm[item], 1] += 1
 
 
@@ -429,20 +358,9 @@ def _stable_insert_walk(F, ND, S, nid, key, mps):
 
 @inner
 def _move_dup_to_head(ND, chain, found):
-    prev = ND.dprev[found]
-    nxt = ND.dnext[found]
-    if prev == NIL:
-        ND.dhead[chain] = nxt
-    else:
-        ND.dnext[prev] = nxt
-    if nxt != NIL:
-        ND.dprev[nxt] = prev
-    first = ND.dhead[chain]
-    ND.dnext[found] = first
-    ND.dprev[found] = NIL
-    if first != NIL:
-        ND.dprev[first] = found
-    ND.dhead[chain] = found
+    """The chain's dup ``found`` moves to the head of its list (hlist_del + hlist_add_head)."""
+    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
+    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
 
 
 @inner
@@ -476,18 +394,27 @@ def _tree_erase(ND, node):
 @inner
 def _del_dup(ND, dup):
     """StableNodes.del_dup."""
-    chain = ND.chain[dup]
-    prev = ND.dprev[dup]
-    nxt = ND.dnext[dup]
-    if prev == NIL:
-        ND.dhead[chain] = nxt
-    else:
-        ND.dnext[prev] = nxt
-    if nxt != NIL:
-        ND.dprev[nxt] = prev
+    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(ND.chain[dup]), np.int64(dup))
     ND.chain[dup] = NIL
-    ND.dnext[dup] = NIL
-    ND.dprev[dup] = NIL
+
+
+@inner
+def _uncount(IT, ND, S, node, item, last):
+    """An rmap_item leaves its node's page (StableTree._uncount): un-counted from
+    pages_shared if it was the last one on the page, else from pages_sharing; its
+    anon_vma reference dropped."""
+    if last:
+        S.cnt[C_SHARED] -= 1
+    else:
+        S.cnt[C_SHARING] -= 1
+    S.mm_ksm[IT.mm[item], 1] -= 1
+    ND.hlist_len[node] -= 1
+    av = IT.anon_vma[item]
+    if av >= 0:
+        S.av_delta[av] -= 1
+        IT.anon_vma[item] = -1
+    IT.flags[item] = 0
+    IT.head[item] = NIL
 
 
 @inner
@@ -497,18 +424,7 @@ def _remove_node(IT, ND, S, node):
     it = ND.hhead[node]
     while it != NIL:
         nxt = IT.hnext[it]
-        if nxt != NIL:
-            S.cnt[C_SHARING] -= 1
-        else:
-            S.cnt[C_SHARED] -= 1
-        S.mm_ksm[IT.mm[it], 1] -= 1
-        ND.hlist_len[node] -= 1
-        av = IT.anon_vma[it]
-        if av >= 0:
-            S.av_delta[av] -= 1
-            IT.anon_vma[it] = -1
-        IT.flags[it] = 0
-        IT.head[it] = NIL
+        _uncount(IT, ND, S, np.int64(node), np.int64(it), nxt == NIL)
         it = nxt
     ND.hhead[node] = NIL
     if ND.kind[node] == DUP:
@@ -529,28 +445,8 @@ def stable_remove(F, IT, ND, S, item):
             return False
         _remove_node(IT, ND, S, np.int64(node))  # the stale node took this item's counts with it
         return True
-    prev = IT.hprev[item]
-    nxt = IT.hnext[item]
-    if prev == NIL:
-        ND.hhead[node] = nxt
-    else:
-        IT.hnext[prev] = nxt
-    if nxt != NIL:
-        IT.hprev[nxt] = prev
-    IT.hnext[item] = NIL
-    IT.hprev[item] = NIL
-    if ND.hhead[node] != NIL:
-        S.cnt[C_SHARING] -= 1
-    else:
-        S.cnt[C_SHARED] -= 1
-    S.mm_ksm[IT.mm[item], 1] -= 1
-    ND.hlist_len[node] -= 1
-    av = IT.anon_vma[item]
-    if av >= 0:
-        S.av_delta[av] -= 1
-        IT.anon_vma[item] = -1
-    IT.head[item] = NIL
-    IT.flags[item] = 0
+    hlist_del(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item))
+    _uncount(IT, ND, S, np.int64(node), np.int64(item), ND.hhead[node] == NIL)
     return True
 
 
@@ -664,12 +560,7 @@ def _add_dup(ND, chain, dup):
     """StableNodes.add_dup: ``dup`` goes at the head of the chain's list."""
     ND.kind[dup] = DUP
     ND.chain[dup] = chain
-    first = ND.dhead[chain]
-    ND.dnext[dup] = first
-    ND.dprev[dup] = NIL
-    if first != NIL:
-        ND.dprev[first] = dup
-    ND.dhead[chain] = dup
+    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(dup))
 
 
 @inner

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmhost.ksm import fastscan
+from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.items import STABLE_FLAG
 from vmhost.ksm.keyindex import ki_find
 from vmhost.ksm.rbtree import NIL, RbTree
@@ -37,22 +38,27 @@ class StableTreeMixin:
 
     def remove_node_from_stable_tree(self, node: int) -> None:
         """Drop a node and un-count every rmap_item still listed on it."""
-        it, items, c = int(self.nodes.hhead[node]), self.items, self.c
+        it = int(self.nodes.hhead[node])
         while it != NIL:
-            nxt = int(items.hnext[it])
-            if nxt != NIL:
-                c.pages_sharing -= 1
-            else:
-                c.pages_shared -= 1
-            self._mm(it).ksm_merging_pages -= 1
-            self.nodes.hlist_len[node] -= 1
-            self._put_anon_vma(it)
-            items.flags[it] = 0
-            items.head[it] = NIL
+            nxt = int(self.items.hnext[it])
+            self._uncount(node, it, nxt == NIL)
             it = nxt
         self.nodes.hhead[node] = NIL
         self._unlink_node(node)
         self.nodes.free(node)
+
+    def _uncount(self, node: int, item: int, last: bool) -> None:
+        """An rmap_item leaves its node's page: un-counted from pages_shared if it was the
+        last one on the page, else from pages_sharing; its anon_vma reference dropped."""
+        if last:
+            self.c.pages_shared -= 1
+        else:
+            self.c.pages_sharing -= 1
+        self._mm(item).ksm_merging_pages -= 1
+        self.nodes.hlist_len[node] -= 1
+        self._put_anon_vma(item)
+        self.items.flags[item] = 0
+        self.items.head[item] = NIL
 
     def _unlink_node(self, node: int) -> None:
         """stable_node_dup_del, or off the migrate list."""
@@ -71,15 +77,7 @@ class StableTreeMixin:
         self.c.stable_node_chains -= 1
 
     def _hlist_del(self, node: int, item: int) -> None:
-        items = self.items
-        prev, nxt = int(items.hprev[item]), int(items.hnext[item])
-        if prev == NIL:
-            self.nodes.hhead[node] = nxt
-        else:
-            items.hnext[prev] = nxt
-        if nxt != NIL:
-            items.hprev[nxt] = prev
-        items.hnext[item] = items.hprev[item] = NIL
+        hlist_del(self.nodes.hhead, self.items.hnext, self.items.hprev, int(node), int(item))
 
     def stable_tree_append(self, item: int, node: int) -> None:
         """Add an rmap_item to a KSM page's list (at the head, like hlist_add_head)."""
@@ -87,15 +85,10 @@ class StableTreeMixin:
         nodes.hlist_len[node] += 1
         items.head[item] = node
         items.flags[item] |= STABLE_FLAG
-        first = int(nodes.hhead[node])
-        items.hnext[item] = first
-        items.hprev[item] = NIL
-        if first != NIL:
-            items.hprev[first] = item
+        if hlist_add_head(nodes.hhead, items.hnext, items.hprev, int(node), int(item)) != NIL:
             self.c.pages_sharing += 1
         else:
             self.c.pages_shared += 1
-        nodes.hhead[node] = item
         self._mm(item).ksm_merging_pages += 1
 
     def _candidate(self, node: int, extra: int = 0) -> bool:
