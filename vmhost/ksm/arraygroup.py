@@ -22,6 +22,7 @@ page tables), without numba's typed lists, whose methods are compiled in every p
 
 from __future__ import annotations
 
+from llvmlite import ir
 from numba import njit
 from numba.core import cgutils, types
 from numba.experimental import structref
@@ -127,3 +128,24 @@ def view(dtype):
         return array_type(address, length), codegen
 
     return view_at
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """``prefetch(array, index)``: start loading the cache line of ``array[index]`` (no
+    bounds check and no fault: a hint to the CPU, for reads a loop will make a few
+    iterations later at an address it already knows)."""
+    if not (isinstance(array, types.Array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [i], wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])   # read, keep, data
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vmhost.ksm.arraygroup import group
+from vmhost.ksm.arraygroup import group, prefetch
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
@@ -51,6 +51,7 @@ RUN_END, RUN_BUDGET = 0, 1
 BAIL_BEFORE_ITEM, BAIL_BEFORE_SKIP, BAIL_BEFORE_MERGE, BAIL_AFTER_CHECKSUM = 2, 3, 4, 5
 BAIL_AFTER_STABLE = 6       # the stable tree had nothing: Python goes on with the unstable tree
 N_CODES = 7
+LOOKAHEAD = 16               # visits ahead that scan_run starts fetching a page's frame
 
 # the parameter array
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
@@ -696,9 +697,26 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     mask = uh.shape[0] - 1
     processed = 0
     n = cand.shape[0]
+    ki_mask = nd_ki_slots.shape[0] - 1
     while i < n:
         if processed >= budget:
             return i, processed, RUN_BUDGET, NIL
+        # what later visits will read at random, fetched ahead: a page's frame, then its
+        # stable node (a KSM page) or the hash slots its key will probe
+        if i + LOOKAHEAD < n:
+            ahead = pte[cand[i + LOOKAHEAD]]
+            prefetch(f_flags, ahead)
+            prefetch(f_owner, ahead)
+        if i + LOOKAHEAD // 2 < n and across:
+            ahead = pte[cand[i + LOOKAHEAD // 2]]
+            if ahead >= 0:
+                if f_flags[ahead] & PG_KSM:
+                    prefetch(nd_kind, f_owner[ahead])
+                else:
+                    ahead_key = memcmp_key_of(f_content[ahead])
+                    prefetch(nd_ki_slots, slot_of(ahead_key, np.int64(0), np.int64(ki_mask)))
+                    if hashed:
+                        prefetch(uh, slot_of(ahead_key, np.int64(0), np.int64(mask)))
         # while no chain and no stale node exist, a stable-tree walk has no side effects (the
         # compiled merges make no stale node, but may make the first chain)
         indexed = nd_stale_state[0] == 0 and cnt[C_CHAINS] == 0
