@@ -63,13 +63,12 @@ FrameArrays, FrameArraysType = group(
     "The page frames' arrays (``mm.frames``).", __name__)
 ItemArrays, ItemArraysType = group(
     "ItemArrays", ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head",
-                   "hnext", "hprev", "anon_vma", "nid", "rnext", "tree_pfn", "tree_gen",
-                   "tree_key", "left", "right", "parent", "color", "roots", "free_stack",
-                   "free_top"),
+                   "hnext", "anon_vma", "nid", "rnext", "tree_pfn", "tree_gen",
+                   "tree_key", "left", "right", "parent", "color", "roots", "free_list"),
     "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
 NodeArrays, NodeArraysType = group(
     "NodeArrays", ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
-                   "dnext", "dprev", "key", "stale", "stale_state", "left", "right", "parent",
+                   "dnext", "key", "stale", "stale_state", "left", "right", "parent",
                    "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state"),
     "The stable nodes' arrays, the stable trees' links and the key index.", __name__)
 ScanState, ScanStateType = group(
@@ -97,16 +96,15 @@ def frame_arrays(frames) -> FrameArrays:
 def item_arrays(items) -> ItemArrays:
     ln = items.links
     return ItemArrays(items.mm, items.address, items.flags, items.oldchecksum, items.age,
-                      items.remaining_skips, items.head, items.hnext, items.hprev, items.anon_vma,
+                      items.remaining_skips, items.head, items.hnext, items.anon_vma,
                       items.nid, items.rnext, items.tree_pfn, items.tree_gen, items.tree_key,
-                      ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_stack,
-                      items.free_top)
+                      ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_list)
 
 
 def node_arrays(nodes, index) -> NodeArrays:
     ln = nodes.links
     return NodeArrays(nodes.kind, nodes.kpfn, nodes.prune_time, nodes.hlist_len, nodes.hhead,
-                      nodes.nid, nodes.chain, nodes.dhead, nodes.dnext, nodes.dprev, nodes.key,
+                      nodes.nid, nodes.chain, nodes.dhead, nodes.dnext, nodes.key,
                       nodes.stale, nodes.stale_state, ln.left, ln.right, ln.parent, ln.color,
                       ln.roots,
                       nodes.free_stack, nodes.free_top, index.slots, index.state)
@@ -250,7 +248,7 @@ def stable_append(IT, ND, S, item, node):
     ND.hlist_len[node] += 1
     IT.head[item] = node
     IT.flags[item] |= STABLE_FLAG
-    if hlist_add_head(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item)) != NIL:
+    if hlist_add_head(ND.hhead, IT.hnext, np.int64(node), np.int64(item)) != NIL:
         S.cnt[C_SHARING] += 1
     else:
         S.cnt[C_SHARED] += 1
@@ -360,8 +358,8 @@ def _stable_insert_walk(F, ND, S, nid, key, mps):
 @inner
 def _move_dup_to_head(ND, chain, found):
     """The chain's dup ``found`` moves to the head of its list (hlist_del + hlist_add_head)."""
-    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
-    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
+    hlist_del(ND.dhead, ND.dnext, np.int64(chain), np.int64(found))
+    hlist_add_head(ND.dhead, ND.dnext, np.int64(chain), np.int64(found))
 
 
 @inner
@@ -395,7 +393,7 @@ def _tree_erase(ND, node):
 @inner
 def _del_dup(ND, dup):
     """StableNodes.del_dup."""
-    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(ND.chain[dup]), np.int64(dup))
+    hlist_del(ND.dhead, ND.dnext, np.int64(ND.chain[dup]), np.int64(dup))
     ND.chain[dup] = NIL
 
 
@@ -446,7 +444,7 @@ def stable_remove(F, IT, ND, S, item):
             return False
         _remove_node(IT, ND, S, np.int64(node))  # the stale node took this item's counts with it
         return True
-    hlist_del(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item))
+    hlist_del(ND.hhead, IT.hnext, np.int64(node), np.int64(item))
     _uncount(IT, ND, S, np.int64(node), np.int64(item), ND.hhead[node] == NIL)
     return True
 
@@ -550,7 +548,6 @@ def _alloc_node(ND, kind):
     ND.chain[new] = NIL
     ND.dhead[new] = NIL
     ND.dnext[new] = NIL
-    ND.dprev[new] = NIL
     ND.key[new] = 0
     ND.stale[new] = 0
     return new
@@ -561,7 +558,7 @@ def _add_dup(ND, chain, dup):
     """StableNodes.add_dup: ``dup`` goes at the head of the chain's list."""
     ND.kind[dup] = DUP
     ND.chain[dup] = chain
-    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(dup))
+    hlist_add_head(ND.dhead, ND.dnext, np.int64(chain), np.int64(dup))
 
 
 @inner
@@ -760,14 +757,16 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 cnt[C_UNSHARED] -= 1
             S.mm_ksm[IT.mm[cur], 0] -= 1
             IT.mm[cur] = -1
-            IT.free_stack[IT.free_top[0]] = cur
-            IT.free_top[0] += 1
+            it_rnext[cur] = IT.free_list[0]
+            IT.free_list[0] = cur
+            IT.free_list[1] += 1
             cur = nxt
         if item == NIL:
-            if IT.free_top[0] == 0:
+            if IT.free_list[1] == 0:
                 return i, processed, BAIL_BEFORE_ITEM, NIL     # the pool must grow first
-            IT.free_top[0] -= 1
-            item = IT.free_stack[IT.free_top[0]]
+            item = IT.free_list[0]
+            IT.free_list[0] = it_rnext[item]
+            IT.free_list[1] -= 1
             IT.mm[item] = mm_id
             it_address[item] = vpn
             it_flags[item] = 0
@@ -776,7 +775,6 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             it_skips[item] = 0
             it_head[item] = NIL
             IT.hnext[item] = NIL
-            IT.hprev[item] = NIL
             IT.anon_vma[item] = -1
             it_nid[item] = 0
             IT.tree_pfn[item] = -1

@@ -13,7 +13,7 @@ An item is in at most one tree:
   inserted it; it is a node of the unstable rbtree of ``nid`` (links in
   ``links``);
 - stable: ``flags`` has STABLE; ``head`` is its stable_node and it sits on
-  that node's list (``hnext``/``hprev``), holding a reference on the
+  that node's list (``hnext``), holding a reference on the
   ``anon_vma`` of its VMA so that rmap can reach the mapping.
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
@@ -25,8 +25,9 @@ there, so the compiled scan loop reads the frame's contents directly instead of
 walking page tables (and, while nothing at all has changed in the pass, trusts
 the cached key).
 
-Free items are kept on a stack (``free_stack``/``free_top``) that the
-compiled loop can pop from too.
+Free items are kept on a list threaded through ``rnext`` (``free_list`` holds its first
+item and its length; last freed, first reused, as a slab's free list), which the compiled
+loop allocates from and frees to as well.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vmhost.ksm.rbtree import NIL, NodeLinks
-from vmhost.ksm.slab import zalloc
 
 if TYPE_CHECKING:
     from vmhost.mm.mm import MM
@@ -51,7 +51,7 @@ RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in 
 class RmapItems:
     _FIELDS = (("mm", np.int32, -1), ("address", np.int64, 0), ("flags", np.uint16, 0),
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
-               ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
+               ("head", np.int32, NIL), ("hnext", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
                ("tree_pfn", np.int32, -1), ("tree_gen", np.int32, -1), ("tree_key", np.uint64, 0))
 
@@ -59,8 +59,9 @@ class RmapItems:
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
         self.links = NodeLinks(capacity, trees)
-        self.free_stack = np.arange(capacity - 1, -1, -1, dtype=np.int32)
-        self.free_top = np.array([capacity], dtype=np.int64)   # an array: the compiled loop pops too
+        # [first free item, free items]: an array, the compiled loop allocates and frees too
+        self.free_list = np.array([NIL, 0], dtype=np.int64)
+        self._add_free(0, capacity)
 
     @property
     def capacity(self) -> int:
@@ -68,12 +69,24 @@ class RmapItems:
 
     @property
     def count(self) -> int:
-        return self.capacity - int(self.free_top[0])
+        return self.capacity - int(self.free_list[1])
 
     @property
     def nbytes(self) -> int:
-        return (sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
-                + self.free_stack.nbytes)
+        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+
+    def _add_free(self, lo: int, hi: int) -> None:
+        """Items lo..hi-1 go on the free list, in that order, after the items on it."""
+        self.rnext[lo:hi - 1] = np.arange(lo + 1, hi, dtype=np.int32)
+        self.rnext[hi - 1] = NIL
+        tail = int(self.free_list[0])
+        if tail == NIL:
+            self.free_list[0] = lo
+        else:
+            while self.rnext[tail] != NIL:
+                tail = int(self.rnext[tail])
+            self.rnext[tail] = lo
+        self.free_list[1] += hi - lo
 
     def grow(self) -> None:
         old = self.capacity
@@ -82,24 +95,26 @@ class RmapItems:
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(new - old, fill, dtype=dtype)]))
         self.links.grow(new)
-        top = int(self.free_top[0])
-        stack = np.empty(new, dtype=np.int32)
-        stack[: new - old] = np.arange(new - 1, old - 1, -1, dtype=np.int32)
-        stack[new - old: new - old + top] = self.free_stack[:top]
-        self.free_stack = stack
-        self.free_top[0] = top + new - old
+        self._add_free(old, new)
 
     def alloc(self, mm_id: int, address: int) -> int:
         """A zeroed item for (mm, address), as kmem_cache_zalloc gives it."""
-        item = zalloc(self)
+        if self.free_list[1] == 0:
+            self.grow()
+        item = int(self.free_list[0])
+        self.free_list[0] = self.rnext[item]
+        self.free_list[1] -= 1
+        for name, _, fill in self._FIELDS:
+            getattr(self, name)[item] = fill
         self.mm[item] = mm_id
         self.address[item] = address
         return item
 
     def free(self, item: int) -> None:
         self.mm[item] = -1
-        self.free_stack[self.free_top[0]] = item
-        self.free_top[0] += 1
+        self.rnext[item] = self.free_list[0]
+        self.free_list[0] = item
+        self.free_list[1] += 1
 
 
 class MmSlot:
