@@ -63,3 +63,27 @@ def test_density_shows_a_line_before_the_first_guest():
     first = r.stderr.splitlines()[0]
     assert first.startswith("density: [") and " 0/" in first and "booting guest 1" in first
     assert "VMs per host" in r.stdout
+
+
+def test_the_wheel_carries_the_compiled_engine(tmp_path):
+    """`pip install .` builds a wheel; setup.py compiles the scan loop into it. Unpacked on its
+    own, the wheel's code runs every compiled path without compiling (numba says when it saves)."""
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps",
+                        "-q", "-w", str(wheels)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = wheels.glob("vmhost-*.whl")
+    import zipfile
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+        names = z.namelist()
+    compiled = {Path(n).name.split(".")[0] for n in names if n.endswith(".nbi")}
+    cached = {p.stem for p in (ROOT / "vmhost").rglob("*.py") if "@njit(cache=True" in p.read_text()}
+    assert cached and cached <= compiled, cached - compiled
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("NUMBA_")}
+    env["NUMBA_DEBUG_CACHE"] = "1"
+    r = subprocess.run([sys.executable, "-m", "vmhost.ksm.warmup"], cwd=tmp_path / "site",
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[cache] data loaded" in r.stdout + r.stderr
+    assert "[cache] data saved" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]

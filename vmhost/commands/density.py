@@ -6,8 +6,9 @@ import argparse
 import time
 
 
-# shown at once on the progress line: the first guest of a first run waits for the compile
-START_NOTE = "booting guest 1 (the first run after an install also compiles the scan loop: up to a minute)"
+# shown at once on the progress line: an install built on this machine carries the compiled
+# scan loop (setup.py); an editable install, or a wheel built on another CPU, compiles it here
+START_NOTE = "booting guest 1 (without a compiled scan loop from the install, it is compiled first: 10-30 s)"
 
 
 def register(sub) -> None:
