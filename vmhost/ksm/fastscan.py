@@ -36,7 +36,7 @@ from vmhost.ksm.arraygroup import group, prefetch
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
-from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.items import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
 from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
@@ -63,8 +63,7 @@ FrameArrays, FrameArraysType = group(
     "The page frames' arrays (``mm.frames``).", __name__)
 ItemArrays, ItemArraysType = group(
     "ItemArrays", ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head",
-                   "hnext", "anon_vma", "nid", "rnext", "tree_pfn", "tree_gen",
-                   "tree_key", "left", "right", "parent", "color", "roots", "free_list"),
+                   "hnext", "anon_vma", "nid", "rnext", "tree_key", "left", "right", "parent", "color", "roots", "free_list"),
     "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
 NodeArrays, NodeArraysType = group(
     "NodeArrays", ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
@@ -72,7 +71,7 @@ NodeArrays, NodeArraysType = group(
                    "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state"),
     "The stable nodes' arrays, the stable trees' links and the key index.", __name__)
 ScanState, ScanStateType = group(
-    "ScanState", ("params", "cnt", "work", "mm_ksm", "pt_epoch", "block_node", "uh", "ulog",
+    "ScanState", ("params", "cnt", "work", "mm_ksm", "block_node", "uh", "ulog",
                   "ulog_len", "eff_chain", "eff_found", "eff_prune", "freed", "freed_n",
                   "av_delta"),
     "The scan's parameters, counters and scratch tables.", __name__)
@@ -97,7 +96,7 @@ def item_arrays(items) -> ItemArrays:
     ln = items.links
     return ItemArrays(items.mm, items.address, items.flags, items.oldchecksum, items.age,
                       items.remaining_skips, items.head, items.hnext, items.anon_vma,
-                      items.nid, items.rnext, items.tree_pfn, items.tree_gen, items.tree_key,
+                      items.nid, items.rnext, items.tree_key,
                       ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_list)
 
 
@@ -222,6 +221,23 @@ def unstable_erase(IT, S, item, hashed):
         rb_erase(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(IT.nid[item]),
                  np.int64(item))
     return True
+
+
+@inner
+def mergeable_page(F, V, mm, address):
+    """get_mergeable_page: the anonymous (or KSM) page mapped at ``address`` of ``mm`` in a
+    mergeable VMA, or -1 (UnstableTreeMixin.get_mergeable_page)."""
+    tv = find_vma(V, mm, address)
+    if tv < 0:
+        return -1
+    toff = address - V.start[tv]
+    tpte, tptef = page_tables(V, np.int64(tv))
+    if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT:
+        return -1
+    tpfn = tpte[toff]
+    if (F.flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
+        return -1
+    return tpfn
 
 
 @inner
@@ -777,8 +793,6 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             IT.hnext[item] = NIL
             IT.anon_vma[item] = -1
             it_nid[item] = 0
-            IT.tree_pfn[item] = -1
-            IT.tree_gen[item] = -1
             it_tree_key[item] = 0
             S.mm_ksm[mm_id, 0] += 1
             it_rnext[item] = cur
@@ -979,16 +993,14 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     return i, processed, BAIL_AFTER_STABLE, item
                 it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
                 it_nid[item] = nid
-                IT.tree_pfn[item] = pfn
                 it_tree_key[item] = key
-                IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
                 uh[h] = item
                 S.ulog[S.ulog_len[0]] = item
                 S.ulog_len[0] += 1
                 cnt[C_UNSHARED] += 1
             else:
-                tpfn = IT.tree_pfn[t]
-                if tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
+                tpfn = mergeable_page(F, V, np.int64(IT.mm[t]), np.int64(it_address[t]))
+                if tpfn >= 0 and tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
                     if not _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off),
                                        np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma,
                                        np.int64(t), np.int64(tpfn), np.int64(nid), key, hashed,
@@ -1007,58 +1019,44 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         while cur != NIL:
             walked += 1
             if clean:
+                # nothing changed since it was inserted: its page and key are as they were
+                # (its page is looked up below only if the keys are equal)
                 tk = it_tree_key[cur]
-            elif (S.pt_epoch[IT.mm[cur]] & GEN_MASK) == IT.tree_gen[cur]:
-                # no PTE of that mm changed since: the item still maps the same frame, whose
-                # contents may have changed under it (a write): compare them as they are now
-                tk = memcmp_key_of(f_content[IT.tree_pfn[cur]])
-                it_tree_key[cur] = tk
+                tpfn = NIL
             else:
-                # get_mergeable_page: the page the item's address maps now, if any
-                tpfn = -1
-                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
-                if tv >= 0:
-                    toff = it_address[cur] - V.start[tv]
-                    tpte, tptef = page_tables(V, np.int64(tv))
-                    if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT:
-                        tpfn = tpte[toff]
-                        if (f_flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
-                            tpfn = -1
+                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
                 if tpfn < 0 or tpfn == pfn:
                     aborted = True              # the page went, or it is this very page (fork)
                     break
                 tk = memcmp_key_of(f_content[tpfn])
-                IT.tree_pfn[cur] = tpfn
                 it_tree_key[cur] = tk
-                IT.tree_gen[cur] = S.pt_epoch[IT.mm[cur]] & GEN_MASK
             at = cur
             if key < tk:
                 cur = IT.left[cur]
                 go_left = True
-            elif key > tk:
+                continue
+            if key > tk:
                 cur = IT.right[cur]
                 go_left = False
-            elif IT.tree_pfn[cur] == pfn:
-                aborted = True                                  # our own page, through fork
-                break
-            elif not across and block_node[IT.tree_pfn[cur] // block_pages] != nid:
+                continue
+            if tpfn == NIL:
+                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
+            if tpfn < 0 or tpfn == pfn:
+                aborted = True                  # our own page, through fork
+            elif not across and block_node[tpfn // block_pages] != nid:
                 aborted = True
-                break
             elif _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off), np.int64(pfn), pte,
-                             ptef, vma_locked, vma_anon_vma, np.int64(cur),
-                             np.int64(IT.tree_pfn[cur]), np.int64(nid), key, hashed, indexed,
-                             mps, chains, now):
+                             ptef, vma_locked, vma_anon_vma, np.int64(cur), np.int64(tpfn),
+                             np.int64(nid), key, hashed, indexed, mps, chains, now):
                 merged = True
-                break
             else:
                 return i, processed, BAIL_AFTER_STABLE, item    # two pages to merge: Python
+            break
         work[W_COMPARES] += walked
         if not aborted and not merged:
             it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
             it_nid[item] = nid
-            IT.tree_pfn[item] = pfn
             it_tree_key[item] = key
-            IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
             rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(nid),
                     np.int64(item), np.int64(at), go_left)
             cnt[C_UNSHARED] += 1

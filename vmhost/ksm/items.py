@@ -18,12 +18,10 @@ An item is in at most one tree:
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
 ``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
-tree also remembers the frame it was last seen mapping, that frame's memcmp key
-and its mm's page-table generation then (``tree_pfn``, ``tree_key``,
-``tree_gen``): while the generation is unchanged the same frame is still mapped
-there, so the compiled scan loop reads the frame's contents directly instead of
-walking page tables (and, while nothing at all has changed in the pass, trusts
-the cached key).
+tree also remembers the memcmp key its page had when last compared (``tree_key``):
+while nothing has changed in the pass, the compiled scan loop trusts it (and the hashed
+form of the unstable tree is keyed by it); its page is looked up in the page tables,
+as get_mergeable_page does, whenever it is needed.
 
 Free items are kept on a list threaded through ``rnext`` (``free_list`` holds its first
 item and its length; last freed, first reused, as a slab's free list), which the compiled
@@ -44,7 +42,6 @@ if TYPE_CHECKING:
 SEQNR_MASK = 0x0FF
 UNSTABLE_FLAG = 0x100
 STABLE_FLAG = 0x200
-GEN_MASK = 0x7FFFFFFF         # tree_gen keeps a page-table generation modulo 2**31
 RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in profit figures
 
 
@@ -53,7 +50,7 @@ class RmapItems:
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
                ("head", np.int32, NIL), ("hnext", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
-               ("tree_pfn", np.int32, -1), ("tree_gen", np.int32, -1), ("tree_key", np.uint64, 0))
+               ("tree_key", np.uint64, 0))
 
     def __init__(self, capacity: int = 1024, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
