@@ -63,11 +63,12 @@ FrameArrays, FrameArraysType = group(
     "The page frames' arrays (``mm.frames``).", __name__)
 ItemArrays, ItemArraysType = group(
     "ItemArrays", ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head",
-                   "hnext", "anon_vma", "nid", "rnext", "tree_key", "left", "right", "parent", "color", "roots", "free_list"),
+                   "hnext", "hprev", "anon_vma", "nid", "rnext", "tree_key", "left", "right",
+                   "parent", "color", "roots", "free_list"),
     "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
 NodeArrays, NodeArraysType = group(
     "NodeArrays", ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
-                   "dnext", "key", "stale", "stale_state", "left", "right", "parent",
+                   "dnext", "dprev", "key", "stale", "stale_state", "left", "right", "parent",
                    "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state"),
     "The stable nodes' arrays, the stable trees' links and the key index.", __name__)
 ScanState, ScanStateType = group(
@@ -95,7 +96,7 @@ def frame_arrays(frames) -> FrameArrays:
 def item_arrays(items) -> ItemArrays:
     ln = items.links
     return ItemArrays(items.mm, items.address, items.flags, items.oldchecksum, items.age,
-                      items.remaining_skips, items.head, items.hnext, items.anon_vma,
+                      items.remaining_skips, items.head, items.hnext, items.hprev, items.anon_vma,
                       items.nid, items.rnext, items.tree_key,
                       ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_list)
 
@@ -103,7 +104,7 @@ def item_arrays(items) -> ItemArrays:
 def node_arrays(nodes, index) -> NodeArrays:
     ln = nodes.links
     return NodeArrays(nodes.kind, nodes.kpfn, nodes.prune_time, nodes.hlist_len, nodes.hhead,
-                      nodes.nid, nodes.chain, nodes.dhead, nodes.dnext, nodes.key,
+                      nodes.nid, nodes.chain, nodes.dhead, nodes.dnext, nodes.dprev, nodes.key,
                       nodes.stale, nodes.stale_state, ln.left, ln.right, ln.parent, ln.color,
                       ln.roots,
                       nodes.free_stack, nodes.free_top, index.slots, index.state)
@@ -264,7 +265,7 @@ def stable_append(IT, ND, S, item, node):
     ND.hlist_len[node] += 1
     IT.head[item] = node
     IT.flags[item] |= STABLE_FLAG
-    if hlist_add_head(ND.hhead, IT.hnext, np.int64(node), np.int64(item)) != NIL:
+    if hlist_add_head(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item)) != NIL:
         S.cnt[C_SHARING] += 1
     else:
         S.cnt[C_SHARED] += 1
@@ -374,8 +375,8 @@ def _stable_insert_walk(F, ND, S, nid, key, mps):
 @inner
 def _move_dup_to_head(ND, chain, found):
     """The chain's dup ``found`` moves to the head of its list (hlist_del + hlist_add_head)."""
-    hlist_del(ND.dhead, ND.dnext, np.int64(chain), np.int64(found))
-    hlist_add_head(ND.dhead, ND.dnext, np.int64(chain), np.int64(found))
+    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
+    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
 
 
 @inner
@@ -409,7 +410,7 @@ def _tree_erase(ND, node):
 @inner
 def _del_dup(ND, dup):
     """StableNodes.del_dup."""
-    hlist_del(ND.dhead, ND.dnext, np.int64(ND.chain[dup]), np.int64(dup))
+    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(ND.chain[dup]), np.int64(dup))
     ND.chain[dup] = NIL
 
 
@@ -460,7 +461,7 @@ def stable_remove(F, IT, ND, S, item):
             return False
         _remove_node(IT, ND, S, np.int64(node))  # the stale node took this item's counts with it
         return True
-    hlist_del(ND.hhead, IT.hnext, np.int64(node), np.int64(item))
+    hlist_del(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item))
     _uncount(IT, ND, S, np.int64(node), np.int64(item), ND.hhead[node] == NIL)
     return True
 
@@ -564,6 +565,7 @@ def _alloc_node(ND, kind):
     ND.chain[new] = NIL
     ND.dhead[new] = NIL
     ND.dnext[new] = NIL
+    ND.dprev[new] = NIL
     ND.key[new] = 0
     ND.stale[new] = 0
     return new
@@ -574,7 +576,7 @@ def _add_dup(ND, chain, dup):
     """StableNodes.add_dup: ``dup`` goes at the head of the chain's list."""
     ND.kind[dup] = DUP
     ND.chain[dup] = chain
-    hlist_add_head(ND.dhead, ND.dnext, np.int64(chain), np.int64(dup))
+    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(dup))
 
 
 @inner
@@ -791,6 +793,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             it_skips[item] = 0
             it_head[item] = NIL
             IT.hnext[item] = NIL
+            IT.hprev[item] = NIL
             IT.anon_vma[item] = -1
             it_nid[item] = 0
             it_tree_key[item] = 0

@@ -13,7 +13,7 @@ An item is in at most one tree:
   inserted it; it is a node of the unstable rbtree of ``nid`` (links in
   ``links``);
 - stable: ``flags`` has STABLE; ``head`` is its stable_node and it sits on
-  that node's list (``hnext``), holding a reference on the
+  that node's list (``hnext``/``hprev``), holding a reference on the
   ``anon_vma`` of its VMA so that rmap can reach the mapping.
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
@@ -48,7 +48,7 @@ RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in 
 class RmapItems:
     _FIELDS = (("mm", np.int32, -1), ("address", np.int64, 0), ("flags", np.uint16, 0),
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
-               ("head", np.int32, NIL), ("hnext", np.int32, NIL),
+               ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
                ("tree_key", np.uint64, 0))
 

@@ -14,7 +14,7 @@ up by key (``index``) instead of walking the tree.
 Since 4.13 a content may need several KSM pages, each shared by at most
 max_page_sharing mappings. Then the tree holds a *chain* node for the content
 and the KSM pages' nodes become its *dups*, listed from ``dhead`` through
-``dnext``; a chain remembers when it was last pruned of stale dups.
+``dnext``/``dprev``; a chain remembers when it was last pruned of stale dups.
 A node whose page migrated to another NUMA node while merge_across_nodes=0
 waits on the ``migrate_nodes`` list to be re-homed.
 """
@@ -34,7 +34,7 @@ class StableNodes:
     _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int32, -1), ("prune_time", np.int64, 0),
                ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
                ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
-               ("key", np.uint64, 0), ("stale", np.uint8, 0))
+               ("dprev", np.int32, NIL), ("key", np.uint64, 0), ("stale", np.uint8, 0))
 
     def __init__(self, capacity: int = 256, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
@@ -102,10 +102,10 @@ class StableNodes:
     def add_dup(self, chain: int, dup: int) -> None:
         self.kind[dup] = DUP
         self.chain[dup] = chain
-        hlist_add_head(self.dhead, self.dnext, int(chain), int(dup))
+        hlist_add_head(self.dhead, self.dnext, self.dprev, int(chain), int(dup))
 
     def del_dup(self, dup: int) -> None:
-        hlist_del(self.dhead, self.dnext, int(self.chain[dup]), int(dup))
+        hlist_del(self.dhead, self.dnext, self.dprev, int(self.chain[dup]), int(dup))
         self.chain[dup] = NIL
 
     def dups(self, chain: int) -> list[int]:

@@ -77,7 +77,7 @@ class StableTreeMixin:
         self.c.stable_node_chains -= 1
 
     def _hlist_del(self, node: int, item: int) -> None:
-        hlist_del(self.nodes.hhead, self.items.hnext, int(node), int(item))
+        hlist_del(self.nodes.hhead, self.items.hnext, self.items.hprev, int(node), int(item))
 
     def stable_tree_append(self, item: int, node: int) -> None:
         """Add an rmap_item to a KSM page's list (at the head, like hlist_add_head)."""
@@ -85,7 +85,7 @@ class StableTreeMixin:
         nodes.hlist_len[node] += 1
         items.head[item] = node
         items.flags[item] |= STABLE_FLAG
-        if hlist_add_head(nodes.hhead, items.hnext, int(node), int(item)) != NIL:
+        if hlist_add_head(nodes.hhead, items.hnext, items.hprev, int(node), int(item)) != NIL:
             self.c.pages_sharing += 1
         else:
             self.c.pages_shared += 1
