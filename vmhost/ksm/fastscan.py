@@ -146,6 +146,18 @@ def smart_skip(age, skips):
 
 
 @njit(cache=True, nogil=True)
+def dup_choice(found, found_len, hl, mps):
+    """stable_node_dup's choice among a chain's dups: 0 if a dup with ``hl`` mappings does not
+    replace the one found so far (``found``, with ``found_len`` mappings; NIL: none yet), 1 if
+    it does, 2 if it does and is a sharing candidate (is_page_sharing_candidate: a mapping and
+    room for one more), where a walk that does not prune stops."""
+    sharable = hl > 0 and hl < mps
+    if found == NIL or (sharable and (not (found_len > 0 and found_len < mps) or hl > found_len)):
+        return 2 if sharable else 1
+    return 0
+
+
+@njit(cache=True, nogil=True)
 def hash_find(uh, mask, it_key, it_nid, key, nid):
     """The unstable-tree item with this key in tree ``nid`` (or NIL), and the slot where it
     is or where it would be inserted (the first tombstone on the way, else the empty slot)."""
@@ -336,13 +348,12 @@ def _stable_insert_walk(F, ND, S, nid, key, mps):
                 kp = ND.kpfn[d]
                 if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != d:
                     return False, NIL, False, 0, 0, 0, NIL
-                hl = ND.hlist_len[d]
-                sharable = hl > 0 and hl < mps
-                if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
-                                                  or hl > found_len)):
+                choice = dup_choice(np.int64(found), np.int64(found_len),
+                                    np.int64(ND.hlist_len[d]), np.int64(mps))
+                if choice != 0:
                     found = d
-                    found_len = hl
-                    if sharable:
+                    found_len = ND.hlist_len[d]
+                    if choice == 2:
                         break
                 d = ND.dnext[d]
             if found == NIL or (ND.dhead[cur] == found and ND.dnext[found] == NIL):
@@ -483,13 +494,12 @@ def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
             _remove_node(IT, ND, S, np.int64(d))
             d = nxt
             continue
-        hl = ND.hlist_len[d]
-        sharable = hl > 0 and hl < mps
-        if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
-                                          or hl > found_len)):
+        choice = dup_choice(np.int64(found), np.int64(found_len), np.int64(ND.hlist_len[d]),
+                            np.int64(mps))
+        if choice != 0:
             found = d
-            found_len = hl
-            if not prune and sharable:
+            found_len = ND.hlist_len[d]
+            if choice == 2 and not prune:
                 break
         d = nxt
     if found == NIL:                                   # every dup was stale: free the chain
@@ -924,13 +934,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     kp = nd_kpfn[d]
                     if (f_flags[kp] & PG_KSM) == 0 or f_owner[kp] != d:
                         return i, processed, BAIL_AFTER_CHECKSUM, item
-                    hl = ND.hlist_len[d]
-                    sharable = hl > 0 and hl < mps
-                    if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
-                                                      or hl > found_len)):
+                    choice = dup_choice(np.int64(found), np.int64(found_len),
+                                        np.int64(ND.hlist_len[d]), np.int64(mps))
+                    if choice != 0:
                         found = d
-                        found_len = hl
-                        if not prune and sharable:
+                        found_len = ND.hlist_len[d]
+                        if choice == 2 and not prune:
                             break
                     d = ND.dnext[d]
                 if found == NIL or (ND.dhead[cur] == found and ND.dnext[found] == NIL):

@@ -116,10 +116,10 @@ class StableTreeMixin:
             nxt = int(nodes.dnext[d])
             self.work[fastscan.W_DUPS] += 1
             pfn = self.get_page(d)
-            if pfn >= 0 and (found == NIL or (self._candidate(d) and (
-                    not self._candidate(found) or nodes.hlist_len[d] > found_len))):
+            choice = fastscan.dup_choice(found, found_len, int(nodes.hlist_len[d]), self._mps())
+            if pfn >= 0 and choice != 0:
                 found, found_len, found_pfn = d, int(nodes.hlist_len[d]), pfn
-                if not prune and self._candidate(found):
+                if choice == 2 and not prune:
                     break
             d = nxt
         if found == NIL:
