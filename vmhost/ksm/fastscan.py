@@ -237,6 +237,20 @@ def unstable_erase(IT, S, item, hashed):
 
 
 @inner
+def _leave_unstable(IT, S, item, fl, seqnr, hashed, clean):
+    """remove_rmap_item_from_tree for an item flagged UNSTABLE (flags ``fl``): out of this
+    pass's tree if it went in this pass, and un-counted. False, with nothing done, when
+    leaving the tree needs Python (the hashed tree must be built first, or its log is
+    full)."""
+    if ((seqnr - fl) & SEQNR_MASK) == 0:
+        if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
+            return False
+    S.cnt[C_UNSHARED] -= 1
+    IT.flags[item] = 0
+    return True
+
+
+@inner
 def mergeable_page(F, V, mm, address):
     """get_mergeable_page: the anonymous (or KSM) page mapped at ``address`` of ``mm`` in a
     mergeable VMA, or -1 (UnstableTreeMixin.get_mergeable_page)."""
@@ -310,7 +324,9 @@ def _replace_page(F, S, pte, ptef, off, pfn, kpfn, locked):
 @inner
 def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma):
     """try_to_merge_with_ksm_page + stable_tree_append for an ordinary page, exactly as
-    Ksm._merge_one and Ksm.stable_tree_append do it (the caller checked it is possible)."""
+    Ksm._merge_one and Ksm.stable_tree_append do it (the caller checked it is possible); the
+    page's visit is counted as done."""
+    S.cnt[C_SCANNED] += 1
     kp = ND.kpfn[node]
     if ptef[off] & _WD and F.mapcount[pfn] != F.refcount[pfn]:
         return                                        # pinned: the merge fails, retried later
@@ -858,11 +874,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 if not stable_remove(F, IT, ND, S, np.int64(item)):
                     return i, processed, BAIL_BEFORE_MERGE, item
             elif ifl & UNSTABLE_FLAG:
-                if ((seqnr - ifl) & SEQNR_MASK) == 0:
-                    if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
-                        return i, processed, BAIL_BEFORE_MERGE, item
-                cnt[C_UNSHARED] -= 1
-                it_flags[item] = 0
+                if not _leave_unstable(IT, S, np.int64(item), np.int64(ifl), seqnr, hashed, clean):
+                    return i, processed, BAIL_BEFORE_MERGE, item
             IT.anon_vma[item] = vma_anon_vma
             S.av_delta[vma_anon_vma] += 1
             stable_append(IT, ND, S, np.int64(item), np.int64(node))
@@ -871,11 +884,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             i += 1
             continue
         if ifl & UNSTABLE_FLAG:
-            if ((seqnr - ifl) & SEQNR_MASK) == 0:
-                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
-                    return i, processed, BAIL_BEFORE_MERGE, item
-            cnt[C_UNSHARED] -= 1
-            it_flags[item] = 0
+            if not _leave_unstable(IT, S, np.int64(item), np.int64(ifl), seqnr, hashed, clean):
+                return i, processed, BAIL_BEFORE_MERGE, item
         work[W_CHECKSUMS] += 1
         content = f_content[pfn]
         cs = checksum_of(content, seed)
@@ -899,9 +909,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                                     chains)
             if target != NIL:
                 _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
-                            np.int64(pfn), pte, ptef, vma_locked,
-                            vma_anon_vma)
-                cnt[C_SCANNED] += 1
+                            np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma)
                 processed += 1
                 i += 1
                 continue
@@ -985,9 +993,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         if target != NIL:
             work[W_COMPARES] += walked
             _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
-                            np.int64(pfn), pte, ptef, vma_locked,
-                        vma_anon_vma)
-            cnt[C_SCANNED] += 1
+                        np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma)
             processed += 1
             i += 1
             continue
