@@ -49,8 +49,31 @@ from guests.strict_yaml import DocumentError, load_yaml
 from hw.units import PAGES_PER_MIB
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
-CLASSES = ("zero", "kernel", "pagecache", "app", "unique", "pattern")
-SHARED_KEY = {"kernel": "kernel", "pattern": "kernel", "pagecache": "packages", "app": "app"}
+
+
+@dataclass(frozen=True)
+class ContentClass:
+    """A content class: ``shared_by``, the image field whose value guests share its pages by
+    (None: no guest shares them; the zero class is id 0); ``tag``, the ``guests.interning``
+    tag of its content ids (the top byte, so that two classes never collide)."""
+    name: str
+    shared_by: str | None
+    tag: str
+
+
+#: The content classes, in layout order (the table above). Adding one is adding a row here
+#: (with a new tag in ``guests.interning.TAGS``, and the field it is shared by in ``Image``).
+CONTENT_CLASSES = (
+    ContentClass("zero", None, ""),
+    ContentClass("kernel", "kernel", "kernel"),
+    ContentClass("pagecache", "packages", "pagecache"),
+    ContentClass("app", "app", "app"),
+    ContentClass("unique", None, "unique"),
+    ContentClass("pattern", "kernel", "boot_fill"),
+)
+CLASSES = tuple(c.name for c in CONTENT_CLASSES)
+SHARED_KEY = {c.name: c.shared_by for c in CONTENT_CLASSES if c.shared_by}
+_TAG = {c.name: c.tag for c in CONTENT_CLASSES}
 DEFAULT_CHUNK = 16            # pages per layout chunk (64 KiB): classes interleave in RAM
 
 
@@ -357,8 +380,8 @@ def _class_ids(img: Image, spec: ClassSpec, cname: str, n: int, domain: str, gue
                seed: int, rng) -> np.ndarray:
     """Content ids of a class's ``n`` pages in one guest."""
     distinct = max(1, int(math.ceil(spec.distinct * n)))
-    if cname == "unique":
-        stream = key64("unique", domain, img.name, guest, seed)
+    if SHARED_KEY.get(cname) is None:                 # each guest's own
+        stream = key64(cname, domain, img.name, guest, seed)
         pop = distinct
     else:
         stream = key64(cname, domain, getattr(img, SHARED_KEY[cname]))
@@ -371,7 +394,7 @@ def _class_ids(img: Image, spec: ClassSpec, cname: str, n: int, domain: str, gue
     # the same contents
     extra = n - distinct
     if extra > 0:
-        dup_rng = np.random.default_rng(key64(stream, "dups") & 0xFFFFFFFF) if cname != "unique" \
+        dup_rng = np.random.default_rng(key64(stream, "dups") & 0xFFFFFFFF) if cname in SHARED_KEY \
             else rng
         if distinct <= 16:
             reps = held[np.arange(extra) % distinct]
@@ -380,8 +403,7 @@ def _class_ids(img: Image, spec: ClassSpec, cname: str, n: int, domain: str, gue
         idx = np.concatenate([held, reps])
     else:
         idx = held
-    tag = "pattern" if cname == "pattern" else cname
-    return tagged("boot_fill" if tag == "pattern" else tag, stream, idx)
+    return tagged(_TAG[cname], stream, idx)
 
 
 def from_dump(image, interner: Interner, name: str = "dump", domain: str = "default",

@@ -10,6 +10,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A 4 MiB guest image (1024 pages) whose first half is kernel pages, the same in every guest of
+# a domain and all distinct inside one; a test adds the classes of the other half.
+UNIT_KERNEL_HALF = """\
+name: unit
+memory_mib: 4
+kernel: unit-kernel
+classes:
+  kernel: {fraction: 0.5, distinct: 1.0, pool: 1}
+"""
+
 
 def vmhost(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python3 -m vmhost.cli ARGS`` from the repository root (this checkout's code)."""
@@ -25,6 +35,28 @@ def one_line_exit_2(r: subprocess.CompletedProcess, *words: str) -> str:
     for w in words:
         assert w in lines[0], (w, lines[0])
     return lines[0]
+
+
+def start_ksm(h, **knobs: str):
+    """KSM and ksmd on host ``h``, running, 100,000 pages every 20 ms (``knobs`` written
+    before ``run``): (ksm, ksmd)."""
+    from vmhost.ksm.engine import Ksm
+    from vmhost.ksm.ksmd import Ksmd
+    ksm = Ksm(h)
+    ksmd = Ksmd(ksm, h.clock)
+    for k, v in {"pages_to_scan": "100000", "sleep_millisecs": "20", **knobs, "run": "1"}.items():
+        assert ksm.write_knob(k, v) == 0
+    return ksm, ksmd
+
+
+def process_with(h, values, name: str = "p"):
+    """A new process of host ``h`` with one plain (no THP) VMA holding ``values``, one a page:
+    (process, vma)."""
+    import numpy as np
+    p = h.spawn(name)
+    v = p.mm.mmap(len(values), thp=False)
+    p.mm.write(v.start, np.asarray(values, dtype=np.uint64))
+    return p, v
 
 
 def pids_with_cmdline(needle: bytes) -> list[int]:

@@ -3,26 +3,19 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from vmhost.density import DensityRunner, boot_sequence, format_result, load_density, run_density
 from vmhost.errors import InputError
 
-from helpers import refused_before_writing
+from helpers import ROOT, UNIT_KERNEL_HALF, refused_before_writing
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "configs").glob("density-*.yaml"))
 
-# A guest of 4 MiB = 1024 pages: 512 kernel pages identical in every guest of a domain (all
-# distinct inside one guest), 256 pages of its own, 256 zero pages it writes at boot.
-UNIT_IMAGE = """\
-name: unit
-memory_mib: 4
-kernel: unit-kernel
-classes:
-  kernel: {fraction: 0.5, distinct: 1.0, pool: 1}
+# A guest of 4 MiB = 1024 pages: 512 kernel pages, 256 pages of its own, 256 zero pages it
+# writes at boot.
+UNIT_IMAGE = UNIT_KERNEL_HALF + """\
   unique: {fraction: 0.25, distinct: 1.0}
   zero: {boot: {touched: 1.0}}
 """

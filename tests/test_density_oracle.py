@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from vmhost.reality import ksm_oracle  # noqa: E402
 from vmhost.reality.density_oracle import compare, ksmd_pid  # noqa: E402
+from vmhost.reality.guard import alive  # noqa: E402
 
 SMALL = ROOT / "configs" / "oracle" / "density-small.yaml"
 KNOBS = list(ksm_oracle.DEFAULTS) + ["run"]
@@ -75,14 +76,6 @@ def descendants(pid: int) -> set[int]:
             out.add(k)
             todo.append(k)
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def at_rest(pids=()):

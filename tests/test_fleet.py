@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from guests.images import catalog
+from helpers import ROOT, UNIT_KERNEL_HALF
 from vmhost.cli import main
 from vmhost.fleet.config import load_fleet, parse_fleet
 from vmhost.fleet.estimate import HostEstimate, savings_profile
@@ -22,17 +23,11 @@ from vmhost.fleet.placement import place
 from vmhost.fleet.runner import run_fleet
 from vmhost.fleet.tasks import TASK_LOG_ENV, ResultStore
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "configs").glob("fleet-*.yaml"))
 
 # 4 MiB = 1024 pages: 512 kernel pages, the same in every guest of a domain and written at
 # boot; 512 zero pages never touched. Alone it saves nothing; next to one of its domain, 512.
-UNIT_IMAGE = """\
-name: unit
-memory_mib: 4
-kernel: unit-kernel
-classes:
-  kernel: {fraction: 0.5, distinct: 1.0, pool: 1}
+UNIT_IMAGE = UNIT_KERNEL_HALF + """\
   zero: {boot: {touched: 0.0}}
 """
 # The same, but it zeroes its other half at boot (as Windows does): 1024 pages written at boot,

@@ -24,9 +24,8 @@ from guests.spec import GuestSpec
 from hw.memory import BlockState
 from hw.swap import SwapDevice
 from hw.topology import Topology
+from helpers import start_ksm
 from vmhost.host import Host
-from vmhost.ksm.engine import Ksm
-from vmhost.ksm.ksmd import Ksmd
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MemPolicy
 from vmhost.mm.migrate import migrate_pages
@@ -50,10 +49,7 @@ class HostMachine(RuleBasedStateMachine):
         super().__init__()
         self.h = Host(Topology.uniform(2, 32 * MIB), block_pages=BLOCK_PAGES, profile=self.PROFILE,
                       movable_nodes=(1,), swap=[SwapDevice("sda", 4096, priority=5)])
-        self.ksm = Ksm(self.h)
-        self.ksmd = Ksmd(self.ksm, self.h.clock)
-        for k, v in (("pages_to_scan", "100000"), ("sleep_millisecs", "20"), ("run", "1")):
-            assert self.ksm.write_knob(k, v) == 0
+        self.ksm, self.ksmd = start_ksm(self.h)
         self.procs: list = []                     # plain processes: (Process, Vma)
         self.guest: QemuProcess | None = None
         self.expected = invariants.views(self.h)  # what every process must read
@@ -251,10 +247,8 @@ def test_swap_out_of_a_ksm_page_shared_with_a_forked_child():
     through the parent's rmap_item and through the child's own; it is unmapped once."""
     h = Host(Topology.uniform(1, 32 * MIB), block_pages=BLOCK_PAGES,
              swap=[SwapDevice("sda", 4096, priority=5)])
-    ksm, p = Ksm(h), h.spawn("p")
-    ksmd = Ksmd(ksm, h.clock)
-    for k, v in (("pages_to_scan", "100000"), ("sleep_millisecs", "20"), ("run", "1")):
-        assert ksm.write_knob(k, v) == 0
+    ksm, ksmd = start_ksm(h)
+    p = h.spawn("p")
     v = p.mm.mmap(8, thp=False)
     p.mm.write(v.start, np.full(8, 5, np.uint64))
     assert p.mm.madvise(v.start, 8, "mergeable") == 0

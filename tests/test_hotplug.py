@@ -6,10 +6,9 @@ import numpy as np
 
 from hw.memory import BlockState, Zone
 from hw.topology import Topology
+from helpers import start_ksm
 from vmhost.host import Host
-from vmhost.ksm.engine import Ksm
 from vmhost.ksm.knobs import RUN_OFFLINE
-from vmhost.ksm.ksmd import Ksmd
 from vmhost.mm import hotplug, invariants
 from vmhost.mm.frames import PG_KSM
 from vmhost.mm.mempolicy import MemPolicy
@@ -19,10 +18,7 @@ MIB = 1 << 20
 
 def setup(profile="linux-6.18", nodes=2, movable=(1,)):
     h = Host(Topology.uniform(nodes, 16 * MIB), block_pages=1024, profile=profile, movable_nodes=movable)
-    ksm = Ksm(h)
-    ksmd = Ksmd(ksm, h.clock)
-    for k, v in (("pages_to_scan", "100000"), ("sleep_millisecs", "20"), ("run", "1")):
-        assert ksm.write_knob(k, v) == 0
+    ksm, ksmd = start_ksm(h)
     return h, ksm, ksmd
 
 

@@ -16,19 +16,13 @@ import yaml
 from guests import dumps
 from helpers import one_line_exit_2, vmhost
 from vmhost.fleet.config import parse_fleet
+from vmhost.reality.guard import alive
 from vmhost.reality.lab import writer_rate
 from vmhost.reality.libvirt_lab import LibvirtLab
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu]
 WRITE_KIB_S, HOT_KIB = 4096, 40960
-
-
-def alive(pid):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,9 @@
 
 import numpy as np
 
+from helpers import process_with, start_ksm
 from hw.topology import Topology
 from vmhost.host import Host
-from vmhost.ksm.engine import Ksm
-from vmhost.ksm.ksmd import Ksmd
 from vmhost.ksm.stable import MIGRATE
 from vmhost.mm import invariants
 from vmhost.mm.frames import PG_KSM
@@ -17,10 +16,7 @@ MIB = 1 << 20
 
 def setup(mam="1"):
     h = Host(Topology.uniform(2, 16 * MIB), block_pages=1024)
-    ksm = Ksm(h)
-    ksmd = Ksmd(ksm, h.clock)
-    for k, v in (("pages_to_scan", "100000"), ("merge_across_nodes", mam), ("run", "1")):
-        assert ksm.write_knob(k, v) == 0
+    ksm, ksmd = start_ksm(h, merge_across_nodes=mam)
     return h, ksm, ksmd
 
 
@@ -34,9 +30,7 @@ def guest(h, name, node, pages, value):
 
 def test_migrate_ordinary_page_moves_every_mapping():
     h, ksm, ksmd = setup()
-    p = h.spawn("p")
-    v = p.mm.mmap(4, thp=False)
-    p.mm.write(v.start, np.arange(1, 5, dtype=np.uint64))
+    p, v = process_with(h, range(1, 5))
     c = h.fork(p)
     before = invariants.views(h)
     old = int(v.pte[1])
@@ -97,9 +91,7 @@ def test_merge_across_nodes_0_keeps_one_copy_per_node_and_rehomes_migrated_pages
 
 def test_pinned_page_does_not_migrate():
     h, ksm, ksmd = setup()
-    p = h.spawn("p")
-    v = p.mm.mmap(2, thp=False)
-    p.mm.write(v.start, np.array([1, 2], dtype=np.uint64))
+    p, v = process_with(h, [1, 2])
     pfns = h.hotplug.pin_user_pages(p.mm, v.start, 1)
     r = migrate_pages(h, pfns, nodes=[1])
     assert r.failed == {int(pfns[0]): "pinned"} and r.migrated == 0

@@ -211,3 +211,11 @@ def test_ksmtuned_boosts_on_a_crowded_scaled_host(tmp_path):
     assert abs(k.pages_to_scan * 256 / k.sleep_millisecs - last["pages_to_scan"] / last["sleep_millisecs"]) \
         <= 0.01 * last["pages_to_scan"] / last["sleep_millisecs"] + 256 / k.sleep_millisecs
     assert res["steps"][-1]["saved_pages"] > 0
+
+
+def test_every_named_policy_is_found_by_its_name():
+    """A policy is a dataclass below Policy with its own ``name`` default; nothing else lists it."""
+    from vmhost.policies import POLICIES, Advisor, KsmTuned, KubeVirt, Mom, Policy
+    assert POLICIES == {"fixed": Policy, "ksmtuned": KsmTuned, "mom": Mom, "kubevirt": KubeVirt,
+                        "advisor": Advisor}
+    assert all(make_policy(name).name == name for name in POLICIES)

@@ -21,6 +21,7 @@ from guests import dumps  # noqa: E402
 from vmhost.reality import lab  # noqa: E402
 from vmhost.reality import live_ksm  # noqa: E402
 from vmhost.reality import ksm_oracle as oracle  # noqa: E402
+from vmhost.reality.guard import alive  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
@@ -28,14 +29,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 REF_PAGES_SHARED = 7167
 REF_PAGES_SHARING = 36700
 REF_IDEAL_SHARING = 36341
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,10 @@
 
 import numpy as np
 
+from helpers import start_ksm
 from hw.swap import SwapDevice
 from hw.topology import Topology
 from vmhost.host import Host
-from vmhost.ksm.engine import Ksm
-from vmhost.ksm.ksmd import Ksmd
 from vmhost.mm import invariants
 from vmhost.mm.vma import PTE_PRESENT, PTE_SWAP
 
@@ -55,10 +54,7 @@ def test_referenced_pages_get_a_second_chance():
 
 def test_ksm_page_referenced_through_any_mapping_stays():
     h = host()
-    ksm = Ksm(h)
-    ksmd = Ksmd(ksm, h.clock)
-    for k, val in (("pages_to_scan", "100000"), ("run", "1")):
-        ksm.write_knob(k, val)
+    ksm, ksmd = start_ksm(h)
     procs = []
     for name in "ab":
         p = h.spawn(name)

@@ -4,7 +4,6 @@ and no input at all -- mutated examples, random documents, random text -- ends i
 from __future__ import annotations
 
 import copy
-import io
 import os
 import json
 import zipfile

@@ -5,9 +5,8 @@ import pytest
 
 from hw.swap import SwapDevice
 from hw.topology import Topology
+from helpers import process_with, start_ksm
 from vmhost.host import Host
-from vmhost.ksm.engine import Ksm
-from vmhost.ksm.ksmd import Ksmd
 from vmhost.mm import invariants
 from vmhost.mm.swap import SwapReadError
 from vmhost.mm.vma import PTE_SWAP
@@ -18,10 +17,7 @@ MIB = 1 << 20
 def ksm_host(profile="linux-6.18", swap=None):
     h = Host(Topology.uniform(1, 64 * MIB), block_pages=1024, profile=profile,
              swap=swap if swap is not None else [SwapDevice("sda", 4096, priority=5)])
-    ksm = Ksm(h)
-    ksmd = Ksmd(ksm, h.clock)
-    for k, v in (("pages_to_scan", "100000"), ("sleep_millisecs", "20"), ("run", "1")):
-        assert ksm.write_knob(k, v) == 0
+    ksm, ksmd = start_ksm(h)
     return h, ksm, ksmd
 
 
@@ -113,9 +109,7 @@ def test_2_6_33_rule_maps_a_cached_ksm_page_even_after_its_node_is_gone():
 
 def test_forked_child_swaps_in_parents_page_without_copy():
     h, ksm, ksmd = ksm_host()
-    p = h.spawn("p")
-    v = p.mm.mmap(8, thp=False)
-    p.mm.write(v.start, np.arange(1, 9, dtype=np.uint64))
+    p, v = process_with(h, range(1, 9))
     c = h.fork(p)
     cv = c.mm.vmas[0]
     before = invariants.views(h)
@@ -162,9 +156,7 @@ def test_swap_read_error_is_contained_to_one_process():
 
 def test_swap_write_error_keeps_the_page_in_swap_cache():
     h, ksm, ksmd = ksm_host()
-    p = h.spawn("p")
-    v = p.mm.mmap(2, thp=False)
-    p.mm.write(v.start, np.array([5, 6], dtype=np.uint64))
+    p, v = process_with(h, [5, 6])
     before = invariants.views(h)
     h.swap.areas[0].dev.inject_errors(all_slots=True)
     pfn = int(v.pte[0])
@@ -179,9 +171,7 @@ def test_device_priorities_highest_first_equal_ones_round_robin():
     devs = [SwapDevice("slow", 64, priority=1), SwapDevice("fast", 2, priority=10),
             SwapDevice("r1", 64, priority=5), SwapDevice("r2", 64, priority=5)]
     h, ksm, ksmd = ksm_host(swap=devs)
-    p = h.spawn("p")
-    v = p.mm.mmap(8, thp=False)
-    p.mm.write(v.start, np.arange(1, 9, dtype=np.uint64))
+    p, v = process_with(h, range(1, 9))
     before = invariants.views(h)
     for pfn in v.pte.tolist():
         h.swap.reclaim_page(pfn)
@@ -192,9 +182,7 @@ def test_device_priorities_highest_first_equal_ones_round_robin():
 
 def test_swap_full_leaves_pages_resident():
     h, ksm, ksmd = ksm_host(swap=[SwapDevice("tiny", 1)])
-    p = h.spawn("p")
-    v = p.mm.mmap(2, thp=False)
-    p.mm.write(v.start, np.array([1, 2], dtype=np.uint64))
+    p, v = process_with(h, [1, 2])
     assert h.swap.reclaim_page(int(v.pte[0])) == "freed"
     assert h.swap.reclaim_page(int(v.pte[1])) == "swap full"
     invariants.check(h)

@@ -69,7 +69,7 @@ from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
-from vmhost.schema import (expect_bool, expect_int, expect_mapping, expect_str, fail,
+from vmhost.schema import (expect_bool, expect_int, expect_mapping, expect_one_step, expect_str, fail,
                            parse_duration_ns, parse_size, read_yaml)
 
 STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
@@ -228,14 +228,8 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
     steps: list[Step] = []
     devices: dict[str, str] = {}
     for i, s in enumerate(timeline):
-        key = f"timeline[{i}]"
-        if not isinstance(s, dict) or len(s) != 1:
-            raise fail(path, key, f"expected one step such as {{offline: {{blocks: [4]}}}} "
-                                  f"(kinds: {', '.join(STEP_KINDS)})")
-        (kind, body), = s.items()
-        key = f"{key}.{kind}"
-        if kind not in STEP_KINDS:
-            raise fail(path, key, f"unknown step (kinds: {', '.join(STEP_KINDS)})")
+        kind, body = expect_one_step(s, path, f"timeline[{i}]", STEP_KINDS, "{offline: {blocks: [4]}}")
+        key = f"timeline[{i}].{kind}"
         if kind == "ksm_scans":
             args = expect_int(body, path, key, 1, 10_000)
         elif kind == "run_for":

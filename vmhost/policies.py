@@ -334,8 +334,17 @@ class Advisor(Policy):
         self._record("scan-time advisor")
 
 
-POLICIES = {"fixed": Policy, "ksmtuned": KsmTuned, "mom": Mom, "kubevirt": KubeVirt,
-            "advisor": Advisor}
+def _named(cls: type[Policy]) -> dict[str, type[Policy]]:
+    """``cls`` and its subclasses, in the order they are defined, each that sets its own
+    ``name`` default (a config's ``policy.name``) by that name."""
+    out = {vars(cls)["name"]: cls} if "name" in vars(cls) else {}
+    for sub_cls in cls.__subclasses__():
+        out.update(_named(sub_cls))
+    return out
+
+
+#: Every policy, by name: a dataclass below Policy with its own ``name`` is one.
+POLICIES = _named(Policy)
 
 
 def resolution_refusal(name: str, resolution: int) -> str | None:

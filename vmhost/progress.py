@@ -3,9 +3,8 @@
 On a terminal the bar is redrawn in place (carriage return) and the last note is shown beside
 it; when stderr is a file or a pipe (CI logs, scripts) it prints a plain line at every tenth of
 the way instead, so logs stay short and readable. ``quiet`` turns it off entirely: scripts that
-read stdout see nothing on stderr either. The total may grow while running (a search that does
-not know its end), and a bar with no total counts up without a percentage. A ``start`` note is
-shown at once, before the first step (a first step can be slow: a cold compile, a first boot).
+read stdout see nothing on stderr either. A bar with no total counts up without a percentage.
+A ``start`` note is shown at once, before the first step (a first step can be slow: a cold compile, a first boot).
 """
 
 from __future__ import annotations
@@ -42,9 +41,6 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def set_total(self, total: int | None) -> None:
-        self.total = total
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.done += n

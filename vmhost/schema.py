@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from guests.strict_yaml import DocumentError, load_json, load_yaml
+from guests.strict_yaml import DocumentError, load_yaml
 from vmhost.errors import InputError
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
@@ -62,13 +62,6 @@ def read_text(path: str | Path) -> str:
 def parse_yaml(text: str, path: str) -> Any:
     try:
         return load_yaml(text, path)
-    except DocumentError as exc:
-        raise InputError(str(exc)) from None
-
-
-def parse_json(text: str | bytes, path: str) -> Any:
-    try:
-        return load_json(text, path)
     except DocumentError as exc:
         raise InputError(str(exc)) from None
 

@@ -13,7 +13,7 @@ START_NOTE = "booting guest 1 (without a compiled scan loop from the install, it
 
 def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
-    p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density.py)")
+    p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density/config.py)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
                                                    "report.txt and CSV tables to DIR (atomically: a temporary "

@@ -177,7 +177,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             if self.get_page(node) < 0:
                 return                      # the stale node took this item's counts with it
             self._hlist_del(node, item)
-            self._uncount(node, item, self.nodes.hhead[node] == NIL)
+            self._uncount_stable_item(node, item, self.nodes.hhead[node] != NIL)
         elif flags & UNSTABLE_FLAG:
             age = (self.seqnr - flags) & SEQNR_MASK
             assert age <= 1, "an unstable rmap_item outlived its tree"

@@ -442,14 +442,14 @@ def _del_dup(ND, dup):
 
 
 @inner
-def _uncount(IT, ND, S, node, item, last):
-    """An rmap_item leaves its node's page (StableTree._uncount): un-counted from
-    pages_shared if it was the last one on the page, else from pages_sharing; its
-    anon_vma reference dropped."""
-    if last:
-        S.cnt[C_SHARED] -= 1
-    else:
+def _uncount_stable_item(IT, ND, S, node, item, sharing):
+    """StableTreeMixin._uncount_stable_item: an rmap_item leaves KSM page ``node``, one less
+    in pages_sharing (``sharing``: another item stays listed) or pages_shared; its anon_vma
+    reference dropped."""
+    if sharing:
         S.cnt[C_SHARING] -= 1
+    else:
+        S.cnt[C_SHARED] -= 1
     S.mm_ksm[IT.mm[item], 1] -= 1
     ND.hlist_len[node] -= 1
     av = IT.anon_vma[item]
@@ -467,7 +467,7 @@ def _remove_node(IT, ND, S, node):
     it = ND.hhead[node]
     while it != NIL:
         nxt = IT.hnext[it]
-        _uncount(IT, ND, S, np.int64(node), np.int64(it), nxt == NIL)
+        _uncount_stable_item(IT, ND, S, np.int64(node), np.int64(it), nxt != NIL)
         it = nxt
     ND.hhead[node] = NIL
     if ND.kind[node] == DUP:
@@ -489,7 +489,7 @@ def stable_remove(F, IT, ND, S, item):
         _remove_node(IT, ND, S, np.int64(node))  # the stale node took this item's counts with it
         return True
     hlist_del(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item))
-    _uncount(IT, ND, S, np.int64(node), np.int64(item), ND.hhead[node] == NIL)
+    _uncount_stable_item(IT, ND, S, np.int64(node), np.int64(item), ND.hhead[node] != NIL)
     return True
 
 

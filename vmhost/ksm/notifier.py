@@ -54,7 +54,6 @@ class KsmMemoryNotifier:
     def __init__(self, ksm: "Ksm"):
         self.ksm = ksm
         self.last_pruned = 0
-        self.pruned_total = 0
 
     def __call__(self, event: str, start_pfn: int, nr_pages: int) -> int:
         knobs = self.ksm.knobs
@@ -62,7 +61,6 @@ class KsmMemoryNotifier:
             knobs.run |= RUN_OFFLINE
         elif event == "OFFLINE":
             self.last_pruned = prune_range(self.ksm, start_pfn, start_pfn + nr_pages)
-            self.pruned_total += self.last_pruned
             self._resume()
         elif event == "CANCEL_OFFLINE":
             self.last_pruned = 0

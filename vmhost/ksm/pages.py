@@ -77,10 +77,7 @@ def replace(host: "Host", vma: Vma, off: int, pfn: int, kpfn: int) -> int:
     else:
         frames.mapcount[kpfn] += 1
         frames.refcount[kpfn] += 1
-        if vma.flags & VmFlags.LOCKED:
-            frames.flags[kpfn] |= PG_MLOCKED
-        vma.pte[off] = kpfn
-        vma.ptef[off] = PTE_PRESENT | PTE_YOUNG
+        vma.map_readonly(off, kpfn, frames)
     put_mappings(host, np.array([pfn], dtype=np.int64))
     return 0
 

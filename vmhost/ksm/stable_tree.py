@@ -38,22 +38,23 @@ class StableTreeMixin:
 
     def remove_node_from_stable_tree(self, node: int) -> None:
         """Drop a node and un-count every rmap_item still listed on it."""
-        it = int(self.nodes.hhead[node])
+        it, items = int(self.nodes.hhead[node]), self.items
         while it != NIL:
-            nxt = int(self.items.hnext[it])
-            self._uncount(node, it, nxt == NIL)
+            nxt = int(items.hnext[it])
+            self._uncount_stable_item(node, it, nxt != NIL)
             it = nxt
         self.nodes.hhead[node] = NIL
         self._unlink_node(node)
         self.nodes.free(node)
 
-    def _uncount(self, node: int, item: int, last: bool) -> None:
-        """An rmap_item leaves its node's page: un-counted from pages_shared if it was the
-        last one on the page, else from pages_sharing; its anon_vma reference dropped."""
-        if last:
-            self.c.pages_shared -= 1
-        else:
+    def _uncount_stable_item(self, node: int, item: int, sharing: bool) -> None:
+        """An rmap_item leaves KSM page ``node``: one less in pages_sharing (``sharing``: another
+        item stays listed) or pages_shared, in its mm's merging pages and the node's list length;
+        its anon_vma reference dropped, the item no longer in the stable tree."""
+        if sharing:
             self.c.pages_sharing -= 1
+        else:
+            self.c.pages_shared -= 1
         self._mm(item).ksm_merging_pages -= 1
         self.nodes.hlist_len[node] -= 1
         self._put_anon_vma(item)

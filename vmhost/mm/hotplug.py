@@ -321,21 +321,19 @@ class MemoryHotplug:
     # -- devices -------------------------------------------------------------------------------------
     def add_dimm(self, name: str, node: int, size_bytes: int, zone: Zone = Zone.MOVABLE,
                  online: bool = True) -> list[MemoryBlock]:
-        blocks = self.host.phys.hot_add_dimm(name, node, size_bytes, zone)
+        return self._added(self.host.phys.hot_add_dimm(name, node, size_bytes, zone), online)
+
+    def add_virtio_mem(self, name: str, node: int, blocks: int, zone: Zone = Zone.MOVABLE,
+                       online: bool = True) -> list[MemoryBlock]:
+        return self._added(self.host.phys.hot_add_virtio_mem(name, node, blocks, zone), online)
+
+    def _added(self, blocks: list[MemoryBlock], online: bool) -> list[MemoryBlock]:
+        """Frames for a device's new blocks, and the blocks onlined (as udev's auto-online does)."""
         self.host.frames.grow(self.host.phys.total_pages)
         if online:
             for b in blocks:
                 self.online_block(b.index)
         return blocks
-
-    def add_virtio_mem(self, name: str, node: int, blocks: int, zone: Zone = Zone.MOVABLE,
-                       online: bool = True) -> list[MemoryBlock]:
-        added = self.host.phys.hot_add_virtio_mem(name, node, blocks, zone)
-        self.host.frames.grow(self.host.phys.total_pages)
-        if online:
-            for b in added:
-                self.online_block(b.index)
-        return added
 
     def remove_device(self, name: str, blocks: list[int] | None = None) -> int:
         """Remove a device's blocks (all of a DIMM; some or all of a virtio-mem device)."""

@@ -42,7 +42,7 @@ import numpy as np
 from hw.swap import SwapDevice, SwapIOError
 from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KERNEL, PG_KSM, PG_MLOCKED,
                                PG_PINNED, PG_SHMEM, PG_SWAPCACHE)
-from vmhost.mm.vma import PTE_DIRTY, PTE_PRESENT, PTE_SWAP, PTE_WRITE, PTE_YOUNG, PTE_ZERO, VmFlags, Vma
+from vmhost.mm.vma import PTE_DIRTY, PTE_PRESENT, PTE_SWAP, PTE_WRITE, PTE_ZERO, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.host import Host
@@ -53,14 +53,6 @@ SWP_SLOT_MASK = (1 << SWP_SHIFT) - 1
 
 def swp_entry(area: int, slot: int) -> int:
     return (int(area) << SWP_SHIFT) | int(slot)
-
-
-def swp_area(entry) -> np.ndarray | int:
-    return np.asarray(entry) >> SWP_SHIFT if not isinstance(entry, int) else entry >> SWP_SHIFT
-
-
-def swp_slot(entry):
-    return np.asarray(entry) & SWP_SLOT_MASK if not isinstance(entry, int) else entry & SWP_SLOT_MASK
 
 
 class SwapReadError(Exception):
@@ -324,10 +316,7 @@ class Swap:
                 frames.index[pfn] = int(vma.linear_index([off])[0])
             frames.mapcount[pfn] += 1
             frames.refcount[pfn] += 1
-        if vma.flags & VmFlags.LOCKED:
-            frames.flags[page] |= PG_MLOCKED
-        vma.pte[off] = page
-        vma.ptef[off] = PTE_PRESENT | PTE_YOUNG
+        vma.map_readonly(off, page, frames)
         vma.mm.rss_anon += 1
         vma.mm.swap_ents -= 1
         area.count[slot] -= 1

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hw.units import HPAGE_PAGES
+from vmhost.mm.frames import PG_MLOCKED
 from vmhost.mm.mempolicy import MemPolicy
 
 if TYPE_CHECKING:
@@ -117,12 +118,17 @@ class Vma:
     def ksm_compatible(self) -> bool:
         return not self.flags & KSM_INCOMPATIBLE
 
+    def map_readonly(self, off: int, pfn: int, frames) -> None:
+        """Point the PTE at ``off`` to ``pfn``, present, young and write-protected (a write
+        faults), the page mlocked in a locked VMA; the caller counted the mapping."""
+        if self.flags & VmFlags.LOCKED:
+            frames.flags[pfn] |= PG_MLOCKED
+        self.pte[off] = pfn
+        self.ptef[off] = PTE_PRESENT | PTE_YOUNG
+
     def linear_index(self, offsets) -> np.ndarray:
         """page->index of a page at these offsets (linear_page_index)."""
         return self.pgoff + np.asarray(offsets, dtype=np.int64)
-
-    def offset_of_index(self, index: int) -> int:
-        return index - self.pgoff
 
     def present_mask(self) -> np.ndarray:
         """Offsets whose PTE maps a frame of its own (not the zero page)."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +48,8 @@ from vmhost.reality import lab
 
 PM_PRESENT = 1 << 63
 PM_SWAP = 1 << 62
-PM_FILE = 1 << 61
 PFN_MASK = (1 << 55) - 1
 KPF_COMPOUND_HEAD = 15
-KPF_COMPOUND_TAIL = 16
 KPF_KSM = 21
 KPF_THP = 22
 KPF_ZERO_PAGE = 24
@@ -263,12 +260,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
     from vmhost.reality import live_ksm
 
     files = lab.build_guest()
-    tmp = None
-    if dump_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="vmhost-calibrate-")
-        dump_dir = tmp.name
-    dump_dir = Path(dump_dir)
-    dump_dir.mkdir(parents=True, exist_ok=True)
+    dump_dir, remove_dumps = lab.dump_directory(dump_dir, "vmhost-calibrate-")
     out: dict = {"guests": guests, "mem_mib": mem_mib, "paused": paused,
                  "kernel_package": files.kernel_package,
                  "knobs": {"pages_to_scan": live_ksm.PAGES_TO_SCAN,
@@ -291,7 +283,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
                 if not paused:
                     g.cont()
             out["snapshot_seconds"] = round(time.monotonic() - t_snap, 2)
-            conv = live_ksm._converge(timeout, stable_scans, tolerance)
+            conv = live_ksm.converge(timeout, stable_scans, tolerance)
             out["kernel"] = {k: conv[k] for k in (
                 "converged", "pages_shared", "pages_sharing", "pages_unshared",
                 "pages_volatile", "full_scans", "full_scans_to_converge",
@@ -300,14 +292,13 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
                 {k: s[k] for k in ("full_scans", "pages_shared", "pages_sharing",
                                    "pages_unshared", "pages_volatile", "seconds")}
                 for s in conv["samples"]]
-            out["kernel"]["processes"] = {g.name: live_ksm._proc_memory(g.pid)
+            out["kernel"]["processes"] = {g.name: live_ksm.proc_memory(g.pid)
                                           for g in running}
             out["kernel"]["census_before"] = {s.guest: census(s) for s in snaps}
             out["kernel"]["census_after"] = {g.name: census(pid=g.pid) for g in running}
         images = [dumps.fingerprint_dump(p) for p in paths]
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        remove_dumps()
     out["wall_seconds"] = round(time.monotonic() - t_start, 2)
     out["_snapshots"] = snaps
     out["_images"] = images

@@ -86,8 +86,9 @@ import numpy as np
 
 from hw.units import HPAGE_PAGES, HPAGE_SIZE, PAGE_SIZE, PAGES_PER_GIB
 from vmhost.errors import InputError
+from vmhost.footprint import available_bytes
 from vmhost.reports.files import dumps_json
-from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, libc, read_knob,
+from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, libc, read_knob, recv_reply,
                                        read_ksm_stat, read_vmstat, write_knob)
 
 WORDS = PAGE_SIZE // 8
@@ -237,14 +238,7 @@ class _GuestHandle:
         self.info: dict | None = None
 
     def reply(self):
-        ready, _, _ = select.select([self.sock], [], [], REPLY_TIMEOUT_S)
-        msg = self.sock.recv(1 << 16) if ready else b""
-        if not msg:
-            raise OracleError(f"guest {self.name} (pid {self.pid}) died or did not answer")
-        status, value = pickle.loads(msg)
-        if status == "fail":
-            raise OracleError(f"guest {self.name}: {value}")
-        return value
+        return recv_reply(self.sock, f"guest {self.name}", self.pid, REPLY_TIMEOUT_S)
 
     def call(self, *cmd):
         self.sock.send(pickle.dumps(cmd))
@@ -307,14 +301,6 @@ def _cow_ksm() -> int:
     return read_vmstat("cow_ksm").get("cow_ksm", 0)
 
 
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OracleError("no MemAvailable in /proc/meminfo")
-
-
 # ==============================================================================================
 # the plan: what the emulator would boot
 
@@ -364,7 +350,7 @@ def _footprint_pages(spec: dict) -> int:
 def check_fits(cfg) -> list[dict]:
     """The guest specs, or one line (InputError) when they do not fit this machine safely."""
     specs = guest_specs(cfg)
-    safe = int(SAFE_FRACTION * mem_available_bytes())
+    safe = int(SAFE_FRACTION * available_bytes())
     need = 0
     for i, s in enumerate(specs):
         more = _footprint_pages(s) * PAGE_SIZE + GUEST_OVERHEAD_BYTES
@@ -476,7 +462,6 @@ class _Driver:
 
     # -- one step --------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg = self.cfg
         running = self.set_knobs()
         steps, failed_at = [], None
         n = 0
@@ -652,7 +637,7 @@ class _Driver:
     # -- the result ------------------------------------------------------------------------------
     def result(self, steps: list[dict], failed_at) -> dict:
         from vmhost.density import DensityRunner
-        from vmhost.density.curves import guest_facts
+        from vmhost.density.curves import curve_pages, guest_facts
         from vmhost.density.result import ACCOUNTING, add_answer, largest_fitting
         cfg = self.cfg
         runner = DensityRunner(cfg)       # the config's own host, for its capacity
@@ -660,20 +645,12 @@ class _Driver:
         cap = runner.capacity_pages()
         use_zero = dict(cfg.host.ksm).get("use_zero_pages", "0") == "1"
         from guests.images import GuestMemory
-        curve, noksm, nonmerge, zero_any = [], 0, 0, False
-        seen = np.zeros(0, dtype=np.uint64)
+        curve = []
         by_guests = {s["guests"]: s for s in steps}
-        for spec in self.specs:
-            e = cfg.mix[spec["mix"]]
-            gm = GuestMemory.build(spec["image"], spec["name"], spec["seed"], spec["domain"], spec["memory_mib"])
-            f = guest_facts(gm, e, _thp(cfg))
-            noksm += f.footprint
-            if f.mergeable:
-                seen = np.union1d(seen, f.contents)
-                zero_any = zero_any or f.zero_frames > 0
-            else:
-                nonmerge += f.footprint
-            ideal = len(seen) + nonmerge + (1 if zero_any and not use_zero else 0)
+        facts = (guest_facts(GuestMemory.build(spec["image"], spec["name"], spec["seed"], spec["domain"],
+                                               spec["memory_mib"]), cfg.mix[spec["mix"]], _thp(cfg))
+                 for spec in self.specs)           # one guest's memory at a time
+        for spec, (_, noksm, ideal) in zip(self.specs, curve_pages(facts, use_zero)):
             row = {"guests": spec["n"], "no_ksm_pages": noksm, "ideal_pages": ideal,
                    "fits_no_ksm": noksm <= cap, "fits_ideal": ideal <= cap}
             s = by_guests.get(spec["n"])

@@ -37,7 +37,6 @@ import numpy as np
 MEM_DIR = Path("/sys/devices/system/memory")
 KPF_BUDDY = 1 << 10
 KPF_LRU = 1 << 5
-KPF_SLAB = 1 << 7
 KPF_KSM = 1 << 21
 KPF_MMAP = 1 << 11
 KPF_ANON = 1 << 12
@@ -140,6 +139,15 @@ def restore_block(b: int, zone: str, attempts: int = 20) -> str | None:
         if err:
             time.sleep(0.1)
     return f"memory block {b}: state {block_state(b)}, zones {block_zones(b)} (wanted online {zone})"
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,8 +301,21 @@ def send_result(fd: int, result: dict) -> None:
     os.close(fd)
 
 
-def ignore_sigint() -> None:
+def child_main(argv: list[str], work) -> int:
+    """The child's whole life (``--child JFD RFD``, request on stdin): SIGINT ignored (the
+    parent handles Ctrl-C), ``work(journal, request)`` run, and its result dict, its refusal
+    (an ``InputError``) or its failure sent to the parent."""
+    from vmhost.errors import InputError
+    journal, rfd = child_fds(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    req = json.loads(sys.stdin.read())
+    try:
+        send_result(rfd, {"ok": True, **work(journal, req)})
+    except InputError as exc:
+        send_result(rfd, {"ok": False, "refused": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        send_result(rfd, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    return 0
 
 
 def guarded_result(module: str, request: dict, timeout: float, what: str) -> dict:

@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import pickle
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -66,8 +64,9 @@ import numpy as np
 from vmhost.errors import InputError
 from vmhost.ksm.trace import PAGE_SIZE, Region, content_ids
 from vmhost.reality import guard
-from vmhost.reality.ksm_oracle import (MADV, OracleError, _map_regions, _Proc, exclusive_kernel_ksm, libc,
-                                       mergeable_pids, read_globals, read_knob, read_vmstat, write_knob)
+from vmhost.reality.ksm_oracle import (MADV, OracleError, WorkerHandle, exclusive_kernel_ksm, libc,
+                                       mergeable_pids, read_globals, read_knob, read_vmstat, serve_worker,
+                                       spawn_worker, write_knob)
 
 KSM_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
 STEPPING = ("run", "pages_to_scan", "sleep_millisecs")
@@ -224,39 +223,6 @@ class _Worker:
         return bad
 
 
-def _worker_main(fd: int):
-    sock = socket.socket(fileno=fd)
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        cmd, regions = pickle.loads(sock.recv(1 << 20))
-        w = _Worker(sock, regions, _map_regions(regions))
-        sock.send(pickle.dumps(("hello", os.getpid())))
-        w.run()
-    except BaseException as exc:  # noqa: BLE001 - last resort in a child process
-        try:
-            sock.send(pickle.dumps(("fail", f"worker: {exc!r}")))
-        finally:
-            os._exit(1)
-    os._exit(0)
-
-
-def _spawn(name: str, regions: list[Region]) -> _Proc:
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=root)
-    try:
-        child = subprocess.Popen([sys.executable, "-m", "vmhost.reality.hotremove_oracle", "--worker",
-                                  str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                 stdin=subprocess.DEVNULL, env=env, cwd="/")
-    finally:
-        theirs.close()
-    proc = _Proc(name, child.pid, mine, popen=child)
-    proc.send("init", regions)
-    if proc.reply() != child.pid:
-        raise OracleError(f"process {name}: bad hello")
-    return proc
-
-
 # --------------------------------------------------------------------------------------------
 # the child: one run of the scenario on real blocks
 
@@ -270,7 +236,7 @@ class _Case:
         self.scn, self.journal, self.crash_at = scn, journal, crash_at
         self.proc_spec, self.written = check_scenario(scn)
         self.bp = guard.block_pages()
-        self.proc: _Proc | None = None
+        self.proc: WorkerHandle | None = None
         self.addrs: dict[str, int] = {}
         self.block: int | None = None
         self.zone0 = ""
@@ -310,7 +276,7 @@ class _Case:
     def setup(self):
         spec = self.proc_spec
         regions = [Region(r.name, r.pages) for r in spec.regions]
-        self.proc = _spawn(spec.name, regions)   # before the block turns movable: its heap goes elsewhere
+        self.proc = spawn_worker(spec.name, regions, "vmhost.reality.hotremove_oracle")   # before the block turns movable: its heap goes elsewhere
         self.addrs = self.proc.call("addrs")
         for block in guard.free_blocks(("DMA32", "Normal")):
             if self._prepare_block(block):
@@ -381,7 +347,6 @@ class _Case:
         is_ours = np.zeros(bp, dtype=bool)
         is_ours[ours_in - b * bp] = True
         ksm = (flags & np.uint64(guard.KPF_KSM)) != 0
-        lru = (flags & np.uint64(guard.KPF_LRU)) != 0
         free = (flags & np.uint64(guard.KPF_BUDDY)) != 0
         anon = (flags & np.uint64(guard.KPF_ANON)) != 0
         used = (flags & np.uint64(guard.KPF_LRU | guard.KPF_ANON | guard.KPF_MMAP)) != 0
@@ -532,19 +497,9 @@ class _Probe:
         return out
 
 
-def _child_main(argv: list[str]) -> int:
-    journal, rfd = guard.child_fds(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    req = json.loads(sys.stdin.read())
+def _run_case(journal: guard.Journal, req: dict) -> dict:
     from vmhost.hotremove import load_scenario
-    try:
-        res = _Case(load_scenario(req["scenario"]), journal, req.get("crash_at")).run()
-        guard.send_result(rfd, {"ok": True, **res})
-    except InputError as exc:
-        guard.send_result(rfd, {"ok": False, "refused": str(exc)})
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        guard.send_result(rfd, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    return 0
+    return _Case(load_scenario(req["scenario"]), journal, req.get("crash_at")).run()
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,9 +668,9 @@ def _kl(d):
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "--worker":
-        _worker_main(int(args[1]))
+        serve_worker(int(args[1]), _Worker)
     if len(args) == 3 and args[0] == "--child":
-        return _child_main(args)
+        return guard.child_main(args, _run_case)
     print("usage: vmhost hotremove SCENARIO --oracle", file=sys.stderr)
     return 2
 

@@ -269,8 +269,9 @@ class _WorkerLoop:
         return ("ok", pid)
 
 
-def _worker_main(fd: int):
-    """Entry of a worker (a fresh interpreter started by the oracle); never returns.
+def serve_worker(fd: int, loop_class=_WorkerLoop):
+    """Entry of a worker (a fresh interpreter started by an oracle); never returns: maps the
+    regions of the first message, says hello, then ``loop_class(sock, regions, addrs).run()``.
 
     The worker is exec'ed rather than merely forked so that none of its memory is a
     copy-on-write copy of the oracle's: otherwise a ``prctl`` step could make KSM convert pages
@@ -280,12 +281,11 @@ def _worker_main(fd: int):
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # the oracle handles Ctrl-C and kills us
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked trace children reap themselves
-        msg = sock.recv(1 << 16)
+        msg = sock.recv(1 << 20)
         if not msg:
             os._exit(0)
         cmd, regions = pickle.loads(msg)
-        addrs = _map_regions(regions)
-        loop = _WorkerLoop(sock, regions, addrs)
+        loop = loop_class(sock, regions, _map_regions(regions))
         sock.send(pickle.dumps(("hello", os.getpid())))
         loop.run()
     except BaseException as exc:  # noqa: BLE001 - last resort in a child process
@@ -300,7 +300,7 @@ def _worker_main(fd: int):
 # Oracle side
 
 
-class _Proc:
+class WorkerHandle:
     """The oracle's handle on one trace process."""
 
     def __init__(self, name: str, pid: int, sock: socket.socket, popen=None):
@@ -312,18 +312,7 @@ class _Proc:
         socket.send_fds(self.sock, [pickle.dumps(cmd)], list(fds))
 
     def reply(self, sock=None):
-        sock = sock or self.sock
-        sock.settimeout(REPLY_TIMEOUT_S)
-        try:
-            msg = sock.recv(1 << 16)
-        except socket.timeout:
-            raise OracleError(f"process {self.name} (pid {self.pid}) did not answer") from None
-        if not msg:
-            raise OracleError(f"process {self.name} (pid {self.pid}) died unexpectedly")
-        status, value = pickle.loads(msg)
-        if status == "fail":
-            raise OracleError(f"process {self.name}: {value}")
-        return value
+        return recv_reply(sock or self.sock, f"process {self.name}", self.pid)
 
     def call(self, *cmd):
         self.send(*cmd)
@@ -351,18 +340,36 @@ class _Proc:
         os.close(self.pidfd)
 
 
-def _spawn(name: str, regions: list[Region]) -> _Proc:
+def recv_reply(sock: socket.socket, who: str, pid: int, timeout: float = REPLY_TIMEOUT_S):
+    """The value of a worker's next reply; an ``OracleError`` naming ``who`` when it failed,
+    died or did not answer within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    try:
+        msg = sock.recv(1 << 16)
+    except socket.timeout:
+        raise OracleError(f"{who} (pid {pid}) did not answer") from None
+    if not msg:
+        raise OracleError(f"{who} (pid {pid}) died unexpectedly")
+    status, value = pickle.loads(msg)
+    if status == "fail":
+        raise OracleError(f"{who}: {value}")
+    return value
+
+
+def spawn_worker(name: str, regions: list[Region], module: str = "vmhost.reality.ksm_oracle") -> WorkerHandle:
+    """A worker process (``python -m MODULE --worker FD``, which calls :func:`serve_worker`)
+    holding ``regions``, once it said hello."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     try:
         child = subprocess.Popen(
-            [sys.executable, "-m", "vmhost.reality.ksm_oracle", "--worker", str(theirs.fileno())],
+            [sys.executable, "-m", module, "--worker", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd="/")
     finally:
         theirs.close()
-    proc = _Proc(name, child.pid, mine, popen=child)
+    proc = WorkerHandle(name, child.pid, mine, popen=child)
     proc.send("init", regions)
     hello = proc.reply()
     if hello != child.pid:
@@ -375,8 +382,8 @@ class _Run:
 
     def __init__(self, trace: Trace, deadline: float):
         self.trace, self.deadline = trace, deadline
-        self.procs: dict[str, _Proc] = {}
-        self.all_procs: list[_Proc] = []
+        self.procs: dict[str, WorkerHandle] = {}
+        self.all_procs: list[WorkerHandle] = []
         self.snapshots: list[dict] = []
         self.errors: list[dict] = []
         self.base = read_globals()
@@ -391,14 +398,14 @@ class _Run:
             if err:
                 self.errors.append({"step": -1, "knob": name, "errno": err})
         for name, regions in self.trace.processes.items():
-            self.add(_spawn(name, regions))
+            self.add(spawn_worker(name, regions))
         for step in self.trace.steps:
             self.check_time(f"step {step.index} ({step.kind})")
             getattr(self, "step_" + step.kind)(step.index, **step.args)
         return {"version": 1, "engine": "kernel", "profile": self.trace.profile,
                 "snapshots": self.snapshots, "errors": self.errors}
 
-    def add(self, proc: _Proc):
+    def add(self, proc: WorkerHandle):
         self.procs[proc.name] = proc
         self.all_procs.append(proc)
 
@@ -430,7 +437,7 @@ class _Run:
         finally:
             theirs.close()
         pid = parent.reply()
-        kid = _Proc(child, pid, mine)
+        kid = WorkerHandle(child, pid, mine)
         self.add(kid)
         if kid.reply() != pid:
             raise OracleError(f"step {i}: forked child did not report pid {pid}")
@@ -689,24 +696,32 @@ def run_oracle(trace: Trace, timeout: float = TRACE_TIMEOUT_S) -> dict:
         os.close(lock)
 
 
+def outcome(what: str, run):
+    """``(run(), 0)``, or ``(None, status)`` after one line on stderr: 2 for bad input, 1 when
+    the kernel run failed (``WHAT: reason``)."""
+    try:
+        return run(), 0
+    except InputError as exc:
+        print(exc, file=sys.stderr)
+        return None, 2
+    except OracleError as exc:
+        print(f"{what}: {exc}", file=sys.stderr)
+        return None, 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m vmhost.reality.ksm_oracle TRACE [--json]``: run one trace, print the result."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "--worker":  # internal: a trace process
-        _worker_main(int(args[1]))
+        serve_worker(int(args[1]))
     as_json = "--json" in args
     paths = [a for a in args if a != "--json"]
     if len(paths) != 1:
         print("usage: python -m vmhost.reality.ksm_oracle TRACE [--json]", file=sys.stderr)
         return 2
-    try:
-        result = run_oracle(load_trace(paths[0]))
-    except InputError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except OracleError as exc:
-        print(f"ksm oracle: {exc}", file=sys.stderr)
-        return 1
+    result, status = outcome("ksm oracle", lambda: run_oracle(load_trace(paths[0])))
+    if status:
+        return status
     print(dumps_result(result) if as_json else format_result(result), end="" if as_json else "\n")
     return 0
 

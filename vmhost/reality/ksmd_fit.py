@@ -133,19 +133,9 @@ def fit(rows: list[dict], fixed: dict, features=FITTED) -> dict:
     y_fixed = np.array([sum(r.get(f, 0) * fixed.get(f, 0) for f in FEATURES if f not in features) for r in rows])
     w = 1.0 / y
     cost, _ = nnls(a * w[:, None], (y - y_fixed) * w)
-    pred = a @ cost + y_fixed
-    rel = (pred - y) / y
-    per_kind = {}
-    for k in ("checksum-only", "merging", "steady"):
-        m = np.array([r["kind"] == k for r in rows])
-        if m.any():
-            per_kind[k] = {"passes": int(m.sum()), "rel_rms": float(np.sqrt(np.mean(rel[m] ** 2))),
-                           "bias": float(np.sum(pred[m]) / np.sum(y[m]) - 1)}
     costs = {f: fixed.get(f, 0) for f in FEATURES}
     costs.update({f: round(float(c), 1) for f, c in zip(features, cost)})
-    return {"cost_ns": costs,
-            "rel_rms": float(np.sqrt(np.mean(rel ** 2))), "total_bias": float(pred.sum() / y.sum() - 1),
-            "per_kind": per_kind, "passes": len(rows)}
+    return {"cost_ns": costs, **_errors(rows, a @ cost + y_fixed, y), "passes": len(rows)}
 
 
 def model_error(rows: list[dict], cost_ns: dict) -> dict:
@@ -153,6 +143,11 @@ def model_error(rows: list[dict], cost_ns: dict) -> dict:
     rows = [r for r in rows if r["kernel_cpu_s"] > 1e-4]
     y = np.array([r["kernel_cpu_s"] * 1e9 for r in rows])
     pred = np.array([sum(r.get(f, 0) * cost_ns.get(f, 0) for f in FEATURES) for r in rows])
+    return _errors(rows, pred, y)
+
+
+def _errors(rows: list[dict], pred: np.ndarray, y: np.ndarray) -> dict:
+    """Relative RMS error and bias of predicted against measured ns, overall and per kind of pass."""
     rel = (pred - y) / y
     per_kind = {}
     for k in ("checksum-only", "merging", "steady"):

@@ -136,6 +136,18 @@ def kernel_package() -> str:
     return max(names, key=lambda n: int(n[1]))[0]
 
 
+def dump_directory(dump_dir, prefix: str):
+    """Where a run writes its guests' dumps: ``dump_dir`` (made if missing) or, when it is
+    None, a new temporary directory named ``prefix...``; returns (the path, a function that
+    removes the temporary directory, or does nothing)."""
+    if dump_dir is not None:
+        path = Path(dump_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path, lambda: None
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return Path(tmp.name), tmp.cleanup
+
+
 def build_guest(cache: str | os.PathLike | None = None) -> GuestFiles:
     """The guest's kernel and initramfs, built once into the cache and reused afterwards."""
     cache = Path(cache) if cache else cache_dir()

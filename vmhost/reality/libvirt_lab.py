@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmhost.reality.guard import alive
+
 URI = "qemu:///system"
 LOCK_PATH = "/run/vmhost-libvirt-lab.lock"
 IMAGES_DIR = Path("/var/lib/libvirt/images/vmhost-lab")
@@ -149,20 +151,12 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
 # the keeper
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _running(pidfile: str) -> int | None:
     try:
         pid = int(Path(pidfile).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if alive(pid) else None
 
 
 def _stop(proc: subprocess.Popen) -> None:

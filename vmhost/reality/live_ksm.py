@@ -21,7 +21,6 @@ machine; the whole run is bounded by ``timeout`` and reports ``converged: false`
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +40,7 @@ def _counters() -> dict[str, int]:
     return {c: int((KSM_DIR / c).read_text()) for c in COUNTERS}
 
 
-def _proc_memory(pid: int) -> dict[str, int]:
+def proc_memory(pid: int) -> dict[str, int]:
     """AnonHugePages (KiB) of the process and its KSM view (/proc/PID/ksm_stat)."""
     out = {}
     try:
@@ -81,12 +80,7 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
     before the dumps and before KSM starts.
     """
     files = lab.build_guest()            # may download: do it before taking the KSM lock
-    tmp = None
-    if dump_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="vmhost-livesm-")
-        dump_dir = tmp.name
-    dump_dir = Path(dump_dir)
-    dump_dir.mkdir(parents=True, exist_ok=True)
+    dump_dir, remove_dumps = lab.dump_directory(dump_dir, "vmhost-livesm-")
     result: dict = {"guests": guests, "mem_mib": mem_mib, "kernel_package": files.kernel_package,
                     "pages_to_scan": PAGES_TO_SCAN, "sleep_millisecs": SLEEP_MS,
                     "stable_scans": stable_scans, "tolerance": tolerance}
@@ -97,17 +91,16 @@ def measure(guests: int = 3, mem_mib: int = 128, dump_dir: str | os.PathLike | N
             paths = [g.dump_both(dump_dir / f"{g.name}.elf", dump_dir / f"{g.name}.raw")
                      for g in running]
             result["dumps"] = [[str(e), str(r)] for e, r in paths]
-            result["before"] = {g.name: _proc_memory(g.pid) for g in running}
-            result.update(_converge(timeout, stable_scans, tolerance))
-            result["processes"] = {g.name: _proc_memory(g.pid) for g in running}
+            result["before"] = {g.name: proc_memory(g.pid) for g in running}
+            result.update(converge(timeout, stable_scans, tolerance))
+            result["processes"] = {g.name: proc_memory(g.pid) for g in running}
         result["wall_seconds"] = round(time.monotonic() - started, 2)
         if fingerprint:
             images = [dumps.fingerprint_dump(elf) for elf, _ in paths]
             result["zero_fraction"] = [im.header["stats"]["zero_fraction"] for im in images]
             result["ideal"] = dumps.cross_sharing(images, max_page_sharing=256)
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        remove_dumps()
     return result
 
 
@@ -132,7 +125,7 @@ def merging_guests(files, guests: int, mem_mib: int, workdir: Path, knobs: dict,
             write_knob("run", 0)
 
 
-def _converge(timeout: float, stable_scans: int, tolerance: int) -> dict:
+def converge(timeout: float, stable_scans: int, tolerance: int) -> dict:
     vm0 = read_vmstat("thp_split_page", "cow_ksm")
     base = _counters()["full_scans"]
     samples: list[dict] = []

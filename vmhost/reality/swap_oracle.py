@@ -42,9 +42,9 @@ import numpy as np
 from vmhost.errors import InputError
 from vmhost.ksm.trace import Region
 from vmhost.reality import guard
-from vmhost.reality.hotremove_oracle import KSM_KEYS, _spawn
-from vmhost.reality.ksm_oracle import (OracleError, exclusive_kernel_ksm, mergeable_pids, read_globals,
-                                       read_knob, read_vmstat, write_knob)
+from vmhost.reality.hotremove_oracle import KSM_KEYS
+from vmhost.reality.ksm_oracle import (OracleError, exclusive_kernel_ksm, mergeable_pids, outcome, read_globals,
+                                       read_knob, read_vmstat, spawn_worker, write_knob)
 
 SWAP_MIB = 64
 MEMCG_ROOT = Path("/sys/fs/cgroup/memory")
@@ -113,7 +113,7 @@ class _Experiment:
         (cg / "memory.swappiness").write_text("100")
         n = self.contents * self.mappings
         regions = [Region("ram", n), Region("private", max(self.private, 1))]
-        proc = _spawn("vm", regions)
+        proc = spawn_worker("vm", regions, "vmhost.reality.hotremove_oracle")
         try:
             (cg / "cgroup.procs").write_text(str(proc.pid))
             addrs = proc.call("addrs")
@@ -181,19 +181,8 @@ class _Experiment:
         return {"phases": self.phases}
 
 
-def _child_main(argv: list[str]) -> int:
-    journal, rfd = guard.child_fds(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    req = json.loads(sys.stdin.read())
-    try:
-        res = _Experiment(journal, req["contents"], req["mappings"], req["private"],
-                          req.get("crash_at")).run()
-        guard.send_result(rfd, {"ok": True, **res})
-    except InputError as exc:
-        guard.send_result(rfd, {"ok": False, "refused": str(exc)})
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        guard.send_result(rfd, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    return 0
+def _run_experiment(journal: guard.Journal, req: dict) -> dict:
+    return _Experiment(journal, req["contents"], req["mappings"], req["private"], req.get("crash_at")).run()
 
 
 def run_real(contents: int = DEFAULT["contents"], mappings: int = DEFAULT["mappings"],
@@ -308,16 +297,11 @@ def _kl(d):
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 3 and args[0] == "--child":
-        return _child_main(args)
+        return guard.child_main(args, _run_experiment)
     as_json = "--json" in args
-    try:
-        cmp = compare()
-    except InputError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except OracleError as exc:
-        print(f"swap oracle: {exc}", file=sys.stderr)
-        return 1
+    cmp, status = outcome("swap oracle", compare)
+    if status:
+        return status
     print(json.dumps(cmp) if as_json else format_comparison(cmp))
     return 0 if cmp["agree"] else 1
 

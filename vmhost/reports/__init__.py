@@ -3,7 +3,7 @@
 One job per module: ``model`` (the content: series, tables, plots), ``numbers`` (ticks and
 number formatting), ``svg`` (drawing a plot), ``page`` (the HTML page), ``files`` (the atomic
 directory, JSON, CSV), ``report`` (:class:`Report`, which ties them together) and one module
-per command that builds its report from a result (``density``, ``fleet``).
+per command that builds its report from a result (``density``, ``fleet``, ``hotremove``).
 """
 
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table

@@ -68,17 +68,15 @@ def headline(res: dict) -> list[str]:
         out.append(f"At {b['guests']} guests KSM saves {fmt(b['saved_gib'])} GiB; ksmd uses "
                    f"{fmt(100 * b['ksmd_cpu_share'])}% of one CPU at steady state, "
                    f"{fmt(b['cpu_s_per_gib_saved'])} CPU-seconds per GiB saved.")
-        t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
         out.append(f"Time to 50/90/99% of a step's steady-state savings: the first guest "
-                   f"{fmt(t1['p50_s'])}/{fmt(t1['p90_s'])}/{fmt(t1['p99_s'])} s, guest {b['guests']} "
-                   f"{fmt(tl['p50_s'])}/{fmt(tl['p90_s'])}/{fmt(tl['p99_s'])} s (virtual).")
+                   f"{_percentiles(b['time_to_first_guest'], fmt)} s, guest {b['guests']} "
+                   f"{_percentiles(b['time_to_last_step'], fmt)} s (virtual).")
         if b.get("storm"):
             s = b["storm"]
             out.append(f"An unmerge storm at {b['guests']} guests needs {fmt(_gib(s['headroom_pages']))} GiB; "
                        f"{fmt(_gib(s['available_pages']))} GiB are free above the min watermark (less the guest pages "
-                       f"in swap): it "
-                       f"{'survives' if s['survives'] else 'does not survive'}. The most guests that "
-                       f"survive one: {res.get('vms_surviving_storm', (res.get('cpu_limit') or {}).get('vms_surviving_storm'))}.")
+                       f"in swap): it {'survives' if s['survives'] else 'does not survive'}. The most guests that "
+                       f"survive one: {_surviving_storm(res)}.")
     h = res["host"]
     out.append(f"Capacity for guests: {fmt(_gib(h['capacity_pages']))} GiB of {fmt(_gib(h['ram_pages']))} GiB "
                f"RAM (less the high watermarks and the free headroom). Resolution 1/{res['resolution']}: "
@@ -178,6 +176,17 @@ def _t(v) -> str:
     return "-" if v is None else f"{v:g}s"
 
 
+def _percentiles(t: dict, f) -> str:
+    """A step's time to 50/90/99% of its savings, each written by ``f``."""
+    return "/".join(f(t[k]) for k in ("p50_s", "p90_s", "p99_s"))
+
+
+def _surviving_storm(res: dict):
+    """The most guests that survive an unmerge storm (with the suggested pages_to_scan where the
+    CPU limit bound KSM)."""
+    return res.get("vms_surviving_storm", (res.get("cpu_limit") or {}).get("vms_surviving_storm"))
+
+
 def headline_lines(res: dict) -> list[str]:
     """The answer a planner acts on: the three counts, the count that survives the storm, what
     bound KSM and, when the CPU limit did, the knob that meets it and the count with it."""
@@ -241,17 +250,16 @@ def format_result(res: dict) -> str:
         if swapped:
             lines.append(f"at {b['guests']} guests {_gib_text(swapped)} GiB of guest pages are in swap "
                          f"(counted in the KSM column, as pages held)")
-        t1, tl = b["time_to_first_guest"], b["time_to_last_step"]
-        lines.append(f"time to 50/90/99% of steady-state savings: first guest {_t(t1['p50_s'])}/"
-                     f"{_t(t1['p90_s'])}/{_t(t1['p99_s'])}; guest {b['guests']} "
-                     f"{_t(tl['p50_s'])}/{_t(tl['p90_s'])}/{_t(tl['p99_s'])}")
+        lines.append(f"time to 50/90/99% of steady-state savings: first guest "
+                     f"{_percentiles(b['time_to_first_guest'], _t)}; guest {b['guests']} "
+                     f"{_percentiles(b['time_to_last_step'], _t)}")
         if b.get("storm"):
             s = b["storm"]
             lines.append(f"unmerge storm at {b['guests']} guests: needs {_gib_text(s['headroom_pages'])} GiB "
                          f"({s['storm_pages']} storm + {s['churn_pages']} churn pages), "
                          f"{_gib_text(s['available_pages'])} GiB free above min watermark less swapped guest pages: "
                          f"{'survives' if s['survives'] else 'does NOT survive'}; "
-                         f"largest N surviving: {res.get('vms_surviving_storm', cl.get('vms_surviving_storm'))}")
+                         f"largest N surviving: {_surviving_storm(res)}")
     lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
                  f"{'cpu':>7} {'swapin/s':>8} {'swap GiB':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
                  f"{'scans':>5} verdict")
