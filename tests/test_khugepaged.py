@@ -42,6 +42,7 @@ def test_split_range_is_collapsed_with_contents_kept():
     assert kh.scan_range(h, vma, 0, kh.DEFAULTS) == kh.SUCCEED
     h.clock.run_until(0)                           # the first entry woke khugepaged at once
     assert h.khugepaged.pages_collapsed == 1 and h.vmstat["thp_collapse_alloc"] == 1
+    assert h.vmstat["thp_fault_alloc"] == 1                # the first fault's, not the collapse
     assert not vma.pgtable[0] and h.frames.flags[vma.pte[0]] & PG_HEAD
     assert h.used_pages() == HPAGE_PAGES and p.mm.rss_anon == HPAGE_PAGES   # zero pages are real now
     assert p.mm.view(vma.start, 4).tolist() == [1, 2, 3, 0]

@@ -64,7 +64,7 @@ DEFAULTS = {
 
 # scan results (enum scan_result, the ones this model tells apart)
 SUCCEED, PMD_NONE_OR_MAPPED, EXCEED_NONE, EXCEED_SWAP, EXCEED_SHARED, PAGE_RO, LACK_REFERENCED, \
-    PAGE_COUNT, PAGE_COMPOUND, ALLOC_FAIL = range(10)
+    PAGE_COUNT, PAGE_COMPOUND = range(9)
 
 
 def scan_range(host: "Host", vma: "Vma", start: int, knobs: dict) -> int:
@@ -124,8 +124,7 @@ def collapse_range(host: "Host", vma: "Vma", start: int) -> bool:
     vma.ptef[span] = 0
     vma.mm.rss_anon -= len(old)                 # map_huge counts all 512 again
     put_mappings(host, old)
-    thp.map_huge(host, vma, start, head, host.anon_vmas.prepare(vma).id)
-    host.vmstat["thp_fault_alloc"] -= 1         # map_huge counts a fault; this is a collapse
+    thp.map_huge(host, vma, start, head, host.anon_vmas.prepare(vma).id, event=None)
     host.frames.content[head: head + HPAGE_PAGES] = contents
     vma.pgtable[vma.pmd_index(start)] = False   # PMD-mapped again
     vma.mm.touch_ptes()
