@@ -88,7 +88,11 @@ def _workload_children():
 
 @pytest.mark.kernel
 def test_kernel_and_emulator_agree_and_ksm_is_restored():
-    before = {k: oracle.read_knob(k) for k in list(oracle.DEFAULTS) + ["run"]}
+    def knobs():    # at rest: read under the oracle lock (other oracle users set them while they run)
+        with oracle.holding_lock():
+            return {k: oracle.read_knob(k) for k in list(oracle.DEFAULTS) + ["run"]}
+
+    before = knobs()
     r = bench.run(4096, 4, scans=1)
     k, e = r["kernel"], r["emulator"]
     assert r["agree"], (k["final"], e["final"])
@@ -98,7 +102,7 @@ def test_kernel_and_emulator_agree_and_ksm_is_restored():
     assert all(p["cpu_s"] > 0 for p in k["passes"])
     assert [p["pages_shared"] for p in k["passes"]] == [p["pages_shared"] for p in e["passes"]]
     # restored, nothing left behind
-    assert {k_: oracle.read_knob(k_) for k_ in before} == before
+    assert knobs() == before
     assert oracle.ksm_leftovers() == {}
     assert _workload_children() == []
 

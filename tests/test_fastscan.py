@@ -16,13 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw.topology import Topology
-from vmhost.host import Host
 from vmhost.ksm import fastscan
-from vmhost.ksm.engine import Ksm
-from vmhost.ksm.ksmd import Ksmd
 from vmhost.ksm.replay import Replay
 from vmhost.ksm.trace import load_trace
+from vmhost.ksm.warmup import ksm_host, mergeable_process
 from vmhost.mm import invariants
 
 CORPUS = Path(__file__).parent / "ksm_traces"
@@ -94,20 +91,10 @@ def test_pure_python_scan_gives_the_same_result(path):
 def churn(fast: bool, seed: int = 7, prune_ms: int = 2000):
     """Four processes, small batches, random writes and forks between batches."""
     rng = np.random.default_rng(seed)
-    h = Host(Topology.uniform(1, 256 << 20), block_pages=4096)
-    ksm = Ksm(h)
-    ksm.fast = fast
-    ksmd = Ksmd(ksm, h.clock)
-    ksm.write_knob("pages_to_scan", "300")
-    ksm.write_knob("max_page_sharing", "8")
-    ksm.write_knob("stable_node_chains_prune_millisecs", str(prune_ms))
-    procs = []
-    for i in range(4):
-        p = h.spawn(f"p{i}")
-        vma = p.mm.mmap(2048, thp=(i % 2 == 0), at=0x40000 + 4096 * i)
-        p.mm.write(vma.start, rng.integers(0, 40, 2048).astype(np.uint64))
-        p.mm.madvise(vma.start, 2048, "mergeable")
-        procs.append((p, vma.start))
+    h, ksm, ksmd = ksm_host(256, 4096, fast, pages_to_scan=300, max_page_sharing=8,
+                            stable_node_chains_prune_millisecs=prune_ms)
+    procs = [mergeable_process(h, f"p{i}", rng.integers(0, 40, 2048), thp=(i % 2 == 0),
+                               at=0x40000 + 4096 * i) for i in range(4)]
     ksm.write_knob("run", "1")
     history = []
     for step in range(150):
@@ -140,18 +127,10 @@ def test_compiled_scan_follows_changes_between_batches(prune_ms):
 def thp_pairs(fast: bool):
     """Huge-page-backed memory whose merges split THPs mid-pass (which invalidates the
     hashed unstable tree after merged items already left it)."""
-    h = Host(Topology.uniform(1, 128 << 20), block_pages=4096)
-    ksm = Ksm(h)
-    ksm.fast = fast
-    ksmd = Ksmd(ksm, h.clock)
-    ksm.write_knob("pages_to_scan", "100000")
-    ksm.write_knob("max_page_sharing", "4")
+    h, ksm, ksmd = ksm_host(128, 4096, fast, pages_to_scan=100000, max_page_sharing=4)
     rng = np.random.default_rng(11)
     for i in range(3):
-        p = h.spawn(f"g{i}")
-        vma = p.mm.mmap(4 * 512, thp=True, at=0x80000)
-        p.mm.write(vma.start, rng.integers(1, 300, vma.pages).astype(np.uint64))
-        p.mm.madvise(vma.start, vma.pages, "mergeable")
+        mergeable_process(h, f"g{i}", rng.integers(1, 300, 4 * 512), thp=True, at=0x80000)
     before = invariants.views(h)
     ksm.write_knob("run", "1")
     history = []
@@ -167,16 +146,9 @@ def test_compiled_scan_does_the_merges_itself():
     """Merges into new KSM pages, with chains and dups in the tree, are compiled: Python
     finishes only the few visits that need it (pruning, collapsing, new chains)."""
     rng = np.random.default_rng(3)
-    h = Host(Topology.uniform(1, 256 << 20), block_pages=4096)
-    ksm = Ksm(h)
-    ksmd = Ksmd(ksm, h.clock)
-    ksm.write_knob("pages_to_scan", "100000")
-    ksm.write_knob("max_page_sharing", "4")
+    h, ksm, ksmd = ksm_host(256, 4096, pages_to_scan=100000, max_page_sharing=4)
     for i in range(4):
-        p = h.spawn(f"p{i}")
-        vma = p.mm.mmap(4096, thp=False)
-        p.mm.write(vma.start, rng.integers(1, 3000, 4096).astype(np.uint64))
-        p.mm.madvise(vma.start, 4096, "mergeable")
+        mergeable_process(h, f"p{i}", rng.integers(1, 3000, 4096))
     ksm.write_knob("run", "1")
     ksmd.run_full_scans(3)
     merges = int(ksm.work[fastscan.W_MERGES])
@@ -204,18 +176,9 @@ def merged_then_materialized(fast: bool):
     """A merge takes an item out of the hashed unstable tree; a write elsewhere later in the
     same pass forces the real tree to be built from the log, which must not disturb the
     merged item's place on its stable node."""
-    h = Host(Topology.uniform(1, 64 << 20), block_pages=1024)
-    ksm = Ksm(h)
-    ksm.fast = fast
-    ksmd = Ksmd(ksm, h.clock)
-    ksm.write_knob("pages_to_scan", "3")
-    starts = []
-    for name, contents in (("a", [5, 6, 7]), ("b", [5, 8, 9]), ("c", [10, 11, 12])):
-        p = h.spawn(name)
-        vma = p.mm.mmap(3, thp=False)
-        p.mm.write(vma.start, np.array(contents, dtype=np.uint64))
-        p.mm.madvise(vma.start, 3, "mergeable")
-        starts.append((p, vma.start))
+    h, ksm, ksmd = ksm_host(64, 1024, fast, pages_to_scan=3)
+    starts = [mergeable_process(h, name, contents, thp=False)
+              for name, contents in (("a", [5, 6, 7]), ("b", [5, 8, 9]), ("c", [10, 11, 12]))]
     ksm.write_knob("run", "1")
     history = []
     for batch in range(12):

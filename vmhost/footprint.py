@@ -33,18 +33,19 @@ def _pte_bytes() -> int:
 
 
 def _item_bytes() -> int:
-    """One rmap_item with its tree links and free-stack slot, plus its share of the scan's
-    tables (the hashed unstable tree: 2 slots per item; its log: 1)."""
+    """One rmap_item with its tree links, plus its share of the scan's tables (the hashed
+    unstable tree: 2 slots per item; its log: 1; its VMA's candidate offsets: 1)."""
     from vmhost.ksm.items import RmapItems
     items = RmapItems(capacity=1, trees=1)
-    return items.nbytes + 3 * 4
+    return items.nbytes + 4 * 4
 
 
 def _node_bytes() -> int:
-    """One stable node with its links and its share of the key index (4 slots a node)."""
+    """One stable node with its links and its share of the key index."""
+    from vmhost.ksm.keyindex import REBUILT_SPARE
     from vmhost.ksm.stable import StableNodes
     nodes = StableNodes(capacity=1, trees=1)
-    return nodes.nbytes + nodes.free_stack.nbytes + 4 * 4
+    return nodes.nbytes + nodes.free_stack.nbytes + REBUILT_SPARE * 4
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,10 @@ def emulator_memory(host, ksm) -> dict:
     frames = host.frames.nbytes
     ptes = sum(v.pte.nbytes + v.ptef.nbytes for p in host.processes.values() for v in p.mm.vmas)
     items, nodes = ksm.items.nbytes, ksm.nodes.nbytes
-    # the scan's indexes: the hashed unstable tree and its log, the stable-tree key index
-    indexes = ksm._uh.nbytes + ksm._ulog.nbytes + ksm.stable_index.slots.nbytes
+    # the scan's tables: the hashed unstable tree and its log, the stable-tree key index, the
+    # pages of each VMA it visits
+    indexes = (ksm._uh.nbytes + ksm._ulog.nbytes + ksm.stable_index.slots.nbytes
+               + sum(c[1].nbytes for c in ksm._cand_cache.values()))
     return {"frames": frames, "page_tables": ptes, "rmap_items": items, "stable_nodes": nodes,
             "indexes": indexes, "total": frames + ptes + items + nodes + indexes,
             "frame_count": len(host.frames),
@@ -490,7 +492,8 @@ def format_table(r: dict) -> str:
             lines.append(f"memory: {m['bytes_per_page']:.1f} B per scanned page (frames "
                          f"{m['frames'] / n:.1f}, page tables {m['page_tables'] / n:.1f}, "
                          f"rmap_items {m['rmap_items'] / n:.1f}, stable nodes "
-                         f"{m['stable_nodes'] / n:.1f}); peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB")
+                         f"{m['stable_nodes'] / n:.1f}, scan tables {m['indexes'] / n:.1f}); "
+                         f"peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB")
     lines.append("")
     if "kernel_cpu_over_emulator_wall" in r:
         ra = r["kernel_cpu_over_emulator_wall"]

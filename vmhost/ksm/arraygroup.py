@@ -8,12 +8,12 @@ helper taking four groups had some 500 arguments, and that, not the work it does
 most of the first run's compile time. A structref is one pointer to the arrays, whatever
 their number, so a helper costs what its body costs to compile.
 
-A group is a ``Group`` subclass (the Python-side handle) with a ``GroupType`` subclass (its
-numba type), tied by ``register``. It is built in Python by a compiled function of the
-module that defines it (``cache=True``: numba caches only functions it finds in a source
-file), which calls the intrinsic ``packer`` makes: it is lowered in place, so building a
-group compiles nothing else (numba's own structref constructor is a separate overload,
-compiled afresh in every process).
+``group(name, fields, doc, module)`` makes a kind of group: a ``Group`` subclass (the
+Python-side handle) and a ``GroupType`` subclass (its numba type) naming the fields. Every
+kind is built in Python by one compiled function here (``cache=True``, one specialisation
+per kind), which calls an intrinsic lowered in place, so building a group compiles nothing
+else (numba's own structref constructor is a separate overload, compiled afresh in every
+process).
 
 ``view`` makes an intrinsic that turns an address and a length into an array of a fixed
 dtype: compiled code reaches arrays it is given by address this way (the VMA registry's
@@ -22,6 +22,8 @@ page tables), without numba's typed lists, whose methods are compiled in every p
 
 from __future__ import annotations
 
+from llvmlite import ir
+from numba import njit
 from numba.core import cgutils, types
 from numba.experimental import structref
 from numba.experimental.jitclass.base import imp_dtor
@@ -30,7 +32,10 @@ from numba.np.arrayobj import make_array, populate_array
 
 
 class GroupType(types.StructRef):
-    """The numba type of a group: its fields are the arrays' types."""
+    """The numba type of a group: its fields are the arrays' types (``FIELDS`` names them,
+    in the order the group's constructor takes them)."""
+
+    FIELDS: tuple[str, ...] = ()
 
     def preprocess_fields(self, fields):
         return tuple((name, types.unliteral(t)) for name, t in fields)
@@ -38,51 +43,64 @@ class GroupType(types.StructRef):
 
 class Group(structref.StructRefProxy):
     """Base of the Python-side handles of groups (no attribute access from Python: groups
-    are built in Python and read in compiled code)."""
+    are built in Python and read in compiled code). ``Kind(*arrays)`` packs the arrays, in
+    the order of the type's ``FIELDS``."""
 
     __slots__ = ()
+    _type_class: type[GroupType]
+
+    def __new__(cls, *arrays):
+        return _new(cls._type_class, arrays)
 
 
-def register(proxy_class, type_class) -> None:
-    """Let groups of ``type_class`` cross between Python (as ``proxy_class``) and compiled
-    code."""
+def group(name: str, fields, doc: str, module: str) -> tuple[type[Group], type[GroupType]]:
+    """A new kind of group: its Python handle class ``name`` and its numba type class
+    ``name + "Type"``, both to be bound under those names in ``module`` (numba's cache finds
+    the type by its module and name)."""
+    type_class = type(name + "Type", (GroupType,), {"FIELDS": tuple(fields), "__module__": module})
+    proxy_class = type(name, (Group,), {"__slots__": (), "__doc__": doc, "__module__": module,
+                                        "_type_class": type_class})
     structref.register(type_class)
     structref.define_boxing(type_class, proxy_class)
+    return proxy_class, type_class
 
 
-def packer(type_class, fields):
-    """An intrinsic ``pack(arrays)``: a new group of ``type_class`` whose ``fields`` are the
-    members of the tuple ``arrays``, in that order."""
-    fields = tuple(fields)
+@intrinsic
+def _pack(typingctx, type_ref, arrays):
+    """A new group of the type class ``type_ref`` whose fields are the members of the tuple
+    ``arrays``, in the order of its ``FIELDS``. Lowered in place (numba's own structref
+    constructor is a separate overload, compiled afresh in every process)."""
+    type_class = type_ref.instance_type
+    fields = type_class.FIELDS
+    if not isinstance(arrays, types.BaseTuple) or len(arrays) != len(fields):
+        return None
+    inst_type = type_class(list(zip(fields, arrays.types)))
 
-    @intrinsic
-    def pack(typingctx, arrays):
-        if not isinstance(arrays, types.BaseTuple) or len(arrays) != len(fields):
-            return None
-        inst_type = type_class(list(zip(fields, arrays.types)))
+    def codegen(context, builder, sig, args):
+        # as structref.new allocates it (zeroed, its dtor drops the members), then filled
+        data_type = inst_type.get_data_type()
+        alloc_type = context.data_model_manager[data_type].get_value_type()
+        meminfo = context.nrt.meminfo_alloc_dtor(
+            builder, context.get_constant(types.uintp, context.get_abi_sizeof(alloc_type)),
+            imp_dtor(context, builder.module, inst_type))
+        data_ptr = builder.bitcast(context.nrt.meminfo_data(builder, meminfo),
+                                   alloc_type.as_pointer())
+        builder.store(cgutils.get_null_value(alloc_type), data_ptr)
+        data = cgutils.create_struct_proxy(data_type)(context, builder, ref=data_ptr)
+        for i, (name, ty) in enumerate(zip(fields, arrays.types)):
+            value = builder.extract_value(args[1], i)
+            context.nrt.incref(builder, ty, value)
+            setattr(data, name, value)
+        inst = context.make_helper(builder, inst_type)
+        inst.meminfo = meminfo
+        return inst._getvalue()
 
-        def codegen(context, builder, sig, args):
-            # as structref.new allocates it (zeroed, its dtor drops the members), then filled
-            data_type = inst_type.get_data_type()
-            alloc_type = context.data_model_manager[data_type].get_value_type()
-            meminfo = context.nrt.meminfo_alloc_dtor(
-                builder, context.get_constant(types.uintp, context.get_abi_sizeof(alloc_type)),
-                imp_dtor(context, builder.module, inst_type))
-            data_ptr = builder.bitcast(context.nrt.meminfo_data(builder, meminfo),
-                                       alloc_type.as_pointer())
-            builder.store(cgutils.get_null_value(alloc_type), data_ptr)
-            data = cgutils.create_struct_proxy(data_type)(context, builder, ref=data_ptr)
-            for i, (name, ty) in enumerate(zip(fields, arrays.types)):
-                value = builder.extract_value(args[0], i)
-                context.nrt.incref(builder, ty, value)
-                setattr(data, name, value)
-            inst = context.make_helper(builder, inst_type)
-            inst.meminfo = meminfo
-            return inst._getvalue()
+    return inst_type(type_ref, arrays), codegen
 
-        return inst_type(arrays), codegen
 
-    return pack
+@njit(cache=True)
+def _new(type_class, arrays):
+    return _pack(type_class, arrays)
 
 
 def view(dtype):
@@ -110,3 +128,24 @@ def view(dtype):
         return array_type(address, length), codegen
 
     return view_at
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """``prefetch(array, index)``: start loading the cache line of ``array[index]`` (no
+    bounds check and no fault: a hint to the CPU, for reads a loop will make a few
+    iterations later at an address it already knows)."""
+    if not (isinstance(array, types.Array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [i], wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])   # read, keep, data
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen

@@ -32,12 +32,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vmhost.ksm import arraygroup
-from vmhost.ksm.arraygroup import Group, GroupType
+from vmhost.ksm.arraygroup import group, prefetch
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
-from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.items import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
@@ -51,97 +51,31 @@ RUN_END, RUN_BUDGET = 0, 1
 BAIL_BEFORE_ITEM, BAIL_BEFORE_SKIP, BAIL_BEFORE_MERGE, BAIL_AFTER_CHECKSUM = 2, 3, 4, 5
 BAIL_AFTER_STABLE = 6       # the stable tree had nothing: Python goes on with the unstable tree
 N_CODES = 7
+LOOKAHEAD = 16               # visits ahead that scan_run starts fetching a page's frame
 
 # the parameter array
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
  P_STABLE_INDEXED, P_NOW, P_PRUNE_NS, P_MPS, P_CHAINS, N_PARAMS) = range(15)
 
 
-class FrameArraysType(GroupType):
-    pass
-
-
-class FrameArrays(Group):
-    """The page frames' arrays (``mm.frames``)."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_frame_arrays(*arrays)
-
-
-class ItemArraysType(GroupType):
-    pass
-
-
-class ItemArrays(Group):
-    """The rmap_items' arrays and the unstable trees' links (``items``)."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_item_arrays(*arrays)
-
-
-class NodeArraysType(GroupType):
-    pass
-
-
-class NodeArrays(Group):
-    """The stable nodes' arrays, the stable trees' links and the key index."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_node_arrays(*arrays)
-
-
-class ScanStateType(GroupType):
-    pass
-
-
-class ScanState(Group):
-    """The scan's parameters, counters and scratch tables."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_scan_state(*arrays)
-
-
-_FRAME_FIELDS = ("content", "flags", "owner", "mapcount", "refcount", "index")
-_ITEM_FIELDS = ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head", "hnext",
-                "hprev", "anon_vma", "nid", "rnext", "tree_pfn", "tree_gen", "tree_key", "left",
-                "right", "parent", "color", "roots", "free_stack", "free_top")
-_NODE_FIELDS = ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
-                "dnext", "dprev", "key", "stale", "stale_state", "left", "right", "parent",
-                "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state")
-_STATE_FIELDS = ("params", "cnt", "work", "mm_ksm", "pt_epoch", "block_node", "uh", "ulog",
-                 "ulog_len", "eff_chain", "eff_found", "eff_prune", "freed", "freed_n", "av_delta")
-arraygroup.register(FrameArrays, FrameArraysType)
-arraygroup.register(ItemArrays, ItemArraysType)
-arraygroup.register(NodeArrays, NodeArraysType)
-arraygroup.register(ScanState, ScanStateType)
-_pack_frames = arraygroup.packer(FrameArraysType, _FRAME_FIELDS)
-_pack_items = arraygroup.packer(ItemArraysType, _ITEM_FIELDS)
-_pack_nodes = arraygroup.packer(NodeArraysType, _NODE_FIELDS)
-_pack_state = arraygroup.packer(ScanStateType, _STATE_FIELDS)
-
-
-@njit(cache=True)
-def _new_frame_arrays(*arrays):
-    return _pack_frames(arrays)
-
-
-@njit(cache=True)
-def _new_item_arrays(*arrays):
-    return _pack_items(arrays)
-
-
-@njit(cache=True)
-def _new_node_arrays(*arrays):
-    return _pack_nodes(arrays)
-
-
-@njit(cache=True)
-def _new_scan_state(*arrays):
-    return _pack_state(arrays)
+FrameArrays, FrameArraysType = group(
+    "FrameArrays", ("content", "flags", "owner", "mapcount", "refcount", "index"),
+    "The page frames' arrays (``mm.frames``).", __name__)
+ItemArrays, ItemArraysType = group(
+    "ItemArrays", ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head",
+                   "hnext", "hprev", "anon_vma", "nid", "rnext", "tree_key", "left", "right",
+                   "parent", "color", "roots", "free_list"),
+    "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
+NodeArrays, NodeArraysType = group(
+    "NodeArrays", ("kind", "kpfn", "prune_time", "hlist_len", "hhead", "nid", "chain", "dhead",
+                   "dnext", "dprev", "key", "stale", "stale_state", "left", "right", "parent",
+                   "color", "roots", "free_stack", "free_top", "ki_slots", "ki_state"),
+    "The stable nodes' arrays, the stable trees' links and the key index.", __name__)
+ScanState, ScanStateType = group(
+    "ScanState", ("params", "cnt", "work", "mm_ksm", "block_node", "uh", "ulog",
+                  "ulog_len", "eff_chain", "eff_found", "eff_prune", "freed", "freed_n",
+                  "av_delta"),
+    "The scan's parameters, counters and scratch tables.", __name__)
 
 
 #: a helper only compiled code calls: no Python entry point is made for it (numba would
@@ -163,9 +97,8 @@ def item_arrays(items) -> ItemArrays:
     ln = items.links
     return ItemArrays(items.mm, items.address, items.flags, items.oldchecksum, items.age,
                       items.remaining_skips, items.head, items.hnext, items.hprev, items.anon_vma,
-                      items.nid, items.rnext, items.tree_pfn, items.tree_gen, items.tree_key,
-                      ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_stack,
-                      items.free_top)
+                      items.nid, items.rnext, items.tree_key,
+                      ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_list)
 
 
 def node_arrays(nodes, index) -> NodeArrays:
@@ -210,6 +143,18 @@ def smart_skip(age, skips):
             return new_age, 4, False
         return new_age, 8, False
     return new_age, skips - 1, True
+
+
+@njit(cache=True, nogil=True)
+def dup_choice(found, found_len, hl, mps):
+    """stable_node_dup's choice among a chain's dups: 0 if a dup with ``hl`` mappings does not
+    replace the one found so far (``found``, with ``found_len`` mappings; NIL: none yet), 1 if
+    it does, 2 if it does and is a sharing candidate (is_page_sharing_candidate: a mapping and
+    room for one more), where a walk that does not prune stops."""
+    sharable = hl > 0 and hl < mps
+    if found == NIL or (sharable and (not (found_len > 0 and found_len < mps) or hl > found_len)):
+        return 2 if sharable else 1
+    return 0
 
 
 @njit(cache=True, nogil=True)
@@ -292,6 +237,37 @@ def unstable_erase(IT, S, item, hashed):
 
 
 @inner
+def _leave_unstable(IT, S, item, fl, seqnr, hashed, clean):
+    """remove_rmap_item_from_tree for an item flagged UNSTABLE (flags ``fl``): out of this
+    pass's tree if it went in this pass, and un-counted. False, with nothing done, when
+    leaving the tree needs Python (the hashed tree must be built first, or its log is
+    full)."""
+    if ((seqnr - fl) & SEQNR_MASK) == 0:
+        if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
+            return False
+    S.cnt[C_UNSHARED] -= 1
+    IT.flags[item] = 0
+    return True
+
+
+@inner
+def mergeable_page(F, V, mm, address):
+    """get_mergeable_page: the anonymous (or KSM) page mapped at ``address`` of ``mm`` in a
+    mergeable VMA, or -1 (UnstableTreeMixin.get_mergeable_page)."""
+    tv = find_vma(V, mm, address)
+    if tv < 0:
+        return -1
+    toff = address - V.start[tv]
+    tpte, tptef = page_tables(V, np.int64(tv))
+    if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT:
+        return -1
+    tpfn = tpte[toff]
+    if (F.flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
+        return -1
+    return tpfn
+
+
+@inner
 def _put_one(F, S, pfn):
     """One mapping and its reference dropped from an ordinary page (not huge, not in the
     swap cache); a page left unreferenced is cleared and handed back for Python to free."""
@@ -315,15 +291,10 @@ def stable_append(IT, ND, S, item, node):
     ND.hlist_len[node] += 1
     IT.head[item] = node
     IT.flags[item] |= STABLE_FLAG
-    first = ND.hhead[node]
-    IT.hnext[item] = first
-    IT.hprev[item] = NIL
-    if first != NIL:
-        IT.hprev[first] = item
+    if hlist_add_head(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item)) != NIL:
         S.cnt[C_SHARING] += 1
     else:
         S.cnt[C_SHARED] += 1
-    ND.hhead[node] = item
     S.mm_ksm[IT.mm[item], 1] += 1
 
 
@@ -353,7 +324,9 @@ def _replace_page(F, S, pte, ptef, off, pfn, kpfn, locked):
 @inner
 def _merge_into(F, IT, ND, S, node, item, off, pfn, pte, ptef, vma_locked, vma_anon_vma):
     """try_to_merge_with_ksm_page + stable_tree_append for an ordinary page, exactly as
-    Ksm._merge_one and Ksm.stable_tree_append do it (the caller checked it is possible)."""
+    Ksm._merge_one and Ksm.stable_tree_append do it (the caller checked it is possible); the
+    page's visit is counted as done."""
+    S.cnt[C_SCANNED] += 1
     kp = ND.kpfn[node]
     if ptef[off] & _WD and F.mapcount[pfn] != F.refcount[pfn]:
         return                                        # pinned: the merge fails, retried later
@@ -391,13 +364,12 @@ def _stable_insert_walk(F, ND, S, nid, key, mps):
                 kp = ND.kpfn[d]
                 if (F.flags[kp] & PG_KSM) == 0 or F.owner[kp] != d:
                     return False, NIL, False, 0, 0, 0, NIL
-                hl = ND.hlist_len[d]
-                sharable = hl > 0 and hl < mps
-                if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
-                                                  or hl > found_len)):
+                choice = dup_choice(np.int64(found), np.int64(found_len),
+                                    np.int64(ND.hlist_len[d]), np.int64(mps))
+                if choice != 0:
                     found = d
-                    found_len = hl
-                    if sharable:
+                    found_len = ND.hlist_len[d]
+                    if choice == 2:
                         break
                 d = ND.dnext[d]
             if found == NIL or (ND.dhead[cur] == found and ND.dnext[found] == NIL):
@@ -429,20 +401,9 @@ def _stable_insert_walk(F, ND, S, nid, key, mps):
 
 @inner
 def _move_dup_to_head(ND, chain, found):
-    prev = ND.dprev[found]
-    nxt = ND.dnext[found]
-    if prev == NIL:
-        ND.dhead[chain] = nxt
-    else:
-        ND.dnext[prev] = nxt
-    if nxt != NIL:
-        ND.dprev[nxt] = prev
-    first = ND.dhead[chain]
-    ND.dnext[found] = first
-    ND.dprev[found] = NIL
-    if first != NIL:
-        ND.dprev[first] = found
-    ND.dhead[chain] = found
+    """The chain's dup ``found`` moves to the head of its list (hlist_del + hlist_add_head)."""
+    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
+    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(found))
 
 
 @inner
@@ -476,18 +437,27 @@ def _tree_erase(ND, node):
 @inner
 def _del_dup(ND, dup):
     """StableNodes.del_dup."""
-    chain = ND.chain[dup]
-    prev = ND.dprev[dup]
-    nxt = ND.dnext[dup]
-    if prev == NIL:
-        ND.dhead[chain] = nxt
-    else:
-        ND.dnext[prev] = nxt
-    if nxt != NIL:
-        ND.dprev[nxt] = prev
+    hlist_del(ND.dhead, ND.dnext, ND.dprev, np.int64(ND.chain[dup]), np.int64(dup))
     ND.chain[dup] = NIL
-    ND.dnext[dup] = NIL
-    ND.dprev[dup] = NIL
+
+
+@inner
+def _uncount_stable_item(IT, ND, S, node, item, sharing):
+    """StableTreeMixin._uncount_stable_item: an rmap_item leaves KSM page ``node``, one less
+    in pages_sharing (``sharing``: another item stays listed) or pages_shared; its anon_vma
+    reference dropped."""
+    if sharing:
+        S.cnt[C_SHARING] -= 1
+    else:
+        S.cnt[C_SHARED] -= 1
+    S.mm_ksm[IT.mm[item], 1] -= 1
+    ND.hlist_len[node] -= 1
+    av = IT.anon_vma[item]
+    if av >= 0:
+        S.av_delta[av] -= 1
+        IT.anon_vma[item] = -1
+    IT.flags[item] = 0
+    IT.head[item] = NIL
 
 
 @inner
@@ -497,18 +467,7 @@ def _remove_node(IT, ND, S, node):
     it = ND.hhead[node]
     while it != NIL:
         nxt = IT.hnext[it]
-        if nxt != NIL:
-            S.cnt[C_SHARING] -= 1
-        else:
-            S.cnt[C_SHARED] -= 1
-        S.mm_ksm[IT.mm[it], 1] -= 1
-        ND.hlist_len[node] -= 1
-        av = IT.anon_vma[it]
-        if av >= 0:
-            S.av_delta[av] -= 1
-            IT.anon_vma[it] = -1
-        IT.flags[it] = 0
-        IT.head[it] = NIL
+        _uncount_stable_item(IT, ND, S, np.int64(node), np.int64(it), nxt != NIL)
         it = nxt
     ND.hhead[node] = NIL
     if ND.kind[node] == DUP:
@@ -529,28 +488,8 @@ def stable_remove(F, IT, ND, S, item):
             return False
         _remove_node(IT, ND, S, np.int64(node))  # the stale node took this item's counts with it
         return True
-    prev = IT.hprev[item]
-    nxt = IT.hnext[item]
-    if prev == NIL:
-        ND.hhead[node] = nxt
-    else:
-        IT.hnext[prev] = nxt
-    if nxt != NIL:
-        IT.hprev[nxt] = prev
-    IT.hnext[item] = NIL
-    IT.hprev[item] = NIL
-    if ND.hhead[node] != NIL:
-        S.cnt[C_SHARING] -= 1
-    else:
-        S.cnt[C_SHARED] -= 1
-    S.mm_ksm[IT.mm[item], 1] -= 1
-    ND.hlist_len[node] -= 1
-    av = IT.anon_vma[item]
-    if av >= 0:
-        S.av_delta[av] -= 1
-        IT.anon_vma[item] = -1
-    IT.head[item] = NIL
-    IT.flags[item] = 0
+    hlist_del(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item))
+    _uncount_stable_item(IT, ND, S, np.int64(node), np.int64(item), ND.hhead[node] != NIL)
     return True
 
 
@@ -571,13 +510,12 @@ def _chain_lookup(F, IT, ND, S, chain, now, prune_ns, mps):
             _remove_node(IT, ND, S, np.int64(d))
             d = nxt
             continue
-        hl = ND.hlist_len[d]
-        sharable = hl > 0 and hl < mps
-        if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
-                                          or hl > found_len)):
+        choice = dup_choice(np.int64(found), np.int64(found_len), np.int64(ND.hlist_len[d]),
+                            np.int64(mps))
+        if choice != 0:
             found = d
-            found_len = hl
-            if not prune and sharable:
+            found_len = ND.hlist_len[d]
+            if choice == 2 and not prune:
                 break
         d = nxt
     if found == NIL:                                   # every dup was stale: free the chain
@@ -664,12 +602,7 @@ def _add_dup(ND, chain, dup):
     """StableNodes.add_dup: ``dup`` goes at the head of the chain's list."""
     ND.kind[dup] = DUP
     ND.chain[dup] = chain
-    first = ND.dhead[chain]
-    ND.dnext[dup] = first
-    ND.dprev[dup] = NIL
-    if first != NIL:
-        ND.dprev[first] = dup
-    ND.dhead[chain] = dup
+    hlist_add_head(ND.dhead, ND.dnext, ND.dprev, np.int64(chain), np.int64(dup))
 
 
 @inner
@@ -805,9 +738,26 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     mask = uh.shape[0] - 1
     processed = 0
     n = cand.shape[0]
+    ki_mask = nd_ki_slots.shape[0] - 1
     while i < n:
         if processed >= budget:
             return i, processed, RUN_BUDGET, NIL
+        # what later visits will read at random, fetched ahead: a page's frame, then its
+        # stable node (a KSM page) or the hash slots its key will probe
+        if i + LOOKAHEAD < n:
+            ahead = pte[cand[i + LOOKAHEAD]]
+            prefetch(f_flags, ahead)
+            prefetch(f_owner, ahead)
+        if i + LOOKAHEAD // 2 < n and across:
+            ahead = pte[cand[i + LOOKAHEAD // 2]]
+            if ahead >= 0:
+                if f_flags[ahead] & PG_KSM:
+                    prefetch(nd_kind, f_owner[ahead])
+                else:
+                    ahead_key = memcmp_key_of(f_content[ahead])
+                    prefetch(nd_ki_slots, slot_of(ahead_key, np.int64(0), np.int64(ki_mask)))
+                    if hashed:
+                        prefetch(uh, slot_of(ahead_key, np.int64(0), np.int64(mask)))
         # while no chain and no stale node exist, a stable-tree walk has no side effects (the
         # compiled merges make no stale node, but may make the first chain)
         indexed = nd_stale_state[0] == 0 and cnt[C_CHAINS] == 0
@@ -851,14 +801,16 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 cnt[C_UNSHARED] -= 1
             S.mm_ksm[IT.mm[cur], 0] -= 1
             IT.mm[cur] = -1
-            IT.free_stack[IT.free_top[0]] = cur
-            IT.free_top[0] += 1
+            it_rnext[cur] = IT.free_list[0]
+            IT.free_list[0] = cur
+            IT.free_list[1] += 1
             cur = nxt
         if item == NIL:
-            if IT.free_top[0] == 0:
+            if IT.free_list[1] == 0:
                 return i, processed, BAIL_BEFORE_ITEM, NIL     # the pool must grow first
-            IT.free_top[0] -= 1
-            item = IT.free_stack[IT.free_top[0]]
+            item = IT.free_list[0]
+            IT.free_list[0] = it_rnext[item]
+            IT.free_list[1] -= 1
             IT.mm[item] = mm_id
             it_address[item] = vpn
             it_flags[item] = 0
@@ -870,8 +822,6 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             IT.hprev[item] = NIL
             IT.anon_vma[item] = -1
             it_nid[item] = 0
-            IT.tree_pfn[item] = -1
-            IT.tree_gen[item] = -1
             it_tree_key[item] = 0
             S.mm_ksm[mm_id, 0] += 1
             it_rnext[item] = cur
@@ -924,11 +874,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 if not stable_remove(F, IT, ND, S, np.int64(item)):
                     return i, processed, BAIL_BEFORE_MERGE, item
             elif ifl & UNSTABLE_FLAG:
-                if ((seqnr - ifl) & SEQNR_MASK) == 0:
-                    if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
-                        return i, processed, BAIL_BEFORE_MERGE, item
-                cnt[C_UNSHARED] -= 1
-                it_flags[item] = 0
+                if not _leave_unstable(IT, S, np.int64(item), np.int64(ifl), seqnr, hashed, clean):
+                    return i, processed, BAIL_BEFORE_MERGE, item
             IT.anon_vma[item] = vma_anon_vma
             S.av_delta[vma_anon_vma] += 1
             stable_append(IT, ND, S, np.int64(item), np.int64(node))
@@ -937,11 +884,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             i += 1
             continue
         if ifl & UNSTABLE_FLAG:
-            if ((seqnr - ifl) & SEQNR_MASK) == 0:
-                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
-                    return i, processed, BAIL_BEFORE_MERGE, item
-            cnt[C_UNSHARED] -= 1
-            it_flags[item] = 0
+            if not _leave_unstable(IT, S, np.int64(item), np.int64(ifl), seqnr, hashed, clean):
+                return i, processed, BAIL_BEFORE_MERGE, item
         work[W_CHECKSUMS] += 1
         content = f_content[pfn]
         cs = checksum_of(content, seed)
@@ -965,9 +909,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                                     chains)
             if target != NIL:
                 _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
-                            np.int64(pfn), pte, ptef, vma_locked,
-                            vma_anon_vma)
-                cnt[C_SCANNED] += 1
+                            np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma)
                 processed += 1
                 i += 1
                 continue
@@ -1000,13 +942,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     kp = nd_kpfn[d]
                     if (f_flags[kp] & PG_KSM) == 0 or f_owner[kp] != d:
                         return i, processed, BAIL_AFTER_CHECKSUM, item
-                    hl = ND.hlist_len[d]
-                    sharable = hl > 0 and hl < mps
-                    if found == NIL or (sharable and (not (found_len > 0 and found_len < mps)
-                                                      or hl > found_len)):
+                    choice = dup_choice(np.int64(found), np.int64(found_len),
+                                        np.int64(ND.hlist_len[d]), np.int64(mps))
+                    if choice != 0:
                         found = d
-                        found_len = hl
-                        if not prune and sharable:
+                        found_len = ND.hlist_len[d]
+                        if choice == 2 and not prune:
                             break
                     d = ND.dnext[d]
                 if found == NIL or (ND.dhead[cur] == found and ND.dnext[found] == NIL):
@@ -1052,9 +993,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         if target != NIL:
             work[W_COMPARES] += walked
             _merge_into(F, IT, ND, S, np.int64(target), np.int64(item), np.int64(off),
-                            np.int64(pfn), pte, ptef, vma_locked,
-                        vma_anon_vma)
-            cnt[C_SCANNED] += 1
+                        np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma)
             processed += 1
             i += 1
             continue
@@ -1072,16 +1011,14 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                     return i, processed, BAIL_AFTER_STABLE, item
                 it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
                 it_nid[item] = nid
-                IT.tree_pfn[item] = pfn
                 it_tree_key[item] = key
-                IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
                 uh[h] = item
                 S.ulog[S.ulog_len[0]] = item
                 S.ulog_len[0] += 1
                 cnt[C_UNSHARED] += 1
             else:
-                tpfn = IT.tree_pfn[t]
-                if tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
+                tpfn = mergeable_page(F, V, np.int64(IT.mm[t]), np.int64(it_address[t]))
+                if tpfn >= 0 and tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
                     if not _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off),
                                        np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma,
                                        np.int64(t), np.int64(tpfn), np.int64(nid), key, hashed,
@@ -1100,58 +1037,44 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         while cur != NIL:
             walked += 1
             if clean:
+                # nothing changed since it was inserted: its page and key are as they were
+                # (its page is looked up below only if the keys are equal)
                 tk = it_tree_key[cur]
-            elif (S.pt_epoch[IT.mm[cur]] & GEN_MASK) == IT.tree_gen[cur]:
-                # no PTE of that mm changed since: the item still maps the same frame, whose
-                # contents may have changed under it (a write): compare them as they are now
-                tk = memcmp_key_of(f_content[IT.tree_pfn[cur]])
-                it_tree_key[cur] = tk
+                tpfn = NIL
             else:
-                # get_mergeable_page: the page the item's address maps now, if any
-                tpfn = -1
-                tv = find_vma(V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
-                if tv >= 0:
-                    toff = it_address[cur] - V.start[tv]
-                    tpte, tptef = page_tables(V, np.int64(tv))
-                    if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT:
-                        tpfn = tpte[toff]
-                        if (f_flags[tpfn] & (PG_ANON | PG_KSM)) == 0:
-                            tpfn = -1
+                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
                 if tpfn < 0 or tpfn == pfn:
                     aborted = True              # the page went, or it is this very page (fork)
                     break
                 tk = memcmp_key_of(f_content[tpfn])
-                IT.tree_pfn[cur] = tpfn
                 it_tree_key[cur] = tk
-                IT.tree_gen[cur] = S.pt_epoch[IT.mm[cur]] & GEN_MASK
             at = cur
             if key < tk:
                 cur = IT.left[cur]
                 go_left = True
-            elif key > tk:
+                continue
+            if key > tk:
                 cur = IT.right[cur]
                 go_left = False
-            elif IT.tree_pfn[cur] == pfn:
-                aborted = True                                  # our own page, through fork
-                break
-            elif not across and block_node[IT.tree_pfn[cur] // block_pages] != nid:
+                continue
+            if tpfn == NIL:
+                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
+            if tpfn < 0 or tpfn == pfn:
+                aborted = True                  # our own page, through fork
+            elif not across and block_node[tpfn // block_pages] != nid:
                 aborted = True
-                break
             elif _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off), np.int64(pfn), pte,
-                             ptef, vma_locked, vma_anon_vma, np.int64(cur),
-                             np.int64(IT.tree_pfn[cur]), np.int64(nid), key, hashed, indexed,
-                             mps, chains, now):
+                             ptef, vma_locked, vma_anon_vma, np.int64(cur), np.int64(tpfn),
+                             np.int64(nid), key, hashed, indexed, mps, chains, now):
                 merged = True
-                break
             else:
                 return i, processed, BAIL_AFTER_STABLE, item    # two pages to merge: Python
+            break
         work[W_COMPARES] += walked
         if not aborted and not merged:
             it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
             it_nid[item] = nid
-            IT.tree_pfn[item] = pfn
             it_tree_key[item] = key
-            IT.tree_gen[item] = S.pt_epoch[mm_id] & GEN_MASK
             rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(nid),
                     np.int64(item), np.int64(at), go_left)
             cnt[C_UNSHARED] += 1

@@ -18,15 +18,14 @@ An item is in at most one tree:
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
 ``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
-tree also remembers the frame it was last seen mapping, that frame's memcmp key
-and its mm's page-table generation then (``tree_pfn``, ``tree_key``,
-``tree_gen``): while the generation is unchanged the same frame is still mapped
-there, so the compiled scan loop reads the frame's contents directly instead of
-walking page tables (and, while nothing at all has changed in the pass, trusts
-the cached key).
+tree also remembers the memcmp key its page had when last compared (``tree_key``):
+while nothing has changed in the pass, the compiled scan loop trusts it (and the hashed
+form of the unstable tree is keyed by it); its page is looked up in the page tables,
+as get_mergeable_page does, whenever it is needed.
 
-Free items are kept on a stack (``free_stack``/``free_top``) that the
-compiled loop can pop from too.
+Free items are kept on a list threaded through ``rnext`` (``free_list`` holds its first
+item and its length; last freed, first reused, as a slab's free list), which the compiled
+loop allocates from and frees to as well.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vmhost.ksm.rbtree import NIL, NodeLinks
-from vmhost.ksm.slab import zalloc
 
 if TYPE_CHECKING:
     from vmhost.mm.mm import MM
@@ -44,7 +42,6 @@ if TYPE_CHECKING:
 SEQNR_MASK = 0x0FF
 UNSTABLE_FLAG = 0x100
 STABLE_FLAG = 0x200
-GEN_MASK = 0x7FFFFFFF         # tree_gen keeps a page-table generation modulo 2**31
 RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in profit figures
 
 
@@ -53,14 +50,15 @@ class RmapItems:
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
                ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
-               ("tree_pfn", np.int32, -1), ("tree_gen", np.int32, -1), ("tree_key", np.uint64, 0))
+               ("tree_key", np.uint64, 0))
 
     def __init__(self, capacity: int = 1024, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
         self.links = NodeLinks(capacity, trees)
-        self.free_stack = np.arange(capacity - 1, -1, -1, dtype=np.int32)
-        self.free_top = np.array([capacity], dtype=np.int64)   # an array: the compiled loop pops too
+        # [first free item, free items]: an array, the compiled loop allocates and frees too
+        self.free_list = np.array([NIL, 0], dtype=np.int64)
+        self._add_free(0, capacity)
 
     @property
     def capacity(self) -> int:
@@ -68,12 +66,24 @@ class RmapItems:
 
     @property
     def count(self) -> int:
-        return self.capacity - int(self.free_top[0])
+        return self.capacity - int(self.free_list[1])
 
     @property
     def nbytes(self) -> int:
-        return (sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
-                + self.free_stack.nbytes)
+        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+
+    def _add_free(self, lo: int, hi: int) -> None:
+        """Items lo..hi-1 go on the free list, in that order, after the items on it."""
+        self.rnext[lo:hi - 1] = np.arange(lo + 1, hi, dtype=np.int32)
+        self.rnext[hi - 1] = NIL
+        tail = int(self.free_list[0])
+        if tail == NIL:
+            self.free_list[0] = lo
+        else:
+            while self.rnext[tail] != NIL:
+                tail = int(self.rnext[tail])
+            self.rnext[tail] = lo
+        self.free_list[1] += hi - lo
 
     def grow(self) -> None:
         old = self.capacity
@@ -82,24 +92,26 @@ class RmapItems:
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(new - old, fill, dtype=dtype)]))
         self.links.grow(new)
-        top = int(self.free_top[0])
-        stack = np.empty(new, dtype=np.int32)
-        stack[: new - old] = np.arange(new - 1, old - 1, -1, dtype=np.int32)
-        stack[new - old: new - old + top] = self.free_stack[:top]
-        self.free_stack = stack
-        self.free_top[0] = top + new - old
+        self._add_free(old, new)
 
     def alloc(self, mm_id: int, address: int) -> int:
         """A zeroed item for (mm, address), as kmem_cache_zalloc gives it."""
-        item = zalloc(self)
+        if self.free_list[1] == 0:
+            self.grow()
+        item = int(self.free_list[0])
+        self.free_list[0] = self.rnext[item]
+        self.free_list[1] -= 1
+        for name, _, fill in self._FIELDS:
+            getattr(self, name)[item] = fill
         self.mm[item] = mm_id
         self.address[item] = address
         return item
 
     def free(self, item: int) -> None:
         self.mm[item] = -1
-        self.free_stack[self.free_top[0]] = item
-        self.free_top[0] += 1
+        self.rnext[item] = self.free_list[0]
+        self.free_list[0] = item
+        self.free_list[1] += 1
 
 
 class MmSlot:

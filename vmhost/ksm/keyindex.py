@@ -15,6 +15,7 @@ from numba import njit
 from vmhost.ksm.slab import ArrayCell
 
 EMPTY, TOMB = -1, -2
+REBUILT_SPARE = 3       # a rebuilt table has at least 3 slots per entry (rebuilt again at half full)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
@@ -82,7 +83,7 @@ class KeyIndex:
 
     def insert(self, node: int) -> None:
         if self.needs_rebuild():
-            self._rebuild(max(len(self.slots), 4 * (self.count + 1)))
+            self._rebuild(max(len(self.slots), REBUILT_SPARE * (self.count + 1)))
         if ki_insert(self.slots, self.owner.key, self.owner.nid, int(node)):
             self.tombs -= 1
         self.count += 1
@@ -102,7 +103,7 @@ class KeyIndex:
 
     def grow(self) -> None:
         """Make room for one more entry (what insert does first), ahead of compiled inserts."""
-        self._rebuild(max(len(self.slots), 4 * (self.count + 1)))
+        self._rebuild(max(len(self.slots), REBUILT_SPARE * (self.count + 1)))
 
     def _rebuild(self, size: int) -> None:
         live = self.slots[self.slots >= 0]

@@ -114,9 +114,8 @@ def break_ksm(host: "Host", vma: Vma, off: int) -> bool:
 
 
 def candidate_offsets(host: "Host", vma: Vma) -> np.ndarray:
-    """Offsets of the VMA that hold an anonymous page ksmd would visit."""
+    """Offsets of the VMA that hold an anonymous page ksmd would visit (int32: a VMA has
+    fewer than 2**31 pages)."""
     mapped = np.flatnonzero((vma.ptef & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT)
-    if len(mapped) == 0:
-        return mapped
     anon = (host.frames.flags[vma.pte[mapped]] & (PG_ANON | PG_KSM)) != 0
-    return mapped[anon]
+    return mapped[anon].astype(np.int32)

@@ -249,8 +249,8 @@ class ScanMixin:
         if len(self._av_delta) < self.vma_registry.anon_vma_ids:
             self._av_delta = np.zeros(2 * self.vma_registry.anon_vma_ids, dtype=np.int64)
         state = fastscan.ScanState(
-            self._scan_params(), self.c.a, self.work, host.mm_ksm, host.pt_epoch,
-            host.phys.block_node_array, self._uh, self._ulog, self._ulog_len, self._eff_chain,
+            self._scan_params(), self.c.a, self.work, host.mm_ksm, host.phys.block_node_array,
+            self._uh, self._ulog, self._ulog_len, self._eff_chain,
             self._eff_found, self._eff_prune, self._freed, self._freed_n, self._av_delta)
         groups = (fastscan.frame_arrays(host.frames), fastscan.item_arrays(items),
                   fastscan.node_arrays(self.nodes, self.stable_index), state, registry)

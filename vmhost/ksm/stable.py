@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.rbtree import NIL, NodeLinks
 from vmhost.ksm.slab import ArrayCell, zalloc
 
@@ -101,24 +102,11 @@ class StableNodes:
     def add_dup(self, chain: int, dup: int) -> None:
         self.kind[dup] = DUP
         self.chain[dup] = chain
-        first = int(self.dhead[chain])
-        self.dnext[dup] = first
-        self.dprev[dup] = NIL
-        if first != NIL:
-            self.dprev[first] = dup
-        self.dhead[chain] = dup
+        hlist_add_head(self.dhead, self.dnext, self.dprev, int(chain), int(dup))
 
     def del_dup(self, dup: int) -> None:
-        chain = int(self.chain[dup])
-        prev, nxt = int(self.dprev[dup]), int(self.dnext[dup])
-        if prev == NIL:
-            self.dhead[chain] = nxt
-        else:
-            self.dnext[prev] = nxt
-        if nxt != NIL:
-            self.dprev[nxt] = prev
+        hlist_del(self.dhead, self.dnext, self.dprev, int(self.chain[dup]), int(dup))
         self.chain[dup] = NIL
-        self.dnext[dup] = self.dprev[dup] = NIL
 
     def dups(self, chain: int) -> list[int]:
         out, d = [], int(self.dhead[chain])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmhost.ksm import fastscan
+from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.items import STABLE_FLAG
 from vmhost.ksm.keyindex import ki_find
 from vmhost.ksm.rbtree import NIL, RbTree
@@ -77,15 +78,7 @@ class StableTreeMixin:
         self.c.stable_node_chains -= 1
 
     def _hlist_del(self, node: int, item: int) -> None:
-        items = self.items
-        prev, nxt = int(items.hprev[item]), int(items.hnext[item])
-        if prev == NIL:
-            self.nodes.hhead[node] = nxt
-        else:
-            items.hnext[prev] = nxt
-        if nxt != NIL:
-            items.hprev[nxt] = prev
-        items.hnext[item] = items.hprev[item] = NIL
+        hlist_del(self.nodes.hhead, self.items.hnext, self.items.hprev, int(node), int(item))
 
     def stable_tree_append(self, item: int, node: int) -> None:
         """Add an rmap_item to a KSM page's list (at the head, like hlist_add_head)."""
@@ -93,15 +86,10 @@ class StableTreeMixin:
         nodes.hlist_len[node] += 1
         items.head[item] = node
         items.flags[item] |= STABLE_FLAG
-        first = int(nodes.hhead[node])
-        items.hnext[item] = first
-        items.hprev[item] = NIL
-        if first != NIL:
-            items.hprev[first] = item
+        if hlist_add_head(nodes.hhead, items.hnext, items.hprev, int(node), int(item)) != NIL:
             self.c.pages_sharing += 1
         else:
             self.c.pages_shared += 1
-        nodes.hhead[node] = item
         self._mm(item).ksm_merging_pages += 1
 
     def _candidate(self, node: int, extra: int = 0) -> bool:
@@ -129,10 +117,10 @@ class StableTreeMixin:
             nxt = int(nodes.dnext[d])
             self.work[fastscan.W_DUPS] += 1
             pfn = self.get_page(d)
-            if pfn >= 0 and (found == NIL or (self._candidate(d) and (
-                    not self._candidate(found) or nodes.hlist_len[d] > found_len))):
+            choice = fastscan.dup_choice(found, found_len, int(nodes.hlist_len[d]), self._mps())
+            if pfn >= 0 and choice != 0:
                 found, found_len, found_pfn = d, int(nodes.hlist_len[d]), pfn
-                if not prune and self._candidate(found):
+                if choice == 2 and not prune:
                     break
             d = nxt
         if found == NIL:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmhost.ksm import fastscan, pages
-from vmhost.ksm.items import GEN_MASK, SEQNR_MASK, UNSTABLE_FLAG
+from vmhost.ksm.items import SEQNR_MASK, UNSTABLE_FLAG
 from vmhost.ksm.pages import find_mergeable_vma
 from vmhost.ksm.rbtree import NIL
 
@@ -26,18 +26,6 @@ class UnstableTreeMixin:
             return -1
         return pages.anon_page_at(self.host, vma, vpn - vma.start)
 
-    def _insert_gen(self, item: int, pfn: int) -> int:
-        """tree_gen of an item entering the unstable tree: the mm's page-table generation, which
-        lets later walks trust ``tree_pfn`` until a PTE of that mm changes. A page no longer
-        mapped (the huge page was split under the merge attempt and this zero-filled subpage
-        remapped to the zero page; ksmd still holds it) gets a generation that never matches,
-        so the next walk looks the address up again and stops there, as the kernel's
-        get_mergeable_page does."""
-        gen = self._mm(item).pt_gen
-        if self.host.frames.mapcount[pfn] == 0:
-            gen -= 1
-        return gen & GEN_MASK
-
     def _unstable_hashed(self, item: int, pfn: int) -> tuple[int, int]:
         """The unstable tree as hash + log while nothing changed (see fastscan)."""
         items = self.items
@@ -47,17 +35,15 @@ class UnstableTreeMixin:
         t, h = fastscan.hash_find(self._uh, mask, items.tree_key, items.nid, key, int(nid))
         self.work[fastscan.W_COMPARES] += fastscan._depth(int(self._ulog_len[0]))
         if t != NIL:
-            tpfn = int(items.tree_pfn[t])
-            if tpfn == pfn:
+            tpfn = self.get_mergeable_page(int(t))
+            if tpfn < 0 or tpfn == pfn:
                 return NIL, -1
             if not self.knobs.merge_across_nodes and int(self.host.phys.node_of(tpfn)) != nid:
                 return NIL, -1
             return int(t), tpfn
         items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
         items.nid[item] = nid
-        items.tree_pfn[item] = pfn
         items.tree_key[item] = key
-        items.tree_gen[item] = self._insert_gen(item, pfn)
         self._uh[h] = item
         self._log_unstable(item)
         self.c.pages_unshared += 1
@@ -97,10 +83,8 @@ class UnstableTreeMixin:
             tree_pfn = self.get_mergeable_page(cur)
             if tree_pfn < 0 or tree_pfn == pfn:
                 return NIL, -1          # a page vanished, or this very page reached by fork
-            self.items.tree_pfn[cur] = tree_pfn          # still right under this generation
-            self.items.tree_key[cur] = self._key(tree_pfn)
-            self.items.tree_gen[cur] = self._mm(cur).pt_gen & GEN_MASK
             tkey = self._key(tree_pfn)
+            self.items.tree_key[cur] = tkey
             parent = cur
             if key < tkey:
                 cur, go_left = int(links.left[cur]), True
@@ -112,9 +96,7 @@ class UnstableTreeMixin:
                 return cur, tree_pfn
         self.items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
         self.items.nid[item] = nid
-        self.items.tree_pfn[item] = pfn
         self.items.tree_key[item] = key
-        self.items.tree_gen[item] = self._insert_gen(item, pfn)
         tree.link(item, parent, go_left)
         self.c.pages_unshared += 1
         return NIL, -1

@@ -20,33 +20,15 @@ from vmhost.ksm import arraygroup
 from vmhost.mm.vma import LAYOUT_GEN, VmFlags
 
 
-class VmaArraysType(arraygroup.GroupType):
-    pass
-
-
-class VmaArrays(arraygroup.Group):
+VmaArrays, VmaArraysType = arraygroup.group(
+    "VmaArrays", ("start", "end", "locked", "anon_vma", "mm_first", "mm_count", "pte_at",
+                  "ptef_at"),
     """The registry as compiled code reads it: per VMA its pages [start, end), VM_LOCKED,
     anon_vma id and the addresses of its page-table arrays (``page_tables``); per mm the
-    first and the number of its VMAs."""
-    __slots__ = ()
-
-    def __new__(cls, *arrays):
-        return _new_vma_arrays(*arrays)
-
-
-arraygroup.register(VmaArrays, VmaArraysType)
-_pack = arraygroup.packer(VmaArraysType, ("start", "end", "locked", "anon_vma", "mm_first",
-                                          "mm_count", "pte_at", "ptef_at"))
+    first and the number of its VMAs.""", __name__)
 _pte_view = arraygroup.view(types.int64)
 _ptef_view = arraygroup.view(types.uint8)
 
-#: the registry is rebuilt whenever an anon_vma is attached to a VMA, so this bound on live
-#: anon_vma ids (for the compiled code's table of reference changes) is kept with it
-
-
-@njit(cache=True)
-def _new_vma_arrays(*arrays):
-    return _pack(arrays)
 
 
 @njit(cache=True, nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)

@@ -72,8 +72,10 @@ def huge_zero_ranges(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
     return (first >= 0) & (first + HPAGE_PAGES <= vma.pages) & ~vma.pgtable[vma.pmd_index(offs)]
 
 
-def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) -> None:
-    """Map a freshly allocated, zero-filled folio at offsets [start, start+512)."""
+def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int,
+             event: str | None = "thp_fault_alloc") -> None:
+    """Map a freshly allocated, zero-filled folio at offsets [start, start+512), counting
+    ``event`` in vmstat (a fault's; khugepaged counts its collapse itself)."""
     frames = host.frames
     pfns = np.arange(head, head + HPAGE_PAGES, dtype=np.int64)
     frames.init_anon(pfns, 0, anon_vma_id, vma.linear_index(np.arange(start, start + HPAGE_PAGES)))
@@ -86,7 +88,8 @@ def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) ->
     vma.ptef[start: start + HPAGE_PAGES] = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
     vma.mm.rss_anon += HPAGE_PAGES
     vma.mm.touch_ptes()
-    host.vmstat["thp_fault_alloc"] += 1
+    if event:
+        host.vmstat[event] += 1
 
 
 def head_of(pfn: int) -> int:
