@@ -7,7 +7,9 @@ helper returns the value in its checked type or raises :class:`SchemaError`, an
 :class:`~vmhost.errors.InputError` whose message is one line: ``FILE: KEY.PATH: reason``.
 
 ``expect_mapping`` takes the keys a section allows, so an unknown (and therefore ignored) key
-is an error, never silently dropped.
+is an error, never silently dropped. A loader declares a section once, as a :class:`Section` of
+:func:`rule` rows (the key, its ``expect_*`` parser with its arguments, its default, the attribute
+that keeps it); the allowed and required keys and the parse are derived from that one table.
 
 Units: sizes are integers (bytes) or strings with a binary unit (B, KiB, MiB, GiB, TiB; K, M,
 G, T mean the same); durations are numbers of seconds or strings with s, ms, us, ns;
@@ -19,7 +21,8 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from guests.strict_yaml import DocumentError, load_yaml
 from vmhost.errors import InputError
@@ -252,3 +255,78 @@ def expect_image(value: Any, path: str, key: str):
         return resolve_image(value, Path(path).resolve().parent)
     except ImageError as exc:
         raise fail(path, key, str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------
+# sections: one declaration per key
+
+ABSENT = object()        # a key without a default: when it is missing, its attribute is left as is
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a section. ``read(value, path, key_path)`` checks and converts its value (the
+    ``default`` when the key is missing, unless the default is ABSENT); the result goes to
+    attribute ``attr`` (default: the key's name) of the loader's object. A key with logic gives
+    ``apply(value, path, key_path, obj)`` instead (value: ABSENT when missing without a
+    default), which sets what it needs on ``obj``."""
+    name: str
+    read: Callable[[Any, str, str], Any] | None = None
+    default: Any = ABSENT
+    attr: str = ""
+    required: bool = False
+    apply: Callable[[Any, str, str, Any], None] | None = None
+
+    def fill(self, section: dict, path: str, where: str, obj: Any) -> None:
+        key_path, value = sub(where, self.name), section.get(self.name, self.default)
+        if self.apply is not None:
+            self.apply(value, path, key_path, obj)
+        elif value is not ABSENT:
+            setattr(obj, self.attr or self.name, self.read(value, path, key_path))
+
+
+def rule(name: str, parser: Callable[..., Any] | None = None, *args: Any, default: Any = ABSENT,
+         attr: str = "", required: bool = False, apply: Callable | None = None, **kwargs: Any) -> Key:
+    """A section's key read with ``parser(value, path, key_path, *args, **kwargs)`` (an
+    ``expect_*`` helper), or set by ``apply`` for a key with logic."""
+    read = None
+    if parser is not None:
+        def read(value: Any, path: str, key_path: str) -> Any:
+            return parser(value, path, key_path, *args, **kwargs)
+    return Key(name, read, default, attr, required, apply)
+
+
+class Section:
+    """A mapping's keys, in order: an unknown key, a missing required key or a bad value is one
+    SchemaError naming the file and the key path."""
+
+    def __init__(self, *keys: Key):
+        self.keys = keys
+        self.names = tuple(k.name for k in keys)
+        self.required = tuple(k.name for k in keys if k.required)
+
+    def check(self, value: Any, path: str, where: str, extra: tuple[str, ...] = ()) -> dict:
+        """The mapping, its keys checked (``extra``: keys the caller reads itself)."""
+        return expect_mapping(value, path, where, self.names + extra, self.required)
+
+    def fill(self, value: Any, path: str, where: str, obj: Any, extra: tuple[str, ...] = ()) -> Any:
+        """Check the mapping and set ``obj``'s attribute of each key present or defaulted, in
+        the declaration order; ``obj``."""
+        section = self.check(value, path, where, extra)
+        for k in self.keys:
+            k.fill(section, path, where, obj)
+        return obj
+
+
+def nested(section: Section, *, null: str = "empty") -> Callable[[Any, str, str, Any], None]:
+    """The ``apply`` of a key whose value is a sub-section filling the same object: a missing or
+    empty value (null, ``{}``, ...) reads as an empty mapping (``null="empty"``), or a missing
+    or null one is skipped (``null="skip"``)."""
+    def apply(value: Any, path: str, key_path: str, obj: Any) -> None:
+        if null == "skip":
+            if value is ABSENT or value is None:
+                return
+        elif value is ABSENT or not value:
+            value = {}
+        section.fill(value, path, key_path, obj)
+    return apply

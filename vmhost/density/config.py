@@ -17,17 +17,11 @@ import numpy as np
 from hw.units import PAGE_SIZE
 from vmhost.config import HostConfig, parse_host_config
 from vmhost.policies import resolution_refusal
-from vmhost.schema import (expect_bool, expect_domain, expect_enum, expect_fraction, expect_image,
-                           expect_int, expect_list, expect_mapping, expect_mib, expect_number, fail,
-                           is_percentage, parse_duration_ns, parse_size, read_yaml)
+from vmhost.schema import (ABSENT, Section, expect_bool, expect_domain, expect_enum, expect_fraction,
+                           expect_image, expect_int, expect_list, expect_mib, expect_number, fail,
+                           is_percentage, nested, parse_duration_ns, parse_size, read_yaml, rule)
 
 ORDERS = ("as-listed", "round-robin", "weighted")
-DENSITY_KEYS = ("mix", "order", "seed", "max_guests", "resolution", "settle", "write_period",
-                "warm_start", "stride", "limits", "unmerge_storm", "samples_per_scan")
-MIX_KEYS = ("image", "memory", "weight", "count", "domain", "nosharepages", "locked", "name")
-SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
-LIMIT_KEYS = ("swapin_rate", "ksmd_cpu", "free_headroom")
-STORM_KEYS = ("fraction", "window")
 
 
 @dataclass
@@ -79,73 +73,103 @@ class DensityConfig(HostRun):
 
 
 # ------------------------------------------------------------------------------------------
-# validation
+# validation: one rule per key (vmhost.schema.Section), in the order they are read
+
+def _mix_memory(value: Any, path: str, key: str, entry: MixEntry) -> None:
+    entry.memory_mib = entry.image.memory_mib if value is ABSENT else expect_mib(value, path, key)
+
+
+def _mix_name(value: Any, path: str, key: str, entry: MixEntry) -> None:
+    entry.name = str(entry.image.name if value is ABSENT else value)
+
+
+MIX = Section(
+    rule("image", expect_image, required=True),
+    rule("memory", apply=_mix_memory),
+    rule("weight", expect_number, 0.0, lo_open=True),
+    rule("count", expect_int, 1, 100_000),
+    rule("domain", expect_domain, default="default"),
+    rule("nosharepages", expect_bool, default=False),
+    rule("locked", expect_bool, default=False),
+    rule("name", apply=_mix_name),
+)
+
 
 def _mix_entry(e: Any, i: int, path: str) -> MixEntry:
     key = f"density.mix[{i}]"
-    expect_mapping(e, path, key, MIX_KEYS, ("image",))
-    img = expect_image(e["image"], path, f"{key}.image")
-    mem = expect_mib(e["memory"], path, f"{key}.memory") if "memory" in e else img.memory_mib
-    entry = MixEntry(i, img, mem, name=str(e.get("name", img.name)))
-    if "weight" in e:
-        entry.weight = expect_number(e["weight"], path, f"{key}.weight", 0.0, lo_open=True)
-    if "count" in e:
-        entry.count = expect_int(e["count"], path, f"{key}.count", 1, 100_000)
-    entry.domain = expect_domain(e.get("domain", "default"), path, f"{key}.domain")
-    entry.nosharepages = expect_bool(e.get("nosharepages", False), path, f"{key}.nosharepages")
-    entry.locked = expect_bool(e.get("locked", False), path, f"{key}.locked")
+    entry = MIX.fill(e, path, key, MixEntry(i, None, 0))
     try:
-        img.class_pages(mem)
+        entry.image.class_pages(entry.memory_mib)
     except ValueError as exc:
-        raise fail(path, f"{key}.memory", f"too small for image {img.name!r} ({exc})") from None
+        raise fail(path, f"{key}.memory", f"too small for image {entry.image.name!r} ({exc})") from None
     return entry
+
+
+def _mix(value: Any, path: str, key: str, cfg: DensityConfig) -> None:
+    mix_doc = expect_list(value, path, key, "{image, memory, weight or count, ...}", nonempty=True)
+    cfg.mix = [_mix_entry(e, i, path) for i, e in enumerate(mix_doc)]
+
+
+def _max_guests(value: Any, path: str, key: str, cfg: DensityConfig) -> None:
+    if value is ABSENT:        # four times what fits in RAM without sharing
+        ram_mib = sum(n.mem_bytes for n in cfg.host.topology.nodes) >> 20
+        smallest = min(e.memory_mib for e in cfg.mix)
+        cfg.max_guests = max(1, min(100_000, 4 * ram_mib // smallest))
+    else:
+        cfg.max_guests = expect_int(value, path, key, 1, 100_000)
+
+
+def _stride(value: Any, path: str, key: str, cfg: DensityConfig) -> None:
+    if value is not ABSENT and value != "auto":
+        cfg.stride = expect_int(value, path, key, 1, 4096)
+
+
+def _settle(value: Any, path: str, key: str, cfg: HostRun) -> None:
+    (cfg.settle_scans, cfg.tolerance, cfg.max_scans,
+     cfg.settle_time_ns) = parse_settle({} if value is ABSENT else value or {}, path, key)
+
+
+def _free_headroom(value: Any, path: str, key: str, cfg: DensityConfig) -> None:
+    if value is ABSENT:
+        return
+    if is_percentage(value):
+        cfg.free_headroom_fraction = expect_fraction(value, path, key)
+    else:
+        cfg.free_headroom_bytes = parse_size(value, path, key, minimum=0)
+
+
+LIMITS = Section(
+    rule("swapin_rate", expect_number, 0.0),
+    rule("ksmd_cpu", expect_fraction),
+    rule("free_headroom", apply=_free_headroom),
+)
+STORM = Section(
+    rule("fraction", expect_fraction, required=True, attr="storm_fraction"),
+    rule("window", parse_duration_ns, required=True, attr="storm_window_ns"),
+)
+DENSITY = Section(
+    rule("mix", apply=_mix, required=True),
+    rule("order", expect_enum, ORDERS, default="weighted"),
+    rule("seed", expect_int, 0, 2**32 - 1, default=1),
+    rule("max_guests", apply=_max_guests),
+    rule("resolution", expect_int, 1, 1 << 16, default=1),
+    rule("settle", apply=_settle),
+    rule("write_period", parse_duration_ns, attr="write_period_ns"),
+    rule("warm_start", expect_bool),
+    rule("stride", apply=_stride),
+    rule("limits", apply=nested(LIMITS)),
+    rule("unmerge_storm", apply=nested(STORM, null="skip")),
+    rule("samples_per_scan", expect_int, 1, 10_000, default=32),
+)
 
 
 def parse_density(doc: Any, path: str) -> DensityConfig:
     hcfg = parse_host_config(doc, path, extra_keys=("density",))
     if "density" not in doc:
         raise fail(path, "density", "missing")
-    d = expect_mapping(doc["density"], path, "density", DENSITY_KEYS, ("mix",))
-    mix_doc = expect_list(d["mix"], path, "density.mix", "{image, memory, weight or count, ...}",
-                          nonempty=True)
-    mix = [_mix_entry(e, i, path) for i, e in enumerate(mix_doc)]
-    cfg = DensityConfig(path, hcfg, mix=mix)
-    cfg.order = expect_enum(d.get("order", "weighted"), path, "density.order", ORDERS)
-    cfg.seed = expect_int(d.get("seed", 1), path, "density.seed", 0, 2**32 - 1)
-    cfg.resolution = expect_int(d.get("resolution", 1), path, "density.resolution", 1, 1 << 16)
-    cfg.samples_per_scan = expect_int(d.get("samples_per_scan", 32), path, "density.samples_per_scan", 1, 10_000)
-    ram_mib = sum(n.mem_bytes for n in hcfg.topology.nodes) >> 20
-    smallest = min(e.memory_mib for e in mix)
-    if "max_guests" in d:
-        cfg.max_guests = expect_int(d["max_guests"], path, "density.max_guests", 1, 100_000)
-    else:
-        cfg.max_guests = max(1, min(100_000, 4 * ram_mib // smallest))
-    if "write_period" in d:
-        cfg.write_period_ns = parse_duration_ns(d["write_period"], path, "density.write_period")
-    if "warm_start" in d:
-        cfg.warm_start = expect_bool(d["warm_start"], path, "density.warm_start")
-    if "stride" in d and d["stride"] != "auto":
-        cfg.stride = expect_int(d["stride"], path, "density.stride", 1, 4096)
-    (cfg.settle_scans, cfg.tolerance, cfg.max_scans,
-     cfg.settle_time_ns) = parse_settle(d.get("settle", {}) or {}, path, "density.settle")
-    limits = d.get("limits", {}) or {}
-    expect_mapping(limits, path, "density.limits", LIMIT_KEYS)
-    if "swapin_rate" in limits:
-        cfg.swapin_rate = expect_number(limits["swapin_rate"], path, "density.limits.swapin_rate", 0.0)
-    if "ksmd_cpu" in limits:
-        cfg.ksmd_cpu = expect_fraction(limits["ksmd_cpu"], path, "density.limits.ksmd_cpu")
-    if "free_headroom" in limits:
-        v = limits["free_headroom"]
-        if is_percentage(v):
-            cfg.free_headroom_fraction = expect_fraction(v, path, "density.limits.free_headroom")
-        else:
-            cfg.free_headroom_bytes = parse_size(v, path, "density.limits.free_headroom", minimum=0)
-    storm = d.get("unmerge_storm")
-    if storm is not None:
-        expect_mapping(storm, path, "density.unmerge_storm", STORM_KEYS, ("fraction", "window"))
-        cfg.storm_fraction = expect_fraction(storm["fraction"], path, "density.unmerge_storm.fraction")
-        cfg.storm_window_ns = parse_duration_ns(storm["window"], path, "density.unmerge_storm.window")
+    cfg = DENSITY.fill(doc["density"], path, "density", DensityConfig(path, hcfg))
     check_resolution(cfg)
+    mix = cfg.mix
     if cfg.order == "as-listed" and any(e.count is None for e in mix[:-1]):
         i = next(e.index for e in mix[:-1] if e.count is None)
         raise fail(path, f"density.mix[{i}].count", "order as-listed needs a count on every entry but the last")
@@ -182,18 +206,34 @@ def check_resolution(cfg: DensityConfig) -> None:
             raise fail(path, "density.resolution", f"swap device {s['name']} is smaller than {r} pages")
 
 
+@dataclass
+class Settle:
+    """A ``settle:`` mapping's values (see ``HostRun``)."""
+    scans: int = 2
+    tolerance: float = 0.001
+    max_scans: int = 30
+    time: int | None = None
+
+
+def _max_scans(value: Any, path: str, key: str, settle: Settle) -> None:
+    settle.max_scans = expect_int(value, path, key, settle.scans + 2, 100_000)
+
+
+SETTLE = Section(
+    rule("scans", expect_int, 1, 100, default=2),
+    rule("tolerance", expect_number, 0.0, 1.0, default=0.001),
+    rule("max_scans", apply=_max_scans, default=30),
+    rule("time", parse_duration_ns),
+)
+
+
 def parse_settle(settle: Any, path: str, key: str) -> tuple[int, float, int, int | None]:
     """A ``settle:`` mapping: (scans, tolerance, max_scans, time in ns or None)."""
-    expect_mapping(settle, path, key, SETTLE_KEYS)
-    time_ns = None
-    if "time" in settle:
-        if any(k in settle for k in ("scans", "tolerance", "max_scans")):
-            raise fail(path, key, "give either time or scans/tolerance/max_scans")
-        time_ns = parse_duration_ns(settle["time"], path, f"{key}.time")
-    scans = expect_int(settle.get("scans", 2), path, f"{key}.scans", 1, 100)
-    tolerance = expect_number(settle.get("tolerance", 0.001), path, f"{key}.tolerance", 0.0, 1.0)
-    max_scans = expect_int(settle.get("max_scans", 30), path, f"{key}.max_scans", scans + 2, 100_000)
-    return scans, tolerance, max_scans, time_ns
+    SETTLE.check(settle, path, key)
+    if "time" in settle and any(k in settle for k in ("scans", "tolerance", "max_scans")):
+        raise fail(path, key, "give either time or scans/tolerance/max_scans")
+    s = SETTLE.fill(settle, path, key, Settle())
+    return s.scans, s.tolerance, s.max_scans, s.time
 
 
 def load_density(path: str | Path) -> DensityConfig:
