@@ -39,14 +39,10 @@ from hw.swap import SwapDevice
 from hw.topology import NumaNode, Topology
 from vmhost.errors import InputError
 from vmhost.profile import PROFILES
-from vmhost.schema import (expect_enum, expect_int, expect_list, expect_mapping,
-                           expect_number, expect_str, fail, parse_size,
-                           read_yaml)
+from vmhost.schema import (ABSENT, Section, expect_enum, expect_int, expect_list, expect_mapping,
+                           expect_number, expect_str, fail, parse_size, read_yaml, rule)
 from hw.units import PAGE_SIZE
 
-HOST_KEYS = ("profile", "thp", "block_size", "nodes", "distance", "movable_nodes", "swap")
-NODE_KEYS = ("memory", "cpus")
-SWAP_KEYS = ("name", "size", "priority", "read_mbps", "write_mbps")
 THP_MODES = ("always", "madvise", "never")
 
 
@@ -92,86 +88,165 @@ def _knob_text(value: Any) -> str:
     return str(value)
 
 
+# ------------------------------------------------------------------------------------------
+# the host section: one rule per key (vmhost.schema.Section), in the order they are read
+
+@dataclass
+class _Node:
+    """A ``host.nodes[i]`` entry being read (``taken``: the cpu ids of every node so far)."""
+    id: int
+    block_bytes: int
+    taken: set
+    memory: int = 0
+    cpus: tuple[int, ...] = ()
+
+
+def _node_memory(value: Any, path: str, key: str, node: _Node) -> None:
+    node.memory = parse_size(value, path, key, minimum=node.block_bytes)
+    if node.memory % node.block_bytes:
+        raise fail(path, key, f"{value!r} is not a multiple of the block size "
+                              f"({node.block_bytes >> 20} MiB)")
+
+
+def _node_cpus(value: Any, path: str, key: str, node: _Node) -> None:
+    """A list of cpu ids, or a count of the lowest ids no node has yet."""
+    if isinstance(value, list):
+        for j, c in enumerate(value):
+            expect_int(c, path, f"{key}[{j}]", 0)
+            if c in node.taken:
+                raise fail(path, f"{key}[{j}]", f"cpu {c} belongs to two nodes")
+            node.taken.add(c)
+        node.cpus = tuple(value)
+        return
+    count = expect_int(value, path, key, 0, 4096)
+    ids, cpu = [], 0
+    while len(ids) < count:
+        if cpu not in node.taken:
+            ids.append(cpu)
+            node.taken.add(cpu)
+        cpu += 1
+    node.cpus = tuple(ids)
+
+
+NODE = Section(
+    rule("memory", apply=_node_memory, required=True),
+    rule("cpus", apply=_node_cpus, default=1),
+)
+
+
+@dataclass
+class _Swap:
+    """A ``host.swap[i]`` entry being read (``taken``: the names of the devices before it)."""
+    index: int
+    taken: set
+    name: str = ""
+    pages: int = 0
+    priority: int = 0
+    read_bps: float = 0.0
+    write_bps: float = 0.0
+
+    def spec(self) -> dict:
+        return {"name": self.name, "pages": self.pages, "priority": self.priority,
+                "read_bps": self.read_bps, "write_bps": self.write_bps}
+
+
+def _swap_name(value: Any, path: str, key: str, dev: _Swap) -> None:
+    dev.name = expect_str(value, path, key)
+    if dev.name in dev.taken:
+        raise fail(path, key, f"two swap devices are named {dev.name!r}")
+    dev.taken.add(dev.name)
+
+
+def _swap_priority(value: Any, path: str, key: str, dev: _Swap) -> None:
+    dev.priority = expect_int(-2 - dev.index if value is ABSENT else value, path, key, -32768, 32767)
+
+
+def _pages(value: Any, path: str, key: str) -> int:
+    return parse_size(value, path, key, minimum=PAGE_SIZE) // PAGE_SIZE
+
+
+def _bytes_per_s(value: Any, path: str, key: str) -> float:
+    """A rate in MB/s (> 0), in bytes per second."""
+    return expect_number(value, path, key, 0.0, lo_open=True) * 1e6
+
+
+SWAP = Section(
+    rule("name", apply=_swap_name, required=True),
+    rule("size", _pages, attr="pages", required=True),
+    rule("priority", apply=_swap_priority),
+    rule("read_mbps", _bytes_per_s, default=500, attr="read_bps"),
+    rule("write_mbps", _bytes_per_s, default=400, attr="write_bps"),
+)
+
+
+def _topology(nodes: list[NumaNode], distance: list, path: str) -> Topology:
+    try:
+        return Topology(nodes, [list(r) for r in distance])
+    except ValueError as exc:
+        raise fail(path, "host", str(exc)) from None
+
+
+def _block_size(value: Any, path: str, key: str, cfg: HostConfig) -> None:
+    block_bytes = 128 << 20
+    if value is not ABSENT:
+        block_bytes = parse_size(value, path, key, minimum=PAGE_SIZE)
+        pages = block_bytes // PAGE_SIZE
+        if block_bytes % PAGE_SIZE or pages & (pages - 1):
+            raise fail(path, key, f"{value!r} is not a power-of-two number of pages")
+    cfg.block_pages = block_bytes // PAGE_SIZE
+
+
+def _nodes(value: Any, path: str, key: str, cfg: HostConfig) -> None:
+    nodes = expect_list(value, path, key, "nodes", nonempty=True)
+    block_bytes, taken = cfg.block_pages * PAGE_SIZE, set()
+    built = [NODE.fill(n, path, f"{key}[{i}]", _Node(i, block_bytes, taken)) for i, n in enumerate(nodes)]
+    cfg.topology = _topology([NumaNode(n.id, n.memory, n.cpus) for n in built], [], path)
+
+
+def _distance(value: Any, path: str, key: str, cfg: HostConfig) -> None:
+    """An optional SLIT matrix over the nodes (10 on the diagonal)."""
+    if not value:
+        return
+    count = len(cfg.topology.nodes)
+    if (not isinstance(value, list) or len(value) != count
+            or any(not isinstance(r, list) or len(r) != count for r in value)):
+        raise fail(path, key, f"expected a {count}x{count} matrix")
+    for i, row in enumerate(value):
+        for j, d in enumerate(row):
+            expect_int(d, path, f"{key}[{i}][{j}]", 10, 254)
+            if (i == j) != (d == 10):
+                raise fail(path, f"{key}[{i}][{j}]", "must be 10 on the diagonal and above 10 elsewhere")
+    cfg.topology = _topology(cfg.topology.nodes, value, path)
+
+
+def _movable_nodes(value: Any, path: str, key: str, cfg: HostConfig) -> None:
+    movable = expect_list(value, path, key, "node ids")
+    for j, nid in enumerate(movable):
+        expect_int(nid, path, f"{key}[{j}]", 0, len(cfg.topology.nodes) - 1)
+    cfg.movable_nodes = tuple(movable)
+
+
+def _swap(value: Any, path: str, key: str, cfg: HostConfig) -> None:
+    devices, taken = expect_list(value, path, key, "swap devices"), set()
+    cfg.swap = [SWAP.fill(s, path, f"{key}[{i}]", _Swap(i, taken)).spec() for i, s in enumerate(devices)]
+
+
+HOST = Section(
+    rule("profile", expect_enum, sorted(PROFILES), "profile"),
+    rule("thp", expect_enum, THP_MODES),
+    rule("block_size", apply=_block_size),
+    rule("nodes", apply=_nodes, required=True),
+    rule("distance", apply=_distance, default=[]),
+    rule("movable_nodes", apply=_movable_nodes, default=[]),
+    rule("swap", apply=_swap, default=[]),
+)
+
+
 def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = ()) -> HostConfig:
     """Validate a document with ``host:``, ``ksm:`` and ``policy:`` (plus ``extra_keys`` left to
     the caller)."""
     expect_mapping(doc, path, "", ("host", "ksm", "policy") + extra_keys, ("host",))
-    host = expect_mapping(doc["host"], path, "host", HOST_KEYS, ("nodes",))
-    cfg = HostConfig(path)
-    if "profile" in host:
-        cfg.profile = expect_enum(host["profile"], path, "host.profile", sorted(PROFILES), "profile")
-    if "thp" in host:
-        cfg.thp = expect_enum(host["thp"], path, "host.thp", THP_MODES)
-    block_bytes = 128 << 20
-    if "block_size" in host:
-        block_bytes = parse_size(host["block_size"], path, "host.block_size", minimum=PAGE_SIZE)
-        pages = block_bytes // PAGE_SIZE
-        if block_bytes % PAGE_SIZE or pages & (pages - 1):
-            raise fail(path, "host.block_size", f"{host['block_size']!r} is not a power-of-two number of pages")
-    cfg.block_pages = block_bytes // PAGE_SIZE
-    nodes = expect_list(host["nodes"], path, "host.nodes", "nodes", nonempty=True)
-    built, next_cpu, seen_cpus = [], 0, set()
-    for i, n in enumerate(nodes):
-        key = f"host.nodes[{i}]"
-        expect_mapping(n, path, key, NODE_KEYS, ("memory",))
-        mem = parse_size(n["memory"], path, f"{key}.memory", minimum=block_bytes)
-        if mem % block_bytes:
-            raise fail(path, f"{key}.memory", f"{n['memory']!r} is not a multiple of the block size "
-                                              f"({block_bytes >> 20} MiB)")
-        cpus = n.get("cpus", 1)
-        if isinstance(cpus, list):
-            for j, c in enumerate(cpus):
-                expect_int(c, path, f"{key}.cpus[{j}]", 0)
-                if c in seen_cpus:
-                    raise fail(path, f"{key}.cpus[{j}]", f"cpu {c} belongs to two nodes")
-                seen_cpus.add(c)
-            ids = tuple(cpus)
-        else:
-            count = expect_int(cpus, path, f"{key}.cpus", 0, 4096)
-            ids = []
-            while len(ids) < count:
-                if next_cpu not in seen_cpus:
-                    ids.append(next_cpu)
-                    seen_cpus.add(next_cpu)
-                next_cpu += 1
-            ids = tuple(ids)
-        built.append(NumaNode(i, mem, ids))
-    distance = host.get("distance", [])
-    if distance:
-        if (not isinstance(distance, list) or len(distance) != len(built)
-                or any(not isinstance(r, list) or len(r) != len(built) for r in distance)):
-            raise fail(path, "host.distance", f"expected a {len(built)}x{len(built)} matrix")
-        for i, row in enumerate(distance):
-            for j, d in enumerate(row):
-                expect_int(d, path, f"host.distance[{i}][{j}]", 10, 254)
-                if (i == j) != (d == 10):
-                    raise fail(path, f"host.distance[{i}][{j}]",
-                               "must be 10 on the diagonal and above 10 elsewhere")
-    try:
-        cfg.topology = Topology(built, [list(r) for r in distance])
-    except ValueError as exc:
-        raise fail(path, "host", str(exc)) from None
-    movable = expect_list(host.get("movable_nodes", []), path, "host.movable_nodes", "node ids")
-    for j, nid in enumerate(movable):
-        expect_int(nid, path, f"host.movable_nodes[{j}]", 0, len(built) - 1)
-    cfg.movable_nodes = tuple(movable)
-    swap = expect_list(host.get("swap", []), path, "host.swap", "swap devices")
-    names = set()
-    for i, s in enumerate(swap):
-        key = f"host.swap[{i}]"
-        expect_mapping(s, path, key, SWAP_KEYS, ("name", "size"))
-        expect_str(s["name"], path, f"{key}.name")
-        if s["name"] in names:
-            raise fail(path, f"{key}.name", f"two swap devices are named {s['name']!r}")
-        names.add(s["name"])
-        size = parse_size(s["size"], path, f"{key}.size", minimum=PAGE_SIZE)
-        prio = expect_int(s.get("priority", -2 - i), path, f"{key}.priority", -32768, 32767)
-        rates = {}
-        for k, default in (("read_mbps", 500), ("write_mbps", 400)):
-            v = expect_number(s.get(k, default), path, f"{key}.{k}", 0.0, lo_open=True)
-            rates[k] = v * 1e6
-        cfg.swap.append({"name": s["name"], "pages": size // PAGE_SIZE, "priority": prio,
-                         "read_bps": rates["read_mbps"], "write_bps": rates["write_mbps"]})
+    cfg = HOST.fill(doc["host"], path, "host", HostConfig(path))
     knobs = doc.get("ksm", {}) or {}
     expect_mapping(knobs, path, "ksm", tuple(knobs) if isinstance(knobs, dict) else ())
     cfg.ksm = [(str(k), _knob_text(v)) for k, v in knobs.items()]
