@@ -289,11 +289,9 @@ def rule(name: str, parser: Callable[..., Any] | None = None, *args: Any, defaul
          attr: str = "", required: bool = False, apply: Callable | None = None, **kwargs: Any) -> Key:
     """A section's key read with ``parser(value, path, key_path, *args, **kwargs)`` (an
     ``expect_*`` helper), or set by ``apply`` for a key with logic."""
-    read = None
-    if parser is not None:
-        def read(value: Any, path: str, key_path: str) -> Any:
-            return parser(value, path, key_path, *args, **kwargs)
-    return Key(name, read, default, attr, required, apply)
+    def read(value: Any, path: str, key_path: str) -> Any:
+        return parser(value, path, key_path, *args, **kwargs)
+    return Key(name, read if parser is not None else None, default, attr, required, apply)
 
 
 class Section:

@@ -29,26 +29,17 @@ import numpy as np
 
 from hw.units import PAGE_SIZE, PAGES_PER_MIB
 from vmhost.config import HostConfig, load_config, parse_host_config
+from vmhost.density.config import parse_settle
 from vmhost.errors import InputError
 from vmhost.policies import resolution_refusal
-from vmhost.schema import (SchemaError, expect_bool, expect_domain, expect_enum, expect_image,
-                           expect_int, expect_list, expect_mapping, expect_mib, expect_number,
-                           expect_str, fail, is_percentage, parse_duration_ns, parse_percentage,
-                           parse_size, read_yaml)
+from vmhost.schema import (ABSENT, SchemaError, Section, expect_bool, expect_domain, expect_enum,
+                           expect_image, expect_int, expect_list, expect_mapping, expect_mib,
+                           expect_number, expect_str, fail, is_percentage, parse_duration_ns,
+                           parse_percentage, parse_size, read_yaml, rule)
 
 TOP_KEYS = ("hosts", "inventory", "placement", "simulation", "sweep")
-MODEL_KEYS = ("name", "count", "host", "ksm", "policy")
-INVENTORY_KEYS = ("vms", "generate", "libvirt")
-VM_KEYS = ("image", "memory", "count", "domain", "nosharepages", "locked", "name")
-GENERATE_KEYS = ("count", "seed", "mix")
-MIX_KEYS = ("image", "memory", "weight", "domain", "nosharepages", "locked", "name")
-LIBVIRT_KEYS = ("file", "image", "domain", "state")
-PLACEMENT_KEYS = ("policy", "reserve")
 POLICIES = ("first-fit", "first-fit-ksm", "sharing-aware")
-SIMULATION_KEYS = ("resolution", "seed", "settle", "write_period", "boot")
 BOOTS = ("staggered", "together")
-SETTLE_KEYS = ("scans", "tolerance", "max_scans", "time")
-SWEEP_KEYS = ("key", "values")
 _TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)((?:\[\d+\])*)$")
 
 
@@ -127,9 +118,8 @@ def parse_fleet(doc: Any, path: str) -> Fleet:
     first = parse_scenario(base, path, "base", None)
     if "sweep" not in doc:
         return Fleet(path, [first])
-    sw = expect_mapping(doc["sweep"], path, "sweep", SWEEP_KEYS, SWEEP_KEYS)
-    key = expect_str(sw["key"], path, "sweep.key", "a dotted key path such as placement.policy")
-    values = expect_list(sw["values"], path, "sweep.values", nonempty=True)
+    sw = SWEEP.fill(doc["sweep"], path, "sweep", _Sweep())
+    key, values = sw.key, sw.values
     _, leaf = _resolve(base, key, path)
     scenarios, names = [], set()
     for i, value in enumerate(values):
@@ -145,6 +135,18 @@ def parse_fleet(doc: Any, path: str) -> Fleet:
         except InputError as exc:
             raise InputError(f"{path}: sweep.values[{i}]: {_strip(exc, path)}") from None
     return Fleet(path, scenarios, key)
+
+
+@dataclass
+class _Sweep:
+    key: str = ""
+    values: list = field(default_factory=list)
+
+
+SWEEP = Section(
+    rule("key", expect_str, "a dotted key path such as placement.policy", required=True),
+    rule("values", expect_list, nonempty=True, required=True),
+)
 
 
 def _short(value: Any) -> str:
@@ -193,15 +195,14 @@ def _resolve(doc: dict, key: str, path: str) -> tuple[Any, Any]:
 def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
     models = _models(doc["hosts"], path)
     vms = _inventory(doc["inventory"], path)
-    pl = expect_mapping(doc.get("placement", {}) or {}, path, "placement", PLACEMENT_KEYS)
-    policy = expect_enum(pl.get("policy", "sharing-aware"), path, "placement.policy", POLICIES)
-    scn = Scenario(name, value, models, vms, policy)
-    scn.sim = _simulation(doc.get("simulation", {}) or {}, path)
+    pl = PLACEMENT.fill(doc.get("placement", {}) or {}, path, "placement", _Placement())
+    scn = Scenario(name, value, models, vms, pl.policy)
+    scn.sim = SIMULATION.fill(doc.get("simulation", {}) or {}, path, "simulation", Simulation())
     _check_resolution(scn, path)
     if scn.sim.resolution > 1:
         scn.notes.append(f"every host and VM simulated at 1/{scn.sim.resolution} of its pages; "
                          f"page counts and CPU scaled back x{scn.sim.resolution}")
-    reserve = pl.get("reserve", "5%")
+    reserve = pl.reserve
     for m in models:
         kept = m.kept_free_pages(scn.sim.resolution)
         scn.room_pages[m.index] = m.ram_pages - _reserve(reserve, m, path) - kept
@@ -213,28 +214,68 @@ def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
     return scn
 
 
+@dataclass
+class _Placement:
+    policy: str = "sharing-aware"
+    reserve: Any = "5%"          # checked against each host model (``_reserve``)
+
+
+PLACEMENT = Section(
+    rule("policy", expect_enum, POLICIES, default="sharing-aware"),
+    rule("reserve", lambda value, path, key: value),
+)
+
+
 # ------------------------------------------------------------------------------------------
 # host models
+
+@dataclass
+class _Model:
+    """A ``hosts[i]`` entry being read (``taken``: the names of the models before it)."""
+    taken: set
+    name: str = ""
+    count: int | None = None
+    doc: dict = field(default_factory=dict)      # its host, ksm and policy sections, as written
+
+
+def _model_name(value: Any, path: str, key: str, model: _Model) -> None:
+    model.name = expect_str(value, path, key)
+    if model.name in model.taken:
+        raise fail(path, key, f"two host models are named {model.name!r}")
+    model.taken.add(model.name)
+
+
+def _model_count(value: Any, path: str, key: str, model: _Model) -> None:
+    if value is not ABSENT and value is not None:
+        model.count = expect_int(value, path, key, 1, 1_000_000)
+
+
+def _host_section(value: Any, path: str, key: str, model: _Model) -> None:
+    """Kept as written, read by ``parse_host_config`` once the model's keys are read."""
+    if value is not ABSENT:
+        model.doc[key.rsplit(".", 1)[1]] = copy.deepcopy(value)
+
+
+MODEL = Section(
+    rule("name", apply=_model_name, required=True),
+    rule("count", apply=_model_count),
+    rule("host", apply=_host_section, required=True),
+    rule("ksm", apply=_host_section),
+    rule("policy", apply=_host_section),
+)
+
 
 def _models(entries: Any, path: str) -> list[HostModel]:
     expect_list(entries, path, "hosts", "host models", nonempty=True)
     out, names = [], set()
     for i, m in enumerate(entries):
         key = f"hosts[{i}]"
-        expect_mapping(m, path, key, MODEL_KEYS, ("name", "host"))
-        name = expect_str(m["name"], path, f"{key}.name")
-        if name in names:
-            raise fail(path, f"{key}.name", f"two host models are named {name!r}")
-        names.add(name)
-        count = None
-        if m.get("count") is not None:
-            count = expect_int(m["count"], path, f"{key}.count", 1, 1_000_000)
-        doc = {k: copy.deepcopy(m[k]) for k in ("host", "ksm", "policy") if k in m}
+        model = MODEL.fill(m, path, key, _Model(names))
         try:
-            cfg = parse_host_config(doc, path)
+            cfg = parse_host_config(model.doc, path)
         except SchemaError as exc:
             raise InputError(f"{path}: {key}.{_strip(exc, path)}") from None
-        out.append(HostModel(i, name, count, doc, cfg))
+        out.append(HostModel(i, model.name, model.count, model.doc, cfg))
     return out
 
 
@@ -255,18 +296,49 @@ def _image_ref(img, value: str) -> str:
     return image_ref(img, value)
 
 
-def _vm_template(e: Any, path: str, key: str, keys: tuple[str, ...]) -> Vm:
-    expect_mapping(e, path, key, keys, ("image",))
-    img = expect_image(e["image"], path, f"{key}.image")
-    mem = expect_mib(e["memory"], path, f"{key}.memory") if "memory" in e else img.memory_mib
+@dataclass
+class _Entry:
+    """An inventory entry being read: a VM template, with its count or its weight."""
+    where: str
+    img: Any = None
+    image: str = ""
+    memory_mib: int = 0
+    count: int = 1
+    weight: float = 1.0
+    domain: str = "default"
+    nosharepages: bool = False
+    locked: bool = False
+    name: str = ""
+
+    def vm(self) -> Vm:
+        return Vm(self.name, self.image, self.memory_mib, self.domain, self.nosharepages,
+                  self.locked, self.where, self.img)
+
+
+def _entry_image(value: Any, path: str, key: str, t: _Entry) -> None:
+    t.img = expect_image(value, path, key)
+    t.image = _image_ref(t.img, value)
+
+
+def _entry_memory(value: Any, path: str, key: str, t: _Entry) -> None:
+    t.memory_mib = t.img.memory_mib if value is ABSENT else expect_mib(value, path, key)
     try:
-        img.class_pages(mem)
+        t.img.class_pages(t.memory_mib)
     except ValueError as exc:
-        raise fail(path, f"{key}.memory", f"too small for image {img.name!r} ({exc})") from None
-    name = expect_str(e.get("name", img.name), path, f"{key}.name", "a non-empty name prefix")
-    return Vm(name, _image_ref(img, e["image"]), mem, expect_domain(e.get("domain", "default"), path, f"{key}.domain"),
-              expect_bool(e.get("nosharepages", False), path, f"{key}.nosharepages"),
-              expect_bool(e.get("locked", False), path, f"{key}.locked"), key, img)
+        raise fail(path, key, f"too small for image {t.img.name!r} ({exc})") from None
+
+
+def _entry_name(value: Any, path: str, key: str, t: _Entry) -> None:
+    t.name = expect_str(t.img.name if value is ABSENT else value, path, key, "a non-empty name prefix")
+
+
+_IMAGE, _MEMORY, _NAME = (rule("image", apply=_entry_image, required=True),
+                          rule("memory", apply=_entry_memory), rule("name", apply=_entry_name))
+_FLAGS = (rule("domain", expect_domain, default="default"),
+          rule("nosharepages", expect_bool, default=False),
+          rule("locked", expect_bool, default=False))
+VM = Section(_IMAGE, _MEMORY, rule("count", expect_int, 1, 1_000_000, default=1), *_FLAGS, _NAME)
+MIX = Section(_IMAGE, _MEMORY, rule("weight", expect_number, 0.0, lo_open=True, default=1), *_FLAGS, _NAME)
 
 
 class _Names:
@@ -289,58 +361,105 @@ class _Names:
         return vm
 
 
+@dataclass
+class _Inventory:
+    """The inventory being read: its VMs so far and their names."""
+    names: _Names
+    vms: list[Vm] = field(default_factory=list)
+
+
+def _inline_vms(value: Any, path: str, key: str, inv: _Inventory) -> None:
+    for i, e in enumerate(expect_list(value, path, key, "VMs")):
+        t = VM.fill(e, path, f"{key}[{i}]", _Entry(f"{key}[{i}]"))
+        inv.vms.extend(inv.names.numbered(t.vm()) for _ in range(t.count))
+
+
+@dataclass
+class _Generate:
+    count: int = 0
+    seed: int = 1
+    mix: list[_Entry] = field(default_factory=list)
+
+
+def _generate_mix(value: Any, path: str, key: str, g: _Generate) -> None:
+    mix = expect_list(value, path, key, "{image, memory, weight, ...}", nonempty=True)
+    g.mix = [MIX.fill(e, path, f"{key}[{i}]", _Entry(f"{key}[{i}]")) for i, e in enumerate(mix)]
+
+
+GENERATE = Section(
+    rule("count", expect_int, 1, 1_000_000, required=True),
+    rule("seed", expect_int, 0, 2**32 - 1, default=1),
+    rule("mix", apply=_generate_mix, required=True),
+)
+
+
+def _generate(value: Any, path: str, key: str, inv: _Inventory) -> None:
+    if value is ABSENT:
+        return
+    g = GENERATE.fill(value, path, key, _Generate())
+    w = np.array([t.weight for t in g.mix]) / sum(t.weight for t in g.mix)
+    picks = np.random.default_rng(g.seed).choice(len(g.mix), size=g.count, p=w)
+    inv.vms.extend(inv.names.numbered(g.mix[int(i)].vm()) for i in picks)
+
+
+def _libvirt_hosts(value: Any, path: str, key: str, inv: _Inventory) -> None:
+    for i, e in enumerate(expect_list(value, path, key, "{file, image, ...}")):
+        inv.vms.extend(_libvirt(e, path, f"{key}[{i}]", inv.names))
+
+
+INVENTORY = Section(
+    rule("vms", apply=_inline_vms, default=[]),
+    rule("generate", apply=_generate),
+    rule("libvirt", apply=_libvirt_hosts, default=[]),
+)
+
+
 def _inventory(inv: Any, path: str) -> list[Vm]:
-    expect_mapping(inv, path, "inventory", INVENTORY_KEYS)
-    names = _Names(path)
-    vms: list[Vm] = []
-    entries = expect_list(inv.get("vms", []), path, "inventory.vms", "VMs")
-    for i, e in enumerate(entries):
-        key = f"inventory.vms[{i}]"
-        t = _vm_template(e, path, key, VM_KEYS)
-        count = expect_int(e.get("count", 1), path, f"{key}.count", 1, 1_000_000)
-        vms.extend(names.numbered(t) for _ in range(count))
-    if "generate" in inv:
-        vms.extend(_generate(inv["generate"], path, names))
-    lv = expect_list(inv.get("libvirt", []), path, "inventory.libvirt", "{file, image, ...}")
-    for i, e in enumerate(lv):
-        vms.extend(_libvirt(e, path, f"inventory.libvirt[{i}]", names))
+    vms = INVENTORY.fill(inv, path, "inventory", _Inventory(_Names(path))).vms
     if not vms:
         raise fail(path, "inventory", "no VMs (give vms, generate or libvirt)")
     return vms
 
 
-def _generate(g: Any, path: str, names: _Names) -> list[Vm]:
-    expect_mapping(g, path, "inventory.generate", GENERATE_KEYS, ("count", "mix"))
-    count = expect_int(g["count"], path, "inventory.generate.count", 1, 1_000_000)
-    seed = expect_int(g.get("seed", 1), path, "inventory.generate.seed", 0, 2**32 - 1)
-    mix = expect_list(g["mix"], path, "inventory.generate.mix", "{image, memory, weight, ...}",
-                      nonempty=True)
-    templates, weights = [], []
-    for i, e in enumerate(mix):
-        key = f"inventory.generate.mix[{i}]"
-        templates.append(_vm_template(e, path, key, MIX_KEYS))
-        weights.append(expect_number(e.get("weight", 1), path, f"{key}.weight", 0.0, lo_open=True))
-    w = np.array(weights) / sum(weights)
-    picks = np.random.default_rng(seed).choice(len(templates), size=count, p=w)
-    return [names.numbered(templates[int(i)]) for i in picks]
+@dataclass
+class _LibvirtHost:
+    """An ``inventory.libvirt[i]`` entry being read."""
+    file: Path | None = None
+    guests: list = field(default_factory=list)
+    image: Any = None                    # the default image, as written
+    img: Any = None
+    domain: str = "default"
+    state: str = "running"
+
+
+def _libvirt_file(value: Any, path: str, key: str, h: _LibvirtHost) -> None:
+    f = expect_str(value, path, key, "the path of a host YAML written by `vmhost import libvirt`")
+    h.file = Path(f) if Path(f).is_absolute() else Path(path).resolve().parent / f
+    if not h.file.is_file():
+        raise fail(path, key, f"no such file {f!r}")
+    try:
+        h.guests = load_config(h.file).guests
+    except InputError as exc:
+        raise fail(path, key, str(exc)) from None
+
+
+def _libvirt_image(value: Any, path: str, key: str, h: _LibvirtHost) -> None:
+    if value is not ABSENT and value is not None:
+        h.image, h.img = value, expect_image(value, path, key)
+
+
+LIBVIRT = Section(
+    rule("file", apply=_libvirt_file, required=True),
+    rule("image", apply=_libvirt_image),
+    rule("domain", expect_domain, default="default"),
+    rule("state", expect_enum, ("running", "all"), default="running"),
+)
 
 
 def _libvirt(e: Any, path: str, key: str, names: _Names) -> list[Vm]:
     from guests.images import ImageError
-    expect_mapping(e, path, key, LIBVIRT_KEYS, ("file",))
-    f = expect_str(e["file"], path, f"{key}.file",
-                   "the path of a host YAML written by `vmhost import libvirt`")
-    p = Path(f) if Path(f).is_absolute() else Path(path).resolve().parent / f
-    if not p.is_file():
-        raise fail(path, f"{key}.file", f"no such file {f!r}")
-    try:
-        guests = load_config(p).guests
-    except InputError as exc:
-        raise fail(path, f"{key}.file", str(exc)) from None
-    state = expect_enum(e.get("state", "running"), path, f"{key}.state", ("running", "all"))
-    default = e.get("image")
-    default_img = expect_image(default, path, f"{key}.image") if default is not None else None
-    domain = expect_domain(e.get("domain", "default"), path, f"{key}.domain")
+    h = LIBVIRT.fill(e, path, key, _LibvirtHost())
+    p, guests, state, default, default_img, domain = h.file, h.guests, h.state, h.image, h.img, h.domain
     out = []
     for j, g in enumerate(guests):
         if state == "running" and not g.running:
@@ -364,26 +483,27 @@ def _libvirt(e: Any, path: str, key: str, names: _Names) -> list[Vm]:
 # ------------------------------------------------------------------------------------------
 # simulation
 
-def _simulation(s: Any, path: str) -> Simulation:
-    expect_mapping(s, path, "simulation", SIMULATION_KEYS)
-    sim = Simulation()
-    sim.resolution = expect_int(s.get("resolution", 1), path, "simulation.resolution", 1, 1 << 16)
-    sim.seed = expect_int(s.get("seed", 1), path, "simulation.seed", 0, 2**32 - 1)
-    sim.boot = expect_enum(s.get("boot", "staggered"), path, "simulation.boot", BOOTS)
-    if "write_period" in s:
-        parse_duration_ns(s["write_period"], path, "simulation.write_period")
-        sim.write_period = s["write_period"]
-    if s.get("settle") is not None:
-        st = expect_mapping(s["settle"], path, "simulation.settle", SETTLE_KEYS)
-        if "time" in st:
-            if any(k in st for k in ("scans", "tolerance", "max_scans")):
-                raise fail(path, "simulation.settle", "give either time or scans/tolerance/max_scans")
-            parse_duration_ns(st["time"], path, "simulation.settle.time")
-        scans = expect_int(st.get("scans", 2), path, "simulation.settle.scans", 1, 100)
-        expect_number(st.get("tolerance", 0.001), path, "simulation.settle.tolerance", 0.0, 1.0)
-        expect_int(st.get("max_scans", 30), path, "simulation.settle.max_scans", scans + 2, 100_000)
-        sim.settle = dict(st)
-    return sim
+def _checked_duration(value: Any, path: str, key: str) -> Any:
+    """The duration as written (each host's simulation parses it), once checked."""
+    parse_duration_ns(value, path, key)
+    return value
+
+
+def _settle(value: Any, path: str, key: str) -> dict | None:
+    """The settle mapping as written (each host's simulation parses it), once checked."""
+    if value is None:
+        return None
+    parse_settle(value, path, key)
+    return dict(value)
+
+
+SIMULATION = Section(
+    rule("resolution", expect_int, 1, 1 << 16, default=1),
+    rule("seed", expect_int, 0, 2**32 - 1, default=1),
+    rule("settle", _settle),
+    rule("write_period", _checked_duration),
+    rule("boot", expect_enum, BOOTS, default="staggered"),
+)
 
 
 def _check_fit(scn: Scenario, path: str) -> None:
