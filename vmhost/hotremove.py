@@ -69,8 +69,8 @@ from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
-from vmhost.schema import (expect_bool, expect_int, expect_mapping, expect_one_step, expect_str, fail,
-                           parse_duration_ns, parse_size, read_yaml)
+from vmhost.schema import (ABSENT, Section, expect_bool, expect_int, expect_mapping, expect_one_step, expect_str,
+                           fail, parse_duration_ns, parse_size, read_yaml, rule)
 
 STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
               "pressure", "reclaim", "write", "ksm")
@@ -128,33 +128,51 @@ def _range_list(value: Any, pages: int, path: str, key: str) -> list[tuple[int, 
     return out
 
 
+def _region_size(value: Any, path: str, key: str, spec: RegionSpec) -> None:
+    if value is ABSENT:
+        return
+    size = parse_size(value, path, key, minimum=PAGE_SIZE)
+    if size % PAGE_SIZE:
+        raise fail(path, key, f"{value!r} is not a whole number of 4 KiB pages")
+    spec.pages = size // PAGE_SIZE
+
+
+def _region_content(value: Any, path: str, key: str, spec: RegionSpec) -> None:
+    if value is not ABSENT:
+        spec.fills.append((0, spec.pages, parse_content(value, spec.pages, path, key)))
+
+
+def _region_fills(value: Any, path: str, key: str, spec: RegionSpec) -> None:
+    for i, f in enumerate(value or []):
+        k = f"{key}[{i}]"
+        expect_mapping(f, path, k, ("start", "count", "content"), ("start", "count", "content"))
+        start = expect_int(f["start"], path, f"{k}.start", 0, spec.pages - 1)
+        count = expect_int(f["count"], path, f"{k}.count", 1, spec.pages - start)
+        spec.fills.append((start, count, parse_content(f["content"], count, path, f"{k}.content")))
+
+
+def _region_pinned(value: Any, path: str, key: str, spec: RegionSpec) -> None:
+    spec.pinned = _range_list(value, spec.pages, path, key)
+
+
+REGION = Section(               # a region has a size or a number of pages
+    rule("name", expect_str, required=True),
+    rule("size", apply=_region_size),
+    rule("pages", expect_int, 1),
+    rule("content", apply=_region_content),
+    rule("fill", apply=_region_fills, default=[]),
+    rule("mergeable", expect_bool, default=False),
+    rule("thp", expect_bool, default=False),
+    rule("pinned", apply=_region_pinned, default=[]),
+)
+
+
 def _region(r: Any, path: str, key: str) -> RegionSpec:
-    expect_mapping(r, path, key, ("name", "size", "pages", "content", "fill", "mergeable", "thp", "pinned"),
-                   ("name",))
-    if not isinstance(r["name"], str) or not r["name"]:
-        raise fail(path, f"{key}.name", "expected a non-empty name")
+    REGION.check(r, path, key)
+    expect_str(r["name"], path, f"{key}.name")          # a bad name is reported first
     if ("size" in r) == ("pages" in r):
         raise fail(path, key, "give exactly one of size and pages")
-    if "size" in r:
-        size = parse_size(r["size"], path, f"{key}.size", minimum=PAGE_SIZE)
-        if size % PAGE_SIZE:
-            raise fail(path, f"{key}.size", f"{r['size']!r} is not a whole number of 4 KiB pages")
-        pages = size // PAGE_SIZE
-    else:
-        pages = expect_int(r["pages"], path, f"{key}.pages", 1)
-    spec = RegionSpec(r["name"], pages)
-    if "content" in r:
-        spec.fills.append((0, pages, parse_content(r["content"], pages, path, f"{key}.content")))
-    for i, f in enumerate(r.get("fill", []) or []):
-        k = f"{key}.fill[{i}]"
-        expect_mapping(f, path, k, ("start", "count", "content"), ("start", "count", "content"))
-        start = expect_int(f["start"], path, f"{k}.start", 0, pages - 1)
-        count = expect_int(f["count"], path, f"{k}.count", 1, pages - start)
-        spec.fills.append((start, count, parse_content(f["content"], count, path, f"{k}.content")))
-    spec.mergeable = expect_bool(r.get("mergeable", False), path, f"{key}.mergeable")
-    spec.thp = expect_bool(r.get("thp", False), path, f"{key}.thp")
-    spec.pinned = _range_list(r.get("pinned", []), pages, path, f"{key}.pinned")
-    return spec
+    return REGION.fill(r, path, key, RegionSpec("", 0))
 
 
 def _blocks_arg(value: Any, path: str, key: str, nblocks: int) -> list[int]:
