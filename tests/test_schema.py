@@ -228,6 +228,30 @@ def test_schema_quantities():
         schema.expect_enum(["a"], "f", "k", ("a", "b"))
 
 
+def test_a_section_table_gives_the_keys_the_defaults_and_the_parse():
+    from types import SimpleNamespace
+
+    def twice(value, path, key, obj):
+        obj.doubled = 2 * schema.expect_int(value, path, key)
+
+    section = schema.Section(
+        schema.rule("seed", schema.expect_int, 0, 9, default=1),
+        schema.rule("period", schema.parse_duration_ns, attr="period_ns", required=True),
+        schema.rule("size", schema.parse_size),
+        schema.rule("n", apply=twice, default=3))
+    assert section.names == ("seed", "period", "size", "n") and section.required == ("period",)
+    got = section.fill({"period": "2ms"}, "f", "s", SimpleNamespace(size=None))
+    assert vars(got) == {"seed": 1, "period_ns": 2_000_000, "size": None, "doubled": 6}
+    got = section.fill({"period": 1, "seed": 4, "size": "1KiB", "n": 5}, "f", "s", SimpleNamespace())
+    assert vars(got) == {"seed": 4, "period_ns": 10**9, "size": 1024, "doubled": 10}
+    for doc, match in [({"period": 1, "bad": 0}, r"^f: s\.bad: unknown key \(allowed in s: seed, period, size, n\)$"),
+                       ({}, r"^f: s\.period: missing$"),
+                       ({"period": 1, "seed": 10}, r"^f: s\.seed: 10 is out of range \(0\.\.9\)$"),
+                       ({"period": 1, "n": "x"}, r"^f: s\.n: expected a whole number")]:
+        with pytest.raises(InputError, match=match):
+            section.fill(doc, "f", "s", SimpleNamespace())
+
+
 # ------------------------------------------------------------------------------------------
 # fuzzing: no input ends in a traceback
 
