@@ -205,7 +205,7 @@ def _nodes(value: Any, path: str, key: str, cfg: HostConfig) -> None:
 
 def _distance(value: Any, path: str, key: str, cfg: HostConfig) -> None:
     """An optional SLIT matrix over the nodes (10 on the diagonal)."""
-    if not value:
+    if isinstance(value, (list, dict)) and not value:
         return
     count = len(cfg.topology.nodes)
     if (not isinstance(value, list) or len(value) != count

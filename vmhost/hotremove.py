@@ -69,8 +69,9 @@ from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
-from vmhost.schema import (ABSENT, Section, expect_bool, expect_int, expect_mapping, expect_one_step, expect_str,
-                           fail, parse_duration_ns, parse_size, read_yaml, rule)
+from vmhost.schema import (ABSENT, Section, expect_bool, expect_enum, expect_int, expect_list,
+                           expect_mapping, expect_one_step, expect_str, fail, parse_duration_ns,
+                           parse_size, read_yaml, rule)
 
 STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
               "pressure", "reclaim", "write", "ksm")
@@ -175,6 +176,63 @@ def _region(r: Any, path: str, key: str) -> RegionSpec:
     return REGION.fill(r, path, key, RegionSpec("", 0))
 
 
+@dataclass
+class _Proc:
+    """A process being read: its spec, and the host's node count its node ids are checked by."""
+    nnodes: int
+    spec: ProcSpec
+    mode: str = ""
+    nodes: tuple[int, ...] = ()
+
+
+def _node_ids(value: Any, path: str, key: str, p: _Proc) -> None:
+    for i, n in enumerate(expect_list(value, path, key, "node ids")):
+        expect_int(n, path, f"{key}[{i}]", 0, p.nnodes - 1)
+    p.nodes = tuple(value)
+
+
+POLICY = Section(
+    rule("mode", expect_enum, MODES, required=True),
+    rule("nodes", apply=_node_ids, default=[]),
+)
+
+
+def _proc_node(value: Any, path: str, key: str, p: _Proc) -> None:
+    p.spec.node = expect_int(value, path, key, 0, p.nnodes - 1)
+
+
+def _proc_policy(value: Any, path: str, key: str, p: _Proc) -> None:
+    if value is ABSENT:
+        return
+    POLICY.fill(value, path, key, p)
+    try:
+        p.spec.policy = MemPolicy(p.mode, p.nodes)
+    except ValueError as exc:
+        raise fail(path, key, str(exc)) from None
+
+
+def _proc_oom_score_adj(value: Any, path: str, key: str, p: _Proc) -> None:
+    p.spec.oom_score_adj = expect_int(value, path, key, -1000, 1000)
+
+
+def _proc_regions(value: Any, path: str, key: str, p: _Proc) -> None:
+    if not isinstance(value, list) or not value:
+        raise fail(path, key, "expected a non-empty list of regions")
+    for i, r in enumerate(value):
+        reg = _region(r, path, f"{key}[{i}]")
+        if any(reg.name == other.name for other in p.spec.regions):
+            raise fail(path, f"{key}[{i}].name", f"two regions are named {reg.name!r}")
+        p.spec.regions.append(reg)
+
+
+PROC = Section(
+    rule("node", apply=_proc_node, default=0),
+    rule("policy", apply=_proc_policy),
+    rule("oom_score_adj", apply=_proc_oom_score_adj, default=0),
+    rule("regions", apply=_proc_regions, required=True),
+)
+
+
 def _blocks_arg(value: Any, path: str, key: str, nblocks: int) -> list[int]:
     if isinstance(value, str) and "-" in value:
         lo, _, hi = value.partition("-")
@@ -201,35 +259,8 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
     procs: list[ProcSpec] = []
     regions_of: dict[str, dict[str, int]] = {}
     for name, p in procs_doc.items():
-        key = f"processes.{name}"
-        expect_mapping(p, path, key, ("node", "policy", "oom_score_adj", "regions"), ("regions",))
-        spec = ProcSpec(str(name))
-        spec.node = expect_int(p.get("node", 0), path, f"{key}.node", 0, nnodes - 1)
-        spec.oom_score_adj = expect_int(p.get("oom_score_adj", 0), path, f"{key}.oom_score_adj", -1000, 1000)
-        if "policy" in p:
-            pol = expect_mapping(p["policy"], path, f"{key}.policy", ("mode", "nodes"), ("mode",))
-            if pol["mode"] not in MODES:
-                raise fail(path, f"{key}.policy.mode", f"{pol['mode']!r} is not one of {', '.join(MODES)}")
-            nodes = pol.get("nodes", [])
-            if not isinstance(nodes, list):
-                raise fail(path, f"{key}.policy.nodes", "expected a list of node ids")
-            for i, n in enumerate(nodes):
-                expect_int(n, path, f"{key}.policy.nodes[{i}]", 0, nnodes - 1)
-            try:
-                spec.policy = MemPolicy(pol["mode"], tuple(nodes))
-            except ValueError as exc:
-                raise fail(path, f"{key}.policy", str(exc)) from None
-        regions = p["regions"]
-        if not isinstance(regions, list) or not regions:
-            raise fail(path, f"{key}.regions", "expected a non-empty list of regions")
-        names = {}
-        for i, r in enumerate(regions):
-            reg = _region(r, path, f"{key}.regions[{i}]")
-            if reg.name in names:
-                raise fail(path, f"{key}.regions[{i}].name", f"two regions are named {reg.name!r}")
-            names[reg.name] = reg.pages
-            spec.regions.append(reg)
-        regions_of[spec.name] = names
+        spec = PROC.fill(p, path, f"processes.{name}", _Proc(nnodes, ProcSpec(str(name)))).spec
+        regions_of[spec.name] = {reg.name: reg.pages for reg in spec.regions}
         procs.append(spec)
     kernel_pages = []
     kp = doc.get("kernel_pages", []) or []
