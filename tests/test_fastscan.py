@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from vmhost.ksm import fastscan
+from vmhost.ksm.items import STABLE_FLAG
 from vmhost.ksm.replay import Replay
 from vmhost.ksm.trace import load_trace
 from vmhost.ksm.warmup import ksm_host, mergeable_process
@@ -42,7 +43,7 @@ def full_state(ksm) -> dict:
         i = int(i)
         return (i, int(items.mm[i]), int(items.address[i]), int(items.flags[i]),
                 int(items.oldchecksum[i]), int(items.age[i]), int(items.remaining_skips[i]),
-                int(items.head[i]), int(items.anon_vma[i]),
+                int(items.head[i]) if items.flags[i] & STABLE_FLAG else -1, int(items.anon_vma[i]),
                 int(items.nid[i]) if items.flags[i] & 0x300 else 0)
 
     def hlist(node):
