@@ -38,6 +38,7 @@ from typing import Any
 from hw.swap import SwapDevice
 from hw.topology import NumaNode, Topology
 from vmhost.errors import InputError
+from vmhost.mm.swap import MAX_SWAPFILES, SWP_MAX_PAGES
 from vmhost.profile import PROFILES
 from vmhost.schema import (expect_enum, expect_int, expect_list, expect_mapping,
                            expect_number, expect_str, fail, parse_size,
@@ -156,6 +157,8 @@ def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = ()) -> 
         expect_int(nid, path, f"host.movable_nodes[{j}]", 0, len(built) - 1)
     cfg.movable_nodes = tuple(movable)
     swap = expect_list(host.get("swap", []), path, "host.swap", "swap devices")
+    if len(swap) > MAX_SWAPFILES:
+        raise fail(path, "host.swap", f"at most {MAX_SWAPFILES} swap devices, got {len(swap)}")
     names = set()
     for i, s in enumerate(swap):
         key = f"host.swap[{i}]"
@@ -165,6 +168,9 @@ def parse_host_config(doc: Any, path: str, extra_keys: tuple[str, ...] = ()) -> 
             raise fail(path, f"{key}.name", f"two swap devices are named {s['name']!r}")
         names.add(s["name"])
         size = parse_size(s["size"], path, f"{key}.size", minimum=PAGE_SIZE)
+        if size // PAGE_SIZE > SWP_MAX_PAGES:
+            raise fail(path, f"{key}.size", f"a swap device has at most {SWP_MAX_PAGES} pages "
+                                            f"({SWP_MAX_PAGES * PAGE_SIZE >> 30} GiB) here")
         prio = expect_int(s.get("priority", -2 - i), path, f"{key}.priority", -32768, 32767)
         rates = {}
         for k, default in (("read_mbps", 500), ("write_mbps", 400)):

@@ -28,8 +28,8 @@ def _frame_bytes() -> int:
 
 def _pte_bytes() -> int:
     import numpy as np
-    from vmhost.mm.vma import NO_PFN
-    return np.array([NO_PFN], dtype=np.int64).nbytes + 1
+    from vmhost.mm.vma import NO_PFN, PTE_DTYPE
+    return np.array([NO_PFN], dtype=PTE_DTYPE).nbytes + 1
 
 
 def _item_bytes() -> int:

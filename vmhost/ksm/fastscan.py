@@ -25,6 +25,11 @@ node on the way can have lost its page or its contents). So until the first chan
 pass, the compiled loop keeps the unstable tree as a hash table plus a log of insertions and
 erasures; the real rbtree is built from the log (``replay_unstable``, the same operations in
 the same order, hence the same shape) the moment anything needs the tree itself.
+
+Page tables reach this code as 32-bit PTEs (``vmhost.mm.vma.PTE_DTYPE``, through
+``vma_registry.page_tables``). numba keys its on-disk cache of this file by this file
+alone: a change of a dtype or a helper compiled in from another module must come with a
+change of this file, or a stale cache runs the old code.
 """
 
 from __future__ import annotations

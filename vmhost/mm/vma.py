@@ -4,7 +4,9 @@ A VMA covers virtual pages ``[start, end)`` (addresses here are in pages, not
 bytes) with one set of flags. Its page table entries are two numpy arrays
 indexed by the page's offset in the VMA:
 
-- ``pte``: the pfn of a present page, or the swap entry of a swapped one;
+- ``pte``: the pfn of a present page, or the swap entry of a swapped one
+  (``PTE_DTYPE``, 32 bits: a pfn below 2**31, 8 TiB of frames; a swap entry as
+  vmhost/mm/swap.py encodes it);
 - ``ptef``: PTE_* bits: present, writable, the shared zero page (and whether
   KSM put it there, which the kernel marks with the dirty bit), swap entry,
   young (accessed) and dirty.
@@ -63,6 +65,7 @@ PTE_YOUNG = 1 << 5
 PTE_DIRTY = 1 << 6
 
 NO_PFN = -1
+PTE_DTYPE = np.int32
 
 #: bumped whenever any VMA's extent, flags, anon_vma or page-table arrays are replaced, or a
 #: VMA joins or leaves an mm: compiled code that keeps page-table arrays by address (KSM's
@@ -85,7 +88,7 @@ class Vma:
         self.shmem = shmem                       # backing object of a MAP_SHARED anonymous VMA
         self.anon_vma: "AnonVma | None" = None
         self.chain: list["AnonVma"] = []         # anon_vma_chain (same_vma list)
-        self.pte = np.full(end - start, NO_PFN, dtype=np.int64)
+        self.pte = np.full(end - start, NO_PFN, dtype=PTE_DTYPE)
         self.ptef = np.zeros(end - start, dtype=np.uint8)
         # one entry per 2 MiB range the VMA touches (first one holds ``start``): True once a
         # page table exists there (the PMD was split, or a 4 KiB PTE was installed); False is
