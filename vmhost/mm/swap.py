@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hw.swap import SwapDevice, SwapIOError
-from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KERNEL, PG_KSM, PG_MLOCKED,
-                               PG_PINNED, PG_SHMEM, PG_SWAPCACHE)
+from vmhost.mm.frames import (INDEX_MASK, NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KERNEL, PG_KSM,
+                               PG_MLOCKED, PG_PINNED, PG_SHMEM, PG_SWAPCACHE)
 from vmhost.mm.vma import PTE_DIRTY, PTE_PRESENT, PTE_SWAP, PTE_WRITE, PTE_ZERO, VmFlags, Vma
 
 if TYPE_CHECKING:
@@ -320,7 +320,7 @@ class Swap:
                 # a fresh read from swap: becomes an ordinary anonymous page of this VMA
                 frames.flags[pfn] |= PG_ANON
                 frames.owner[pfn] = av.id
-                frames.index[pfn] = int(vma.linear_index([off])[0])
+                frames.index[pfn] = int(vma.linear_index([off])[0]) & INDEX_MASK
             frames.mapcount[pfn] += 1
             frames.refcount[pfn] += 1
         vma.map_readonly(off, page, frames)
@@ -349,7 +349,7 @@ class Swap:
         host, frames = self.host, self.host.frames
         flags = int(frames.flags[pfn])
         owner = int(frames.owner[pfn])
-        index = int(vma.linear_index([off])[0])
+        index = int(vma.linear_index([off])[0]) & INDEX_MASK       # as a frame keeps it
         if flags & PG_COMPOUND:
             return False                                    # large folios are never copied
         if not host.profile.ksm_swapin_root_rule:

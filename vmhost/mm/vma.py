@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hw.units import HPAGE_PAGES
-from vmhost.mm.frames import PG_MLOCKED
+from vmhost.mm.frames import INDEX_MASK, PG_MLOCKED
 from vmhost.mm.mempolicy import MemPolicy
 
 if TYPE_CHECKING:
@@ -77,8 +77,8 @@ _LAYOUT_ATTRS = frozenset(("start", "end", "flags", "anon_vma", "pte", "ptef"))
 class Vma:
     def __init__(self, mm: "MM", start: int, end: int, flags: VmFlags, pgoff: int,
                  policy: MemPolicy | None = None, shmem=None):
-        if end <= start:
-            raise ValueError("a VMA must cover at least one page")
+        if not 0 < end - start <= INDEX_MASK:
+            raise ValueError("a VMA covers at least one page and fewer than 2**32")
         self.mm = mm
         self.start = start
         self.end = end
@@ -132,6 +132,11 @@ class Vma:
     def linear_index(self, offsets) -> np.ndarray:
         """page->index of a page at these offsets (linear_page_index)."""
         return self.pgoff + np.asarray(offsets, dtype=np.int64)
+
+    def offsets_of(self, index) -> np.ndarray:
+        """The offsets here of pages whose frames keep ``index`` (``FrameTable.index``, the
+        low 32 bits of page->index); an offset >= ``pages`` is outside this VMA."""
+        return (np.asarray(index, dtype=np.int64) - self.pgoff) & INDEX_MASK
 
     def present_mask(self) -> np.ndarray:
         """Offsets whose PTE maps a frame of its own (not the zero page)."""
