@@ -37,6 +37,7 @@ class SwapDevice:
             raise ValueError(f"swap device {self.name!r}: throughput must be positive")
         self.used = np.zeros(self.capacity_pages, dtype=bool)
         self.data = np.zeros(self.capacity_pages, dtype=np.uint64)   # what each slot holds
+        self._low = 0                   # every slot below this one is in use
         self.pages_read = 0
         self.pages_written = 0
 
@@ -46,12 +47,22 @@ class SwapDevice:
 
     def allocate_slots(self, count: int) -> np.ndarray:
         """Take ``count`` free slots (lowest first), or fewer if the device is full."""
-        free = np.flatnonzero(~self.used)[:count]
+        found, at, chunk = [], self._low, max(4 * count, 4096)
+        while count > 0 and at < self.capacity_pages:     # from the lowest slot that may be free
+            free = np.flatnonzero(~self.used[at:at + chunk])[:count] + at
+            found.append(free)
+            count -= len(free)
+            at += chunk
+        free = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
         self.used[free] = True
+        self._low = int(free[-1]) + 1 if len(free) and count == 0 else min(at, self.capacity_pages)
         return free
 
     def free_slots(self, slots) -> None:
-        self.used[np.asarray(slots)] = False
+        slots = np.asarray(slots)
+        self.used[slots] = False
+        if slots.size:
+            self._low = min(self._low, int(slots.min()))
 
     def inject_errors(self, slots=None, *, all_slots: bool = False) -> None:
         """Make reads and writes of these slots (or of every slot) fail."""

@@ -40,3 +40,32 @@ def test_profiles():
     assert not old.anon_vma_chains and not old.ksm_stable_node_chains and old.ksm_checksum == "jhash2"
     with pytest.raises(InputError, match="unknown profile"):
         get_profile("linux-5.0")
+
+
+def test_horizon_is_the_next_other_event_within_the_running_loop():
+    clock, seen = Clock(), []
+
+    def selfish():
+        # run own occurrences every 7 ns at once while nothing else is due
+        while clock.now + 7 < clock.horizon():
+            clock.advance(clock.now + 7)
+            seen.append(("ahead", clock.now))
+        seen.append(("event", clock.now))
+
+    clock.at(0, selfish)
+    clock.at(30, lambda: seen.append(("other", clock.now)))
+    assert clock.horizon() == clock.now            # no loop running: no run ahead
+    clock.run_until(25)
+    # bounded by the loop's end (25), not only by the other event (30)
+    assert seen == [("ahead", 7), ("ahead", 14), ("ahead", 21), ("event", 21)]
+    with pytest.raises(ValueError):
+        clock.advance(clock.now + 100)
+    seen.clear()
+    clock.at(40, selfish)
+    clock.run_while(lambda: True, limit=60)        # a condition without fast_forward: none
+    assert seen == [("other", 30), ("event", 40)]
+    seen.clear()
+    clock.at(45, selfish)
+    clock.at(62, lambda: seen.append(("other", clock.now)))
+    clock.run_while(lambda: True, limit=100, fast_forward=True)
+    assert seen == [("ahead", 52), ("ahead", 59), ("event", 59), ("other", 62)]

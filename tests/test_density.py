@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from vmhost.density import DensityRunner, boot_sequence, format_result, load_density, run_density
+from vmhost.density.search import DensitySearch
 from vmhost.errors import InputError
 
 from helpers import ROOT, UNIT_KERNEL_HALF, refused_before_writing
@@ -343,3 +344,35 @@ def test_knobs_that_break_the_cpu_limit_get_the_largest_pages_to_scan_that_meets
     assert tried[good]["vms_ksm"] == 6 and tried[bad]["limited_by"][0].startswith("ksmd CPU")
     head = format_result(res).splitlines()[2]
     assert "KSM 0 at pages_to_scan 100000" in head and f"meets it: {good}" in head and "KSM 6" in head
+
+
+def test_the_cpu_limits_searches_in_two_processes_give_the_same_answer(tmp_path):
+    """With two workers the next bisection search runs ahead in another process: the same
+    tries, the same suggested pages_to_scan and count as one search after the other."""
+    cfg = load_density(write(tmp_path, HAND.replace("  max_guests: 40\n",
+                                                    "  max_guests: 6\n  limits: {ksmd_cpu: 3%}\n")))
+    two = DensitySearch(cfg, workers=2).run()
+    one = DensitySearch(cfg, workers=1).run()
+    assert two["cpu_limit"]["tries"] and two["cpu_limit"] == one["cpu_limit"]
+    two.pop("wall_s"), one.pop("wall_s")
+    assert two == one
+
+
+def test_a_study_too_big_for_this_machine_is_refused_before_it_starts(tmp_path):
+    """density-256g at resolution 1 (256 guests of 4 GiB may boot, and the strided search
+    keeps a copy of the simulation: some 95 GiB of emulator state) is refused in one line with
+    the estimate and a resolution that fits, before any output; the estimate falls with the
+    resolution as the pages do."""
+    from helpers import one_line_exit_2, vmhost
+    from vmhost.density.search import DensitySearch
+    from vmhost.footprint import GiB, available_bytes
+    text = (ROOT / "configs" / "density-256g.yaml").read_text()
+    cfg = tmp_path / "256g-full.yaml"
+    cfg.write_text(text.replace("resolution: 512", "resolution: 1"))
+    full = DensitySearch(load_density(cfg)).footprint()
+    assert full.bytes() > available_bytes()
+    r = vmhost("density", cfg, "--json", timeout=120)
+    line = one_line_exit_2(r, str(cfg), "resolution 1 needs about", "would need")
+    assert r.stdout == "" and f"{full.bytes() / GiB:.1f} GiB" in line
+    shipped = DensitySearch(load_density(ROOT / "configs" / "density-256g.yaml")).footprint()
+    assert shipped == full.scaled(512) and shipped.bytes() < 1 * GiB

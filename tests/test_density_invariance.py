@@ -98,3 +98,24 @@ def test_a_scaled_thp_host_keeps_huge_pages_and_says_what_it_cannot_show(tmp_pat
             res = DensityRunner(cfg).run()
             assert "below one huge page" in res["unfaithful"][0] and "resolution 2 or finer" in res["unfaithful"][0]
             assert "NOT FAITHFUL at this resolution" in format_result(res)
+
+
+def test_resolutions_side_by_side_give_the_answers_of_one_after_the_other():
+    """Two worker processes run the resolutions side by side: the same rows as in one
+    process, and every resolution reported as it finishes."""
+    cfg = load_density(ROOT / "configs" / "density-tiny.yaml")
+    seen = []
+    apart = check(cfg, [8, 4, 2], progress=lambda r, run: seen.append(r), workers=2)
+    alone = check(cfg, [8, 4, 2], workers=1)
+    assert sorted(seen) == [2, 4, 8]
+    for rows in (apart["rows"], alone["rows"]):
+        for row in rows:
+            row.pop("wall_s")
+    assert apart == alone and [row["resolution"] for row in apart["rows"]] == [8, 4, 2]
+
+
+def test_no_workers_is_refused_in_one_line():
+    from helpers import one_line_exit_2, vmhost
+    cfg = str(ROOT / "configs" / "density-tiny.yaml")
+    one_line_exit_2(vmhost("density", cfg, "--workers", "0"), "--workers")
+    one_line_exit_2(vmhost("density", cfg, "--resolutions", "8,4", "--workers", "0"), "--workers")

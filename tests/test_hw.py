@@ -64,3 +64,24 @@ def test_swap_device_slots_and_errors():
     assert dev.read_seconds(1000) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         SwapDevice("bad", 0)
+
+
+def test_swap_slots_are_taken_lowest_first_as_a_scan_of_the_map_would():
+    """allocate_slots remembers where the lowest free slot may be (a reclaim takes one slot at
+    a time: it must not scan the whole map each time) and gives what a full scan gives."""
+    import numpy as np
+    from hw.swap import SwapDevice
+    rng = np.random.default_rng(5)
+    dev, used = SwapDevice("x", 5000), np.zeros(5000, dtype=bool)
+    for _ in range(5000):
+        if rng.random() < 0.55:
+            count = int(rng.integers(1, 50))
+            want = np.flatnonzero(~used)[:count]
+            used[want] = True
+            assert dev.allocate_slots(count).tolist() == want.tolist()
+        elif used.any():
+            slots = rng.choice(np.flatnonzero(used), size=min(int(used.sum()), 20), replace=False)
+            used[slots] = False
+            dev.free_slots(slots)
+        assert (dev.used == used).all()
+    assert dev.free_pages == int((~used).sum())

@@ -6,7 +6,10 @@ chain_prune_across_scan_steps shows the consequence on the kernel; these tests p
 clock-level rule.
 """
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from hw.topology import Topology
 from vmhost.clock import NS_PER_MS
@@ -14,6 +17,7 @@ from vmhost.host import Host
 from vmhost.ksm.engine import Ksm
 from vmhost.ksm.ksmd import Ksmd
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def setup():
     host = Host(Topology.uniform(1, 64 << 20), block_pages=1024)
@@ -66,3 +70,34 @@ def test_only_a_changed_sleep_millisecs_ends_the_sleep():
     target = ksm.seqnr + 1
     host.clock.run_while(lambda: ksm.seqnr < target)
     assert host.clock.now == t1
+
+
+@pytest.mark.parametrize("config, resolution", [("oracle/density-small.yaml", 8),
+                                                ("density-ksmtuned.yaml", None)])
+def test_batches_run_ahead_give_the_results_of_one_event_per_batch(monkeypatch, config, resolution):
+    """ksmd runs batches at once between other events (guest writes, samples, a policy's
+    wake-ups), the compiled scan several in one call: the same steps, timeline, counters, CPU
+    time and KSM state as with one clock event per batch."""
+    from vmhost.density import load_density
+    from vmhost.density.invariance import at_resolution
+    from vmhost.density.search import DensitySearch
+    from test_fastscan import full_state
+
+    def run(ahead: bool):
+        monkeypatch.setattr(Ksmd, "run_ahead", ahead)
+        cfg = load_density(str(ROOT / "configs" / config))
+        if resolution:
+            cfg = at_resolution(cfg, resolution)
+        search = DensitySearch(cfg)
+        res = search.run()
+        res.pop("wall_s")
+        ksm, ksmd = search.ksm, search.ksmd
+        state = (ksm.c.a.tolist(), ksm.work.tolist(), ksmd.cpu_ns, ksmd.batches,
+                 search.host.clock.now, full_state(ksm))
+        return res, state, ksmd.batches_ahead
+
+    ahead, ahead_state, n_ahead = run(True)
+    one, one_state, n_one = run(False)
+    assert n_one == 0 and n_ahead > 0.5 * ahead_state[3]     # most batches ran ahead
+    assert ahead_state == one_state
+    assert ahead == one

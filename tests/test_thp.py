@@ -138,3 +138,39 @@ def test_page_table_state_follows_vma_split_and_merge():
     assert vma.pgtable.tolist() == [False, True, False]
     child = h.fork(p, "b")
     assert child.mm.vmas[0].pgtable.tolist() == [False, True, False]
+
+
+def test_zero_remap_in_one_go_equals_page_by_page():
+    """The split's zero-page remapping of the common case (every zero-filled page mapped once,
+    in one VMA) done at once leaves what the page-by-page walk leaves: PTEs, counts, page-table
+    generations, the free list's order (which frames the next allocations get); a forked
+    folio (pages mapped twice) goes page by page."""
+    import pytest
+    from vmhost.mm import thp
+    orig = thp._zero_remap_at_once
+
+    def run(at_once: bool, fork: bool):
+        taken = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(thp, "_zero_remap_at_once", lambda host, zeroed: taken.append(
+                orig(host, zeroed) if at_once else False) or taken[-1])
+            h = thp_host()
+            p = h.spawn("a")
+            vma = p.mm.mmap(2 * HPAGE_PAGES, thp=True, at=0x10000)
+            p.mm.write(vma.start, ids(*([5, 0, 6, 0, 0, 7] * 40)))
+            p.mm.write(vma.start + HPAGE_PAGES, ids(8))
+            if fork:
+                h.fork(p, "child")
+            before = invariants.views(h)
+            split_huge_page(h, int(vma.pte[0]))
+            invariants.check(h, before)
+        new = p.mm.mmap(HPAGE_PAGES, thp=False, at=0x90000)
+        p.mm.write(new.start, ids(*range(1, 301)))          # takes frames off the free list
+        return taken, (vma.pte.tolist(), vma.ptef.tolist(), new.pte.tolist(),
+                       int(h.pt_epoch[p.mm.id]), int(h.changes[0]), p.mm.rss_anon,
+                       h.frames.refcount.tolist(), h.used_pages())
+
+    taken, at_once = run(True, False)
+    assert taken == [True] and at_once == run(False, False)[1]
+    taken, forked = run(True, True)
+    assert taken == [False] and forked == run(False, True)[1]

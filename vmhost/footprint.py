@@ -55,6 +55,7 @@ class Footprint:
     mapped_pages: int         # guest pages with a PTE
     scanned_pages: int        # pages in MADV_MERGEABLE areas (an rmap_item each, at most)
     merged_fraction: float = 0.5   # pages expected to become KSM pages' mappings
+    other_bytes: int = 0           # the caller's own per-page state (a study's guest models)
 
     def bytes(self) -> int:
         pool = 1.5                                   # a pool growing by doubling
@@ -62,11 +63,12 @@ class Footprint:
         per_node = _node_bytes() * pool
         nodes = self.scanned_pages * self.merged_fraction / 2     # >= 2 mappings per KSM page
         return int(BASE_BYTES + self.host_pages * _frame_bytes() + self.mapped_pages * _pte_bytes()
-                   + self.scanned_pages * per_item + nodes * per_node)
+                   + self.scanned_pages * per_item + nodes * per_node + self.other_bytes)
 
     def scaled(self, resolution: int) -> "Footprint":
         return Footprint(-(-self.host_pages // resolution), -(-self.mapped_pages // resolution),
-                         -(-self.scanned_pages // resolution), self.merged_fraction)
+                         -(-self.scanned_pages // resolution), self.merged_fraction,
+                         -(-self.other_bytes // resolution))
 
 
 def available_bytes() -> int:

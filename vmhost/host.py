@@ -23,6 +23,7 @@ from vmhost.mm.fork import exit_mm, fork_mm
 from vmhost.mm.frames import FrameTable
 from vmhost.mm.hooks import KsmHooks
 from vmhost.mm.hotplug import MemoryHotplug
+from vmhost.mm.khugepaged import Khugepaged
 from vmhost.mm.mm import MM
 from vmhost.mm.oom import OomKiller
 from vmhost.mm.reclaim import Reclaim
@@ -68,6 +69,7 @@ class Host:
         self.reclaim = Reclaim(self)
         self.oom = OomKiller(self)
         self.hotplug = MemoryHotplug(self)
+        self.khugepaged = Khugepaged(self)         # re-collapses PTE-mapped 2 MiB ranges
 
     # -- processes ------------------------------------------------------------------------
     def _new_pid(self) -> int:
@@ -91,6 +93,8 @@ class Host:
         child = Process(pid, name or parent.name, fork_mm(self, parent.mm, pid), parent=parent,
                         oom_score_adj=parent.oom_score_adj)
         self.processes[pid] = child
+        if any(m is parent.mm for m in self.khugepaged.slots):
+            self.khugepaged.enter(child.mm)        # khugepaged_fork
         return child
 
     def exit(self, proc: Process) -> None:

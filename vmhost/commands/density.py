@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+from vmhost.commands.common import whole_number
 
 
 # shown at once on the progress line: an install built on this machine carries the compiled
@@ -29,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--resolutions", metavar="N,N,...",
                    help="resolution invariance: run the config at each 1/N and compare every headline "
                         "figure with the finest (see vmhost/density/invariance.py); exit 1 if one disagrees")
+    p.add_argument("--workers", type=whole_number, metavar="N",
+                   help="processes for the searches that can run side by side: the resolutions "
+                        "of --resolutions, the searches for the largest pages_to_scan within the "
+                        "ksmd CPU limit (default: the CPU count; 1: one after the other)")
     p.set_defaults(func=_run)
 
 
@@ -40,9 +47,14 @@ def _run(args: argparse.Namespace) -> int:
     from vmhost.progress import Progress
     from hw.units import PAGES_PER_GIB
     from vmhost.reports.files import dumps_json
+    if args.workers is not None and args.workers < 1:
+        from vmhost.errors import InputError
+        raise InputError(f"density: --workers must be at least 1 (got {args.workers})")
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
         return _invariance(args, cfg)
+    from vmhost.density.search import DensitySearch
+    DensitySearch(cfg).check_fits()        # a study too big for this machine: refused before any output
     wall0 = time.perf_counter()
     with Progress(len(cfg.sequence), "density", quiet=args.quiet or args.json,
                   start=START_NOTE) as bar:
@@ -50,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
             verdict = "ok" if step["ok"] else "FAIL: " + "; ".join(step["violations"])
             bar.advance(step["booted"], f"{step['guests']} guests ({step['image']}): saved "
                                         f"{step['saved_pages']} pages, {step['full_scans']} scans, {verdict}")
-        result = DensityRunner(cfg, progress=progress).run()
+        result = DensityRunner(cfg, progress=progress, workers=args.workers or os.cpu_count() or 1).run()
     wall = time.perf_counter() - wall0
     if args.bench:
         result["bench"] = {"wall_s": round(wall, 3), "resolution": cfg.resolution,
@@ -81,12 +93,13 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
         raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of whole numbers") from None
     if not rs or any(r < 1 for r in rs):
         raise InputError(f"density: --resolutions: {args.resolutions!r} is not a list of positive numbers")
+    from vmhost.density.search import DensitySearch
     for r in rs:
-        at_resolution(cfg, r)              # refuse a resolution before running any
+        DensitySearch(at_resolution(cfg, r)).check_fits()     # refuse a resolution before running any
 
     def progress(r, run):
         if not (args.quiet or args.json):
             print(f"density: 1/{r} done ({run['wall_s']:.1f} s)", file=sys.stderr)
-    out = check(cfg, rs, progress)
+    out = check(cfg, rs, progress, workers=args.workers)
     print(dumps_json(out, compact=True) if args.json else format_check(out))
     return 0 if out["ok"] else 1

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+
 from hw.units import PAGE_SIZE, PAGES_PER_MIB
 from vmhost.density.config import DensityConfig
 from vmhost.density.result import build_result
@@ -28,17 +30,20 @@ from vmhost.density.stepper import HostStepper, StepResult
 
 STRIDE_FROM, STRIDE_MAX = 8, 16
 MAX_CPU_TRIES = 6            # searches spent finding the largest pages_to_scan within the CPU limit
+# a guest's model per page: its content id, class and boot-touched flag, and the frames written
+GUEST_MODEL_BYTES = np.dtype(np.uint64).itemsize + np.dtype(np.int8).itemsize + 2 * np.dtype(np.bool_).itemsize
 EDGE = 0.01                  # a limit broken by less than this: the count is at the edge (``at_edge``)
 
 
 class DensitySearch:
     """The search over ``cfg.sequence``; ``run()`` returns the result document."""
 
-    def __init__(self, cfg: DensityConfig, quiet: bool = True, progress=None):
+    def __init__(self, cfg: DensityConfig, quiet: bool = True, progress=None, workers: int = 1):
         self.cfg = cfg
         self.progress = progress
         self.stepper = HostStepper(cfg, cfg.mix)
         self.r = cfg.resolution
+        self.workers = workers          # processes for the CPU limit's searches (see _cpu_suggestion)
 
     # the simulated host, for callers that look inside a finished search
     host = property(lambda self: self.stepper.host)
@@ -92,7 +97,12 @@ class DensitySearch:
         full scan visits if fewer), checked by searching again with it (lowered again from
         that search's failing step while it breaks the limit), then raised by bisection
         towards the smallest value known to break it, until the two are within 10%: at most
-        MAX_CPU_TRIES searches in all."""
+        MAX_CPU_TRIES searches in all.
+
+        With ``workers`` > 1 the search the next step would run if this one meets the limit
+        (its pages_to_scan is known in advance: the bisection's upper end does not move) runs
+        at the same time in another process (multiprocessing); a search is a function of its
+        pages_to_scan, so the answer is the one of one search after the other."""
         from vmhost.density.scale import full_scale_scan_knobs
         cfg, lim = self.cfg, self.cfg.ksmd_cpu
         configured = full_scale_scan_knobs(cfg.host)["pages_to_scan"]
@@ -102,12 +112,14 @@ class DensitySearch:
                "vms_ksm_configured": res["vms_per_host"]["ksm"], "tries": []}
         good, bad = None, (pts, failed)
         tries = 0
+        probes = _Probes(self, self.workers)
 
         def scan_pages(step):
             return sum(cfg.mix[i].memory_mib * PAGES_PER_MIB for i in cfg.sequence[:step["guests"]]
                        if not cfg.mix[i].nosharepages)
 
-        while tries < MAX_CPU_TRIES:
+        def next_try(good, bad):
+            """The next pages_to_scan to search with (None: done), and ``bad`` as it stands."""
             # a batch ends at a full scan: pages_to_scan beyond the pages registered does nothing
             bad = (min(bad[0], scan_pages(bad[1]) + 1), bad[1])
             if good is None:
@@ -116,15 +128,21 @@ class DensitySearch:
                 target = 0.99 * lim
                 new = int(bp * (target / (1 - target)) / (share / (1 - share)))
                 new = min(max(new, 1), bp - 1)
-                if new >= bp:
-                    break
-            else:
-                # the largest that meets it: bisect (geometrically) between good and bad
-                if bad[0] <= good[0] * 1.1:
-                    break
-                new = int(round((good[0] * bad[0]) ** 0.5))
+                return (None if new >= bp else new), bad
+            # the largest that meets it: bisect (geometrically) between good and bad
+            if bad[0] <= good[0] * 1.1:
+                return None, bad
+            return int(round((good[0] * bad[0]) ** 0.5)), bad
+
+        while tries < MAX_CPU_TRIES:
+            new, bad = next_try(good, bad)
+            if new is None:
+                break
             tries += 1
-            again = DensitySearch(self._with_pages_to_scan(new))._search()
+            probes.ahead(new)
+            if tries < MAX_CPU_TRIES:
+                probes.ahead(next_try((new, None), bad)[0])     # the next one if this one meets it
+            again = probes.result(new)
             out["tries"].append({"pages_to_scan": new, "vms_ksm": again["vms_per_host"]["ksm"],
                                  "limited_by": again["limited_by"]})
             f = again["failed_step"]
@@ -134,6 +152,7 @@ class DensitySearch:
                 bad = (new, f)
                 if new <= 1:
                     break
+        probes.close()
         if good is None:
             out.update(pages_to_scan=None, vms_ksm=None)
             return out
@@ -153,15 +172,38 @@ class DensitySearch:
         cfg.host.ksm = [("pages_to_scan", str(pts))] + knobs
         return cfg
 
+    def footprint(self):
+        """The simulation's memory at most (``vmhost.footprint``): the host's frames and every
+        guest of the boot sequence booted (the most the search can boot), at the resolution;
+        twice that when the search steps several guests at a time (it keeps a snapshot, a
+        copy of the whole simulation, from before each such step)."""
+        from vmhost.footprint import Footprint
+        cfg = self.cfg
+        host = sum(n.mem_bytes for n in cfg.host.topology.nodes) // PAGE_SIZE
+        guests = [cfg.mix[i] for i in cfg.sequence]
+        mapped = sum(e.memory_mib * PAGES_PER_MIB for e in guests)
+        scanned = sum(e.memory_mib * PAGES_PER_MIB for e in guests if not e.nosharepages)
+        copies = 2 if any(self._stride(n) > 1 for n in range(len(guests))) else 1
+        return Footprint(copies * host, copies * mapped, copies * scanned,
+                         other_bytes=copies * mapped * GUEST_MODEL_BYTES).scaled(self.r)
+
+    def check_fits(self) -> None:
+        """Refuse (one line: InputError) a search whose simulation would not fit in this
+        machine's memory, with the estimate and a resolution that would."""
+        from vmhost.footprint import check_fits
+        check_fits(self.footprint(), f"density {self.cfg.path}", self.r)
+
     def _search(self) -> dict:
         wall0 = time.perf_counter()
         cfg, st = self.cfg, self.stepper
+        self.check_fits()
         st.build()
         steps: list[dict] = []
         failed_at: dict | None = None
         n = 0
         while n < len(cfg.sequence) and failed_at is None:
             stride = min(self._stride(n), len(cfg.sequence) - n)
+            snapshot = None               # the last one goes first: two copies at most
             snapshot = st.snapshot() if stride > 1 else None
             step = self.boot_step(n, stride)
             if step["ok"] or stride == 1:
@@ -265,3 +307,40 @@ class DensitySearch:
             v.append(f"guest pages {step['held_pages']} (RAM {step['used_pages']} + swap "
                      f"{step['swapped_pages']}) > capacity {cap}")
         return v
+
+
+def _search_with(cfg: DensityConfig) -> dict:
+    return DensitySearch(cfg)._search()
+
+
+class _Probes:
+    """The CPU limit's searches by pages_to_scan: run here, or with ``workers`` > 1 in a
+    process pool (multiprocessing), where searches asked for ahead run meanwhile and the ones
+    nobody needs are ended with the pool."""
+
+    def __init__(self, search: DensitySearch, workers: int):
+        self.search = search
+        self.pool = None
+        if workers > 1:
+            from vmhost.footprint import available_bytes
+            if 2 * search.footprint().bytes() <= available_bytes():      # two searches at once
+                import multiprocessing
+                self.pool = multiprocessing.get_context("fork").Pool(min(workers, 2))
+        self.running: dict[int, object] = {}
+
+    def ahead(self, pts: int | None) -> None:
+        if self.pool is not None and pts is not None and pts not in self.running:
+            self.running[pts] = self.pool.apply_async(
+                _search_with, (self.search._with_pages_to_scan(pts),))
+
+    def result(self, pts: int) -> dict:
+        if self.pool is None:
+            return DensitySearch(self.search._with_pages_to_scan(pts))._search()
+        self.ahead(pts)
+        return self.running.pop(pts).get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None

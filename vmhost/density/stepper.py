@@ -75,6 +75,7 @@ class StepResult:
     swapped_pages: int
     cpu_s_per_gib_saved: float | None
     booted: int = 1                # guests booted by this step
+    thp_collapse_alloc: int = 0    # huge pages khugepaged collapsed during the step (full scale)
     min_watermark_pages: int = field(default=0, repr=False)     # not part of the record
 
     def as_dict(self) -> dict:
@@ -259,7 +260,7 @@ class HostStepper:
         limit_ns = clock.now + 4 * deadline_scans * self._scan_time_estimate() + 10 * 1_000_000_000
         while out["scans"] < deadline_scans:
             target = ksm.seqnr + 1
-            ok = clock.run_while(lambda: ksm.seqnr < target, limit=limit_ns)
+            ok = clock.run_while(lambda: ksm.seqnr < target, limit=limit_ns, fast_forward=True)
             if not ok:
                 out["settled_by"] = "time bound"
                 break
@@ -287,6 +288,7 @@ class HostStepper:
     def _mark(self) -> tuple:
         """What a step is measured from: time, ksmd CPU, savings, OOM kills, swap-ins."""
         host = self.host
+        self._collapses0 = host.vmstat["thp_collapse_alloc"]
         return (host.clock.now, (self._cpu(), self.ksmd.cpu_ns), self.saved(), len(host.oom.kills),
                 host.vmstat["pswpin"], host.vmstat["pswpout"])
 
@@ -348,6 +350,7 @@ class HostStepper:
             swapped_pages=int(host.swap.total_pages - host.swap.free_pages) * r,
             cpu_s_per_gib_saved=round(cpu_total / gib_saved, 6) if gib_saved > 0 else None,
             min_watermark_pages=sum(w.min for w in host.allocator.watermarks) * r,
+            thp_collapse_alloc=(host.vmstat["thp_collapse_alloc"] - self._collapses0) * r,
         )
 
     def _keep_timeline(self, n: int) -> None:

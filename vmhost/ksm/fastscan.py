@@ -1108,3 +1108,47 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         processed += 1
         i += 1
     return i, processed, RUN_END, NIL
+
+
+# ksmd's pacing for scan_ahead: int64 and float64 arrays (``vmhost.ksm.ksmd`` fills them)
+(PACE_NOW, PACE_HORIZON, PACE_SLEEP_NS, PACE_DONE, PACE_CAND_GEN, PACE_BATCHES, PACE_CPU_NS,
+ N_PACE_I) = range(8)
+(PACE_BEFORE_NS, PACE_THP_NS, PACE_PAGE_NS, PACE_BATCH_NS, N_PACE_F) = range(5)
+
+
+@njit(cache=True, nogil=True)
+def scan_ahead(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, cursor,
+               vma_locked, vma_anon_vma, pace_i, pace_f, cost_w, pt_epoch):
+    """``scan_run`` for the rest of ksmd's batch (``pace_i[PACE_DONE]`` pages of it done);
+    then, while a batch ends inside this VMA with its budget spent and ksmd's next wake-up
+    (now + the batch's CPU time, as ``Ksmd`` charges it, + the sleep) falls before the clock's
+    horizon, the next batch at once. Every batch sees its own wake-up time (``P_NOW``).
+    ``pace_i`` gets the whole batches run ahead (count, CPU time) and the wake-up time of the
+    last one, the one returned (as scan_run returns it) for ksmd to finish and charge; a pool
+    or table that must grow first ends the run ahead, as a full scan's end does (it is Python's),
+    and so does a change of the mm's page tables (``pt_epoch``, the host's) since ``cand``
+    was listed (``PACE_CAND_GEN``: the next batch would list the candidates again)."""
+    work = S.work
+    done0 = pace_i[PACE_DONE]
+    while True:
+        i, n, code, item = scan_run(F, IT, ND, S, V, cand, i, budget - done0, vma_start, pte,
+                                    ptef, mm_id, cursor, vma_locked, vma_anon_vma)
+        if code != RUN_BUDGET:
+            return i, n, code, item
+        wn = 0.0                    # the sum Ksmd._work_ns takes, in its order
+        for j in range(cost_w.shape[0]):
+            wn += work[j] * cost_w[j]
+        wn += pace_f[PACE_THP_NS]
+        cost = np.int64(wn - pace_f[PACE_BEFORE_NS] + (done0 + n) * pace_f[PACE_PAGE_NS]
+                        + pace_f[PACE_BATCH_NS])
+        when = pace_i[PACE_NOW] + cost + pace_i[PACE_SLEEP_NS]
+        if (when >= pace_i[PACE_HORIZON] or pt_epoch[mm_id] != pace_i[PACE_CAND_GEN]
+                or ND.free_top[0] == 0
+                or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]):
+            return i, n, code, item
+        pace_i[PACE_BATCHES] += 1
+        pace_i[PACE_CPU_NS] += cost
+        pace_i[PACE_NOW] = when
+        pace_f[PACE_BEFORE_NS] = wn
+        S.params[P_NOW] = when
+        done0 = 0

@@ -23,6 +23,14 @@ mostly cache misses), ``merges`` (try_to_merge_one_page), ``thp_splits``,
 (ksmd's schedstat per full pass against the emulator's work on the same pass),
 ``vmhost bench ksm --calibrate`` from stepped single-pass workloads.
 
+**Running ahead.** Between two other events on the clock (a guest's writes, a sample, a
+policy's wake-up), ksmd's batches follow each other with nothing else in between, so ksmd runs
+the next batch at once instead of through the event heap when its wake-up falls before the
+clock's horizon, and the compiled scan runs whole batches inside one VMA back to back
+(``fastscan.scan_ahead``, with the same per-batch CPU charge and wake-up times). It never runs
+past the end of a full scan (conditions on full_scans are checked there). The results are
+those of one event per batch.
+
 The scan-time advisor (advisor_mode=scan-time) retunes pages_to_scan at the
 end of every full scan from the scan time and ksmd's CPU share, as 6.8 does.
 """
@@ -33,7 +41,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vmhost.clock import NS_PER_MS, Clock, Event
+from vmhost.ksm import fastscan
+from vmhost.ksm.counters import WORK_NAMES
 
 if TYPE_CHECKING:
     from vmhost.ksm.engine import Ksm
@@ -45,7 +57,50 @@ EWMA_WEIGHT = 30
 ADVISOR_MIN_CPU = 10
 
 
+class Pace:
+    """ksmd's side of ``fastscan.scan_ahead``: the clock, the sleep and the CPU charge of a
+    batch; what the compiled scan ran ahead is charged to ksmd at once (the advisor reads it
+    at a full scan's end)."""
+
+    def __init__(self, ksmd: "Ksmd"):
+        self.ksmd = ksmd
+        self.ksm = ksmd.ksm
+        self.i = np.zeros(fastscan.N_PACE_I, dtype=np.int64)
+        self.f = np.zeros(fastscan.N_PACE_F, dtype=np.float64)
+        self.before = 0.0           # Ksmd._work_ns() when the current batch started
+        self.batches = 0            # whole batches run ahead during the current tick's batch
+
+    def arrays(self, clock: Clock, done: int, cand_gen: int):
+        i, f = self.i, self.f
+        i[fastscan.PACE_CAND_GEN] = cand_gen
+        i[fastscan.PACE_NOW] = clock.now
+        i[fastscan.PACE_HORIZON] = clock.horizon()
+        i[fastscan.PACE_SLEEP_NS] = self.ksm.knobs.sleep_millisecs * NS_PER_MS
+        i[fastscan.PACE_DONE] = done
+        i[fastscan.PACE_BATCHES] = 0
+        i[fastscan.PACE_CPU_NS] = 0
+        f[fastscan.PACE_BEFORE_NS] = self.before
+        f[fastscan.PACE_THP_NS] = self.ksm.host.vmstat["thp_split_page"] * COST_NS.get("thp_splits", 0)
+        f[fastscan.PACE_PAGE_NS] = COST_NS["pages"]
+        f[fastscan.PACE_BATCH_NS] = COST_NS.get("batches", 0)
+        return i, f, np.array([COST_NS.get(k, 0) for k in WORK_NAMES], dtype=np.float64)
+
+    def ran_ahead(self, clock: Clock) -> None:
+        """Take over what the compiled scan ran ahead; the clock moves to the wake-up of the
+        batch it returned."""
+        n = int(self.i[fastscan.PACE_BATCHES])
+        if n:
+            self.batches += n
+            self.ksmd.batches += n
+            self.ksmd.batches_ahead += n
+            self.ksmd.cpu_ns += int(self.i[fastscan.PACE_CPU_NS])
+            self.before = float(self.f[fastscan.PACE_BEFORE_NS])
+            clock.advance(int(self.i[fastscan.PACE_NOW]))
+
+
 class Ksmd:
+    run_ahead = True                          # False: one clock event per batch (the reference)
+
     def __init__(self, ksm: "Ksm", clock: Clock):
         self.ksm = ksm
         self.clock = clock
@@ -54,6 +109,8 @@ class Ksmd:
         self._event: Event | None = None      # the end of the timed sleep, or a wake-up now
         self._slept_ms: int | None = None     # sleep_millisecs the pending timed sleep was taken with
         self._advisor = {"start": 0, "scan_time": 0, "change": 0, "cpu_ns": 0}
+        self._pace = Pace(self)
+        self.batches_ahead = 0                # batches run at once, without a clock event
         ksm.wakeup = self.wake
         ksm.on_scan_start = self._advisor_start
         ksm.on_scan_end = self._advisor_stop
@@ -83,18 +140,27 @@ class Ksmd:
     def _tick(self) -> None:
         self._event = None
         self._slept_ms = None
-        ksm = self.ksm
-        if not ksm.should_run():
-            return                            # wait to be woken
-        before = self._work_ns()
-        done = ksm.do_scan(ksm.knobs.pages_to_scan)
-        cost = int(self._work_ns() - before + done * COST_NS["pages"] + COST_NS.get("batches", 0))
-        self.cpu_ns += cost
-        self.batches += 1
-        if ksm.should_run():
-            self._slept_ms = ksm.knobs.sleep_millisecs
-            self._event = self.clock.at(self.clock.now + cost + self._slept_ms * NS_PER_MS,
-                                        self._tick)
+        ksm, clock, pace = self.ksm, self.clock, self._pace
+        while ksm.should_run():               # else wait to be woken
+            seqnr = ksm.seqnr
+            pace.before = self._work_ns()
+            pace.batches = 0
+            done = ksm.do_scan(ksm.knobs.pages_to_scan, pace if self.run_ahead else None)
+            cost = int(self._work_ns() - pace.before + done * COST_NS["pages"]
+                       + COST_NS.get("batches", 0))
+            self.cpu_ns += cost
+            self.batches += 1
+            if not ksm.should_run():
+                return
+            sleep_ms = ksm.knobs.sleep_millisecs
+            when = clock.now + cost + sleep_ms * NS_PER_MS
+            if self.run_ahead and ksm.seqnr == seqnr and when < clock.horizon():
+                clock.advance(when)           # nothing else happens before: the next batch now
+                self.batches_ahead += 1
+                continue
+            self._slept_ms = sleep_ms
+            self._event = clock.at(when, self._tick)
+            return
 
     def _work_ns(self) -> float:
         return (sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())
@@ -104,7 +170,7 @@ class Ksmd:
         """Let ksmd run until ``count`` more full scans completed or it went idle."""
         target = self.ksm.seqnr + count
         self.wake()
-        self.clock.run_while(lambda: self.ksm.seqnr < target)
+        self.clock.run_while(lambda: self.ksm.seqnr < target, fast_forward=True)
         return self.ksm.seqnr - (target - count)
 
     # -- the scan-time advisor ----------------------------------------------------------------

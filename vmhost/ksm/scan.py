@@ -158,8 +158,11 @@ class ScanMixin:
             self.on_scan_end()
             self.seqnr += 1
 
-    def do_scan(self, budget: int) -> int:
-        """ksm_do_scan: process up to ``budget`` pages; a full-scan end also ends the batch."""
+    def do_scan(self, budget: int, pace=None) -> int:
+        """ksm_do_scan: process up to ``budget`` pages; a full-scan end also ends the batch.
+
+        ``pace`` (ksmd's, ``vmhost.ksm.ksmd.Pace``): the compiled loop may run ksmd's next
+        batches at once (``fastscan.scan_ahead``); the pages returned are then the last batch's."""
         done = 0
         while done < budget:
             if self.cursor is None:
@@ -179,8 +182,9 @@ class ScanMixin:
                 stage = self.STAGE_FRESH
                 item = NIL
                 if self.fast:
-                    i, n, code, item = self._run_compiled(slot, vma, cand, i, budget - done)
-                    done += n
+                    ahead = pace.batches if pace is not None else 0
+                    i, n, code, item = self._run_compiled(slot, vma, cand, i, budget, done, pace)
+                    done = n if pace is not None and pace.batches != ahead else done + n
                     if code in (fastscan.RUN_END, fastscan.RUN_BUDGET):
                         break
                     stage = self._BAIL_STAGE[code]
@@ -234,7 +238,8 @@ class ScanMixin:
         p[fastscan.P_CHAINS] = int(self.profile.ksm_stable_node_chains)
         return p
 
-    def _run_compiled(self, slot: MmSlot, vma: Vma, cand: np.ndarray, i: int, budget: int):
+    def _run_compiled(self, slot: MmSlot, vma: Vma, cand: np.ndarray, i: int, budget: int,
+                      done: int = 0, pace=None):
         items, host = self.items, self.host
         cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
         if self._uhashed and len(self._uh) < 2 * items.capacity:
@@ -250,11 +255,19 @@ class ScanMixin:
             self._scan_params(), self.c.a, self.work, host.mm_ksm, host.phys.block_node_array,
             self._uh, self._ulog, self._ulog_len, self._eff_chain,
             self._eff_found, self._eff_prune, self._freed, self._freed_n, self._av_delta)
-        i, n, code, item = fastscan.scan_run(
-            fastscan.frame_arrays(host.frames), fastscan.item_arrays(items),
-            fastscan.node_arrays(self.nodes, self.stable_index), state,
-            registry, cand, i, budget, vma.start, vma.pte, vma.ptef,
-            slot.mm.id, cursor, bool(vma.flags & VmFlags.LOCKED), vma.anon_vma.id)
+        groups = (fastscan.frame_arrays(host.frames), fastscan.item_arrays(items),
+                  fastscan.node_arrays(self.nodes, self.stable_index), state, registry)
+        args = (cand, i, budget - done, vma.start, vma.pte, vma.ptef, slot.mm.id, cursor,
+                bool(vma.flags & VmFlags.LOCKED), vma.anon_vma.id)
+        if pace is None:
+            i, n, code, item = fastscan.scan_run(*groups, *args)
+        else:
+            listed = self._cand_cache.get(id(vma))
+            gen = listed[0] if listed is not None and listed[1] is cand else -1
+            i, n, code, item = fastscan.scan_ahead(*groups, cand, i, budget, *args[3:],
+                                                   *pace.arrays(host.clock, done, gen),
+                                                   host.pt_epoch)
+            pace.ran_ahead(host.clock)
         slot.rmap_list, self.prev_item = int(cursor[0]), int(cursor[1])
         self.address = int(cursor[2])
         self._settle_compiled_merges(vma)

@@ -163,6 +163,7 @@ class MM:
         vma = Vma(self, at, at + pages, flags, pgoff=at if shmem is None else 0,
                   policy=policy, shmem=shmem)
         self.host.ksm.vma_created(vma)
+        self.host.khugepaged.enter_vma(vma)
         self._insert(vma)
         return self._merge_neighbours(vma)
 
@@ -300,6 +301,7 @@ class MM:
             return -errno.EAGAIN if rc == -errno.ENOMEM else rc   # madvise reports EAGAIN
         if advice == MADV_HUGEPAGE:
             vma.flags = (vma.flags | VmFlags.HUGEPAGE) & ~VmFlags.NOHUGEPAGE
+            self.host.khugepaged.enter_vma(vma)
             return 0
         if advice == MADV_NOHUGEPAGE:
             vma.flags = (vma.flags | VmFlags.NOHUGEPAGE) & ~VmFlags.HUGEPAGE

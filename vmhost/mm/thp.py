@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hw.units import HPAGE_PAGES
-from vmhost.mm.frames import PG_COMPOUND, PG_HEAD, PG_MLOCKED, PG_TAIL
+from vmhost.mm.frames import (PG_ANON, PG_COMPOUND, PG_DIRTY, PG_HEAD, PG_MLOCKED, PG_REFERENCED,
+                              PG_TAIL)
 from vmhost.mm.vma import (PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE, PTE_YOUNG, PTE_ZERO,
                            VmFlags, Vma)
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from vmhost.host import Host
 
 _COMPOUND_MASK = np.uint16(~PG_COMPOUND & 0xFFFF)
+_NOT_PLAIN = np.uint16(~(PG_ANON | PG_DIRTY | PG_REFERENCED) & 0xFFFF)   # a flag that changes how a page is put
 
 
 def thp_allowed(host: "Host", vma: Vma) -> bool:
@@ -70,8 +72,10 @@ def huge_zero_ranges(host: "Host", vma: Vma, offs: np.ndarray) -> np.ndarray:
     return (first >= 0) & (first + HPAGE_PAGES <= vma.pages) & ~vma.pgtable[vma.pmd_index(offs)]
 
 
-def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) -> None:
-    """Map a freshly allocated, zero-filled folio at offsets [start, start+512)."""
+def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int,
+             event: str | None = "thp_fault_alloc") -> None:
+    """Map a freshly allocated, zero-filled folio at offsets [start, start+512), counting
+    ``event`` in vmstat (a fault's; khugepaged counts its collapse itself)."""
     frames = host.frames
     pfns = np.arange(head, head + HPAGE_PAGES, dtype=np.int64)
     frames.init_anon(pfns, 0, anon_vma_id, vma.linear_index(np.arange(start, start + HPAGE_PAGES)))
@@ -84,7 +88,8 @@ def map_huge(host: "Host", vma: Vma, start: int, head: int, anon_vma_id: int) ->
     vma.ptef[start: start + HPAGE_PAGES] = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
     vma.mm.rss_anon += HPAGE_PAGES
     vma.mm.touch_ptes()
-    host.vmstat["thp_fault_alloc"] += 1
+    if event:
+        host.vmstat[event] += 1
 
 
 def head_of(pfn: int) -> int:
@@ -133,6 +138,50 @@ def _split_pmds(host: "Host", pfns: np.ndarray) -> None:
                 mark_pgtable(vma, hit)
 
 
+def _zero_remap_at_once(host: "Host", zeroed: np.ndarray) -> bool:
+    """The zero-page remapping of ``split_huge_page`` for the common case, in one go: every
+    zero-filled page mapped once, by its own reference only, in one unlocked VMA of its
+    anon_vma. The same PTEs, counts, page-table generations and free order as page by page
+    (returns False, having changed nothing, for any other case)."""
+    frames = host.frames
+    if len(zeroed) == 0:
+        return True
+    owner = frames.owner[zeroed]
+    if ((frames.mapcount[zeroed] != 1).any() or (frames.refcount[zeroed] != 1).any()
+            or (owner != owner[0]).any()
+            or (frames.flags[zeroed] & _NOT_PLAIN).any()
+            or not (frames.flags[zeroed] & PG_ANON).all()):
+        return False
+    index = frames.index[zeroed]
+    hit = None
+    for vma in host.anon_vmas[int(owner[0])].vmas:
+        offs = index - vma.pgoff
+        inside = (offs >= 0) & (offs < vma.pages)
+        if not inside.any():
+            continue
+        if hit is not None or not inside.all():
+            return False                       # more than one VMA to look at
+        maps = ((vma.pte[offs] == zeroed)
+                & ((vma.ptef[offs] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT))
+        if not maps.all() or vma.flags & VmFlags.LOCKED:
+            return False
+        hit = (vma, offs)
+    if hit is None:
+        return False
+    vma, offs = hit
+    k = len(zeroed)
+    vma.pte[offs] = -1
+    vma.ptef[offs] = PTE_PRESENT | PTE_ZERO
+    vma.mm.rss_anon -= k
+    host.pt_epoch[vma.mm.id] += k              # touch_ptes once per page, as page by page
+    host.changes[0] += k
+    frames.mapcount[zeroed] = 0
+    frames.refcount[zeroed] = 0
+    frames.clear(zeroed)
+    host.allocator.free_in_order(zeroed)
+    return True
+
+
 def split_huge_page(host: "Host", pfn: int) -> None:
     """Split the folio holding ``pfn`` into 512 ordinary pages (split_huge_page).
 
@@ -154,6 +203,8 @@ def split_huge_page(host: "Host", pfn: int) -> None:
         host.allocator.free(unmapped)
     zeroed = pfns[(frames.content[pfns] == 0) & (frames.mapcount[pfns] > 0)
                   & ((frames.flags[pfns] & PG_MLOCKED) == 0)]
+    if _zero_remap_at_once(host, zeroed):
+        return
     for z in zeroed:
         for vma, off in mappings(host, int(z)):
             if vma.flags & VmFlags.LOCKED:

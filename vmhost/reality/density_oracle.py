@@ -15,9 +15,12 @@ process on this kernel:
   ``nosharepages``) and runs its image's steady write model in real time, every
   ``write_period``.
 * **When a step starts.** The emulator boots a step's guests right after the full scan that
-  ended the previous step, so their first pass is the next one: the oracle fills the new
-  guests first (unregistered, so ksmd does not see them yet), waits for ``full_scans`` to move
-  and registers them at once (the kernel inserts a new mm_slot just behind ksmd's cursor).
+  ended the previous step, so their first pass is the next one: the oracle pauses ksmd
+  (``run`` 0) as soon as it sees the full scan that ends a step, fills the next guests
+  (seconds of real time), registers them (the kernel inserts a new mm_slot just behind ksmd's
+  cursor) and lets ksmd go on (``run`` 1). Without the pause ksmd would run extra passes over
+  the older guests during the fill; with smart scan each pass moves every skipped page's skip
+  cycle, and the next guest met the older guests' pages one pass off the emulator's.
 * **Steady state** is the emulator's rule: ``pages_shared``, ``pages_sharing`` and
   ``ksm_zero_pages`` moved by at most ``tolerance`` x the step's new pages over the last
   ``settle.scans`` full scans (no verdict before ``scans + 1`` scans), at most ``max_scans``;
@@ -50,10 +53,11 @@ spread ((max - min) / mean) and the emulator's error, against the tolerances: pa
 steady state 2%, time to 50% and 90% of the step's savings 15% or one full scan, ksmd's CPU
 share 10%, used memory 1%. Saved runs compare with ``python -m vmhost.reality.density_oracle
 --table EMULATOR.json KERNEL.json...``. The bundled comparisons: ``configs/oracle/density-small.yaml``
-(2 GiB, CI) and ``configs/oracle/density-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each). They run with
-``smart_scan: 0``: with 6.18's smart scan a page that did not merge is skipped for up to 8 passes,
-so the 2-scan settle window ends at a point that moves from run to run (the kernel spread 5-8%
-there); with every page visited every pass, the kernel repeats itself exactly.
+(2 GiB, CI) and ``configs/oracle/density-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each) with
+``smart_scan: 0`` (every page visited every pass: the kernel repeats itself exactly), and
+``configs/oracle/density-{vdi-12g,tenants-10g,jvm-10g}.yaml`` (10-12 GiB) at 6.18's default
+``smart_scan: 1``: a page that did not merge is skipped for up to 8 passes, so where the 2-scan
+settle window ends depends on where the skip cycles stand (README, Real density).
 
 Safety. It refuses, with one line and exit 2, when not root, when another process uses KSM or
 holds the oracle lock too long (``exclusive_kernel_ksm``), and when the guests' memory (touched
@@ -95,7 +99,6 @@ WORDS = PAGE_SIZE // 8
 SAFE_FRACTION = 0.6             # of MemAvailable: the most the guests may take
 GUEST_OVERHEAD_BYTES = 64 << 20  # a guest process's own interpreter, numpy, content arrays
 POLL_S = 0.004                  # counter polling period
-BOUNDARY_POLL_S = 0.001         # while waiting for a full scan to end
 REPLY_TIMEOUT_S = 300.0
 KSMD_NICE = -20                 # during a run (the kernel starts ksmd at 5): see the docstring
 TIMELINE_POINTS_PER_STEP = 64
@@ -301,6 +304,20 @@ def _cow_ksm() -> int:
     return read_vmstat("cow_ksm").get("cow_ksm", 0)
 
 
+KHUGEPAGED_DIR = Path("/sys/kernel/mm/transparent_hugepage/khugepaged")
+KHUGEPAGED_VMSTAT = ("thp_collapse_alloc", "thp_collapse_alloc_failed", "thp_split_page")
+
+
+def _khugepaged() -> dict[str, int]:
+    """khugepaged's counters (machine-wide: full_scans, pages_collapsed) and its /proc/vmstat
+    events, to tell how much of a step khugepaged re-collapsed."""
+    out = {f: int((KHUGEPAGED_DIR / f).read_text()) for f in ("full_scans", "pages_collapsed")
+           if (KHUGEPAGED_DIR / f).exists()}
+    vm = read_vmstat(*KHUGEPAGED_VMSTAT)
+    out.update({f: vm.get(f, 0) for f in KHUGEPAGED_VMSTAT})
+    return out
+
+
 # ==============================================================================================
 # the plan: what the emulator would boot
 
@@ -420,6 +437,15 @@ class _Driver:
         self.expected = {k: read_knob(k) for k in list(knobs) + ["run"]}
         return str(run) == "1"
 
+    def set_run(self, value: str) -> None:
+        """Pause (0) or resume (1) ksmd between steps: filling the next guests takes seconds of
+        real time, in which ksmd would run passes the emulator's boot sequence does not have
+        (with smart scan, passes that move every skipped page's skip cycle)."""
+        err = write_knob("run", value)
+        if err:
+            raise OracleError(f"KSM refused run={value} ({err})")
+        self.expected["run"] = value
+
     def check_interference(self) -> None:
         """Every oracle user takes the lock, but a stray write (run=2 unmerges everything)
         would silently spoil the measurement: the knobs set at the start must still hold."""
@@ -451,15 +477,6 @@ class _Driver:
     def saved(c: dict) -> int:
         return c["pages_sharing"] + c["ksm_zero_pages"]
 
-    def wait_boundary(self, limit_s: float = 600.0) -> None:
-        """Until full_scans moves (ksmd just ended a pass): a new mm then gets the next pass."""
-        start = int(read_knob("full_scans"))
-        end = time.monotonic() + limit_s
-        while int(read_knob("full_scans")) == start:
-            if time.monotonic() > end:
-                raise OracleError("ksmd did not finish a full scan in time")
-            time.sleep(BOUNDARY_POLL_S)
-
     # -- one step --------------------------------------------------------------------------------
     def run(self) -> dict:
         running = self.set_knobs()
@@ -485,12 +502,14 @@ class _Driver:
             booted.append(g)
         for g in booted:
             g.info = g.reply()
-        if running and n > 0:
-            self.wait_boundary()
+        paused = running and n > 0            # ksmd was paused at the previous step's last boundary
         self.check_interference()
         t0, c0, cpu0, wait0, cow0 = self.sample()
+        self._khp0 = _khugepaged()
         for g in booted:
             g.call("register")
+        if paused:
+            self.set_run("1")
         new_pages = sum(g.info["pages"] for g in booted)
         samples = [(t0, self.saved(c0), cpu0)]
         hist = [(t0, c0, cpu0, cow0, wait0)]
@@ -536,6 +555,8 @@ class _Driver:
                 st["settled_by"] = f"max_scans ({cfg.max_scans})"
             kk = min(k, len(hist) - 1)
             window = hist[-1 - kk] if kk > 0 else hist[-1]
+            if n + count < len(self.specs):
+                self.set_run("0")             # the next guests register before ksmd goes on
         t1, c1, cpu1, wait1, cow1 = self.sample()
         self.check_interference()
         samples.append((t1, self.saved(c1), cpu1))
@@ -602,7 +623,8 @@ class _Driver:
                        "resident_pages": resident, "anon_huge_pages": huge, "full_scan_s": scan_s,
                        "pages_volatile": c1["pages_volatile"],
                        "stable_node_chains": c1["stable_node_chains"],
-                       "stable_node_dups": c1["stable_node_dups"], "procs": procs},
+                       "stable_node_dups": c1["stable_node_dups"], "procs": procs,
+                       "khugepaged": {k: v - self._khp0.get(k, 0) for k, v in _khugepaged().items()}},
         }
         gib = saved / PAGES_PER_GIB
         step["cpu_s_per_gib_saved"] = round(step["ksmd_cpu_s_total"] / gib, 6) if gib > 0 else None
@@ -620,6 +642,7 @@ class _Driver:
         head = _headroom_pages(cfg)
         if head is not None and step["free_pages"] < head:
             v.append(f"free memory {step['free_pages']} pages < headroom {head}")
+        step["thp_collapse_alloc"] = step["kernel"]["khugepaged"].get("thp_collapse_alloc", 0)
         step["held_pages"] = used              # guest pages in RAM or swap (no swap here)
         step["violations"] = v
         step["ok"] = not v
@@ -887,6 +910,10 @@ def compare(emulator: dict, kernels: list[dict]) -> dict:
                 ok = abs(e) <= TOLERANCES["time"] or (scan is not None and abs(ev - km) <= scan)
             row[p] = {"emulator": ev, "kernel": km, "spread": _spread(kv), "err": e, "ok": ok}
         row["full_scan_s"] = scan
+        # huge pages khugepaged collapsed in the step (the kernel's count is machine-wide)
+        row["thp_collapse_alloc"] = {"emulator": es.get("thp_collapse_alloc"),
+                                     "kernel": _mean([k.get("kernel", {}).get("khugepaged", {}).get("thp_collapse_alloc")
+                                                        for k in ks])}
         rows.append(row)
     held = [r[k]["ok"] for r in rows for k in ("pages_sharing", "used_pages", "ksmd_cpu_share", "p50_s", "p90_s")
             if r[k]["ok"] is not None]
@@ -913,7 +940,8 @@ def format_compare(cmp: dict) -> str:
              f"used memory {TOLERANCES['used_pages']:.0%}",
              f"{'N':>3} {'image':<14} {'kernel sharing':>14} {'spread':>7} {'emu err':>8} "
              f"{'kernel used GiB':>15} {'emu err':>8} {'kernel cpu':>10} {'spread':>7} {'emu err':>8} "
-             f"{'kernel t50':>10} {'emu err':>8} {'kernel t90':>10} {'emu err':>8} {'scan s':>7}"]
+             f"{'kernel t50':>10} {'emu err':>8} {'kernel t90':>10} {'emu err':>8} {'scan s':>7} "
+             f"{'collapses k/e':>13}"]
     for r in cmp["steps"]:
         ps, u, c, t5, t9 = r["pages_sharing"], r["used_pages"], r["ksmd_cpu_share"], r["p50_s"], r["p90_s"]
 
@@ -925,10 +953,17 @@ def format_compare(cmp: dict) -> str:
             f"{pct(u['err']) + mark(u['ok']):>11} {c['kernel']:>10.1%} {sp(c['spread']):>7} "
             f"{pct(c['err']) + mark(c['ok']):>11} {t(t5['kernel']):>10} {pct(t5['err']) + mark(t5['ok']):>11} "
             f"{t(t9['kernel']):>10} {pct(t9['err']) + mark(t9['ok']):>11} "
-            f"{'-' if r['full_scan_s'] is None else format(r['full_scan_s'], '.1f'):>7}")
+            f"{'-' if r['full_scan_s'] is None else format(r['full_scan_s'], '.1f'):>7} "
+            f"{_collapses(r.get('thp_collapse_alloc')):>13}")
     lines.append(f"all within tolerance: {'yes' if cmp['all_within'] else 'no'}; wall: emulator "
                  f"{cmp['emulator_wall_s']}s, kernel {cmp['kernel_wall_s']}s")
     return "\n".join(lines)
+
+
+def _collapses(c: dict | None) -> str:
+    if not c or c.get("kernel") is None or c.get("emulator") is None:
+        return "-"
+    return f"{c['kernel']:.0f}/{c['emulator']}"
 
 
 def run_cli(args) -> int:

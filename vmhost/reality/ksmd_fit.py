@@ -21,16 +21,18 @@ ones), ``pages`` (pages processed: pages_scanned), ``checksums``, ``tree_compare
 ``merges``, ``thp_splits`` (huge pages KSM split), ``dups_walked``.
 
 ``python -m vmhost.reality.ksmd_fit KERNEL.json [KERNEL.json ...] [--write] [--rows]
-[--cache=DIR]``: the kernel results of ``vmhost density CONFIG --oracle --json`` (one config or
+[--cache=DIR] [--with-stored]``: the kernel results of ``vmhost density CONFIG --oracle --json`` (one config or
 several); runs the emulator on each config (``--cache``: keep its passes in DIR), prints the
 fit, its error per kind of pass, and a cross-check on the stepped single-pass workloads of
 ``vmhost bench ksm --calibrate`` (4 KiB pages, no THP: there the density fit is ~30% low, the
-first pass ~60% low); ``--write`` stores the costs (``cost_ns``) and the fit
-(``density_fit``) in the calibration file.
+first pass ~60% low); ``--with-stored`` adds the passes of the fit stored in the calibration file
+(its other configs), so that one cost set is fitted on every workload; ``--write`` stores the
+costs (``cost_ns``) and the fit (``density_fit``, with its passes) in the calibration file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -43,9 +45,10 @@ from vmhost.reports.files import dumps_json
 CALIBRATION = Path(__file__).resolve().parents[1] / "ksm" / "ksmd_calibration.json"
 FEATURES = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "dups_walked",
             "batches")
-#: the costs fitted; the others keep their values (ptes_walked moves with pages and dups_walked
-#: with tree_compares in every density pass: they cannot be told apart there)
-FITTED = ("pages", "checksums", "tree_compares", "merges", "thp_splits", "batches")
+#: the costs fitted; dups_walked keeps its value (it moves with tree_compares in every density
+#: pass). ptes_walked is told apart from pages by smart scan's passes, where most PTEs walked are
+#: skipped pages (pages_scanned counts only the pages processed)
+FITTED = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "batches")
 
 
 def emulator_passes(cfg) -> list[dict]:
@@ -192,11 +195,17 @@ def main(argv=None) -> int:
         if cpath is not None and cpath.is_file():
             emu_steps = json.loads(cpath.read_text())["passes"]
         else:
-            emu_steps, res = emulator_passes(load_density(path))
+            # pass by pass against the kernel: every page simulated, whatever the config ships at
+            emu_steps, res = emulator_passes(dataclasses.replace(load_density(path), resolution=1))
             if cpath is not None:
                 cpath.parent.mkdir(parents=True, exist_ok=True)
                 cpath.write_text(dumps_json({"passes": emu_steps, "result": res}, compact=True))
         rows += [dict(r, config=path) for r in pairs(emu_steps, ks)]
+    if "--with-stored" in args:
+        # the passes of the previous fit (other configs), kept in the calibration file
+        stored = json.loads(CALIBRATION.read_text()).get("density_fit", {}).get("rows", [])
+        rows += [r for r in stored if r.get("config") not in by_cfg]
+        by_cfg.update({r["config"]: [] for r in stored if r.get("config") not in by_cfg})
     cur = {k: v for k, v in COST_NS.items()}
     if "pages" in cur and "ptes_walked" not in cur:
         cur["ptes_walked"] = 0
@@ -229,7 +238,9 @@ def main(argv=None) -> int:
         doc = json.loads(CALIBRATION.read_text())
         doc["cost_ns"] = f["cost_ns"]
         doc["density_fit"] = {"date": datetime.date.today().isoformat(), "configs": sorted(by_cfg),
-                              "kernel_runs": sum(len(v) for v in by_cfg.values()), "passes": len(rows),
+                              "kernel_runs": sum(len(v) for v in by_cfg.values())
+                              + (doc.get("density_fit", {}).get("kernel_runs", 0) if "--with-stored" in args else 0),
+                              "passes": len(rows),
                               "rel_rms": f["rel_rms"], "total_bias": f["total_bias"], "per_kind": f["per_kind"],
                               "stepped_check": f.get("stepped_check"),
                               "previous_costs_error": before, "rows": rows}
