@@ -155,8 +155,8 @@ def _zero_remap_at_once(host: "Host", zeroed: np.ndarray) -> bool:
     index = frames.index[zeroed]
     hit = None
     for vma in host.anon_vmas[int(owner[0])].vmas:
-        offs = index - vma.pgoff
-        inside = (offs >= 0) & (offs < vma.pages)
+        offs = vma.offsets_of(index)
+        inside = offs < vma.pages
         if not inside.any():
             continue
         if hit is not None or not inside.all():
