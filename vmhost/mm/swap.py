@@ -5,8 +5,8 @@ The pieces, by their kernel counterparts:
 - a *swap entry* names one slot of one swap device (swp_entry_t). A swapped
   PTE holds it (``PTE_SWAP`` set, ``vma.pte`` = the entry, encoded as
   ``device << SWP_SHIFT | slot`` to fit a 32-bit PTE: at most ``MAX_SWAPFILES`` devices
-  of at most ``SWP_MAX_PAGES`` slots each, 256 GiB; the kernel's x86-64 entry has the
-  same 5 bits of device and 50 of slot);
+  of at most ``SWP_MAX_PAGES`` slots each, 256 GiB; the kernel's x86-64 entry has 5 bits
+  of device too, and 50 of slot);
 - each device has a *swap map*: for every slot, how many swap PTEs refer to
   it (``SwapArea.count``). A slot is in use while that count is non-zero or a
   page sits in the swap cache for it;
