@@ -86,7 +86,7 @@ def test_a_scaled_thp_host_keeps_huge_pages_and_says_what_it_cannot_show(tmp_pat
                                         "  unique: {fraction: 0.5, distinct: 1.0}\n")
     base = ("host: {thp: madvise, block_size: 1MiB, nodes: [{memory: 32MiB, cpus: 2}]}\n"
             "ksm: {pages_to_scan: 100000, sleep_millisecs: 20, run: 1}\n"
-            "density:\n  mix: [{image: unit.yaml}]\n  max_guests: 2\n")
+            "density:\n  mix: [{image: unit.yaml}]\n  max_guests: 2\n  settle: {scans: 9}\n")
     for r, below in ((1, False), (2, False), (4, True)):
         p = tmp_path / f"r{r}.yaml"
         p.write_text(base + f"  resolution: {r}\n")
@@ -97,7 +97,31 @@ def test_a_scaled_thp_host_keeps_huge_pages_and_says_what_it_cannot_show(tmp_pat
         if below:
             res = DensityRunner(cfg).run()
             assert "below one huge page" in res["unfaithful"][0] and "resolution 2 or finer" in res["unfaithful"][0]
-            assert "NOT FAITHFUL at this resolution" in format_result(res)
+            assert "not faithful at 1/4: THP: guests of 4 MiB" in format_result(res)
+
+
+@pytest.mark.parametrize("ksm, settle, r, flagged", [
+    ("{}", "{scans: 2}", 4, True),                     # 6.18's default smart scan, a 2-scan settle
+    ("{}", "{scans: 2}", 1, False),                    # full size shows it as it is
+    ("{}", "{scans: 9}", 4, False),                    # the window covers a whole skip cycle
+    ("{smart_scan: 0}", "{scans: 2}", 4, False),       # every page visited every pass
+    ("{smart_scan: n}", "{scans: 2}", 4, False),       # the knob's words, as sysfs takes them
+])
+def test_a_short_settle_under_smart_scan_is_flagged_at_a_resolution(tmp_path, ksm, settle, r, flagged):
+    """Smart scan skips a page for up to 8 passes; a settle window shorter than that stops at a
+    point of the skip cycles that moves with the resolution, so the scaled answer says so."""
+    from vmhost.density.scale import smart_scan_cycle
+    from vmhost.density.stepper import HostStepper
+    assert smart_scan_cycle() == 9      # the longest run of skipped passes (8), plus the visit
+    p = tmp_path / "c.yaml"
+    p.write_text(f"host: {{nodes: [{{memory: 1GiB, cpus: 2}}]}}\nksm: {ksm}\n"
+                 f"density:\n  mix: [{{image: linux-server, memory: 256MiB}}]\n  max_guests: 2\n"
+                 f"  resolution: {r}\n  settle: {settle}\n")
+    cfg = load_density(p)
+    lines = [u for u in HostStepper(cfg, cfg.mix).unfaithful if u.startswith("smart scan:")]
+    assert bool(lines) == flagged
+    if flagged:
+        assert "settles after 2 full scans" in lines[0] and "settle.scans: 9" in lines[0]
 
 
 def test_resolutions_side_by_side_give_the_answers_of_one_after_the_other():

@@ -108,16 +108,42 @@ def depth_extra_ns(r: int, work: dict) -> int:
     return int(math.log2(r) * SEARCHES_PER_CHECKSUM * work["checksums"] * COST_NS["tree_compares"])
 
 
+def smart_scan_cycle() -> int:
+    """Full scans a settle window needs to see a whole smart-scan skip cycle: the longest run of
+    passes that skip a page (from the rule itself, ``fastscan.smart_skip``), plus the visit."""
+    from vmhost.ksm.fastscan import smart_skip
+    return max(smart_skip.py_func(age, 0)[1] for age in range(256)) + 1
+
+
+def smart_scan_on(h: HostConfig) -> bool:
+    """Whether the host's ksmd runs smart scan: its profile has it and the config leaves it on."""
+    from vmhost.profile import PROFILES
+    if not getattr(PROFILES[h.profile], ksm_knobs.BY_NAME["smart_scan"].feature):
+        return False
+    value = ksm_knobs.BY_NAME["smart_scan"].default
+    for name, text in h.ksm:
+        if name == "smart_scan":
+            rc, value = ksm_knobs.Knobs().parse(name, text)
+    return bool(value)
+
+
 def unfaithful_figures(run: HostRun, mix) -> list[str]:
     """What a host simulated at 1/r cannot show, one sentence each (empty at r = 1)."""
     r, out = run.resolution, []
-    if r == 1 or run.host.thp == "never":
+    if r == 1:
         return out
     small = sorted({e.memory_mib for e in mix if e.memory_mib * PAGES_PER_MIB // r < HPAGE_PAGES and not e.locked})
-    if small:
+    if small and run.host.thp != "never":
         finest = max(1, min(small) * PAGES_PER_MIB // HPAGE_PAGES)
         out.append(f"THP: guests of {', '.join(f'{m} MiB' for m in small)} are below one huge page at 1/{r}, "
                    f"so KSM merges the zero subpages that splitting a huge page maps to the zero page: "
                    f"memory saved, pages_sharing and ksmd CPU are not the full-size host's "
                    f"(resolution {finest} or finer shows them)")
+    cycle = smart_scan_cycle()
+    if run.settle_time_ns is None and run.settle_scans < cycle and smart_scan_on(run.host):
+        out.append(f"smart scan: a step settles after {run.settle_scans} full scans without change, fewer than "
+                   f"its longest skip cycle ({cycle} scans), so where it stops depends on where each page's "
+                   f"cycle stands, which moves with the resolution: a step's pages_sharing, times to X% and "
+                   f"ksmd CPU, and a pages_to_scan suggested under a CPU limit, can differ from the full-size "
+                   f"host's (settle.scans: {cycle}, or resolution 1, shows them)")
     return out

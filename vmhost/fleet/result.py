@@ -76,7 +76,7 @@ def summarize(fleet: Fleet, placements: list[Placement], keys: list[list[str]],
             "hosts_not_steady": sum(1 for row in rows if not row["steady"]),
         })
     notes = list(dict.fromkeys([n for s in fleet.scenarios for n in s.notes]
-                               + [f"NOT FAITHFUL at this resolution: {u}" for ks in keys for k in ks
+                               + [f"not faithful at 1/{records[k]['result']['resolution']}: {u}" for ks in keys for k in ks
                                   for u in records[k]["result"].get("unfaithful", ())]))
     return {"config": fleet.path, "sweep": fleet.sweep_key, "notes": notes, "scenarios": scenarios,
             "hosts": [row for rows in per_host for row in rows]}

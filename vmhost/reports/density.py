@@ -216,7 +216,7 @@ def headline_lines(res: dict) -> list[str]:
     if res.get("accounting"):
         out.append(f"accounting: {res['accounting']}")
     for u in res.get("unfaithful", ()):
-        out.append(f"NOT FAITHFUL at this resolution: {u}")
+        out.append(f"not faithful at 1/{res['resolution']}: {u}")
     return out
 
 
