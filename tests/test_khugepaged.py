@@ -8,8 +8,7 @@ from hw.units import HPAGE_PAGES
 from tests.conftest import ids
 from vmhost.clock import NS_PER_MS, Clock
 from vmhost.host import Host
-from vmhost.ksm.engine import Ksm
-from vmhost.ksm.ksmd import Ksmd
+from vmhost.ksm.warmup import ksm_host
 from vmhost.mm import invariants
 from vmhost.mm import khugepaged as kh
 from vmhost.mm.frames import PG_HEAD, PG_KSM
@@ -102,12 +101,9 @@ def test_daemon_events_run_in_their_turn_but_do_not_keep_the_loop_alive():
 def test_ksm_splits_khugepaged_collapses_ksm_splits_again():
     """Two guests' identical THP ranges with one private page each: KSM merges and splits,
     khugepaged copies the range back into a huge page (unmerging it), KSM merges it again."""
-    h = Host(Topology.uniform(1, 128 << 20), block_pages=4096)
-    ksm = Ksm(h)
-    ksmd = Ksmd(ksm, h.clock)
-    ksm.write_knob("pages_to_scan", "100000")
+    h, ksm, ksmd = ksm_host(128, 4096, pages_to_scan=100000)
     procs = []
-    for i in range(2):
+    for i in range(2):     # a whole huge page each, 201 pages written: 200 alike, one private
         p = h.spawn(f"g{i}")
         vma = p.mm.mmap(HPAGE_PAGES, thp=True, at=AT)
         p.mm.write(vma.start, np.concatenate([np.arange(100, 300, dtype=np.uint64), ids(1000 + i)]))

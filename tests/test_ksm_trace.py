@@ -2,10 +2,12 @@
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
 
@@ -100,75 +102,9 @@ processes:
 steps:
 """
 
-# (steps text or whole document, expected pieces of the message)
-BAD_STEPS = [
-    ("  - fill: {proc: a, region: ram, start: 500, count: 600, content: zero}\n",
-     ["step 0 (fill)", "field 'count'",
-      "page range 500..1100 is past the end of region 'ram' (1024 pages)"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 0, content: zero}\n",
-     ["step 0 (fill)", "field 'count'", "must be positive"]),
-    ("  - fill: {proc: a, region: ram, start: -1, count: 2, content: zero}\n",
-     ["step 0 (fill)", "field 'start'", "must be >= 0"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: '2', content: zero}\n",
-     ["step 0 (fill)", "field 'count'", "expected an integer"]),
-    ("  - fill: {proc: a, region: ram, start: 0, content: zero}\n",
-     ["step 0 (fill)", "field 'count'", "missing"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 1, content: zero, colour: red}\n",
-     ["step 0 (fill)", "field 'colour'", "unknown field"]),
-    ("  - fill: {proc: z, region: ram, start: 0, count: 1, content: zero}\n",
-     ["step 0 (fill)", "field 'proc'", "unknown process 'z'"]),
-    ("  - fill: {proc: a, region: rom, start: 0, count: 1, content: zero}\n",
-     ["step 0 (fill)", "field 'region'", "no region 'rom'"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 1, content: {same: -1}}\n",
-     ["step 0 (fill)", "field 'content.same'", "must be >= 0"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 1, content: {same: 9223372036854775808}}\n",
-     ["field 'content.same'", "must be <="]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 1, content: {random: 1}}\n",
-     ["field 'content'", "unknown content kind 'random'"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 1, content: ones}\n",
-     ["field 'content'", "expected zero"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 1, content: {cycle: []}}\n",
-     ["field 'content.cycle'", "non-empty list"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 1, content: {cycle: [1, x]}}\n",
-     ["field 'content.cycle[1]'", "expected an integer"]),
-    ("  - fill: {proc: a, region: ram, start: 0, count: 2, content: {seq: 9223372036854775807}}\n",
-     ["field 'content.seq'", "reach 2^63"]),
-    ("  - scan: 1\n  - madvise: {proc: a, region: ram, advice: merge}\n",
-     ["step 1 (madvise)", "field 'advice'", "unknown advice 'merge'"]),
-    ("  - madvise: {proc: a, region: ram, advice: mergeable, start: 1024}\n",
-     ["step 0 (madvise)", "field 'start'", "past the end"]),
-    ("  - madvise: {proc: a, region: ram, advice: mergeable, start: 1000, count: 30}\n",
-     ["step 0 (madvise)", "field 'count'", "page range 1000..1030"]),
-    ("  - prctl: {proc: a, merge: 1}\n",
-     ["step 0 (prctl)", "field 'merge'", "expected true or false"]),
-    ("  - knob: {pages_to_scann: 5}\n",
-     ["step 0 (knob)", "field 'pages_to_scann'", "unknown knob"]),
-    ("  - knob: {pages_shared: 5}\n",
-     ["step 0 (knob)", "field 'pages_shared'", "unknown knob"]),
-    ("  - knob: {smart_scan: on}\n",
-     ["step 0 (knob)", "field 'smart_scan'", "quote"]),
-    ("  - knob: {run: 1}\n",
-     ["step 0 (knob)", "field 'run'", "only allowed through a scan step"]),
-    ("  - knob: {run: '01'}\n",
-     ["step 0 (knob)", "field 'run'", "only allowed through a scan step"]),
-    ("  - knob: {}\n",
-     ["step 0 (knob)", "at least one knob"]),
-    ("  - fork: {proc: a, child: a}\n",
-     ["step 0 (fork)", "field 'child'", "already used"]),
-    ("  - exit: {proc: a}\n  - fill: {proc: a, region: ram, start: 0, count: 1, content: zero}\n",
-     ["step 1 (fill)", "field 'proc'", "process 'a' exited at step 0"]),
-    ("  - fork: {proc: a, child: b}\n  - exit: {proc: b}\n  - fork: {proc: a, child: b}\n",
-     ["step 2 (fork)", "field 'child'", "already used"]),
-    ("  - fork: {proc: a, child: b}\n  - fill: {proc: b, region: ram, start: 1020, count: 5, "
-     "content: zero}\n",
-     ["step 1 (fill)", "field 'count'", "region 'ram' (1024 pages)"]),
-    ("  - scan: 0\n", ["step 0 (scan)", "field 'scan'", "must be positive"]),
-    ("  - scan: two\n", ["step 0 (scan)", "field 'scan'", "expected an integer"]),
-    ("  - snapshot: {now: 1}\n", ["step 0 (snapshot)", "takes no fields"]),
-    ("  - sleep: 1\n", ["step 0", "unknown step kind 'sleep'"]),
-    ("  - {scan: 1, snapshot: {}}\n", ["step 0", "exactly one key"]),
-    ("  - scan\n", ["step 0", "exactly one key"]),
-]
+# (steps text, expected pieces of the message): a table of cases, kept as data
+BAD_STEPS = [(textwrap.indent(case["steps"], "  "), case["expect"])
+             for case in yaml.safe_load((Path(__file__).parent / "data" / "bad_trace_steps.yaml").read_text())]
 
 
 @pytest.mark.parametrize("steps,pieces", BAD_STEPS, ids=[str(i) for i in range(len(BAD_STEPS))])

@@ -85,19 +85,12 @@ def test_no_free_chunk_falls_back_to_small_pages():
 
 def test_ksm_on_thp_backed_zero_pages_merges_nothing():
     """Splitting for KSM sends zero-filled pages to the zero page: they never reach pages_sharing."""
-    from vmhost.ksm.engine import Ksm
-    from vmhost.ksm.ksmd import Ksmd
-    h = thp_host()
-    ksm = Ksm(h)
-    ksmd = Ksmd(ksm, h.clock)
-    ksm.write_knob("pages_to_scan", "100000")
-    procs = []
+    from vmhost.ksm.warmup import ksm_host
+    h, ksm, ksmd = ksm_host(64, 1024, pages_to_scan=100000)
     for i in range(2):
-        p = h.spawn(f"g{i}")
-        vma = p.mm.mmap(2 * HPAGE_PAGES, thp=True, at=0x10000)
-        p.mm.write(vma.start, np.full(8, 77, dtype=np.uint64))    # 8 shared pages, rest zero
-        p.mm.madvise(vma.start, vma.pages, "mergeable")
-        procs.append(p)
+        vma = h.spawn(f"g{i}").mm.mmap(2 * HPAGE_PAGES, thp=True, at=0x10000)
+        vma.mm.write(vma.start, np.full(8, 77, dtype=np.uint64))    # 8 shared pages, rest zero
+        vma.mm.madvise(vma.start, vma.pages, "mergeable")
     before = invariants.views(h)
     ksm.write_knob("run", "1")
     ksmd.run_full_scans(4)

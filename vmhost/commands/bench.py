@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vmhost.commands.common import Parser, whole_number
+from vmhost.commands.common import Parser, switches, whole_number
 from vmhost.profile import PROFILES
 
 
@@ -16,7 +16,7 @@ def register(sub) -> None:
     rmap.add_argument("--children", type=whole_number, default=1000)
     rmap.add_argument("--pages", type=whole_number, default=1000)
     rmap.add_argument("--profile", choices=sorted(PROFILES), default="linux-6.18")
-    rmap.add_argument("--json", action="store_true", help="print JSON")
+    switches(rmap, json="print JSON")
     rmap.set_defaults(func=_rmap)
     ksm = bench_sub.add_parser("ksm", help="KSM scan speed and memory: real kernel vs emulator")
     ksm.add_argument("--pages", type=whole_number, default=262144, help="pages (default 1 GiB)")
@@ -24,21 +24,21 @@ def register(sub) -> None:
     ksm.add_argument("--scans", type=whole_number, default=2, help="steady-state passes to time")
     ksm.add_argument("--host-gib", type=float, default=None,
                      help="emulator only: a host of this many GiB filled by the processes")
-    ksm.add_argument("--emulator-only", action="store_true")
-    ksm.add_argument("--kernel-only", action="store_true")
-    ksm.add_argument("--calibrate", action="store_true",
-                     help="fit ksmd's per-operation CPU costs on the real kernel")
-    ksm.add_argument("--write", action="store_true",
-                     help="with --calibrate: write vmhost/ksm/ksmd_calibration.json")
-    ksm.add_argument("--verbose", action="store_true", help="progress on stderr")
-    ksm.add_argument("--json", action="store_true", help="print JSON")
+    switches(ksm,
+             emulator_only="only the emulator side (no root, no real KSM)",
+             kernel_only="only the real ksmd side",
+             calibrate="fit ksmd's per-operation CPU costs on the real kernel",
+             write="with --calibrate: write vmhost/ksm/ksmd_calibration.json",
+             verbose="progress on stderr",
+             json="print JSON")
     ksm.set_defaults(func=_ksm)
     fleet = bench_sub.add_parser("fleet", help="fleet host simulations per second on Dask: 1 worker against 2")
     fleet.add_argument("--hosts", type=whole_number, default=200, help="hosts per scenario (default 200)")
     fleet.add_argument("--scenarios", type=whole_number, default=3, help="scenarios (default 3)")
     fleet.add_argument("--workers", default="1,2", help="worker counts to compare, comma-separated (default 1,2)")
-    fleet.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    fleet.add_argument("--json", action="store_true", help="print JSON")
+    switches(fleet,
+             quiet="no progress on stderr",
+             json="print JSON")
     fleet.set_defaults(func=_fleet)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vmhost.commands.common import Parser, whole_number
+from vmhost.commands.common import Parser, switches, whole_number
 
 
 def register(sub) -> None:
@@ -19,9 +19,9 @@ def register(sub) -> None:
     q.add_argument("--dumps", metavar="DIR", help="keep the dumps in DIR")
     q.add_argument("--timeout", type=float, default=90.0,
                    help="bound on the real KSM's convergence, seconds (90)")
-    q.add_argument("--running", action="store_true",
-                   help="let the guests run while KSM merges (default: paused after the dump)")
-    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    switches(q,
+             running="let the guests run while KSM merges (default: paused after the dump)",
+             json="print the result as JSON")
     q.set_defaults(func=_qemu)
 
 

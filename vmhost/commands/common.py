@@ -15,6 +15,12 @@ class Parser(argparse.ArgumentParser):
         raise InputError(f"{where}: {message}" if where else message)
 
 
+def switches(parser, **helps: str) -> None:
+    """On/off options, one keyword and its help each (``no_thp="..."`` is ``--no-thp``), off unless given."""
+    for name, text in helps.items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+
+
 def whole_number(text: str) -> int:
     try:
         return int(text)

@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from vmhost.commands.common import whole_number
+from vmhost.commands.common import switches, whole_number
 
 
 # shown at once on the progress line: an install built on this machine carries the compiled
@@ -17,16 +17,15 @@ START_NOTE = "booting guest 1 (without a compiled scan loop from the install, it
 def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
     p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density/config.py)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    switches(p, json="print the result as JSON")
     p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
                                                    "report.txt and CSV tables to DIR (atomically: a temporary "
                                                    "directory renamed)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--bench", action="store_true",
-                   help="benchmark: run the search and print its wall time (and the resolution)")
-    p.add_argument("--oracle", action="store_true",
-                   help="run the study on this machine's kernel instead (root; see vmhost/reality/density_oracle.py)")
-    p.add_argument("--compare", action="store_true", help="with --oracle: the emulator beside the kernel, per step")
+    switches(p,
+             quiet="no progress bar on stderr",
+             bench="benchmark: run the search and print its wall time (and the resolution)",
+             oracle="run the study on this machine's kernel instead (root; see vmhost/reality/density_oracle.py)",
+             compare="with --oracle: the emulator beside the kernel, per step")
     p.add_argument("--runs", type=int, default=1, help="with --oracle: kernel runs (their mean and spread)")
     p.add_argument("--emulator-resolution", type=int, metavar="N", help="with --compare: the emulator at 1/N")
     p.add_argument("--resolutions", metavar="N,N,...",

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from vmhost.commands.common import whole_number
+from vmhost.commands.common import switches, whole_number
 from vmhost.errors import InputError
 
 
@@ -25,8 +25,9 @@ def register(sub) -> None:
     p.add_argument("--state", metavar="DIR",
                    help="where finished host simulations are kept, so that a re-run resumes "
                         "(default: $XDG_CACHE_HOME/vmhost/fleet)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr: only the result")
+    switches(p,
+             json="print the result as JSON",
+             quiet="no progress on stderr: only the result")
     p.set_defaults(func=_run)
 
 

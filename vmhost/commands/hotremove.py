@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmhost.commands.common import whole_number
+from vmhost.commands.common import switches, whole_number
 from vmhost.errors import InputError
 from vmhost.reports.files import dumps_json
 
@@ -13,15 +13,13 @@ from vmhost.reports.files import dumps_json
 def register(sub) -> None:
     p = sub.add_parser("hotremove", help="run a memory hot-remove scenario (or --bench)")
     p.add_argument("scenario", nargs="?", help="scenario YAML (see vmhost/hotremove.py)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    switches(p, json="print the result as JSON")
     p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
                                                    "report.txt and CSV tables to DIR (atomically)")
-    p.add_argument("--bench", action="store_true",
-                   help="benchmark: offline blocks full of merged pages, report pages/s")
+    switches(p, bench="benchmark: offline blocks full of merged pages, report pages/s")
     p.add_argument("--gib", type=whole_number, default=16, help="--bench: GiB to offline (default 16)")
-    p.add_argument("--oracle", action="store_true",
-                   help="also run the scenario on this machine's kernel (root; real memory blocks) "
-                        "and compare each offline with the emulator")
+    switches(p,
+             oracle="also run the scenario on this machine's kernel (root; real memory blocks) and compare each offline with the emulator")
     p.add_argument("--repeat", type=whole_number, default=3,
                    help="--oracle: real runs to average (default 3)")
     p.set_defaults(func=_run)

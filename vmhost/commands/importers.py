@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 
-from vmhost.commands.common import Parser
+from vmhost.commands.common import Parser, switches
 from vmhost.errors import InputError
 
 
@@ -25,8 +25,7 @@ def register(sub) -> None:
                     help="also dump the memory of every running domain through libvirt "
                          "(memory-only ELF core; needs a read-write connection) and import it "
                          "as DIR/DOMAIN.vmimg, the guest's image in the host config")
-    lv.add_argument("--keep-dumps", action="store_true",
-                    help="with --sample: keep the ELF cores as DIR/DOMAIN.elf")
+    switches(lv, keep_dumps="with --sample: keep the ELF cores as DIR/DOMAIN.elf")
     lv.set_defaults(func=_libvirt)
 
 
