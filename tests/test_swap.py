@@ -8,7 +8,7 @@ from hw.topology import Topology
 from helpers import process_with, start_ksm
 from vmhost.host import Host
 from vmhost.mm import invariants
-from vmhost.mm.swap import SwapReadError
+from vmhost.mm.swap import SWP_SHIFT, SWP_SLOT_MASK, SwapReadError
 from vmhost.mm.vma import PTE_SWAP
 
 MIB = 1 << 20
@@ -50,7 +50,7 @@ def test_ksm_page_swapped_out_and_back_first_faulter_keeps_it_others_copy():
     assert len(set(entries.tolist())) == 1
     assert all((v.ptef & PTE_SWAP).all() for _, v in procs)
     area = h.swap.areas[0]
-    assert area.count[int(entries[0]) & ((1 << 40) - 1)] == 12
+    assert area.count[int(entries[0]) & SWP_SLOT_MASK] == 12
     assert h.frames.refcount[kpfn] == 0
     assert [p.mm.swap_ents for p, _ in procs] == [4, 4, 4]
     invariants.check(h, before)
@@ -139,7 +139,7 @@ def test_swap_read_error_is_contained_to_one_process():
     before = invariants.views(h)
     for pfn in np.concatenate([va.pte, vb.pte]).tolist():
         assert h.swap.reclaim_page(pfn) == "freed"
-    bad = int(va.pte[2]) & ((1 << 40) - 1)
+    bad = int(va.pte[2]) & SWP_SLOT_MASK
     h.swap.areas[0].dev.inject_errors([bad])
     with pytest.raises(SwapReadError):
         a.mm.read(va.start, 4)
@@ -175,7 +175,7 @@ def test_device_priorities_highest_first_equal_ones_round_robin():
     before = invariants.views(h)
     for pfn in v.pte.tolist():
         h.swap.reclaim_page(pfn)
-    names = [h.swap.areas[int(e) >> 40].dev.name for e in v.pte]
+    names = [h.swap.areas[int(e) >> SWP_SHIFT].dev.name for e in v.pte]
     assert names == ["fast", "fast", "r1", "r2", "r1", "r2", "r1", "r2"]
     invariants.check(h, before)
 

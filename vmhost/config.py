@@ -38,6 +38,7 @@ from typing import Any
 from hw.swap import SwapDevice
 from hw.topology import NumaNode, Topology
 from vmhost.errors import InputError
+from vmhost.mm.swap import MAX_SWAPFILES, SWP_MAX_PAGES
 from vmhost.profile import PROFILES
 from vmhost.schema import (ABSENT, Section, expect_enum, expect_int, expect_list, expect_mapping,
                            expect_number, expect_str, fail, parse_size, read_yaml, rule)
@@ -161,8 +162,12 @@ def _swap_priority(value: Any, path: str, key: str, dev: _Swap) -> None:
     dev.priority = expect_int(-2 - dev.index if value is ABSENT else value, path, key, -32768, 32767)
 
 
-def _pages(value: Any, path: str, key: str) -> int:
-    return parse_size(value, path, key, minimum=PAGE_SIZE) // PAGE_SIZE
+def _swap_pages(value: Any, path: str, key: str) -> int:
+    pages = parse_size(value, path, key, minimum=PAGE_SIZE) // PAGE_SIZE
+    if pages > SWP_MAX_PAGES:
+        raise fail(path, key, f"a swap device has at most {SWP_MAX_PAGES} pages "
+                              f"({SWP_MAX_PAGES * PAGE_SIZE >> 30} GiB) here")
+    return pages
 
 
 def _bytes_per_s(value: Any, path: str, key: str) -> float:
@@ -172,7 +177,7 @@ def _bytes_per_s(value: Any, path: str, key: str) -> float:
 
 SWAP = Section(
     rule("name", apply=_swap_name, required=True),
-    rule("size", _pages, attr="pages", required=True),
+    rule("size", _swap_pages, attr="pages", required=True),
     rule("priority", apply=_swap_priority),
     rule("read_mbps", _bytes_per_s, default=500, attr="read_bps"),
     rule("write_mbps", _bytes_per_s, default=400, attr="write_bps"),
@@ -228,6 +233,8 @@ def _movable_nodes(value: Any, path: str, key: str, cfg: HostConfig) -> None:
 
 def _swap(value: Any, path: str, key: str, cfg: HostConfig) -> None:
     devices, taken = expect_list(value, path, key, "swap devices"), set()
+    if len(devices) > MAX_SWAPFILES:
+        raise fail(path, key, f"at most {MAX_SWAPFILES} swap devices, got {len(devices)}")
     cfg.swap = [SWAP.fill(s, path, f"{key}[{i}]", _Swap(i, taken)).spec() for i, s in enumerate(devices)]
 
 

@@ -28,13 +28,14 @@ def _frame_bytes() -> int:
 
 def _pte_bytes() -> int:
     import numpy as np
-    from vmhost.mm.vma import NO_PFN
-    return np.array([NO_PFN], dtype=np.int64).nbytes + 1
+    from vmhost.mm.vma import NO_PFN, PTE_DTYPE
+    return np.array([NO_PFN], dtype=PTE_DTYPE).nbytes + 1
 
 
 def _item_bytes() -> int:
     """One rmap_item with its tree links, plus its share of the scan's tables (the hashed
-    unstable tree: 2 slots per item; its log: 1; its VMA's candidate offsets: 1)."""
+    unstable tree: 2 slots per item; its log: 1; the candidate offsets of the VMA being
+    scanned: 1, since one VMA may hold every page)."""
     from vmhost.ksm.items import RmapItems
     items = RmapItems(capacity=1, trees=1)
     return items.nbytes + 4 * 4

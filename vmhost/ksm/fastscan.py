@@ -25,6 +25,11 @@ node on the way can have lost its page or its contents). So until the first chan
 pass, the compiled loop keeps the unstable tree as a hash table plus a log of insertions and
 erasures; the real rbtree is built from the log (``replay_unstable``, the same operations in
 the same order, hence the same shape) the moment anything needs the tree itself.
+
+Page tables reach this code as 32-bit PTEs (``vmhost.mm.vma.PTE_DTYPE``, through
+``vma_registry.page_tables``). numba keys its on-disk cache of this file by this file
+alone: a change of a dtype or a helper compiled in from another module must come with a
+change of this file, or a stale cache runs the old code.
 """
 
 from __future__ import annotations
@@ -205,9 +210,23 @@ def insert_point(left, right, keys, root, key):
 
 
 @njit(cache=True, nogil=True)
-def replay_unstable(log, n, it_key, it_nid, il, ir, ipar, icol, uroots):
+def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots):
     """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2),
-    keys as they were when logged (nothing changed in between, or the log would have ended)."""
+    keys as they were when logged (nothing changed in between, or the log would have ended).
+    An rmap_item's links are its stable fields too (``items``: a union): an item the log
+    erases may have joined a stable node's list since, so those fields of every erased item
+    no longer in the tree are put back as they were before the replay."""
+    erased = 0
+    for j in range(n):
+        if log[j] < 0:
+            erased += 1
+    saved = np.empty((erased, 3), dtype=il.dtype)
+    k = 0
+    for j in range(n):
+        if log[j] < 0:
+            item = -log[j] - 2
+            saved[k, 0], saved[k, 1], saved[k, 2] = il[item], ir[item], ipar[item]
+            k += 1
     for j in range(n):
         item = log[j]
         if item < 0:
@@ -217,6 +236,13 @@ def replay_unstable(log, n, it_key, it_nid, il, ir, ipar, icol, uroots):
         nid = it_nid[item]
         at, go_left, _ = insert_point(il, ir, it_key, np.int64(uroots[nid]), it_key[item])
         rb_link(il, ir, ipar, icol, uroots, np.int64(nid), np.int64(item), np.int64(at), go_left)
+    k = 0
+    for j in range(n):
+        if log[j] < 0:
+            item = -log[j] - 2
+            if not it_flags[item] & UNSTABLE_FLAG:
+                il[item], ir[item], ipar[item] = saved[k, 0], saved[k, 1], saved[k, 2]
+            k += 1
 
 
 @inner

@@ -16,6 +16,11 @@ An item is in at most one tree:
   that node's list (``hnext``/``hprev``), holding a reference on the
   ``anon_vma`` of its VMA so that rmap can reach the mapping.
 
+As in the kernel's struct ksm_rmap_item, where ``struct rb_node node`` and
+``{head, hlist}`` are a union, the unstable tree's ``left``/``right``/``parent``
+are the very arrays ``head``/``hnext``/``hprev``: each means something only while
+``flags`` says which tree the item is in (``links.color`` is its own array).
+
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
 ``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
 tree also remembers the memcmp key its page had when last compared (``tree_key``):
@@ -55,7 +60,9 @@ class RmapItems:
     def __init__(self, capacity: int = 1024, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
-        self.links = NodeLinks(capacity, trees)
+        self.links = NodeLinks(0, trees)
+        self.links.color = np.zeros(capacity, dtype=np.uint8)
+        self._share_links()
         # [first free item, free items]: an array, the compiled loop allocates and frees too
         self.free_list = np.array([NIL, 0], dtype=np.int64)
         self._add_free(0, capacity)
@@ -70,7 +77,11 @@ class RmapItems:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.color.nbytes
+
+    def _share_links(self) -> None:
+        """The unstable tree's links are the stable fields' arrays (a union, see above)."""
+        self.links.left, self.links.right, self.links.parent = self.head, self.hnext, self.hprev
 
     def _add_free(self, lo: int, hi: int) -> None:
         """Items lo..hi-1 go on the free list, in that order, after the items on it."""
@@ -91,7 +102,9 @@ class RmapItems:
         for name, dtype, fill in self._FIELDS:
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(new - old, fill, dtype=dtype)]))
-        self.links.grow(new)
+        ln = self.links
+        ln.color = np.concatenate([ln.color, np.zeros(new - old, dtype=ln.color.dtype)])
+        self._share_links()
         self._add_free(old, new)
 
     def alloc(self, mm_id: int, address: int) -> int:

@@ -88,6 +88,8 @@ class ScanMixin:
             cur = nxt
 
     def _candidates(self, vma: Vma) -> np.ndarray:
+        """Offsets of the VMA's pages a visit may find anonymous, kept while the pass is in
+        the VMA (batches resume in it) and rebuilt when its page tables change."""
         cached = self._cand_cache.get(id(vma))
         if cached is None or cached[0] != vma.mm.pt_gen or cached[2] is not vma:
             cached = (vma.mm.pt_gen, pages.candidate_offsets(self.host, vma), vma)
@@ -191,6 +193,7 @@ class ScanMixin:
                 i += 1
             if i >= len(cand):
                 self.address = vma.end
+                self._cand_cache.pop(id(vma), None)     # this pass is done with the VMA
         return done
 
     def _scan_page(self, slot: MmSlot, vma: Vma, off: int, stage: int, item: int) -> int:

@@ -17,6 +17,11 @@ and the KSM pages' nodes become its *dups*, listed from ``dhead`` through
 ``dnext``/``dprev``; a chain remembers when it was last pruned of stale dups.
 A node whose page migrated to another NUMA node while merge_across_nodes=0
 waits on the ``migrate_nodes`` list to be re-homed.
+
+As in the kernel's struct ksm_stable_node, where the tree's ``rb_node`` and a dup's
+``hlist_dup`` are a union, a node's tree links ``left``/``right``/``parent`` are the very
+arrays ``dnext``/``dprev``/``chain``: a dup is never in the tree, and a node in the tree
+is nobody's dup (``kind`` says which; ``links.color`` is its own array).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ class StableNodes:
     def __init__(self, capacity: int = 256, trees: int = 1):
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
-        self.links = NodeLinks(capacity, trees)
+        self.links = NodeLinks(0, trees)
+        self.links.color = np.zeros(capacity, dtype=np.uint8)
+        self._share_links()
         # free nodes on a stack the compiled scan can pop from too (top of stack = next node)
         self.free_stack = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self.free_top = np.array([capacity], dtype=np.int64)
@@ -54,14 +61,20 @@ class StableNodes:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.nbytes
+        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.color.nbytes
+
+    def _share_links(self) -> None:
+        """The tree links are a dup's list fields' arrays (a union, see above)."""
+        self.links.left, self.links.right, self.links.parent = self.dnext, self.dprev, self.chain
 
     def grow(self) -> None:
         old = self.capacity
         for name, dtype, fill in self._FIELDS:
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(old, fill, dtype=dtype)]))
-        self.links.grow(2 * old)
+        ln = self.links
+        ln.color = np.concatenate([ln.color, np.zeros(old, dtype=ln.color.dtype)])
+        self._share_links()
         top = int(self.free_top[0])
         stack = np.empty(2 * old, dtype=np.int32)
         stack[:old] = np.arange(2 * old - 1, old - 1, -1, dtype=np.int32)

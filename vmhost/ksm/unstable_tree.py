@@ -62,7 +62,7 @@ class UnstableTreeMixin:
             return
         self._uhashed = False
         it, ln = self.items, self.items.links
-        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid,
+        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid, it.flags,
                                  ln.left, ln.right, ln.parent, ln.color, ln.roots)
 
     def _unstable_clean(self) -> bool:

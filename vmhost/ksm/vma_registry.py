@@ -14,10 +14,10 @@ is never out of date.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import from_dtype, njit, types
 
 from vmhost.ksm import arraygroup
-from vmhost.mm.vma import LAYOUT_GEN, VmFlags
+from vmhost.mm.vma import LAYOUT_GEN, PTE_DTYPE, VmFlags
 
 
 VmaArrays, VmaArraysType = arraygroup.group(
@@ -26,7 +26,7 @@ VmaArrays, VmaArraysType = arraygroup.group(
     """The registry as compiled code reads it: per VMA its pages [start, end), VM_LOCKED,
     anon_vma id and the addresses of its page-table arrays (``page_tables``); per mm the
     first and the number of its VMAs.""", __name__)
-_pte_view = arraygroup.view(types.int64)
+_pte_view = arraygroup.view(from_dtype(PTE_DTYPE))
 _ptef_view = arraygroup.view(types.uint8)
 
 
@@ -93,7 +93,7 @@ class VmaRegistry:
                 mm_first[mm_id] = i
             mm_count[mm_id] += 1
             pte, ptef = vma.pte, vma.ptef
-            assert (pte.dtype == np.int64 and ptef.dtype == np.uint8 and pte.flags.c_contiguous
+            assert (pte.dtype == PTE_DTYPE and ptef.dtype == np.uint8 and pte.flags.c_contiguous
                     and ptef.flags.c_contiguous and len(pte) == len(ptef) == vma.end - vma.start)
             tables += (pte, ptef)
         arrays = VmaArrays(

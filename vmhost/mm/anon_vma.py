@@ -47,9 +47,10 @@ class AnonVma:
         return f"AnonVma({self.id}, root={self.root.id}, vmas={len(self.vmas)})"
 
     def vmas_covering(self, index: int) -> Iterator["Vma"]:
-        """Chained VMAs whose page-offset range contains ``index`` (the interval query)."""
+        """Chained VMAs whose page-offset range contains ``index`` (the interval query; the
+        frame's ``index``, its low bits: ``Vma.offsets_of``)."""
         for vma in self.vmas:
-            if vma.pgoff <= index < vma.pgoff + vma.pages:
+            if vma.offsets_of(index) < vma.pages:
                 yield vma
 
 

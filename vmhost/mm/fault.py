@@ -29,7 +29,7 @@ import numpy as np
 
 from hw.units import HPAGE_PAGES
 from vmhost.mm import thp
-from vmhost.mm.frames import PG_DIRTY, PG_KSM, PG_MLOCKED, PG_SHMEM, PG_SWAPCACHE
+from vmhost.mm.frames import INDEX_MASK, PG_DIRTY, PG_KSM, PG_MLOCKED, PG_SHMEM, PG_SWAPCACHE
 from vmhost.mm.vma import (NO_PFN, PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SWAP, PTE_WRITE,
                            PTE_YOUNG, PTE_ZERO, VmFlags, Vma)
 
@@ -301,7 +301,7 @@ def _shmem_fault(host: "Host", vma: Vma, offs: np.ndarray, write: bool) -> None:
         frames.mapcount[new] = 0
         frames.flags[new] = PG_SHMEM
         frames.owner[new] = shmem.id
-        frames.index[new] = idx[missing]
+        frames.index[new] = idx[missing] & INDEX_MASK
         shmem.cache[idx[missing]] = new
     unmapped = offs[vma.ptef[offs] & PTE_PRESENT == 0]
     if len(unmapped):

@@ -14,7 +14,9 @@ Fields, by their kernel counterparts:
   page, a stable_node id for a KSM page (the "keyhole" KSM checks to decide a
   stable node is stale), or a shmem object id.
 - ``index``: the linear page index (``page->index``) an anonymous page was
-  created at; rmap turns it back into a virtual address in each VMA.
+  created at, its low 32 bits (``INDEX_MASK``); rmap turns it back into a virtual
+  address in each VMA (``Vma.offsets_of``: a VMA spans fewer than 2**32 pages, so
+  within one VMA the low bits name one page).
 """
 
 from __future__ import annotations
@@ -37,18 +39,26 @@ PG_TAIL = 1 << 11        # one of its other 511 pages; the head is pfn & ~511
 PG_COMPOUND = PG_HEAD | PG_TAIL
 
 NO_OWNER = -1
+INDEX_MASK = 0xFFFF_FFFF     # what a frame keeps of page->index (``index``, uint32)
+MAX_FRAMES = 1 << 31         # 8 TiB: a PTE (vmhost.mm.vma.PTE_DTYPE, 32 bits) names the pfn
+
+
+def _check_size(nr_frames: int) -> None:
+    if nr_frames > MAX_FRAMES:
+        raise ValueError(f"{nr_frames} frames: at most {MAX_FRAMES} (8 TiB) can be emulated")
 
 
 class FrameTable:
     """Per-frame state for every frame of every memory block, online or not."""
 
     def __init__(self, nr_frames: int = 0):
+        _check_size(nr_frames)
         self.content = np.zeros(nr_frames, dtype=np.uint64)
         self.mapcount = np.zeros(nr_frames, dtype=np.int32)
         self.refcount = np.zeros(nr_frames, dtype=np.int32)
         self.flags = np.zeros(nr_frames, dtype=np.uint16)
         self.owner = np.full(nr_frames, NO_OWNER, dtype=np.int32)
-        self.index = np.zeros(nr_frames, dtype=np.int64)
+        self.index = np.zeros(nr_frames, dtype=np.uint32)
         self.on_ksm_freed = None    # KSM's callback (pfns, their stable nodes) when KSM pages go
 
     _FIELDS = ("content", "mapcount", "refcount", "flags", "owner", "index")
@@ -58,6 +68,7 @@ class FrameTable:
 
     def grow(self, nr_frames: int) -> None:
         """Extend the table to ``nr_frames`` entries (memory hot-add)."""
+        _check_size(nr_frames)
         extra = nr_frames - len(self)
         if extra <= 0:
             return
@@ -77,7 +88,7 @@ class FrameTable:
         self.refcount[pfns] = 1
         self.flags[pfns] = PG_ANON | PG_DIRTY
         self.owner[pfns] = anon_vma_id
-        self.index[pfns] = indices
+        self.index[pfns] = np.asarray(indices, dtype=np.int64) & INDEX_MASK
 
     def clear(self, pfns: np.ndarray) -> None:
         """Reset frames that have just been freed (every freed frame passes here)."""

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_KERNEL, PG_KSM, PG_PINNED, PG_SHMEM,
+from vmhost.mm.frames import (INDEX_MASK, NO_OWNER, PG_ANON, PG_COMPOUND, PG_KERNEL, PG_KSM, PG_PINNED, PG_SHMEM,
                                PG_SWAPCACHE)
 from vmhost.mm.fault import peek
 from vmhost.mm.vma import NO_PFN, PTE_KSM_ZERO, PTE_PRESENT, PTE_WRITE, PTE_ZERO, VmFlags
@@ -148,7 +148,7 @@ def _check_rmap_links(host: "Host", vma, present: np.ndarray, where: str, proble
     if len(missing):
         problems.append(f"{where}: maps pages of anon_vma {missing[:5].tolist()} it is not chained to "
                         "(rmap cannot find them)")
-    wrong = frames.index[pfns[anon]] != vma.linear_index(offs[anon])
+    wrong = frames.index[pfns[anon]] != vma.linear_index(offs[anon]) & INDEX_MASK
     if wrong.any():
         problems.append(f"{where}: {int(wrong.sum())} anonymous pages with an index that does not "
                         "match their address")

@@ -58,7 +58,7 @@ def rmap_walk(host: "Host", pfn: int, visit: Visit) -> int:
     visited = 0
     for vma in vmas:
         visited += 1
-        off = index - vma.pgoff
+        off = int(vma.offsets_of(index))
         if _maps(vma, off, pfn) and visit(vma, off) is False:
             break
     return visited
@@ -125,8 +125,8 @@ def walk_many(host: "Host", pfns: np.ndarray) -> WalkTotals:
         av = host.anon_vmas[int(owners[group[0]])]
         idx = frames.index[pfns[group]]
         for vma in av.vmas:
-            off = idx - vma.pgoff
-            covers = (off >= 0) & (off < vma.pages)
+            off = vma.offsets_of(idx)
+            covers = off < vma.pages
             if host.profile.anon_vma_chains:
                 visited[group] += covers
             else:

@@ -4,7 +4,9 @@ The pieces, by their kernel counterparts:
 
 - a *swap entry* names one slot of one swap device (swp_entry_t). A swapped
   PTE holds it (``PTE_SWAP`` set, ``vma.pte`` = the entry, encoded as
-  ``device << 40 | slot``);
+  ``device << SWP_SHIFT | slot`` to fit a 32-bit PTE: at most ``MAX_SWAPFILES`` devices
+  of at most ``SWP_MAX_PAGES`` slots each, 256 GiB; the kernel's x86-64 entry has 5 bits
+  of device too, and 50 of slot);
 - each device has a *swap map*: for every slot, how many swap PTEs refer to
   it (``SwapArea.count``). A slot is in use while that count is non-zero or a
   page sits in the swap cache for it;
@@ -40,15 +42,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hw.swap import SwapDevice, SwapIOError
-from vmhost.mm.frames import (NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KERNEL, PG_KSM, PG_MLOCKED,
-                               PG_PINNED, PG_SHMEM, PG_SWAPCACHE)
+from vmhost.mm.frames import (INDEX_MASK, NO_OWNER, PG_ANON, PG_COMPOUND, PG_DIRTY, PG_KERNEL, PG_KSM,
+                               PG_MLOCKED, PG_PINNED, PG_SHMEM, PG_SWAPCACHE)
 from vmhost.mm.vma import PTE_DIRTY, PTE_PRESENT, PTE_SWAP, PTE_WRITE, PTE_ZERO, VmFlags, Vma
 
 if TYPE_CHECKING:
     from vmhost.host import Host
 
-SWP_SHIFT = 40
+SWP_SHIFT = 26
 SWP_SLOT_MASK = (1 << SWP_SHIFT) - 1
+SWP_MAX_PAGES = 1 << SWP_SHIFT                     # slots a swap device can have here
+MAX_SWAPFILES = 1 << (31 - SWP_SHIFT)              # an entry stays a non-negative int32
 
 
 def swp_entry(area: int, slot: int) -> int:
@@ -92,6 +96,9 @@ class Swap:
 
     # -- devices --------------------------------------------------------------------------------
     def swapon(self, dev: SwapDevice) -> SwapArea:
+        if len(self.areas) >= MAX_SWAPFILES or dev.capacity_pages > SWP_MAX_PAGES:
+            raise ValueError(f"swap device {dev.name}: at most {MAX_SWAPFILES} devices of at "
+                             f"most {SWP_MAX_PAGES} pages each")
         area = SwapArea(len(self.areas), dev)
         self.areas.append(area)
         if not any(d is dev for d in self.host.swap_devices):
@@ -313,7 +320,7 @@ class Swap:
                 # a fresh read from swap: becomes an ordinary anonymous page of this VMA
                 frames.flags[pfn] |= PG_ANON
                 frames.owner[pfn] = av.id
-                frames.index[pfn] = int(vma.linear_index([off])[0])
+                frames.index[pfn] = int(vma.linear_index([off])[0]) & INDEX_MASK
             frames.mapcount[pfn] += 1
             frames.refcount[pfn] += 1
         vma.map_readonly(off, page, frames)
@@ -342,7 +349,7 @@ class Swap:
         host, frames = self.host, self.host.frames
         flags = int(frames.flags[pfn])
         owner = int(frames.owner[pfn])
-        index = int(vma.linear_index([off])[0])
+        index = int(vma.linear_index([off])[0]) & INDEX_MASK       # as a frame keeps it
         if flags & PG_COMPOUND:
             return False                                    # large folios are never copied
         if not host.profile.ksm_swapin_root_rule:

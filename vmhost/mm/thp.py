@@ -129,8 +129,8 @@ def _split_pmds(host: "Host", pfns: np.ndarray) -> None:
     for owner in np.unique(frames.owner[mapped]).tolist():
         mine = frames.owner[mapped] == owner
         for vma in list(host.anon_vmas[int(owner)].vmas):
-            offs = index[mine] - vma.pgoff
-            inside = (offs >= 0) & (offs < vma.pages)
+            offs = vma.offsets_of(index[mine])
+            inside = offs < vma.pages
             offs, want = offs[inside], mapped[mine][inside]
             hit = offs[(vma.pte[offs] == want)
                        & ((vma.ptef[offs] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT)]
@@ -155,8 +155,8 @@ def _zero_remap_at_once(host: "Host", zeroed: np.ndarray) -> bool:
     index = frames.index[zeroed]
     hit = None
     for vma in host.anon_vmas[int(owner[0])].vmas:
-        offs = index - vma.pgoff
-        inside = (offs >= 0) & (offs < vma.pages)
+        offs = vma.offsets_of(index)
+        inside = offs < vma.pages
         if not inside.any():
             continue
         if hit is not None or not inside.all():

@@ -4,7 +4,9 @@ A VMA covers virtual pages ``[start, end)`` (addresses here are in pages, not
 bytes) with one set of flags. Its page table entries are two numpy arrays
 indexed by the page's offset in the VMA:
 
-- ``pte``: the pfn of a present page, or the swap entry of a swapped one;
+- ``pte``: the pfn of a present page, or the swap entry of a swapped one
+  (``PTE_DTYPE``, 32 bits: a pfn below 2**31, 8 TiB of frames; a swap entry as
+  vmhost/mm/swap.py encodes it);
 - ``ptef``: PTE_* bits: present, writable, the shared zero page (and whether
   KSM put it there, which the kernel marks with the dirty bit), swap entry,
   young (accessed) and dirty.
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hw.units import HPAGE_PAGES
-from vmhost.mm.frames import PG_MLOCKED
+from vmhost.mm.frames import INDEX_MASK, PG_MLOCKED
 from vmhost.mm.mempolicy import MemPolicy
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ PTE_YOUNG = 1 << 5
 PTE_DIRTY = 1 << 6
 
 NO_PFN = -1
+PTE_DTYPE = np.int32
 
 #: bumped whenever any VMA's extent, flags, anon_vma or page-table arrays are replaced, or a
 #: VMA joins or leaves an mm: compiled code that keeps page-table arrays by address (KSM's
@@ -74,8 +77,8 @@ _LAYOUT_ATTRS = frozenset(("start", "end", "flags", "anon_vma", "pte", "ptef"))
 class Vma:
     def __init__(self, mm: "MM", start: int, end: int, flags: VmFlags, pgoff: int,
                  policy: MemPolicy | None = None, shmem=None):
-        if end <= start:
-            raise ValueError("a VMA must cover at least one page")
+        if not 0 < end - start <= INDEX_MASK:
+            raise ValueError("a VMA covers at least one page and fewer than 2**32")
         self.mm = mm
         self.start = start
         self.end = end
@@ -85,7 +88,7 @@ class Vma:
         self.shmem = shmem                       # backing object of a MAP_SHARED anonymous VMA
         self.anon_vma: "AnonVma | None" = None
         self.chain: list["AnonVma"] = []         # anon_vma_chain (same_vma list)
-        self.pte = np.full(end - start, NO_PFN, dtype=np.int64)
+        self.pte = np.full(end - start, NO_PFN, dtype=PTE_DTYPE)
         self.ptef = np.zeros(end - start, dtype=np.uint8)
         # one entry per 2 MiB range the VMA touches (first one holds ``start``): True once a
         # page table exists there (the PMD was split, or a 4 KiB PTE was installed); False is
@@ -129,6 +132,11 @@ class Vma:
     def linear_index(self, offsets) -> np.ndarray:
         """page->index of a page at these offsets (linear_page_index)."""
         return self.pgoff + np.asarray(offsets, dtype=np.int64)
+
+    def offsets_of(self, index) -> np.ndarray:
+        """The offsets here of pages whose frames keep ``index`` (``FrameTable.index``, the
+        low 32 bits of page->index); an offset >= ``pages`` is outside this VMA."""
+        return (np.asarray(index, dtype=np.int64) - self.pgoff) & INDEX_MASK
 
     def present_mask(self) -> np.ndarray:
         """Offsets whose PTE maps a frame of its own (not the zero page)."""
