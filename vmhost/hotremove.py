@@ -295,7 +295,7 @@ def parse_scenario(doc: Any, path: str) -> Scenario:
                 raise fail(path, key, f"give one of {', '.join(targets)}")
             opts = {o: parse_duration_ns(body[o], path, f"{key}.{o}") for o in options if o in body}
             if "pages_of" in body:
-                if body["pages_of"] not in regions_of:
+                if not isinstance(body["pages_of"], str) or body["pages_of"] not in regions_of:
                     raise fail(path, f"{key}.pages_of", f"no process {body['pages_of']!r}")
                 args = {"pages_of": body["pages_of"]}
             elif "empty" in body:
