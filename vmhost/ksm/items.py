@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vmhost.ksm.rbtree import NIL, NodeLinks
+from vmhost.ksm.rbtree import NIL
+from vmhost.ksm.slab import FieldPool
 
 if TYPE_CHECKING:
     from vmhost.mm.mm import MM
@@ -50,38 +51,25 @@ STABLE_FLAG = 0x200
 RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in profit figures
 
 
-class RmapItems:
+class RmapItems(FieldPool):
     _FIELDS = (("mm", np.int32, -1), ("address", np.int64, 0), ("flags", np.uint16, 0),
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
                ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
                ("tree_key", np.uint64, 0))
 
+    #: the unstable tree's links are the stable fields' arrays (a union, see above)
+    _UNION = ("head", "hnext", "hprev")
+
     def __init__(self, capacity: int = 1024, trees: int = 1):
-        for name, dtype, fill in self._FIELDS:
-            setattr(self, name, np.full(capacity, fill, dtype=dtype))
-        self.links = NodeLinks(0, trees)
-        self.links.color = np.zeros(capacity, dtype=np.uint8)
-        self._share_links()
+        self._init_fields(capacity, trees)
         # [first free item, free items]: an array, the compiled loop allocates and frees too
         self.free_list = np.array([NIL, 0], dtype=np.int64)
         self._add_free(0, capacity)
 
     @property
-    def capacity(self) -> int:
-        return len(self.mm)
-
-    @property
     def count(self) -> int:
         return self.capacity - int(self.free_list[1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.color.nbytes
-
-    def _share_links(self) -> None:
-        """The unstable tree's links are the stable fields' arrays (a union, see above)."""
-        self.links.left, self.links.right, self.links.parent = self.head, self.hnext, self.hprev
 
     def _add_free(self, lo: int, hi: int) -> None:
         """Items lo..hi-1 go on the free list, in that order, after the items on it."""
@@ -98,14 +86,8 @@ class RmapItems:
 
     def grow(self) -> None:
         old = self.capacity
-        new = old * 2
-        for name, dtype, fill in self._FIELDS:
-            arr = getattr(self, name)
-            setattr(self, name, np.concatenate([arr, np.full(new - old, fill, dtype=dtype)]))
-        ln = self.links
-        ln.color = np.concatenate([ln.color, np.zeros(new - old, dtype=ln.color.dtype)])
-        self._share_links()
-        self._add_free(old, new)
+        self._grow_fields(2 * old)
+        self._add_free(old, 2 * old)
 
     def alloc(self, mm_id: int, address: int) -> int:
         """A zeroed item for (mm, address), as kmem_cache_zalloc gives it."""

@@ -2,12 +2,19 @@
 the kernel allocates from with kmem_cache_zalloc): here each cache is a struct of numpy arrays
 with a stack of free indices, so that the compiled scan allocates and frees too.
 
-``zalloc(pool)`` pops a free index (growing the pool when the stack is empty) and resets every
+``FieldPool`` is such a cache's fields: one array per row of ``_FIELDS`` (name, dtype, fill),
+and red-black tree links (``links``) whose left/right/parent are three of those arrays
+(``_UNION``), as the kernel's structs keep a tree node in a union with fields the object does
+not use while it is in the tree. ``zalloc(pool)`` pops a free index (growing the pool when the stack is empty) and resets every
 field of ``pool._FIELDS`` to its fill value; ``ArrayCell`` is a counter kept in a cell of a
 numpy array (the compiled code updates it in place), read and written as a Python int.
 """
 
 from __future__ import annotations
+
+import numpy as np
+
+from vmhost.ksm.rbtree import NodeLinks
 
 
 class ArrayCell:
@@ -35,3 +42,36 @@ def zalloc(pool) -> int:
     for name, _, fill in pool._FIELDS:
         getattr(pool, name)[i] = fill
     return i
+
+
+class FieldPool:
+    """The arrays of a KSM object cache: ``_FIELDS`` rows, and tree links over ``_UNION``'s three."""
+
+    _FIELDS: tuple = ()
+    _UNION: tuple[str, str, str] = ("", "", "")
+
+    def _init_fields(self, capacity: int, trees: int) -> None:
+        for name, dtype, fill in self._FIELDS:
+            setattr(self, name, np.full(capacity, fill, dtype=dtype))
+        self.links = NodeLinks(0, trees)
+        self.links.color = np.zeros(capacity, dtype=np.uint8)
+        self._share_links()
+
+    def _share_links(self) -> None:
+        self.links.left, self.links.right, self.links.parent = (getattr(self, n) for n in self._UNION)
+
+    def _grow_fields(self, new: int) -> None:
+        """Every field (and the tree colours) to ``new`` entries, the added ones at their fill."""
+        old = len(self.links.color)
+        for name, dtype, fill in self._FIELDS:
+            setattr(self, name, np.concatenate([getattr(self, name), np.full(new - old, fill, dtype=dtype)]))
+        self.links.color = np.concatenate([self.links.color, np.zeros(new - old, dtype=np.uint8)])
+        self._share_links()
+
+    @property
+    def capacity(self) -> int:
+        return len(self.links.color)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.color.nbytes

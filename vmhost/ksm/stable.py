@@ -29,24 +29,23 @@ from __future__ import annotations
 import numpy as np
 
 from vmhost.ksm.hlist import hlist_add_head, hlist_del
-from vmhost.ksm.rbtree import NIL, NodeLinks
-from vmhost.ksm.slab import ArrayCell, zalloc
+from vmhost.ksm.rbtree import NIL
+from vmhost.ksm.slab import ArrayCell, FieldPool, zalloc
 
 FREE, NODE, DUP, CHAIN, MIGRATE = 0, 1, 2, 3, 4
 
 
-class StableNodes:
+class StableNodes(FieldPool):
     _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int32, -1), ("prune_time", np.int64, 0),
                ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
                ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
                ("dprev", np.int32, NIL), ("key", np.uint64, 0), ("stale", np.uint8, 0))
 
+    #: the tree links are a dup's list fields' arrays (a union, see above)
+    _UNION = ("dnext", "dprev", "chain")
+
     def __init__(self, capacity: int = 256, trees: int = 1):
-        for name, dtype, fill in self._FIELDS:
-            setattr(self, name, np.full(capacity, fill, dtype=dtype))
-        self.links = NodeLinks(0, trees)
-        self.links.color = np.zeros(capacity, dtype=np.uint8)
-        self._share_links()
+        self._init_fields(capacity, trees)
         # free nodes on a stack the compiled scan can pop from too (top of stack = next node)
         self.free_stack = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self.free_top = np.array([capacity], dtype=np.int64)
@@ -55,26 +54,9 @@ class StableNodes:
 
     stale_count = ArrayCell("stale_state", 0)
 
-    @property
-    def capacity(self) -> int:
-        return len(self.kind)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, n).nbytes for n, _, _ in self._FIELDS) + self.links.color.nbytes
-
-    def _share_links(self) -> None:
-        """The tree links are a dup's list fields' arrays (a union, see above)."""
-        self.links.left, self.links.right, self.links.parent = self.dnext, self.dprev, self.chain
-
     def grow(self) -> None:
         old = self.capacity
-        for name, dtype, fill in self._FIELDS:
-            arr = getattr(self, name)
-            setattr(self, name, np.concatenate([arr, np.full(old, fill, dtype=dtype)]))
-        ln = self.links
-        ln.color = np.concatenate([ln.color, np.zeros(old, dtype=ln.color.dtype)])
-        self._share_links()
+        self._grow_fields(2 * old)
         top = int(self.free_top[0])
         stack = np.empty(2 * old, dtype=np.int32)
         stack[:old] = np.arange(2 * old - 1, old - 1, -1, dtype=np.int32)
