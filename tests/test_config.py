@@ -62,6 +62,8 @@ def test_sizes(value, expect):
     (("cpus: [4, 5]", "cpus: [1, 5]"), "host.nodes[1].cpus[0]", "two nodes"),
     (("block_size: 128MiB", "block_size: 100MiB"), "host.block_size", "power-of-two"),
     (("size: 1GiB", "size: 257GiB"), "host.swap[0].size", "at most 67108864 pages"),
+    (("write_mbps: 400}", "write_mbps: 400}\n    - {name: sda, size: 1GiB}"), "host.swap[1].name",
+     "two swap devices are named 'sda'"),
 ])
 def test_bad_config_one_line_with_file_key_and_reason(tmp_path, edit, key, words):
     text = GOOD.replace(*edit)

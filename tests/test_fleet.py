@@ -333,6 +333,10 @@ def test_bad_configs(tmp_path, capsys):
         d["inventory"]["generate"]["mix"][0]["memory"] = "8GiB"
     assert _bad(tmp_path, capsys, too_big).startswith("inventory.generate.mix[0]: VM web-")
 
+    def same_model_name(d):
+        d["hosts"].append(dict(d["hosts"][0]))
+    assert _bad(tmp_path, capsys, same_model_name).startswith("hosts[1].name: two host models are named ")
+
     def resolution(d):
         d["simulation"]["resolution"] = 3
     assert _bad(tmp_path, capsys, resolution).startswith("simulation.resolution: 3 does not divide")

@@ -41,7 +41,7 @@ from vmhost.errors import InputError
 from vmhost.mm.swap import MAX_SWAPFILES, SWP_MAX_PAGES
 from vmhost.profile import PROFILES
 from vmhost.schema import (ABSENT, Section, expect_enum, expect_int, expect_list, expect_mapping,
-                           expect_number, expect_str, fail, parse_size, read_yaml, rule)
+                           expect_new_name, expect_number, fail, parse_size, read_yaml, rule)
 from hw.units import PAGE_SIZE
 
 THP_MODES = ("always", "madvise", "never")
@@ -152,10 +152,7 @@ class _Swap:
 
 
 def _swap_name(value: Any, path: str, key: str, dev: _Swap) -> None:
-    dev.name = expect_str(value, path, key)
-    if dev.name in dev.taken:
-        raise fail(path, key, f"two swap devices are named {dev.name!r}")
-    dev.taken.add(dev.name)
+    dev.name = expect_new_name(value, path, key, dev.taken, "swap devices")
 
 
 def _swap_priority(value: Any, path: str, key: str, dev: _Swap) -> None:

@@ -144,6 +144,16 @@ def expect_str(value: Any, path: str, key: str, what: str = "a non-empty name") 
     return value
 
 
+def expect_new_name(value: Any, path: str, key: str, taken: set, what: str) -> str:
+    """A name no earlier entry of the list has (``taken``: theirs, this one added); ``what``
+    names the entries in the message ("swap devices")."""
+    name = expect_str(value, path, key)
+    if name in taken:
+        raise fail(path, key, f"two {what} are named {name!r}")
+    taken.add(name)
+    return name
+
+
 def expect_enum(value: Any, path: str, key: str, choices: Iterable[str], what: str = "") -> str:
     """One of ``choices``; ``what`` names the kind of thing in the message ("profile")."""
     choices = tuple(choices)

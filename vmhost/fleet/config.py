@@ -33,7 +33,7 @@ from vmhost.density.config import parse_settle
 from vmhost.errors import InputError
 from vmhost.policies import resolution_refusal
 from vmhost.schema import (ABSENT, SchemaError, Section, expect_bool, expect_domain, expect_enum,
-                           expect_image, expect_int, expect_list, expect_mapping, expect_mib,
+                           expect_image, expect_int, expect_list, expect_mapping, expect_mib, expect_new_name,
                            expect_number, expect_str, fail, is_percentage, parse_duration_ns,
                            parse_percentage, parse_size, read_yaml, rule)
 
@@ -239,10 +239,7 @@ class _Model:
 
 
 def _model_name(value: Any, path: str, key: str, model: _Model) -> None:
-    model.name = expect_str(value, path, key)
-    if model.name in model.taken:
-        raise fail(path, key, f"two host models are named {model.name!r}")
-    model.taken.add(model.name)
+    model.name = expect_new_name(value, path, key, model.taken, "host models")
 
 
 def _model_count(value: Any, path: str, key: str, model: _Model) -> None:
