@@ -52,7 +52,7 @@ import numpy as np
 from guests.spec import GuestSpec, MemoryDevice
 from hw.units import HPAGE_PAGES, PAGES_PER_MIB
 from vmhost.clock import NS_PER_S
-from vmhost.mm import fault, thp
+from vmhost.mm import fault
 from vmhost.mm.mempolicy import MemPolicy
 from vmhost.mm.mm import PROT_READ, PROT_WRITE
 from vmhost.mm.vma import PTE_PRESENT, PTE_ZERO, VmFlags, Vma
@@ -134,9 +134,6 @@ class Region:
     policy: MemPolicy | None = None
     block_pages: int = 0         # virtio-mem block size
     plugged: np.ndarray | None = None   # virtio-mem: per block, plugged?
-
-    def contains(self, gpfn: int) -> bool:
-        return self.gpfn is not None and self.gpfn <= gpfn < self.gpfn + self.pages
 
 
 @dataclass
@@ -310,7 +307,7 @@ class QemuProcess:
         if len(g) == 0:
             return
         # last write wins: keep the last occurrence of each frame
-        rev_uniq, rev_idx = np.unique(g[::-1], return_index=True)
+        _, rev_idx = np.unique(g[::-1], return_index=True)
         keep = len(g) - 1 - rev_idx
         g, c = g[keep], c[keep]
         vp = self.vpns(g)
