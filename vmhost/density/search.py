@@ -38,7 +38,7 @@ EDGE = 0.01                  # a limit broken by less than this: the count is at
 class DensitySearch:
     """The search over ``cfg.sequence``; ``run()`` returns the result document."""
 
-    def __init__(self, cfg: DensityConfig, quiet: bool = True, progress=None, workers: int = 1):
+    def __init__(self, cfg: DensityConfig, progress=None, workers: int = 1):
         self.cfg = cfg
         self.progress = progress
         self.stepper = HostStepper(cfg, cfg.mix)

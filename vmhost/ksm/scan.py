@@ -270,10 +270,10 @@ class ScanMixin:
             pace.ran_ahead(host.clock)
         slot.rmap_list, self.prev_item = int(cursor[0]), int(cursor[1])
         self.address = int(cursor[2])
-        self._settle_compiled_merges(vma)
+        self._settle_compiled_merges()
         return int(i), int(n), int(code), int(item)
 
-    def _settle_compiled_merges(self, vma: Vma) -> None:
+    def _settle_compiled_merges(self) -> None:
         """What the compiled merges leave to Python: freeing frames, anon_vma references."""
         n = int(self._freed_n[0])
         if n:
