@@ -65,18 +65,7 @@ def headline(res: dict) -> list[str]:
     if b:
         if b is not res.get("at_best"):
             out.append(f"With pages_to_scan {res['cpu_limit']['pages_to_scan']}:")
-        out.append(f"At {b['guests']} guests KSM saves {fmt(b['saved_gib'])} GiB; ksmd uses "
-                   f"{fmt(100 * b['ksmd_cpu_share'])}% of one CPU at steady state, "
-                   f"{fmt(b['cpu_s_per_gib_saved'])} CPU-seconds per GiB saved.")
-        out.append(f"Time to 50/90/99% of a step's steady-state savings: the first guest "
-                   f"{_percentiles(b['time_to_first_guest'], fmt)} s, guest {b['guests']} "
-                   f"{_percentiles(b['time_to_last_step'], fmt)} s (virtual).")
-        if b.get("storm"):
-            s = b["storm"]
-            out.append(f"An unmerge storm at {b['guests']} guests needs {fmt(_gib(s['headroom_pages']))} GiB; "
-                       f"{fmt(_gib(s['available_pages']))} GiB are free above the min watermark (less the guest pages "
-                       f"in swap): it {'survives' if s['survives'] else 'does not survive'}. The most guests that "
-                       f"survive one: {_surviving_storm(res)}.")
+        out.extend(best_lines(res, b, PROSE))
     h = res["host"]
     out.append(f"Capacity for guests: {fmt(_gib(h['capacity_pages']))} GiB of {fmt(_gib(h['ram_pages']))} GiB "
                f"RAM (less the high watermarks and the free headroom). Resolution 1/{res['resolution']}: "
@@ -187,6 +176,51 @@ def _surviving_storm(res: dict):
     return res.get("vms_surviving_storm", (res.get("cpu_limit") or {}).get("vms_surviving_storm"))
 
 
+# The facts at the answer (``at_best``) in two wordings, the HTML page's prose and the terminal's
+# terse lines: a template per fact (None: not said in that wording) and how each wording writes
+# a number, a share, GiB and seconds.
+PROSE = {"num": fmt, "pct": lambda v: f"{fmt(100 * v)}%", "gib": lambda pages: fmt(_gib(pages)),
+         "secs": fmt, "survives": ("survives", "does not survive"),
+         "saved": "At {n} guests KSM saves {saved} GiB; ksmd uses {cpu} of one CPU at steady state, "
+                  "{cps} CPU-seconds per GiB saved.",
+         "swapped": None,
+         "times": "Time to 50/90/99% of a step's steady-state savings: the first guest {first} s, "
+                  "guest {n} {last} s (virtual).",
+         "storm": "An unmerge storm at {n} guests needs {need} GiB; {free} GiB are free above the min "
+                  "watermark (less the guest pages in swap): it {verdict}. The most guests that survive "
+                  "one: {most}."}
+TERSE = {"num": lambda v: "-" if v is None else v, "pct": _pct, "gib": _gib_text, "secs": _t,
+         "survives": ("survives", "does NOT survive"),
+         "saved": "at {n} guests: saved {saved} GiB; ksmd CPU {cpu} (steady); {cps} ksmd CPU-s per GiB saved",
+         "swapped": "at {n} guests {swapped} GiB of guest pages are in swap (counted in the KSM column, "
+                    "as pages held)",
+         "times": "time to 50/90/99% of steady-state savings: first guest {first}; guest {n} {last}",
+         "storm": "unmerge storm at {n} guests: needs {need} GiB ({storm_pages} storm + {churn_pages} churn "
+                  "pages), {free} GiB free above min watermark less swapped guest pages: {verdict}; "
+                  "largest N surviving: {most}"}
+
+
+def best_lines(res: dict, b: dict, words: dict) -> list[str]:
+    """What KSM saves and costs at the answer, how fast, and whether it survives an unmerge storm."""
+    v = {"n": b["guests"], "saved": words["num"](b["saved_gib"]), "cpu": words["pct"](b["ksmd_cpu_share"]),
+         "cps": words["num"](b["cpu_s_per_gib_saved"]),
+         "first": _percentiles(b["time_to_first_guest"], words["secs"]),
+         "last": _percentiles(b["time_to_last_step"], words["secs"])}
+    out = [words["saved"].format(**v)]
+    swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]
+                    and b is res.get("at_best")), 0)
+    if swapped and words["swapped"]:
+        out.append(words["swapped"].format(swapped=words["gib"](swapped), **v))
+    out.append(words["times"].format(**v))
+    if b.get("storm"):
+        s = b["storm"]
+        out.append(words["storm"].format(need=words["gib"](s["headroom_pages"]), free=words["gib"](s["available_pages"]),
+                                         storm_pages=s["storm_pages"], churn_pages=s["churn_pages"],
+                                         verdict=words["survives"][0 if s["survives"] else 1],
+                                         most=_surviving_storm(res), **v))
+    return out
+
+
 def headline_lines(res: dict) -> list[str]:
     """The answer a planner acts on: the three counts, the count that survives the storm, what
     bound KSM and, when the CPU limit did, the knob that meets it and the count with it."""
@@ -242,24 +276,7 @@ def format_result(res: dict) -> str:
         lines.append(f"with pages_to_scan {cl['pages_to_scan']} (the steps below are at the configured "
                      f"{cl['configured_pages_to_scan']}):")
     if b:
-        lines.append(f"at {b['guests']} guests: saved {b['saved_gib']} GiB; ksmd CPU {_pct(b['ksmd_cpu_share'])} "
-                     f"(steady); {b['cpu_s_per_gib_saved'] if b['cpu_s_per_gib_saved'] is not None else '-'}"
-                     f" ksmd CPU-s per GiB saved")
-        swapped = next((s["swapped_pages"] for s in res["steps"] if s["guests"] == b["guests"]
-                        and b is res.get("at_best")), 0)
-        if swapped:
-            lines.append(f"at {b['guests']} guests {_gib_text(swapped)} GiB of guest pages are in swap "
-                         f"(counted in the KSM column, as pages held)")
-        lines.append(f"time to 50/90/99% of steady-state savings: first guest "
-                     f"{_percentiles(b['time_to_first_guest'], _t)}; guest {b['guests']} "
-                     f"{_percentiles(b['time_to_last_step'], _t)}")
-        if b.get("storm"):
-            s = b["storm"]
-            lines.append(f"unmerge storm at {b['guests']} guests: needs {_gib_text(s['headroom_pages'])} GiB "
-                         f"({s['storm_pages']} storm + {s['churn_pages']} churn pages), "
-                         f"{_gib_text(s['available_pages'])} GiB free above min watermark less swapped guest pages: "
-                         f"{'survives' if s['survives'] else 'does NOT survive'}; "
-                         f"largest N surviving: {_surviving_storm(res)}")
+        lines.extend(best_lines(res, b, TERSE))
     lines.append(f"{'N':>4} {'image':<16} {'noKSM GiB':>9} {'KSM GiB':>8} {'ideal GiB':>9} {'saved GiB':>9} "
                  f"{'cpu':>7} {'swapin/s':>8} {'swap GiB':>8} {'free GiB':>8} {'t50':>8} {'t90':>8} {'t99':>8} "
                  f"{'scans':>5} verdict")
