@@ -1,6 +1,9 @@
 """The host config loader: sizes with units, key paths in one-line errors, knobs via the engine."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from vmhost.config import load_config, parse_size
 from vmhost.errors import InputError
@@ -49,22 +52,12 @@ def test_sizes(value, expect):
     assert parse_size(value, "f", "k") == expect
 
 
-@pytest.mark.parametrize("edit, key, words", [
-    (("memory: 4GiB, cpus: 2", "memory: 4 parsecs, cpus: 2"), "host.nodes[0].memory", "not a size"),
-    (("memory: 2GiB", "memory: 100MiB"), "host.nodes[1].memory", "too small"),
-    (("thp: never", "thp: sometimes"), "host.thp", "sometimes"),
-    (("profile: linux-6.18", "profile: linux-9"), "host.profile", "unknown profile"),
-    (("  movable_nodes: [1]", "  movable_nodes: [1]\n  colour: blue"), "host.colour", "unknown key"),
-    (("[21, 10]]", "[21, 9]]"), "host.distance[1][1]", "out of range"),
-    (("priority: 10,", "priority: ten,"), "host.swap[0].priority", "whole number"),
-    (("pages_to_scan: 1000", "pages_to_scan: -5"), "ksm.pages_to_scan", "EINVAL"),
-    (("pages_to_scan: 1000", "frobnicate: 1"), "ksm.frobnicate", "no such KSM knob"),
-    (("cpus: [4, 5]", "cpus: [1, 5]"), "host.nodes[1].cpus[0]", "two nodes"),
-    (("block_size: 128MiB", "block_size: 100MiB"), "host.block_size", "power-of-two"),
-    (("size: 1GiB", "size: 257GiB"), "host.swap[0].size", "at most 67108864 pages"),
-    (("write_mbps: 400}", "write_mbps: 400}\n    - {name: sda, size: 1GiB}"), "host.swap[1].name",
-     "two swap devices are named 'sda'"),
-])
+# (edit of GOOD, key, words of the message): a table of cases, kept as data
+BAD = [((case["from"], case["to"]), case["key"], case["words"])
+       for case in yaml.safe_load((Path(__file__).parent / "data" / "bad_host_configs.yaml").read_text())]
+
+
+@pytest.mark.parametrize("edit, key, words", BAD)
 def test_bad_config_one_line_with_file_key_and_reason(tmp_path, edit, key, words):
     text = GOOD.replace(*edit)
     assert text != GOOD
