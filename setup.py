@@ -4,9 +4,9 @@ Everything else about the package is in pyproject.toml. This file only extends `
 after the sources are copied into the build tree, `python -m vmhost.ksm.warmup` runs there
 once, so numba writes its cache (`__pycache__/*.nbi`, `*.nbc`) beside the built modules and
 the wheel carries it. That cache is keyed by one hash of the emulator's sources
-(vmhost/ksm/jitcache.py), the Python and numba versions and this CPU, so an install on the machine that built it (what
-`pip install .` does) starts with the compiled code; anywhere else the first run compiles,
-as it would without this hook. An editable install compiles on first use.
+(vmhost/ksm/jitcache.py), the Python and numba versions and this CPU, so an install on the
+machine that built it (what `pip install .` does) starts with the compiled code; anywhere
+else the first run compiles, as it would without this hook. An editable install compiles on first use.
 """
 
 import os

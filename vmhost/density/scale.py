@@ -118,13 +118,11 @@ def smart_scan_cycle() -> int:
 def smart_scan_on(h: HostConfig) -> bool:
     """Whether the host's ksmd runs smart scan: its profile has it and the config leaves it on."""
     from vmhost.profile import PROFILES
-    if not getattr(PROFILES[h.profile], ksm_knobs.BY_NAME["smart_scan"].feature):
+    knob = ksm_knobs.BY_NAME["smart_scan"]
+    if not getattr(PROFILES[h.profile], knob.feature):
         return False
-    value = ksm_knobs.BY_NAME["smart_scan"].default
-    for name, text in h.ksm:
-        if name == "smart_scan":
-            rc, value = ksm_knobs.Knobs().parse(name, text)
-    return bool(value)
+    written = dict(h.ksm).get(knob.name)         # the config's knobs were checked by the engine
+    return bool(knob.default if written is None else ksm_knobs.Knobs().parse(knob.name, written)[1])
 
 
 def unfaithful_figures(run: HostRun, mix) -> list[str]:
