@@ -131,10 +131,10 @@ class Clock:
         self._bound = (limit if limit is not None else 1 << 62) if fast_forward else None
         try:
             while condition():
-                nxt = self.next_time()
-                if nxt is None or (limit is not None and nxt > limit):
+                heap = self._earliest(False)
+                if heap is None or (limit is not None and heap[0][0] > limit):
                     return False
-                self.step()
+                self._run(heap)
         finally:
             self._bound = outer
         return True

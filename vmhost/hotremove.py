@@ -70,8 +70,8 @@ from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
 from vmhost.schema import (ABSENT, Section, expect_bool, expect_enum, expect_int, expect_list,
-                           expect_mapping, expect_one_step, expect_str, fail, parse_duration_ns,
-                           parse_size, read_yaml, rule)
+                           expect_mapping, expect_new_name, expect_one_step, expect_str, fail,
+                           parse_duration_ns, parse_size, read_yaml, rule)
 
 STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
               "pressure", "reclaim", "write", "ksm")
@@ -216,12 +216,10 @@ def _proc_oom_score_adj(value: Any, path: str, key: str, p: _Proc) -> None:
 
 
 def _proc_regions(value: Any, path: str, key: str, p: _Proc) -> None:
-    if not isinstance(value, list) or not value:
-        raise fail(path, key, "expected a non-empty list of regions")
-    for i, r in enumerate(value):
+    taken: set[str] = set()
+    for i, r in enumerate(expect_list(value, path, key, "regions", nonempty=True)):
         reg = _region(r, path, f"{key}[{i}]")
-        if any(reg.name == other.name for other in p.spec.regions):
-            raise fail(path, f"{key}[{i}].name", f"two regions are named {reg.name!r}")
+        expect_new_name(reg.name, path, f"{key}[{i}].name", taken, "regions")
         p.spec.regions.append(reg)
 
 

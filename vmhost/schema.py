@@ -313,14 +313,14 @@ class Section:
         self.names = tuple(k.name for k in keys)
         self.required = tuple(k.name for k in keys if k.required)
 
-    def check(self, value: Any, path: str, where: str, extra: tuple[str, ...] = ()) -> dict:
-        """The mapping, its keys checked (``extra``: keys the caller reads itself)."""
-        return expect_mapping(value, path, where, self.names + extra, self.required)
+    def check(self, value: Any, path: str, where: str) -> dict:
+        """The mapping, its keys checked."""
+        return expect_mapping(value, path, where, self.names, self.required)
 
-    def fill(self, value: Any, path: str, where: str, obj: Any, extra: tuple[str, ...] = ()) -> Any:
+    def fill(self, value: Any, path: str, where: str, obj: Any) -> Any:
         """Check the mapping and set ``obj``'s attribute of each key present or defaulted, in
         the declaration order; ``obj``."""
-        section = self.check(value, path, where, extra)
+        section = self.check(value, path, where)
         for k in self.keys:
             k.fill(section, path, where, obj)
         return obj

@@ -12,6 +12,7 @@ coarser time grain). The watermarks are the full-size host's / N (``build_system
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 from hw.units import HPAGE_PAGES, PAGES_PER_MIB
@@ -108,6 +109,7 @@ def depth_extra_ns(r: int, work: dict) -> int:
     return int(math.log2(r) * SEARCHES_PER_CHECKSUM * work["checksums"] * COST_NS["tree_compares"])
 
 
+@functools.cache
 def smart_scan_cycle() -> int:
     """Full scans a settle window needs to see a whole smart-scan skip cycle: the longest run of
     passes that skip a page (from the rule itself, ``fastscan.smart_skip``), plus the visit."""

@@ -335,7 +335,7 @@ class _Probes:
 
     def result(self, pts: int) -> dict:
         if self.pool is None:
-            return DensitySearch(self.search._with_pages_to_scan(pts))._search()
+            return _search_with(self.search._with_pages_to_scan(pts))
         self.ahead(pts)
         return self.running.pop(pts).get()
 

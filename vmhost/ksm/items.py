@@ -72,17 +72,11 @@ class RmapItems(FieldPool):
         return self.capacity - int(self.free_list[1])
 
     def _add_free(self, lo: int, hi: int) -> None:
-        """Items lo..hi-1 go on the free list, in that order, after the items on it."""
+        """Items lo..hi-1 are the free list, in that order (the pool grows only when none is free)."""
+        assert self.free_list[1] == 0
         self.rnext[lo:hi - 1] = np.arange(lo + 1, hi, dtype=np.int32)
         self.rnext[hi - 1] = NIL
-        tail = int(self.free_list[0])
-        if tail == NIL:
-            self.free_list[0] = lo
-        else:
-            while self.rnext[tail] != NIL:
-                tail = int(self.rnext[tail])
-            self.rnext[tail] = lo
-        self.free_list[1] += hi - lo
+        self.free_list[0], self.free_list[1] = lo, hi - lo
 
     def grow(self) -> None:
         old = self.capacity
@@ -96,8 +90,7 @@ class RmapItems(FieldPool):
         item = int(self.free_list[0])
         self.free_list[0] = self.rnext[item]
         self.free_list[1] -= 1
-        for name, _, fill in self._FIELDS:
-            getattr(self, name)[item] = fill
+        self._reset(item)
         self.mm[item] = mm_id
         self.address[item] = address
         return item

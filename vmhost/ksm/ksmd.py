@@ -69,6 +69,7 @@ class Pace:
         self.f = np.zeros(fastscan.N_PACE_F, dtype=np.float64)
         self.before = 0.0           # Ksmd._work_ns() when the current batch started
         self.batches = 0            # whole batches run ahead during the current tick's batch
+        self.costs = np.array([COST_NS.get(k, 0) for k in WORK_NAMES], dtype=np.float64)
 
     def arrays(self, clock: Clock, done: int, cand_gen: int):
         i, f = self.i, self.f
@@ -83,7 +84,7 @@ class Pace:
         f[fastscan.PACE_THP_NS] = self.ksm.host.vmstat["thp_split_page"] * COST_NS.get("thp_splits", 0)
         f[fastscan.PACE_PAGE_NS] = COST_NS["pages"]
         f[fastscan.PACE_BATCH_NS] = COST_NS.get("batches", 0)
-        return i, f, np.array([COST_NS.get(k, 0) for k in WORK_NAMES], dtype=np.float64)
+        return i, f, self.costs
 
     def ran_ahead(self, clock: Clock) -> None:
         """Take over what the compiled scan ran ahead; the clock moves to the wake-up of the

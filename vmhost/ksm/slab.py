@@ -1,13 +1,15 @@
 """What KSM's object caches share (mm/ksm.c's rmap_item_cache and stable_node_cache, which
 the kernel allocates from with kmem_cache_zalloc): here each cache is a struct of numpy arrays
-with a stack of free indices, so that the compiled scan allocates and frees too.
+with its free objects on a stack (stable nodes) or a list threaded through a field
+(rmap_items), so that the compiled scan allocates and frees too.
 
 ``FieldPool`` is such a cache's fields: one array per row of ``_FIELDS`` (name, dtype, fill),
-and red-black tree links (``links``) whose left/right/parent are three of those arrays
-(``_UNION``), as the kernel's structs keep a tree node in a union with fields the object does
-not use while it is in the tree. ``zalloc(pool)`` pops a free index (growing the pool when the stack is empty) and resets every
-field of ``pool._FIELDS`` to its fill value; ``ArrayCell`` is a counter kept in a cell of a
-numpy array (the compiled code updates it in place), read and written as a Python int.
+and red-black tree links (``links``: only its roots are its own) whose left/right/parent are
+three of those arrays (``_UNION``), as the kernel's structs keep a tree node in a union with
+fields the object does not use while it is in the tree. ``zalloc(pool)`` pops a free index
+from the stack (growing the pool when it is empty) and resets every field to its fill value;
+``ArrayCell`` is a counter kept in a cell of a numpy array (the compiled code updates it in
+place), read and written as a Python int.
 """
 
 from __future__ import annotations
@@ -39,8 +41,7 @@ def zalloc(pool) -> int:
         pool.grow()
     pool.free_top[0] -= 1
     i = int(pool.free_stack[pool.free_top[0]])
-    for name, _, fill in pool._FIELDS:
-        getattr(pool, name)[i] = fill
+    pool._reset(i)
     return i
 
 
@@ -56,6 +57,11 @@ class FieldPool:
         self.links = NodeLinks(0, trees)
         self.links.color = np.zeros(capacity, dtype=np.uint8)
         self._share_links()
+
+    def _reset(self, i: int) -> None:
+        """Every field of object ``i`` at its fill value, as kmem_cache_zalloc hands it out."""
+        for name, _, fill in self._FIELDS:
+            getattr(self, name)[i] = fill
 
     def _share_links(self) -> None:
         self.links.left, self.links.right, self.links.parent = (getattr(self, n) for n in self._UNION)

@@ -112,13 +112,14 @@ class StableTreeMixin:
         else:
             prune = False
         found, found_len, found_pfn = NIL, 0, -1
+        mps = self._mps()
         d = int(nodes.dhead[node])
         while d != NIL:
             nxt = int(nodes.dnext[d])
             self.work[fastscan.W_DUPS] += 1
             pfn = self.get_page(d)
-            choice = fastscan.dup_choice(found, found_len, int(nodes.hlist_len[d]), self._mps())
-            if pfn >= 0 and choice != 0:
+            choice = fastscan.dup_choice(found, found_len, int(nodes.hlist_len[d]), mps) if pfn >= 0 else 0
+            if choice != 0:
                 found, found_len, found_pfn = d, int(nodes.hlist_len[d]), pfn
                 if choice == 2 and not prune:
                     break

@@ -30,7 +30,6 @@ _pte_view = arraygroup.view(from_dtype(PTE_DTYPE))
 _ptef_view = arraygroup.view(types.uint8)
 
 
-
 @njit(cache=True, nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def find_vma(V, mm, vpn):
     """Registry index of the mergeable VMA of ``mm`` holding ``vpn``, or -1."""
