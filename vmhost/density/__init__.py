@@ -26,6 +26,7 @@ boot, e.g. ``policy: {name: ksmtuned}``) plus::
       resolution: 1                        # simulate every guest at 1/N of its pages (default 1)
       settle:                              # each step runs to KSM steady state ...
         scans: 2                           # counters unchanged (within tolerance) for 2 full scans
+                                           # (at least 9, smart scan's skip cycle, when it is on)
         tolerance: 0.001                   # change allowed, relative to the new guest's pages
         max_scans: 30                      # bound: not steady after this many scans
         time: 30s                          # ... or instead: a fixed virtual time per step
@@ -84,12 +85,14 @@ are the configured ones, not a tuning policy's), the result also gives the large
 pages_to_scan that meets the limit, found by searching again (``cpu_limit``), and the count
 with it: a knob setting that breaks the limit does not answer "KSM 0".
 
-**Steady state and smart scan.** A step is steady when the counters stood still for
-``settle.scans`` full scans. With smart_scan (6.18's default) a page that has not merged for a
+**Steady state and smart scan.** A step is steady when the counters stood still for a window
+of full scans (``vmhost.density.settle``, the same rule the kernel oracle applies to the real
+counters): ``settle.scans``, raised under smart scan (6.18's default) to the longest skip cycle,
+9 scans (``max_scans`` raised by as much). With smart scan a page that has not merged for a
 while is visited only every 2 to 9 scans, and two identical pages merge only in a pass that
 visits both, so pages of a guest booted next to an old one can merge many scans after the
-counters first stand still (or, out of phase, not at all: the kernel behaves the same). A
-short settle window therefore stops early; ``settle.scans: 9`` covers a whole skip cycle.
+counters first stand still: a shorter window stops wherever the skip cycles happen to stand,
+which moves with the run and the resolution. A result's notes say when the window was raised.
 
 **Savings** are pages_sharing + ksm_zero_pages (pages_shared are the copies kept).
 **Time to X%** of a step's steady-state savings is virtual time from the guest's boot until the

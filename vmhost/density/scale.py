@@ -12,12 +12,12 @@ coarser time grain). The watermarks are the full-size host's / N (``build_system
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 from hw.units import HPAGE_PAGES, PAGES_PER_MIB
 from vmhost.config import HostConfig
 from vmhost.density.config import HostRun
+from vmhost.density.settle import smart_scan_on
 from vmhost.ksm import knobs as ksm_knobs
 
 MIN_BATCH_PAGES = 256
@@ -109,24 +109,6 @@ def depth_extra_ns(r: int, work: dict) -> int:
     return int(math.log2(r) * SEARCHES_PER_CHECKSUM * work["checksums"] * COST_NS["tree_compares"])
 
 
-@functools.cache
-def smart_scan_cycle() -> int:
-    """Full scans a settle window needs to see a whole smart-scan skip cycle: the longest run of
-    passes that skip a page (from the rule itself, ``fastscan.smart_skip``), plus the visit."""
-    from vmhost.ksm.fastscan import smart_skip
-    return max(smart_skip.py_func(age, 0)[1] for age in range(256)) + 1
-
-
-def smart_scan_on(h: HostConfig) -> bool:
-    """Whether the host's ksmd runs smart scan: its profile has it and the config leaves it on."""
-    from vmhost.profile import PROFILES
-    knob = ksm_knobs.BY_NAME["smart_scan"]
-    if not getattr(PROFILES[h.profile], knob.feature):
-        return False
-    written = dict(h.ksm).get(knob.name)         # the config's knobs were checked by the engine
-    return bool(knob.default if written is None else ksm_knobs.Knobs().parse(knob.name, written)[1])
-
-
 def unfaithful_figures(run: HostRun, mix) -> list[str]:
     """What a host simulated at 1/r cannot show, one sentence each (empty at r = 1)."""
     r, out = run.resolution, []
@@ -139,11 +121,10 @@ def unfaithful_figures(run: HostRun, mix) -> list[str]:
                    f"so KSM merges the zero subpages that splitting a huge page maps to the zero page: "
                    f"memory saved, pages_sharing and ksmd CPU are not the full-size host's "
                    f"(resolution {finest} or finer shows them)")
-    cycle = smart_scan_cycle()
-    if run.settle_time_ns is None and run.settle_scans < cycle and smart_scan_on(run.host):
-        out.append(f"smart scan: a step settles after {run.settle_scans} full scans without change, fewer than "
-                   f"its longest skip cycle ({cycle} scans), so where it stops depends on where each page's "
-                   f"cycle stands, which moves with the resolution: a step's pages_sharing, times to X% and "
-                   f"ksmd CPU, and a pages_to_scan suggested under a CPU limit, can differ from the full-size "
-                   f"host's (settle.scans: {cycle}, or resolution 1, shows them)")
+    if run.settle_time_ns is None and smart_scan_on(run.host):
+        out.append(f"smart scan: a guest merges with older guests' pages only in passes that visit both, "
+                   f"and the older pages' skip cycles stand where the previous step's last pass left them; "
+                   f"a step can end a pass earlier or later at 1/{r} than at full size, so the pages_sharing, "
+                   f"times to X% and ksmd CPU of a step after the first can differ from the full-size "
+                   f"host's (resolution 1 shows them)")
     return out

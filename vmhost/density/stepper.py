@@ -11,16 +11,15 @@ and returns a :class:`StepResult` (full-scale numbers at any resolution). The de
 With ``warm_start`` each guest writes its whole hot set once right after its boot writes, as
 a guest that has run for a while would have; a step then settles to the long-run state.
 
-**Steady state and smart scan.** A step is steady when the counters stood still for
-``settle_scans`` full scans. With smart_scan (6.18's default) a page that has not merged for a
-while is visited only every 2 to 9 scans, and two identical pages merge only in a pass that
-visits both, so pages of a guest booted next to an old one can merge many scans after the
-counters first stand still (the kernel behaves the same): ``settle.scans: 9`` covers a whole
-skip cycle.
+**Steady state and smart scan.** A step is steady when the counters stood still for a window
+of full scans (``vmhost.density.settle``): ``settle_scans``, raised under smart scan (6.18's
+default) to the longest skip cycle (9 scans), since a page that has not merged for a while is
+visited only every 2 to 9 scans and a shorter window stops wherever the skip cycles stand.
 
 **Time to X%** of a step's steady-state savings is virtual time from the guest's boot until the
 savings gained in the step reach X% of what the step gained at steady state (sampled
-``samples_per_scan`` times per full scan). ksmd's CPU share is measured over the settle window.
+``samples_per_scan`` times per full scan). ksmd's CPU share and the COW-break rate are measured
+over the settle window (its last ``window`` scans).
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import numpy as np
 from hw.units import PAGES_PER_GIB
 from vmhost.density.config import HostRun, MixEntry
 from vmhost.density.curves import GuestFacts, guest_facts, ideal_now
+from vmhost.density.settle import SettleRule
 from vmhost.density.scale import (depth_extra_ns, full_scale_scan_knobs, scaled_host, scaled_image,
                                   unfaithful_figures)
 
@@ -102,6 +102,9 @@ class HostStepper:
         self.r = run.resolution
         self.hcfg, self.knobs, self.notes = scaled_host(run)
         self.unfaithful = unfaithful_figures(run, mix)
+        self.settle = SettleRule.of(run)
+        if self.settle.note():
+            self.notes.append(self.settle.note())
         self.images = {e.index: scaled_image(e.image, self.r) for e in mix}
         self.built = False
 
@@ -255,6 +258,7 @@ class HostStepper:
                        settled_by="time" if run.settle_time_ns is not None else "ksm not running")
             out["window"] = (win_t0, win_cpu, win_cow)
             return out
+        rule = self.settle
         hist = [(ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
                  self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"])]
         limit_ns = clock.now + 4 * deadline_scans * self._scan_time_estimate() + 10 * 1_000_000_000
@@ -267,21 +271,14 @@ class HostStepper:
             out["scans"] += 1
             hist.append((ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
                          self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"]))
-            k = run.settle_scans
-            # a new guest needs a scan to checksum its pages and one more to merge them: no
-            # verdict before k + 1 scans; tolerance is relative to the new guest's pages
-            if out["scans"] > k:
-                ref = hist[-1 - k]
-                window = hist[-1 - k:]
-                tol = run.tolerance
-                if all(abs(h[j] - ref[j]) <= tol * max(new_pages, 1) for h in window for j in (0, 1, 2)):
-                    out["steady"] = True
-                    out["settled_by"] = f"{k} scans unchanged"
-                    break
+            # tolerance is relative to the new guests' pages (vmhost.density.settle)
+            if rule.steady(hist, new_pages):
+                out["steady"] = True
+                out["settled_by"] = rule.settled_by()
+                break
         else:
             out["settled_by"] = f"max_scans ({deadline_scans})"
-        k = min(run.settle_scans, len(hist) - 1)
-        ref = hist[-1 - k] if k > 0 else hist[-1]
+        ref = rule.window_start(hist)
         out["window"] = (ref[3], ref[4], ref[5])
         return out
 
@@ -302,7 +299,7 @@ class HostStepper:
         if self._sampler is not None:
             self._sampler.cancel()
         self._sampler = host.clock.after(self._sample_dt, self._sample)
-        st = self._settle(run.max_scans, sum(g.gm.pages for g in booted))
+        st = self._settle(self.settle.max_scans, sum(g.gm.pages for g in booted))
         self._sampler.cancel()
         self._sampler = None
         now = self._eff_now()

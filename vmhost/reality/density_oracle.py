@@ -21,10 +21,12 @@ process on this kernel:
   cursor) and lets ksmd go on (``run`` 1). Without the pause ksmd would run extra passes over
   the older guests during the fill; with smart scan each pass moves every skipped page's skip
   cycle, and the next guest met the older guests' pages one pass off the emulator's.
-* **Steady state** is the emulator's rule: ``pages_shared``, ``pages_sharing`` and
+* **Steady state** is the emulator's rule, the same code (``vmhost.density.settle``) fed the
+  kernel's counters after each full scan: ``pages_shared``, ``pages_sharing`` and
   ``ksm_zero_pages`` moved by at most ``tolerance`` x the step's new pages over the last
-  ``settle.scans`` full scans (no verdict before ``scans + 1`` scans), at most ``max_scans``;
-  or a fixed ``settle.time``.
+  window of full scans (``settle.scans``, raised under smart scan to its longest skip cycle,
+  9 scans; no verdict before ``window + 1`` scans), at most ``max_scans``; or a fixed
+  ``settle.time``.
 * **Sampling.** Counters and ksmd's CPU time (``/proc/<ksmd>/schedstat``, its on-CPU ns) are
   polled every few milliseconds; every full-scan boundary is kept (the steady rule, the CPU
   window) and the savings timeline is thinned like the emulator's. At each step's end the
@@ -32,7 +34,7 @@ process on this kernel:
   ``AnonHugePages`` (``/proc/PID/smaps``).
 * **Measures.** used memory = the guests' resident RAM minus ``pages_sharing`` (a KSM page is
   resident in every mapper; pages mapped to the zero page are resident in none); ksmd's CPU
-  share over the settle window (last ``settle.scans`` scans); time to 50/90/99% of the step's
+  share over the settle window (its last ``window`` scans, as the emulator's); time to 50/90/99% of the step's
   gain in savings (``pages_sharing + ksm_zero_pages``) from the registration.
 
 ksmd's CPU. The emulator's ksmd always finds a CPU free; on this shared 2-CPU machine other
@@ -56,8 +58,8 @@ share 10%, used memory 1%. Saved runs compare with ``python -m vmhost.reality.de
 (2 GiB, CI) and ``configs/oracle/density-{vdi,tenants,jvm}.yaml`` (6-6.5 GiB each) with
 ``smart_scan: 0`` (every page visited every pass: the kernel repeats itself exactly), and
 ``configs/oracle/density-{vdi-12g,tenants-10g,jvm-10g}.yaml`` (10-12 GiB) at 6.18's default
-``smart_scan: 1``: a page that did not merge is skipped for up to 8 passes, so where the 2-scan
-settle window ends depends on where the skip cycles stand (README, Real density).
+``smart_scan: 1``: a page that did not merge is skipped for up to 8 passes, so the settle window
+covers a whole skip cycle on both sides (README, Real density).
 
 Safety. It refuses, with one line and exit 2, when not root, when another process uses KSM or
 holds the oracle lock too long (``exclusive_kernel_ksm``), and when the guests' memory (touched
@@ -89,6 +91,7 @@ from pathlib import Path
 import numpy as np
 
 from hw.units import HPAGE_PAGES, HPAGE_SIZE, PAGE_SIZE, PAGES_PER_GIB
+from vmhost.density.settle import COUNTERS as SETTLE_COUNTERS, SettleRule
 from vmhost.errors import InputError
 from vmhost.footprint import available_bytes
 from vmhost.reports.files import dumps_json
@@ -415,6 +418,7 @@ class _Driver:
         from vmhost.density import DensityRunner
         self.cfg, self.specs, self.progress = cfg, specs, progress
         self.stride_of = DensityRunner(_full_scale(cfg))._stride
+        self.settle = SettleRule.of(cfg)       # the emulator's rule, on the kernel's counters
         self.ksmd = ksmd_pid()
         self.guests: list[_GuestHandle] = []
         self.t_start = time.monotonic_ns()
@@ -526,10 +530,10 @@ class _Driver:
                       settled_by="time" if cfg.settle_time_ns is not None else "ksm not running")
             window = hist[0]
         else:
-            limit = time.monotonic() + 4 * cfg.max_scans * scan_est + 10
+            rule = self.settle
+            limit = time.monotonic() + 4 * rule.max_scans * scan_est + 10
             fs = c0["full_scans"]
-            k = cfg.settle_scans
-            while st["scans"] < cfg.max_scans:
+            while st["scans"] < rule.max_scans:
                 if time.monotonic() > limit:
                     st["settled_by"] = "time bound"
                     break
@@ -543,18 +547,13 @@ class _Driver:
                 st["scans"] += 1
                 hist.append((t, c, cpu, cow, wait))
                 self.proc_timeline.append(self.proc_sample(t))
-                if st["scans"] > k:
-                    ref = hist[-1 - k][1]
-                    tol = cfg.tolerance * max(new_pages, 1)
-                    if all(abs(h[1][f] - ref[f]) <= tol for h in hist[-1 - k:]
-                           for f in ("pages_shared", "pages_sharing", "ksm_zero_pages")):
-                        st["steady"] = True
-                        st["settled_by"] = f"{k} scans unchanged"
-                        break
+                if rule.steady([tuple(h[1][f] for f in SETTLE_COUNTERS) for h in hist], new_pages):
+                    st["steady"] = True
+                    st["settled_by"] = rule.settled_by()
+                    break
             else:
-                st["settled_by"] = f"max_scans ({cfg.max_scans})"
-            kk = min(k, len(hist) - 1)
-            window = hist[-1 - kk] if kk > 0 else hist[-1]
+                st["settled_by"] = f"max_scans ({rule.max_scans})"
+            window = rule.window_start(hist)
             if n + count < len(self.specs):
                 self.set_run("0")             # the next guests register before ksmd goes on
         t1, c1, cpu1, wait1, cow1 = self.sample()
@@ -591,8 +590,8 @@ class _Driver:
         ram_pages = sum(nd.mem_bytes for nd in cfg.host.topology.nodes) // PAGE_SIZE
         saved = self.saved(c1)
         scans = [b[0] for b in hist[1:]]
-        scan_s = (round((scans[-1] - scans[max(len(scans) - 1 - cfg.settle_scans, 0)]) / 1e9
-                        / max(min(cfg.settle_scans, len(scans) - 1), 1), 3) if len(scans) > 1 else None)
+        k = min(self.settle.window, len(scans) - 1)
+        scan_s = round((scans[-1] - scans[-1 - k]) / 1e9 / k, 3) if k > 0 else None
         last = self.specs[n - 1]
         e = cfg.mix[last["mix"]]
         step = {
@@ -691,7 +690,7 @@ class _Driver:
             "resolution": 1,
             "resolution_note": f"exact: every page on this machine's kernel ({kernel})",
             "covers": COVERS.format(kernel=kernel),
-            "notes": [COVERS.format(kernel=kernel)],
+            "notes": [COVERS.format(kernel=kernel)] + ([self.settle.note()] if self.settle.note() else []),
             "unfaithful": [],
             "accounting": ACCOUNTING,
             "host": {"ram_pages": sum(nd.mem_bytes for nd in cfg.host.topology.nodes) // PAGE_SIZE,
