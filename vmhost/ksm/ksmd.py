@@ -101,6 +101,7 @@ class Pace:
 
 class Ksmd:
     run_ahead = True                          # False: one clock event per batch (the reference)
+    grain = 1                                 # full-size batches one batch stands for (see _sleep_ns)
 
     def __init__(self, ksm: "Ksm", clock: Clock):
         self.ksm = ksm
@@ -154,7 +155,7 @@ class Ksmd:
             if not ksm.should_run():
                 return
             sleep_ms = ksm.knobs.sleep_millisecs
-            when = clock.now + cost + sleep_ms * NS_PER_MS
+            when = clock.now + cost + self._sleep_ns(done, ksm.seqnr != seqnr)
             if self.run_ahead and ksm.seqnr == seqnr and when < clock.horizon():
                 clock.advance(when)           # nothing else happens before: the next batch now
                 self.batches_ahead += 1
@@ -162,6 +163,19 @@ class Ksmd:
             self._slept_ms = sleep_ms
             self._event = clock.at(when, self._tick)
             return
+
+    def _sleep_ns(self, done: int, pass_ended: bool) -> int:
+        """The sleep after a batch of ``done`` pages. A scaled host whose batches were grouped
+        (``grain`` full-size batches in one, the sleep x ``grain``: the same scan rate) sleeps
+        less after a pass's last batch, cut short by the pass's end: the full-size ksmd would
+        have taken only the full-size batches those pages fill, one sleep each. With smart scan
+        most passes of a steady host visit few pages, and a whole grouped sleep per pass would
+        stretch them (lowering ksmd's CPU share the coarser the grain)."""
+        k = self.ksm.knobs
+        if self.grain == 1 or not pass_ended or done >= k.pages_to_scan:
+            return k.sleep_millisecs * NS_PER_MS
+        full_batches = max(1, -(-done * self.grain // max(k.pages_to_scan, 1)))
+        return k.sleep_millisecs * NS_PER_MS * full_batches // self.grain
 
     def _work_ns(self) -> float:
         return (sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())
