@@ -271,7 +271,8 @@ class DensitySearch:
 
     def _margin(self, step: dict) -> float:
         """By how much (relative) the step that ended the search broke its limits: the
-        largest excess over the limits it broke (OOM kills count as infinitely broken). An
+        largest excess over the limits it broke (OOM kills count as infinitely broken; memory
+        limits relative to the capacity). An
         answer decided within a resolution's error of a limit is at the edge."""
         cfg, out = self.cfg, 0.0
         for v in step["violations"]:
@@ -282,7 +283,10 @@ class DensitySearch:
             elif v.startswith("swap-in"):
                 out = max(out, step["swapin_rate"] / cfg.swapin_rate - 1 if cfg.swapin_rate else float("inf"))
             elif v.startswith("free memory"):
-                out = max(out, self.headroom_pages() / max(step["free_pages"], 1) - 1)
+                # a shortfall of memory, as the guest-page limit's: relative to the capacity
+                # (a resolution's error in used memory moves free memory by a share of RAM,
+                # not of the headroom)
+                out = max(out, (self.headroom_pages() - step["free_pages"]) / self.capacity_pages())
             elif v.startswith("guest pages"):
                 out = max(out, step["held_pages"] / self.capacity_pages() - 1)
         return round(out, 6)
