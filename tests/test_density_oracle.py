@@ -202,6 +202,13 @@ def test_small_comparison_emulator_against_kernel(tmp_path):
     assert "kernel" in ker["covers"] and "swap" in ker["covers"]
     assert [s["guests"] for s in ker["steps"]] == [1, 2]
     assert all(s["steady"] for s in ker["steps"])
+    # both sides stop by the one settle rule (vmhost/density/settle.py), over the same window
+    from vmhost.density import load_density
+    from vmhost.density.settle import SettleRule
+    rule = SettleRule.of(load_density(SMALL))
+    for s in ker["steps"] + emu["steps"]:
+        assert s["settled_by"] == rule.settled_by() and s["full_scans"] > rule.window
+    assert all(len(s["kernel"]["scans"]) == s["full_scans"] + 1 for s in ker["steps"])
     # the kernel merged: the second clone shares most of its pages with the first
     assert ker["steps"][1]["pages_sharing"] > 0.5 * 262144 * 0.5
     cmp = compare(emu, [ker])
