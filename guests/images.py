@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from guests.interning import Interner, key64, tagged
-from guests.strict_yaml import DocumentError, load_yaml
+from guests.schema import DocumentError, load_yaml
 from hw.units import PAGES_PER_MIB
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"

@@ -1,7 +1,7 @@
 import pytest
 
+from guests.errors import InputError
 from vmhost.clock import Clock
-from vmhost.errors import InputError
 from vmhost.profile import get_profile
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from guests.errors import InputError
 from vmhost.config import load_config, parse_size
-from vmhost.errors import InputError
 
 GOOD = """
 host:

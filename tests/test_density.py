@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
+from guests.errors import InputError
 from vmhost.density import DensityRunner, boot_sequence, format_result, load_density, run_density
 from vmhost.density.search import DensitySearch
-from vmhost.errors import InputError
 
 from helpers import ROOT, UNIT_KERNEL_HALF, refused_before_writing
 

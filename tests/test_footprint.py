@@ -2,10 +2,10 @@
 
 import pytest
 
+from guests.errors import InputError
 from hw.units import PAGE_SIZE as PAGE
 from vmhost.benchmarks.ksm import host_bytes_for, run_emulator
 from vmhost.benchmarks.ksm_workload import Workload
-from vmhost.errors import InputError
 from vmhost.footprint import BASE_BYTES, GiB, Footprint, check_fits, fitting_resolution
 
 

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from any directory
 
-from vmhost.errors import InputError  # noqa: E402
+from guests.errors import InputError  # noqa: E402
 from vmhost.reality import ksm_oracle as oracle  # noqa: E402
 from vmhost.ksm.trace import compare_results, load_trace  # noqa: E402
 from helpers import pids_with_cmdline  # noqa: E402

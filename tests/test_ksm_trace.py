@@ -11,7 +11,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
 
-from vmhost.errors import InputError  # noqa: E402
+from guests.errors import InputError  # noqa: E402
 from vmhost.ksm.trace import (PROC_FIELDS, SNAPSHOT_FIELDS, Region, Step,  # noqa: E402
                               compare_results, content_ids, dumps_result, format_result,
                               load_trace, page_bytes)

@@ -22,9 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("hw", "guests", "vmhost")
 
-EMULATOR = ("hw", "guests", "vmhost.clock", "vmhost.errors", "vmhost.profile", "vmhost.process",
-            "vmhost.host", "vmhost.qemu", "vmhost.mm", "vmhost.ksm", "vmhost.policies",
-            "vmhost.schema", "vmhost.config", "vmhost.progress")
+EMULATOR = ("hw", "guests", "vmhost.clock", "vmhost.profile", "vmhost.process", "vmhost.host",
+            "vmhost.qemu", "vmhost.mm", "vmhost.ksm", "vmhost.policies", "vmhost.config",
+            "vmhost.progress")
 STUDIES = ("vmhost.density", "vmhost.hostsim", "vmhost.fleet", "vmhost.hotremove")
 ABOVE_EMULATOR = STUDIES + ("vmhost.reports", "vmhost.reality", "vmhost.commands", "vmhost.cli",
                             "vmhost.benchmarks")

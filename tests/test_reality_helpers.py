@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.reality.guard import alive
 from vmhost.reality.ksm_oracle import OracleError, outcome
 from vmhost.reality.lab import dump_directory

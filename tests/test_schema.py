@@ -14,16 +14,15 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from guests import dumps
+from guests import dumps, schema
+from guests.errors import InputError
 from guests.images import ImageError, load_image
-from guests.strict_yaml import DocumentError, load_json, load_yaml
+from guests.schema import DocumentError, load_json, load_yaml
 from vmhost.config import load_config
 from vmhost.density import load_density
-from vmhost.errors import InputError
 from vmhost.fleet.config import load_fleet
 from vmhost.hotremove import load_scenario
 from vmhost.ksm.trace import load_trace
-from vmhost import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -61,17 +61,17 @@ from typing import Any
 
 import numpy as np
 
+from guests.errors import InputError
+from guests.schema import (ABSENT, Section, expect_bool, expect_enum, expect_int, expect_list,
+                           expect_mapping, expect_new_name, expect_one_step, expect_str, fail,
+                           parse_duration_ns, parse_size, read_yaml, rule)
 from hw.memory import BlockState, Zone
 from hw.units import HPAGE_PAGES, PAGE_SIZE
 from vmhost.config import HostConfig, parse_host_config
-from vmhost.errors import InputError
 from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
-from vmhost.schema import (ABSENT, Section, expect_bool, expect_enum, expect_int, expect_list,
-                           expect_mapping, expect_new_name, expect_one_step, expect_str, fail,
-                           parse_duration_ns, parse_size, read_yaml, rule)
 
 STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
               "pressure", "reclaim", "write", "ksm")

@@ -53,7 +53,7 @@ def _ksm(args: argparse.Namespace) -> int:
     import sys
 
     from vmhost.benchmarks import ksm
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     if args.emulator_only and args.kernel_only:
         raise InputError("bench ksm: --emulator-only and --kernel-only exclude each other")
@@ -76,7 +76,7 @@ def _ksm(args: argparse.Namespace) -> int:
 
 def _fleet(args: argparse.Namespace) -> int:
     from vmhost.benchmarks import fleet
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     try:
         workers = tuple(int(w) for w in args.workers.split(","))
     except ValueError:

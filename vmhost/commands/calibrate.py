@@ -28,7 +28,7 @@ def register(sub) -> None:
 def _qemu(args: argparse.Namespace) -> int:
     from vmhost.reality.lab import LabError
     from vmhost.reality import calibrate
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     from vmhost.reality.ksm_oracle import OracleError
     if args.guests < 2:
         raise InputError("calibrate qemu: --guests must be at least 2")

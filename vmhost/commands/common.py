@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 
 
 class Parser(argparse.ArgumentParser):

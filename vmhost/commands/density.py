@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     from hw.units import PAGES_PER_GIB
     from vmhost.reports.files import dumps_json
     if args.workers is not None and args.workers < 1:
-        from vmhost.errors import InputError
+        from guests.errors import InputError
         raise InputError(f"density: --workers must be at least 1 (got {args.workers})")
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
@@ -85,7 +85,7 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
 
     from vmhost.density.invariance import at_resolution, check, format_check
     from vmhost.reports.files import dumps_json
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     try:
         rs = [int(x) for x in args.resolutions.split(",") if x.strip()]
     except ValueError:

@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
+from guests.errors import InputError
 from vmhost.commands.common import switches, whole_number
-from vmhost.errors import InputError
 
 
 def register(sub) -> None:

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from guests.errors import InputError
 from vmhost.commands.common import Parser, switches, whole_number
-from vmhost.errors import InputError
 
 
 def _address(text: str) -> int:

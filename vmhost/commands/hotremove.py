@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from guests.errors import InputError
 from vmhost.commands.common import switches, whole_number
-from vmhost.errors import InputError
 from vmhost.reports.files import dumps_json
 
 

@@ -70,7 +70,7 @@ def _oracle(args: argparse.Namespace) -> int:
 def _fuzz(args: argparse.Namespace) -> int:
     import json
 
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     from vmhost.reality.ksm_fuzz import run_campaign
     if args.count < 1:
         raise InputError(f"ksm fuzz: --count must be positive, got {args.count}")

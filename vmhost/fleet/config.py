@@ -27,15 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from guests.errors import InputError
+from guests.resolve import expect_image
+from guests.schema import (ABSENT, SchemaError, Section, expect_bool, expect_domain, expect_enum,
+                           expect_int, expect_list, expect_mapping, expect_mib, expect_new_name,
+                           expect_number, expect_str, fail, is_percentage, parse_duration_ns,
+                           parse_percentage, parse_size, read_yaml, rule)
 from hw.units import PAGE_SIZE, PAGES_PER_MIB
 from vmhost.config import HostConfig, load_config, parse_host_config
 from vmhost.density.config import parse_settle
-from vmhost.errors import InputError
 from vmhost.policies import resolution_refusal
-from vmhost.schema import (ABSENT, SchemaError, Section, expect_bool, expect_domain, expect_enum,
-                           expect_image, expect_int, expect_list, expect_mapping, expect_mib, expect_new_name,
-                           expect_number, expect_str, fail, is_percentage, parse_duration_ns,
-                           parse_percentage, parse_size, read_yaml, rule)
 
 TOP_KEYS = ("hosts", "inventory", "placement", "simulation", "sweep")
 POLICIES = ("first-fit", "first-fit-ksm", "sharing-aware")

@@ -1,11 +1,15 @@
 """Validating user documents: one strict reader and one set of typed checks for every loader.
 
 Every file the user hands us (a host config, a density or fleet study, a hot-remove scenario,
-a KSM trace, a guest image) is read with :func:`read_yaml` (duplicate keys refused, with the
-file and line: :mod:`guests.strict_yaml`) and walked with the ``expect_*`` helpers below. A
-helper returns the value in its checked type or raises :class:`SchemaError`, an
-:class:`~vmhost.errors.InputError` whose message is one line: ``FILE: KEY.PATH: reason``.
+a KSM trace, a guest image, a dump's header) is read with :func:`read_yaml` /
+:func:`load_yaml` / :func:`load_json` and walked with the ``expect_*`` helpers below.
 
+The readers refuse a duplicate key with the file and line: PyYAML's ``safe_load`` and
+:func:`json.loads` both keep the last of two equal keys silently, so a file that says
+``memory_mib`` twice would mean something its author did not see.
+
+A helper returns the value in its checked type or raises :class:`SchemaError`, an
+:class:`~guests.errors.InputError` whose message is one line: ``FILE: KEY.PATH: reason``.
 ``expect_mapping`` takes the keys a section allows, so an unknown (and therefore ignored) key
 is an error, never silently dropped. A loader declares a section once, as a :class:`Section` of
 :func:`rule` rows (the key, its ``expect_*`` parser with its arguments, its default, the attribute
@@ -14,18 +18,23 @@ that keeps it); the allowed and required keys and the parse are derived from tha
 Units: sizes are integers (bytes) or strings with a binary unit (B, KiB, MiB, GiB, TiB; K, M,
 G, T mean the same); durations are numbers of seconds or strings with s, ms, us, ns;
 fractions may be written as percentages ("25%").
+
+This module sits in ``guests``, the lowest layer that reads files (``hw`` reads none), so that
+the guest image and dump loaders and every loader of ``vmhost`` use it alike.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from guests.strict_yaml import DocumentError, load_yaml
-from vmhost.errors import InputError
+import yaml
+
+from guests.errors import InputError
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
@@ -51,27 +60,92 @@ def sub(key: str, child: str | int) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# reading
+# reading: strict YAML and JSON
+
+class DocumentError(SchemaError):
+    """A document that is not valid YAML/JSON or repeats a key: ``FILE: line N: reason``."""
+
+    def __init__(self, path: str, line: int | None, reason: str, problem: str = ""):
+        self.path, self.line, self.reason, self.problem = path, line, reason, problem or reason
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{path}: {where}{reason}")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys in any mapping."""
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            dup = key in seen
+            seen.add(key)
+        except TypeError:           # an unhashable key: SafeLoader reports it below
+            continue
+        if dup:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """The document in ``text`` (read from ``path``, named in errors)."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DocumentError(path, mark.line + 1 if mark is not None else None,
+                            f"not valid YAML ({problem})", problem) from None
+    except RecursionError:
+        raise DocumentError(path, None, "not valid YAML (nested too deeply)") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def load_json(text: str | bytes, path: str) -> Any:
+    """The JSON document in ``text``; a repeated key in any object is an error."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise DocumentError(path, exc.lineno, f"not valid JSON ({exc.msg})", exc.msg) from None
+    except _Duplicate as exc:
+        raise DocumentError(path, None, f"not valid JSON (duplicate key {exc.key!r})",
+                            f"duplicate key {exc.key!r}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise DocumentError(path, None, f"not valid JSON ({type(exc).__name__})") from None
+
 
 def read_text(path: str | Path) -> str:
+    """The text of file ``path``; a file that cannot be read is a SchemaError."""
     try:
         return Path(path).read_text()
     except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise fail(str(path), "", f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: cannot read: not UTF-8 text ({exc.reason})") from None
-
-
-def parse_yaml(text: str, path: str) -> Any:
-    try:
-        return load_yaml(text, path)
-    except DocumentError as exc:
-        raise InputError(str(exc)) from None
+        raise fail(str(path), "", f"cannot read: not UTF-8 text ({exc.reason})") from None
 
 
 def read_yaml(path: str | Path) -> Any:
-    """The YAML document in file ``path``; a duplicate key or bad syntax is an InputError."""
-    return parse_yaml(read_text(path), str(path))
+    """The YAML document in file ``path``; a duplicate key or bad syntax is a DocumentError."""
+    return load_yaml(read_text(path), str(path))
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,21 +324,6 @@ def expect_fraction(value: Any, path: str, key: str) -> float:
             raise fail(path, key, f"{value!r} is not a percentage") from None
         return expect_number(v, path, key, 0.0, 1.0, lo_open=True)
     return expect_number(value, path, key, 0.0, 1.0, lo_open=True)
-
-
-# ------------------------------------------------------------------------------------------
-# references
-
-def expect_image(value: Any, path: str, key: str):
-    """A guest image (``guests.images.Image``) as ``guests.resolve`` finds it: a catalog name,
-    an image YAML or an imported dump, a relative path being relative to the directory of
-    ``path``."""
-    from guests.images import ImageError
-    from guests.resolve import resolve_image
-    try:
-        return resolve_image(value, Path(path).resolve().parent)
-    except ImageError as exc:
-        raise fail(path, key, str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------
