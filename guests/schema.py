@@ -203,9 +203,11 @@ def expect_int(value: Any, path: str, key: str, lo: int | None = None, hi: int |
 
 def expect_number(value: Any, path: str, key: str, lo: float, hi: float | None = None,
                   lo_open: bool = False) -> float:
-    """A real number in [lo, hi] (or (lo, hi] with ``lo_open``), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    """A finite real number in [lo, hi] (or (lo, hi] with ``lo_open``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise fail(path, key, f"expected a number, got {value!r}")
+    if value in (math.inf, -math.inf) or isinstance(value, int) and value.bit_length() > 1000:
+        raise fail(path, key, f"{value!r} is not a finite number")
     if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
         raise fail(path, key, f"{value} is out of range {rng}")
