@@ -399,3 +399,10 @@ def nested(section: Section, *, null: str = "empty") -> Callable[[Any, str, str,
             value = {}
         section.fill(value, path, key_path, obj)
     return apply
+
+
+def expect_section(value: Any, path: str, key: str, section: Section, make: Callable[[], Any]) -> Any:
+    """A sub-section read by ``section`` into a new object ``make()`` (the parser of a key
+    whose value is a section of its own); a missing or empty value (null, ``{}``) reads as an
+    empty mapping."""
+    return section.fill(value or {}, path, key, make())
