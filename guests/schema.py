@@ -367,24 +367,32 @@ def rule(name: str, parser: Callable[..., Any] | None = None, *args: Any, defaul
 
 class Section:
     """A mapping's keys, in order: an unknown key, a missing required key or a bad value is one
-    SchemaError naming the file and the key path."""
+    SchemaError naming the file and the key path. ``one_of``: keys of which the mapping gives
+    exactly one (alternatives such as a size or a number of pages)."""
 
-    def __init__(self, *keys: Key):
+    def __init__(self, *keys: Key, one_of: tuple[str, ...] = ()):
         self.keys = keys
         self.names = tuple(k.name for k in keys)
         self.required = tuple(k.name for k in keys if k.required)
+        self.one_of = one_of
 
     def check(self, value: Any, path: str, where: str) -> dict:
         """The mapping, its keys checked."""
-        return expect_mapping(value, path, where, self.names, self.required)
+        section = expect_mapping(value, path, where, self.names, self.required)
+        if self.one_of and sum(k in section for k in self.one_of) != 1:
+            raise fail(path, where, f"give one of {', '.join(self.one_of)}")
+        return section
 
-    def fill(self, value: Any, path: str, where: str, obj: Any) -> Any:
-        """Check the mapping and set ``obj``'s attribute of each key present or defaulted, in
+    def read(self, section: dict, path: str, where: str, obj: Any) -> Any:
+        """Set ``obj``'s attribute of each key present in the (checked) mapping or defaulted, in
         the declaration order; ``obj``."""
-        section = self.check(value, path, where)
         for k in self.keys:
             k.fill(section, path, where, obj)
         return obj
+
+    def fill(self, value: Any, path: str, where: str, obj: Any) -> Any:
+        """Check the mapping and read it into ``obj``; ``obj``."""
+        return self.read(self.check(value, path, where), path, where, obj)
 
 
 def nested(section: Section, *, null: str = "empty") -> Callable[[Any, str, str, Any], None]:
