@@ -166,6 +166,27 @@ def test_unknown_field(tmp_path, name, where, names):
 
 
 # ------------------------------------------------------------------------------------------
+# bad documents of the loaders that are tables: a table of cases, kept as data
+
+LOADER_OF = {"guests/catalog": "image", "configs/fleet": "fleet", "configs/hotremove": "hotremove"}
+BAD_DOCUMENTS = yaml.safe_load((ROOT / "tests" / "data" / "bad_loader_documents.yaml").read_text())
+
+
+@pytest.mark.parametrize("case", BAD_DOCUMENTS, ids=[f"{c['file']}:{c['key']}" for c in BAD_DOCUMENTS])
+def test_bad_document_one_line_with_file_key_and_reason(tmp_path, case):
+    text = (ROOT / case["file"]).read_text()
+    bad = text.replace(case["from"], case["to"], 1)
+    assert bad != text, case["from"]
+    p = tmp_path / Path(case["file"]).name
+    p.write_text(bad)
+    name = next(v for k, v in LOADER_OF.items() if case["file"].startswith(k))
+    exc = run_loader(name, p)
+    assert exc is not None, case
+    msg = str(exc)
+    assert msg.startswith(f"{p}: {case['key']}") and case["words"] in msg, msg
+
+
+# ------------------------------------------------------------------------------------------
 # guest image files (dumps): header.json
 
 def _dump_image(tmp_path) -> Path:
