@@ -19,9 +19,7 @@ def register(sub) -> None:
     q.add_argument("--dumps", metavar="DIR", help="keep the dumps in DIR")
     q.add_argument("--timeout", type=float, default=90.0,
                    help="bound on the real KSM's convergence, seconds (90)")
-    switches(q,
-             running="let the guests run while KSM merges (default: paused after the dump)",
-             json="print the result as JSON")
+    switches(q, "json", running="let the guests run while KSM merges (default: paused after the dump)")
     q.set_defaults(func=_qemu)
 
 

@@ -17,12 +17,11 @@ START_NOTE = "booting guest 1 (without a compiled scan loop from the install, it
 def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
     p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density/config.py)")
-    switches(p, json="print the result as JSON")
+    switches(p, "json")
     p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
                                                    "report.txt and CSV tables to DIR (atomically: a temporary "
                                                    "directory renamed)")
-    switches(p,
-             quiet="no progress bar on stderr",
+    switches(p, "quiet",
              bench="benchmark: run the search and print its wall time (and the resolution)",
              oracle="run the study on this machine's kernel instead (root; see vmhost/reality/density_oracle.py)",
              compare="with --oracle: the emulator beside the kernel, per step")
