@@ -63,7 +63,8 @@ class ContentClass:
 
 
 #: The content classes, in layout order (the table above). Adding one is adding a row here
-#: (with a new tag in ``guests.interning.TAGS``, and the field it is shared by in ``Image``).
+#: (with a new tag in ``guests.interning.TAGS``, and the field it is shared by in ``Image`` with its
+#: row in ``IMAGE``).
 CONTENT_CLASSES = (
     ContentClass("zero", None, ""),
     ContentClass("kernel", "kernel", "kernel"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
-from vmhost.reports.report import Report
+from vmhost.reports.report import Plots, Report
 
 STEP_COLUMNS = ["step", "kind", "time_ms", "pages_shared", "pages_sharing", "pages_unshared",
                 "ksm_zero_pages", "content_unchanged"]
@@ -65,6 +65,10 @@ def headline(res: dict) -> list[str]:
     return out
 
 
+PLOTS = Plots()            # the report's plots, in this order
+
+
+@PLOTS.add
 def _ksm_over_steps(res: dict) -> LinePlot:
     xs = [s["step"] for s in res["steps"]]
     return LinePlot("KSM after each step", "step", "pages",
@@ -73,8 +77,11 @@ def _ksm_over_steps(res: dict) -> LinePlot:
                     step=True, note="The KSM counters at the end of every step of the timeline.")
 
 
-def _migrated(res: dict) -> BarPlot:
+@PLOTS.add
+def _migrated(res: dict) -> BarPlot | None:
     att = _attempts(res)
+    if not att:
+        return None
     cats = [f"{','.join(map(str, b['blocks']))} (step {s['step']})" for s, b in att]
     return BarPlot("Pages migrated per block offlined", "pages", cats,
                    [Series("KSM pages", [b["ksm_pages_migrated"] for _s, b in att]),
@@ -83,8 +90,11 @@ def _migrated(res: dict) -> BarPlot:
                         "failed, up to the failure).")
 
 
-def _times(res: dict) -> BarPlot:
+@PLOTS.add
+def _times(res: dict) -> BarPlot | None:
     att = _attempts(res)
+    if not att:
+        return None
     cats = [f"{','.join(map(str, b['blocks']))} (step {s['step']})" for s, b in att]
     return BarPlot("Offline time per block", "ms (virtual)", cats,
                    [Series("time", [b["time_ms"] for _s, b in att])],
@@ -92,9 +102,8 @@ def _times(res: dict) -> BarPlot:
 
 
 def build(res: dict) -> Report:
-    plots = [_ksm_over_steps(res)] + ([_migrated(res), _times(res)] if _attempts(res) else [])
     return Report.of(f"Hot-remove: {res['scenario']}", f"{len(res['steps'])} timeline step(s)",
-                     headline(res), plots, tables(res))
+                     headline(res), PLOTS.of(res), tables(res))
 
 
 def write_hotremove_report(res: dict, directory: str | Path, text: str) -> None:
