@@ -25,7 +25,7 @@ from vmhost.hotremove import load_scenario
 from vmhost.ksm.trace import load_trace
 from vmhost import schema
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CONFIGS = ROOT / "configs"
 CORPUS = ROOT / "tests" / "ksm_traces"
 CATALOG = ROOT / "guests" / "catalog"
