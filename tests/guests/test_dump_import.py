@@ -14,11 +14,11 @@ import mmh3
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 sys.path.insert(0, str(ROOT))
 
-from guests import dumps  # noqa: E402
-from guests.dumps import DumpError  # noqa: E402
+from guests import dumps
+from guests.dumps import DumpError
 
 PAGE = 4096
 VGA = 0xFD000000

@@ -11,7 +11,7 @@ import pytest
 from vmhost.reality import guard, hotremove_oracle, swap_oracle
 from vmhost.reality.ksm_oracle import OracleError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CASES = ["empty", "ksm", "mixed", "pinned"]
 
 

@@ -1,12 +1,12 @@
 """The host config loader: sizes with units, key paths in one-line errors, knobs via the engine."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 
 from guests.errors import InputError
 from vmhost.config import load_config, parse_size
+from helpers import DATA
 
 GOOD = """
 host:
@@ -54,7 +54,7 @@ def test_sizes(value, expect):
 
 # (edit of GOOD, key, words of the message): a table of cases, kept as data
 BAD = [((case["from"], case["to"]), case["key"], case["words"])
-       for case in yaml.safe_load((Path(__file__).parent / "data" / "bad_host_configs.yaml").read_text())]
+       for case in yaml.safe_load((DATA / "bad_host_configs.yaml").read_text())]
 
 
 @pytest.mark.parametrize("edit, key, words", BAD)

@@ -19,7 +19,7 @@ from pathlib import Path
 import docker  # noqa: F401  (the [docker] extra: without it this module fails to collect, never skips)
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import container  # noqa: E402  (tools/container.py: tooling of the checkout, not the package)
 
 pytestmark = pytest.mark.docker

@@ -9,17 +9,16 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 sys.path.insert(0, str(ROOT))  # run from any directory
 
-from guests.errors import InputError  # noqa: E402
-from vmhost.reality import ksm_oracle as oracle  # noqa: E402
-from vmhost.ksm.trace import compare_results, load_trace  # noqa: E402
-from helpers import pids_with_cmdline  # noqa: E402
+from guests.errors import InputError
+from vmhost.reality import ksm_oracle as oracle
+from vmhost.ksm.trace import compare_results, load_trace
+from helpers import pids_with_cmdline
 
 pytestmark = pytest.mark.kernel
 

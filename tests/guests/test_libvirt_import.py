@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import libvirt
 import pytest
@@ -26,8 +25,9 @@ from vmhost.config import parse_host_config
 
 pytestmark = pytest.mark.libvirt
 
-FIXTURES = Path(__file__).parent / "libvirt"
-REPO = Path(__file__).parent.parent
+from helpers import ROOT as REPO, TESTS
+
+FIXTURES = TESTS / "libvirt"
 GIB = 1 << 30
 MIB = 1 << 20
 

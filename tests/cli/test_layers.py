@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 PACKAGES = ("hw", "guests", "vmhost")
 
 EMULATOR = ("hw", "guests", "vmhost.clock", "vmhost.profile", "vmhost.process", "vmhost.host",

@@ -9,14 +9,13 @@ search is a benchmark; past its 3rd guest two linked VDI clones can merge or not
 the phase of smart scan's skip cycles, which moves with the resolution: see the README).
 """
 
-from pathlib import Path
 
 import pytest
 
 from vmhost.density import boot_sequence, load_density
 from vmhost.density.invariance import check, format_check
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CONFIGS = {p.name for p in (ROOT / "configs").glob("density-*.yaml")}
 
 CASES = [("density-tiny.yaml", [8, 1], None),

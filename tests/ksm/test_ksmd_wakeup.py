@@ -6,7 +6,6 @@ chain_prune_across_scan_steps shows the consequence on the kernel; these tests p
 clock-level rule.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from vmhost.host import Host
 from vmhost.ksm.engine import Ksm
 from vmhost.ksm.ksmd import Ksmd
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 def setup():
     host = Host(Topology.uniform(1, 64 << 20), block_pages=1024)

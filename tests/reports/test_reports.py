@@ -26,7 +26,7 @@ from vmhost.reports.density import CURVE_COLUMNS, NODE_COLUMNS, STEP_COLUMNS, TI
 from vmhost.reports.numbers import fmt, nice_ticks, tick_labels
 from vmhost.reports.page import CSP
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -1,20 +1,19 @@
 """The emulator against the kernel: every trace of the corpus replays to the recorded output.
 
 The ``.kernel.json`` files were recorded by ``vmhost ksm oracle`` on the real
-6.18 kernel (tests/test_ksm_oracle_live.py re-records part of them live), so a
+6.18 kernel (tests/reality/test_ksm_oracle_live.py re-records part of them live), so a
 difference here is a difference between the emulator and Linux. Each replay
 also runs the invariant checker after every step.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
 from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import compare_results, load_trace
 
-CORPUS = Path(__file__).parent / "ksm_traces"
+from helpers import CORPUS
 TRACES = sorted(p for p in CORPUS.glob("*.yaml") if p.with_suffix(".kernel.json").exists())
 
 

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -11,7 +10,7 @@ from vmhost.hotremove import Runner, load_scenario
 
 from helpers import refused_before_writing
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CONFIGS = sorted((ROOT / "configs").glob("hotremove-*.yaml"))
 
 

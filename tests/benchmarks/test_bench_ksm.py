@@ -7,19 +7,18 @@ test drives /sys/kernel/mm/ksm for real (root, KSM present on every project mach
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 sys.path.insert(0, str(ROOT))
 
-from vmhost.benchmarks import ksm as bench  # noqa: E402
-from vmhost.benchmarks.ksm_workload import Workload  # noqa: E402
-from vmhost.reality import ksm_oracle as oracle  # noqa: E402
-from vmhost.ksm.trace import page_bytes  # noqa: E402
-from helpers import pids_with_cmdline, vmhost  # noqa: E402
+from vmhost.benchmarks import ksm as bench
+from vmhost.benchmarks.ksm_workload import Workload
+from vmhost.reality import ksm_oracle as oracle
+from vmhost.ksm.trace import page_bytes
+from helpers import pids_with_cmdline, vmhost
 
 
 # -- the workload -------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ profile against them: its predicted cross-guest sharing within 5%, its write rat
 
 import json
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from guests.resolve import image_ref, resolve_image
 from vmhost.density import DensityRunner, load_density
 from vmhost.reality.lab import writer_rate
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CONFIGS = ROOT / "configs"
 BUNDLED = [CONFIGS / "dumps" / f"lab-g{i}.vmimg" for i in range(3)]
 WRITER = [CONFIGS / "dumps" / "lab-writer-t0.vmimg", CONFIGS / "dumps" / "lab-writer-t8.vmimg"]

@@ -12,7 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 FAST = "not kernel and not qemu and not libvirt and not docker and not chromium"
 BLOCK = "import sys; sys.modules['libvirt'] = None; sys.modules['docker'] = None; "
 
@@ -50,9 +50,9 @@ def test_fast_part_collects_without_the_extras():
     r = run_blocked(code, "--collect-only", "-q", "-p", "no:cacheprovider", "-m", FAST, "tests")
     assert r.returncode == 0, r.stdout[-2000:]
     assert "test_libvirt_import.py" not in r.stdout and "test_container.py" not in r.stdout
-    assert "tests/test_quickstart.py::test_fast_part_collects_without_the_extras" in r.stdout
+    assert "tests/cli/test_quickstart.py::test_fast_part_collects_without_the_extras" in r.stdout
     # and without -m, the same modules are collected (and fail on the missing import), not hidden
-    r = run_blocked(code, "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_container.py")
+    r = run_blocked(code, "--collect-only", "-q", "-p", "no:cacheprovider", "tests/cli/test_container.py")
     assert r.returncode != 0 and "docker" in r.stdout
 
 

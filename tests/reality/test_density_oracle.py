@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 sys.path.insert(0, str(ROOT))
 
-from vmhost.reality import ksm_oracle  # noqa: E402
-from vmhost.reality.density_oracle import compare, ksmd_pid  # noqa: E402
-from vmhost.reality.guard import alive  # noqa: E402
+from vmhost.reality import ksm_oracle
+from vmhost.reality.density_oracle import compare, ksmd_pid
+from vmhost.reality.guard import alive
 
 SMALL = ROOT / "configs" / "oracle" / "density-small.yaml"
 KNOBS = list(ksm_oracle.DEFAULTS) + ["run"]

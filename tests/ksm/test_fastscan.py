@@ -11,7 +11,6 @@ the same.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from vmhost.ksm.trace import load_trace
 from vmhost.ksm.warmup import ksm_host, mergeable_process
 from vmhost.mm import invariants
 
-CORPUS = Path(__file__).parent / "ksm_traces"
+from helpers import CORPUS
 
 
 def _tree(links, root, describe):

@@ -10,13 +10,12 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 from vmhost.ksm.fuzz import KNOB_CHOICES, generate, parse, shrink, to_yaml, trace_seed
 from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import CONTENT_KINDS, STEP_KINDS, compare_results, load_trace
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 BATCH_SEED, BATCH_COUNT = 2026, 30
 
 

@@ -5,7 +5,6 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from vmhost.hotremove import Runner, load_scenario
 
@@ -13,7 +12,7 @@ from vmhost.hotremove import Runner, load_scenario
 def run_scenario(path):
     return Runner(load_scenario(path)).run()
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def vmhost(*args):

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
 
-from guests.errors import InputError  # noqa: E402
-from vmhost.ksm.trace import (PROC_FIELDS, SNAPSHOT_FIELDS, Region, Step,  # noqa: E402
+from guests.errors import InputError
+from vmhost.ksm.trace import (PROC_FIELDS, SNAPSHOT_FIELDS, Region, Step,
                               compare_results, content_ids, dumps_result, format_result,
                               load_trace, page_bytes)
 
-CORPUS = Path(__file__).parent / "ksm_traces"
+from helpers import CORPUS
+from helpers import DATA
 
 EXAMPLE = """\
 version: 1
@@ -104,7 +105,7 @@ steps:
 
 # (steps text, expected pieces of the message): a table of cases, kept as data
 BAD_STEPS = [(textwrap.indent(case["steps"], "  "), case["expect"])
-             for case in yaml.safe_load((Path(__file__).parent / "data" / "bad_trace_steps.yaml").read_text())]
+             for case in yaml.safe_load((DATA / "bad_trace_steps.yaml").read_text())]
 
 
 @pytest.mark.parametrize("steps,pieces", BAD_STEPS, ids=[str(i) for i in range(len(BAD_STEPS))])

@@ -20,7 +20,6 @@ from vmhost.reality.guard import alive
 from vmhost.reality.lab import writer_rate
 from vmhost.reality.libvirt_lab import LibvirtLab
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu]
 WRITE_KIB_S, HOT_KIB = 4096, 40960
 

@@ -9,19 +9,18 @@ import fcntl
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 sys.path.insert(0, str(ROOT))
 
-from guests import dumps  # noqa: E402
-from vmhost.reality import lab  # noqa: E402
-from vmhost.reality import live_ksm  # noqa: E402
-from vmhost.reality import ksm_oracle as oracle  # noqa: E402
-from vmhost.reality.guard import alive  # noqa: E402
+from guests import dumps
+from vmhost.reality import lab
+from vmhost.reality import live_ksm
+from vmhost.reality import ksm_oracle as oracle
+from vmhost.reality.guard import alive
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 

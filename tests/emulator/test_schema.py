@@ -24,7 +24,7 @@ from vmhost.fleet.config import load_fleet
 from vmhost.hotremove import load_scenario
 from vmhost.ksm.trace import load_trace
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import DATA, ROOT
 CONFIGS = ROOT / "configs"
 CORPUS = ROOT / "tests" / "ksm_traces"
 CATALOG = ROOT / "guests" / "catalog"
@@ -169,7 +169,7 @@ def test_unknown_field(tmp_path, name, where, names):
 # bad documents of the loaders that are tables: a table of cases, kept as data
 
 LOADER_OF = {"guests/catalog": "image", "configs/fleet": "fleet", "configs/hotremove": "hotremove"}
-BAD_DOCUMENTS = yaml.safe_load((ROOT / "tests" / "data" / "bad_loader_documents.yaml").read_text())
+BAD_DOCUMENTS = yaml.safe_load((DATA / "bad_loader_documents.yaml").read_text())
 
 
 @pytest.mark.parametrize("case", BAD_DOCUMENTS, ids=[f"{c['file']}:{c['key']}" for c in BAD_DOCUMENTS])
