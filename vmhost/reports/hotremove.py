@@ -77,28 +77,29 @@ def _ksm_over_steps(res: dict) -> LinePlot:
                     step=True, note="The KSM counters at the end of every step of the timeline.")
 
 
-@PLOTS.add
-def _migrated(res: dict) -> BarPlot | None:
+def _per_block(res: dict, title: str, unit: str, series: dict[str, str], note: str) -> BarPlot | None:
+    """A bar plot with one group per block offlined (None without any): ``series`` maps a
+    name to the field of the block's result it shows."""
     att = _attempts(res)
     if not att:
         return None
     cats = [f"{','.join(map(str, b['blocks']))} (step {s['step']})" for s, b in att]
-    return BarPlot("Pages migrated per block offlined", "pages", cats,
-                   [Series("KSM pages", [b["ksm_pages_migrated"] for _s, b in att]),
-                    Series("ordinary pages", [b["ordinary_pages_migrated"] for _s, b in att])],
-                   note="Pages moved off each block before it went offline (also for a block that "
-                        "failed, up to the failure).")
+    return BarPlot(title, unit, cats, [Series(name, [b[k] for _s, b in att]) for name, k in series.items()],
+                   note=note)
+
+
+@PLOTS.add
+def _migrated(res: dict) -> BarPlot | None:
+    return _per_block(res, "Pages migrated per block offlined", "pages",
+                      {"KSM pages": "ksm_pages_migrated", "ordinary pages": "ordinary_pages_migrated"},
+                      "Pages moved off each block before it went offline (also for a block that "
+                      "failed, up to the failure).")
 
 
 @PLOTS.add
 def _times(res: dict) -> BarPlot | None:
-    att = _attempts(res)
-    if not att:
-        return None
-    cats = [f"{','.join(map(str, b['blocks']))} (step {s['step']})" for s, b in att]
-    return BarPlot("Offline time per block", "ms (virtual)", cats,
-                   [Series("time", [b["time_ms"] for _s, b in att])],
-                   note="The cost model of vmhost.mm.migrate and vmhost.mm.hotplug.")
+    return _per_block(res, "Offline time per block", "ms (virtual)", {"time": "time_ms"},
+                      "The cost model of vmhost.mm.migrate and vmhost.mm.hotplug.")
 
 
 def build(res: dict) -> Report:
