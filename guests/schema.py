@@ -13,7 +13,9 @@ A helper returns the value in its checked type or raises :class:`SchemaError`, a
 ``expect_mapping`` takes the keys a section allows, so an unknown (and therefore ignored) key
 is an error, never silently dropped. A loader declares a section once, as a :class:`Section` of
 :func:`rule` rows (the key, its ``expect_*`` parser with its arguments, its default, the attribute
-that keeps it); the allowed and required keys and the parse are derived from that one table.
+that keeps it); the allowed, required and alternative (``one_of``) keys and the parse are
+derived from that one table. A document that is not YAML/JSON, or repeats a key, is a
+:class:`DocumentError` (a SchemaError naming the line).
 
 Units: sizes are integers (bytes) or strings with a binary unit (B, KiB, MiB, GiB, TiB; K, M,
 G, T mean the same); durations are numbers of seconds or strings with s, ms, us, ns;

@@ -272,6 +272,23 @@ def test_a_section_table_gives_the_keys_the_defaults_and_the_parse():
             section.fill(doc, "f", "s", SimpleNamespace())
 
 
+def test_a_section_of_alternatives_and_a_section_of_its_own():
+    from types import SimpleNamespace
+    span = schema.Section(schema.rule("pages", schema.expect_int, 1), schema.rule("size", schema.parse_size),
+                          one_of=("pages", "size"))
+    assert vars(span.fill({"size": "8KiB"}, "f", "r", SimpleNamespace())) == {"size": 8192}
+    for doc in ({}, {"pages": 2, "size": "8KiB"}):
+        with pytest.raises(InputError, match=r"^f: r: give one of pages, size$"):
+            span.fill(doc, "f", "r", SimpleNamespace())
+    top = schema.Section(schema.rule("span", schema.expect_section, span, SimpleNamespace, required=True))
+    assert vars(top.fill({"span": {"pages": 3}}, "f", "", SimpleNamespace()).span) == {"pages": 3}
+    with pytest.raises(InputError, match=r"^f: span\.colour: unknown key"):
+        top.fill({"span": {"pages": 3, "colour": 1}}, "f", "", SimpleNamespace())
+    # read: the keys of a mapping another table checked (a scenario's beside its host config)
+    got = span.read({"pages": 4, "host": {}}, "f", "", SimpleNamespace())
+    assert vars(got) == {"pages": 4}
+
+
 # ------------------------------------------------------------------------------------------
 # fuzzing: no input ends in a traceback
 

@@ -182,6 +182,17 @@ def test_content_is_checked_where_it_is_made():
 # ------------------------------------------------------------------------------------------
 # files
 
+def test_a_modules_plots_are_drawn_in_declaration_order():
+    from vmhost.reports.report import Plots
+    plots = Plots()
+    one, two, three = (LinePlot(t, "x", "y", [Series("s", [0, 1], [1, 2])]) for t in "abc")
+    plots.add(lambda res: one)
+    plots.add(lambda res: None if res["none"] else [two, three])      # none, or several
+    plots.add(lambda res: three)
+    assert plots.of({"none": False}) == [one, two, three, three]
+    assert plots.of({"none": True}) == [one, three]
+
+
 def test_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     d = tmp_path / "rep"
     rep = Report("r")
