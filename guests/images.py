@@ -170,7 +170,7 @@ CLASS = Section(                 # a ClassSpec's fields; the zero class needs no
     rule("boot", apply=nested(BOOT)),
     rule("steady", apply=nested(STEADY)),
 )
-#: What a catalog entry tells its tests to expect (values kept as written; ``tests/test_images.py``).
+#: What a catalog entry tells its tests to expect (values kept as written; ``tests/guests/test_images.py``).
 EXPECT = Section(*(rule(k) for k in ("zero_fraction", "ideal_sharing_3", "sharing_fraction_2",
                                       "self_fraction_min", "zero_touched_min",
                                       "cross_image_sharing_max", "measured")))
