@@ -18,7 +18,7 @@ same workload (emulator and kernel, or two resolutions) stop on different sides 
 window is therefore at least :func:`smart_scan_cycle` full scans whenever the host's ksmd runs
 smart scan: the configured ``settle.scans`` is a minimum, raised automatically, and
 ``max_scans`` is raised with it to leave the configured margin (``max_scans - scans``) beyond
-the window. Every pass of such a window visits each rmap_item at least once.
+the window. Such a window visits each rmap_item at least once.
 """
 
 from __future__ import annotations
