@@ -208,3 +208,45 @@ def merged_then_materialized(fast: bool):
 
 def test_merged_item_survives_building_the_tree_from_the_log():
     assert merged_then_materialized(fast=True) == merged_then_materialized(fast=False)
+
+
+def quiet_merges(fast: bool):
+    """Whole passes with nothing written (the unstable tree stays hashed throughout): unique
+    pages, pairs, groups and pages freed between passes, so that the tree's log gets
+    insertions and erasures, and items freed and allocated again."""
+    rng = np.random.default_rng(3)
+    h, ksm, ksmd = ksm_host(64, 4096, fast, pages_to_scan=5000, max_page_sharing=4)
+    contents = np.concatenate([np.arange(1, 600), rng.integers(1000, 1200, 700),
+                               rng.integers(2000, 2010, 300)])
+    procs = [mergeable_process(h, f"p{i}", rng.permutation(contents), thp=False,
+                               at=0x40000 + 4096 * i) for i in range(3)]
+    ksm.write_knob("run", "1")
+    history = []
+    for step in range(8):
+        ksmd._tick()
+        history.append(ksm.stats())
+        if step == 3:                   # a process unmaps half its pages: their items go
+            p, start = procs[0]
+            p.mm.munmap(start, 800)
+    invariants.check(h)
+    history.append(full_state(ksm))
+    return history
+
+
+def test_hashed_unstable_tree_grows_with_its_log(monkeypatch):
+    """The hashed unstable tree is sized for the tree a pass can build, and its log and table
+    grow (the table re-made from the log) when a pass logs more: from a log of 8 entries,
+    every pass, the state is the one the pure-Python scan and the default size give."""
+    from vmhost.ksm import unstable_tree
+    pure, default = quiet_merges(fast=False), quiet_merges(fast=True)
+    grown = []
+    mixin = unstable_tree.UnstableTreeMixin
+    real_grow, real_size = mixin._grow_unstable_hash, mixin._size_unstable_hash
+    monkeypatch.setattr(unstable_tree, "LOG_MIN", 8)
+    monkeypatch.setattr(mixin, "_size_unstable_hash", lambda self, entries: real_size(self, 0))
+    monkeypatch.setattr(mixin, "_grow_unstable_hash",
+                        lambda self: (grown.append(len(self._ulog)), real_grow(self)))
+    small = quiet_merges(fast=True)
+    assert small == pure and default == pure
+    assert len(grown) >= 5
+    assert max(s["pages_sharing"] for s in pure if "pages_sharing" in s) > 0

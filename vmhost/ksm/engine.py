@@ -109,7 +109,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self._saw_mergeable = False
         self._pass_changes = 0
         self._uhashed = False                   # unstable tree kept as hash + log (fastscan)
-        self._uh = np.full(1024, NIL, dtype=np.int32)
+        self._uh = np.full(2048, NIL, dtype=np.int32)     # twice the log (unstable_tree.py)
         self._ulog = np.zeros(1024, dtype=np.int32)
         self._ulog_len = np.zeros(1, dtype=np.int64)
         self._eff_chain = np.zeros(128, dtype=np.int32)     # scratch for the compiled walk
@@ -183,6 +183,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             assert age <= 1, "an unstable rmap_item outlived its tree"
             if age == 0:
                 if self._uhashed and self._unstable_clean():
+                    self._unstable_log_room()
                     fastscan.hash_remove(self._uh, items.tree_key, items.nid, int(item))
                     self._log_unstable(-item - 2)
                 else:

@@ -189,6 +189,23 @@ def hash_remove(uh, it_key, it_nid, item):
 
 
 @njit(cache=True, nogil=True)
+def hash_rebuild(uh, log, n, it_key, it_nid, it_flags, seqnr):
+    """Fill the empty table ``uh`` with the items of this pass's unstable tree (scan number
+    ``seqnr``, its low byte) that the first ``n`` entries of the log inserted, once each (an
+    item freed and allocated again may be inserted twice in a pass; keys in the tree are
+    unique, so the one found under its key is itself)."""
+    mask = uh.shape[0] - 1
+    want = UNSTABLE_FLAG | seqnr
+    for j in range(n):
+        item = log[j]
+        if item < 0 or (it_flags[item] & (UNSTABLE_FLAG | SEQNR_MASK)) != want:
+            continue
+        t, h = hash_find(uh, np.int64(mask), it_key, it_nid, it_key[item], np.int64(it_nid[item]))
+        if t == NIL:
+            uh[h] = item
+
+
+@njit(cache=True, nogil=True)
 def insert_point(left, right, keys, root, key):
     """Where a new key goes in a tree whose nodes' keys are ``keys`` (no side effects on the
     way: a stable tree of plain live nodes, or an unstable tree rebuilt from its log);
