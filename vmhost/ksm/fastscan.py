@@ -629,10 +629,9 @@ def _alloc_node(ND, kind):
     ND.kpfn[new] = -1
     ND.prune_time[new] = 0
     ND.hlist_len[new] = 0
-    ND.hhead[new] = NIL
+    ND.hhead[new] = NIL             # and dhead: one array (StableNodes._ALIASES)
     ND.nid[new] = 0
     ND.chain[new] = NIL
-    ND.dhead[new] = NIL
     ND.dnext[new] = NIL
     ND.dprev[new] = NIL
     ND.key[new] = 0
