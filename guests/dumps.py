@@ -64,7 +64,7 @@ from pathlib import Path
 import mmh3
 import numpy as np
 
-from guests.strict_yaml import DocumentError, load_json
+from guests.schema import DocumentError, load_json
 from hw.units import PAGE_SIZE
 
 IMAGE_FORMAT = "vmhost-guest-image"

@@ -41,11 +41,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from guests.interning import Interner, key64, tagged
-from guests.strict_yaml import DocumentError, load_yaml
+from guests.schema import SchemaError, Section, expect_number, fail, nested, read_yaml, rule, sub
 from hw.units import PAGES_PER_MIB
 
 CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
@@ -62,7 +63,8 @@ class ContentClass:
 
 
 #: The content classes, in layout order (the table above). Adding one is adding a row here
-#: (with a new tag in ``guests.interning.TAGS``, and the field it is shared by in ``Image``).
+#: (with a new tag in ``guests.interning.TAGS``, and the field it is shared by in ``Image`` with its
+#: row in ``IMAGE``).
 CONTENT_CLASSES = (
     ContentClass("zero", None, ""),
     ContentClass("kernel", "kernel", "kernel"),
@@ -131,113 +133,104 @@ class Image:
         return GuestMemory.build(self, name, seed, domain, memory_mib or self.memory_mib)
 
 
-IMAGE_KEYS = ("name", "description", "memory_mib", "classes", "kernel", "packages", "app", "os",
-              "chunk_pages", "assumptions", "sources", "expect")
-CLASS_KEYS = ("fraction", "mib", "distinct", "pool", "boot", "steady")
-BOOT_KEYS = ("touched",)
-STEADY_KEYS = ("rate", "hot")
-EXPECT_KEYS = ("zero_fraction", "ideal_sharing_3", "sharing_fraction_2", "self_fraction_min",
-               "zero_touched_min", "cross_image_sharing_max", "measured")
+# ------------------------------------------------------------------------------------------
+# the image file: one rule per key (guests.schema.Section)
 
-
-def _fields(path: str, where: str, value, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
-    """``value`` as a mapping with only ``allowed`` keys (an unknown key would be ignored)."""
-    if not isinstance(value, dict):
-        raise ImageError(f"{path}: {where or 'image'}: expected a mapping")
-    for k in value:
-        if k not in allowed:
-            raise ImageError(f"{path}: {where + '.' if where else ''}{k}: unknown field "
-                             f"(allowed: {', '.join(allowed)})")
-    for k in required:
-        if k not in value:
-            raise ImageError(f"{path}: missing field {k!r}")
-    return value
-
-
-def _num(path, where, value, lo=0.0, hi=None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ImageError(f"{path}: {where}: {value!r} is not a number")
-    v = float(value)
-    if not math.isfinite(v) or v < lo or (hi is not None and v > hi):
-        raise ImageError(f"{path}: {where}: {v} is outside [{lo}, {hi if hi is not None else 'inf'}]")
-    return v
-
-
-def _whole(path, where, value, lo: int) -> int:
-    v = _num(path, where, value, lo)
-    if v != int(v):
-        raise ImageError(f"{path}: {where}: {value!r} is not a whole number")
-    return int(v)
-
-
-def _text(path, where, value, default: str) -> str:
+def _name(value, path: str, key: str, default: str) -> str:
+    """A name (a string, or a number used as one); null is ``default``."""
     if value is None:
         return default
     if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
-        raise ImageError(f"{path}: {where}: expected a non-empty name")
+        raise fail(path, key, "expected a non-empty name")
     return str(value)
 
 
-def _texts(path, where, value) -> list[str]:
+def _whole(value, path: str, key: str, lo: int) -> int:
+    """A whole number at least ``lo`` (written as an integer or as a float such as 64.0)."""
+    v = expect_number(value, path, key, lo)
+    if v != int(v):
+        raise fail(path, key, f"{value!r} is not a whole number")
+    return int(v)
+
+
+def _strings(value, path: str, key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise ImageError(f"{path}: {where}: expected a list of strings")
+        raise fail(path, key, "expected a list of strings")
     return list(value)
 
 
-def parse_image(data: dict, path: str = "<image>") -> Image:
-    _fields(path, "", data, IMAGE_KEYS, ("name", "memory_mib", "classes"))
-    classes = {}
-    raw = data["classes"]
-    if not isinstance(raw, dict):
-        raise ImageError(f"{path}: classes: a mapping of class name -> settings")
-    for cname, c in raw.items():
-        if cname not in CLASSES:
-            raise ImageError(f"{path}: classes: unknown class {cname!r} (known: {', '.join(CLASSES)})")
-        where = f"classes.{cname}"
-        c = _fields(path, where, c or {}, CLASS_KEYS)
-        boot = _fields(path, where + ".boot", c.get("boot", {}) or {}, BOOT_KEYS)
-        steady = _fields(path, where + ".steady", c.get("steady", {}) or {}, STEADY_KEYS)
-        spec = ClassSpec(
-            cname,
-            fraction=_num(path, where + ".fraction", c["fraction"], 0, 1) if "fraction" in c else None,
-            mib=_num(path, where + ".mib", c["mib"]) if "mib" in c else None,
-            distinct=_num(path, where + ".distinct", c.get("distinct", 1.0), 0, 1),
-            pool=_num(path, where + ".pool", c.get("pool", 1.0), 1),
-            boot_touched=_num(path, where + ".boot.touched", boot.get("touched", 1.0), 0, 1),
-            steady_rate=_num(path, where + ".steady.rate", steady.get("rate", 0.0)),
-            steady_hot=_num(path, where + ".steady.hot", steady.get("hot", 0.0), 0, 1))
-        if cname != "zero" and spec.fraction is None and spec.mib is None:
-            raise ImageError(f"{path}: {where}: needs fraction or mib")
-        if spec.distinct == 0 and cname != "zero":
-            raise ImageError(f"{path}: {where}.distinct must be above 0")
-        classes[cname] = spec
+BOOT = Section(rule("touched", expect_number, 0, 1, attr="boot_touched"))
+STEADY = Section(rule("rate", expect_number, 0, attr="steady_rate"),
+                 rule("hot", expect_number, 0, 1, attr="steady_hot"))
+CLASS = Section(                 # a ClassSpec's fields; the zero class needs no size
+    rule("fraction", expect_number, 0, 1),
+    rule("mib", expect_number, 0),
+    rule("distinct", expect_number, 0, 1),
+    rule("pool", expect_number, 1),
+    rule("boot", apply=nested(BOOT)),
+    rule("steady", apply=nested(STEADY)),
+)
+#: What a catalog entry tells its tests to expect (values kept as written; ``tests/guests/test_images.py``).
+EXPECT = Section(*(rule(k) for k in ("zero_fraction", "ideal_sharing_3", "sharing_fraction_2",
+                                      "self_fraction_min", "zero_touched_min",
+                                      "cross_image_sharing_max", "measured")))
+
+
+def _class(cname, value, path: str, key: str) -> ClassSpec:
+    if cname not in CLASSES:
+        raise fail(path, "classes", f"unknown class {cname!r} (known: {', '.join(CLASSES)})")
+    spec = CLASS.fill(value or {}, path, key, ClassSpec(cname))
+    if cname != "zero" and spec.fraction is None and spec.mib is None:
+        raise fail(path, key, "needs fraction or mib")
+    if spec.distinct == 0 and cname != "zero":
+        raise fail(path, f"{key}.distinct", "must be above 0")
+    return spec
+
+
+def _classes(value, path: str, key: str) -> dict[str, ClassSpec]:
+    if not isinstance(value, dict):
+        raise fail(path, key, "a mapping of class name -> settings")
+    classes = {c: _class(c, v, path, sub(key, str(c))) for c, v in value.items()}
     classes.setdefault("zero", ClassSpec("zero", boot_touched=0.0))
-    img = Image(name=_text(path, "name", data["name"], ""),
-                description=_text(path, "description", data.get("description"), ""),
-                memory_mib=_whole(path, "memory_mib", data["memory_mib"], 1), classes=classes,
-                kernel=_text(path, "kernel", data.get("kernel"), "kernel"),
-                packages=_text(path, "packages", data.get("packages"), "packages"),
-                app=_text(path, "app", data.get("app"), "app"),
-                os=_text(path, "os", data.get("os"), "linux"),
-                chunk_pages=_whole(path, "chunk_pages", data.get("chunk_pages", DEFAULT_CHUNK), 1),
-                assumptions=_texts(path, "assumptions", data.get("assumptions", [])),
-                sources=_texts(path, "sources", data.get("sources", [])),
-                expect=dict(_fields(path, "expect", data.get("expect", {}) or {}, EXPECT_KEYS)),
-                path=path)
+    return classes
+
+
+def _expect(value, path: str, key: str) -> dict:
+    return dict(EXPECT.check(value or {}, path, key))
+
+
+IMAGE = Section(                 # an Image's fields, in the order they are read
+    rule("name", _name, "", required=True),
+    rule("description", _name, "", default=None),
+    rule("memory_mib", _whole, 1, required=True),
+    rule("classes", _classes, required=True),
+    rule("kernel", _name, "kernel", default=None),
+    rule("packages", _name, "packages", default=None),
+    rule("app", _name, "app", default=None),
+    rule("os", _name, "linux", default=None),
+    rule("chunk_pages", _whole, 1, default=DEFAULT_CHUNK),
+    rule("assumptions", _strings, default=[]),
+    rule("sources", _strings, default=[]),
+    rule("expect", _expect, default={}),
+)
+
+
+def parse_image(data: dict, path: str = "<image>") -> Image:
+    """The image a catalog document describes; ImageError (one line: file, key, reason) if
+    the document breaks the table above or its classes need more pages than the guest has."""
+    try:
+        img = Image(**vars(IMAGE.fill(data, path, "", SimpleNamespace())), path=path)
+    except SchemaError as exc:
+        raise ImageError(str(exc)) from None
     img.class_pages()            # validates the sizes
     return img
 
 
 def load_image(path: str | Path) -> Image:
     """Read an image file (YAML; a duplicate key or an unknown field is an ImageError)."""
-    path = Path(path)
     try:
-        data = load_yaml(path.read_text(), str(path))
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise ImageError(f"{path}: cannot read (not UTF-8 text: {exc.reason})") from None
-    except DocumentError as exc:
+        data = read_yaml(path)
+    except SchemaError as exc:
         raise ImageError(str(exc)) from None
     return parse_image(data, str(path))
 

@@ -15,15 +15,18 @@ name if the catalog has it, else a file if there is one.
 Relative paths are relative to the directory of the file that names them. Loaded dumps are
 kept per process (by path, size and modification time), so a mix that boots a dump many
 times reads it once. Errors are :class:`guests.images.ImageError`, one line naming the value
-or file and the reason; the callers prefix their file and key.
+or file and the reason; the callers prefix their file and key (a loader's ``image:`` key is
+read with :func:`expect_image`, which does).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from guests.images import CATALOG_DIR, Image, ImageError, catalog, load_image
+from guests.schema import fail
 
 YAML_SUFFIXES = (".yaml", ".yml")
 DUMP_SUFFIX = ".vmimg"           # what `vmhost guests import` is told to write, by convention
@@ -56,6 +59,16 @@ def resolve_image(value, base_dir: str | os.PathLike | None = None) -> Image:
         except ImageError as exc:
             raise ImageError(f"bad image file: {exc}") from None
     return _dump_image(p)
+
+
+def expect_image(value: Any, path: str, key: str) -> Image:
+    """The image a loader's key ``key`` of file ``path`` names (an ``expect_*`` parser of
+    :mod:`guests.schema`): a relative path is relative to the directory of ``path``; no such
+    image is a SchemaError naming the file and the key."""
+    try:
+        return resolve_image(value, Path(path).resolve().parent)
+    except ImageError as exc:
+        raise fail(path, key, str(exc)) from None
 
 
 def _dump_image(p: Path) -> Image:

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent      # tests/: one folder per package of the tree
+ROOT = TESTS.parent                          # the checkout
+CORPUS = TESTS / "ksm_traces"                # the KSM trace corpus, recorded on the kernel
+DATA = TESTS / "data"                        # test tables kept as data
 
 # A 4 MiB guest image (1024 pages) whose first half is kernel pages, the same in every guest of
 # a domain and all distinct inside one; a test adds the classes of the other half.

@@ -13,9 +13,9 @@ import importlib
 import sys
 from typing import Sequence
 
+from guests.errors import InputError
 from vmhost.commands import COMMAND_MODULES
 from vmhost.commands.common import Parser
-from vmhost.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guests.errors import InputError
+from guests.schema import (ABSENT, Section, expect_enum, expect_int, expect_list, expect_mapping,
+                           expect_new_name, expect_number, fail, parse_size, read_yaml, rule)
 from hw.swap import SwapDevice
 from hw.topology import NumaNode, Topology
-from vmhost.errors import InputError
 from vmhost.mm.swap import MAX_SWAPFILES, SWP_MAX_PAGES
 from vmhost.profile import PROFILES
-from vmhost.schema import (ABSENT, Section, expect_enum, expect_int, expect_list, expect_mapping,
-                           expect_new_name, expect_number, fail, parse_size, read_yaml, rule)
 from hw.units import PAGE_SIZE
 
 THP_MODES = ("always", "madvise", "never")
@@ -90,7 +90,7 @@ def _knob_text(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# the host section: one rule per key (vmhost.schema.Section), in the order they are read
+# the host section: one rule per key (guests.schema.Section), in the order they are read
 
 @dataclass
 class _Node:

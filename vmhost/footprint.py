@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 
 GiB = 1 << 30
 BASE_BYTES = 400 << 20            # interpreter, numpy, numba and the compiled scan, measured

@@ -23,11 +23,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from guests.resolve import expect_image
+from guests.schema import fail, parse_duration_ns
 from hw.units import PAGE_SIZE
 from vmhost.config import parse_host_config
 from vmhost.density.config import HostRun, MixEntry, parse_settle
 from vmhost.density.stepper import HostStepper, StepResult
-from vmhost.schema import expect_image, fail, parse_duration_ns
 
 BOOTS = ("together", "staggered")
 

@@ -57,25 +57,22 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import numpy as np
 
+from guests.errors import InputError
+from guests.schema import (ABSENT, Section, expect_bool, expect_enum, expect_int, expect_list,
+                           expect_new_name, expect_one_step, expect_str, fail,
+                           parse_duration_ns, parse_size, read_yaml, rule, sub)
 from hw.memory import BlockState, Zone
 from hw.units import HPAGE_PAGES, PAGE_SIZE
 from vmhost.config import HostConfig, parse_host_config
-from vmhost.errors import InputError
 from vmhost.ksm.trace import content_ids, parse_content
 from vmhost.mm import invariants
 from vmhost.mm.mempolicy import MODES, MemPolicy
 from vmhost.mm.vma import NO_PFN, PTE_PRESENT, PTE_ZERO
-from vmhost.schema import (ABSENT, Section, expect_bool, expect_enum, expect_int, expect_list,
-                           expect_mapping, expect_new_name, expect_one_step, expect_str, fail,
-                           parse_duration_ns, parse_size, read_yaml, rule)
-
-STEP_KINDS = ("ksm_scans", "run_for", "offline", "unplug", "online", "add_dimm", "add_virtio_mem",
-              "pressure", "reclaim", "write", "ksm")
-OFFLINE_TARGETS = ("blocks", "node", "device", "pages_of", "empty")
 
 
 @dataclass
@@ -116,17 +113,41 @@ class Scenario:
 # ------------------------------------------------------------------------------------------
 # validation
 
-def _range_list(value: Any, pages: int, path: str, key: str) -> list[tuple[int, int]]:
-    if not isinstance(value, list):
-        raise fail(path, key, "expected a list of {start, count}")
-    out = []
-    for i, r in enumerate(value):
-        k = f"{key}[{i}]"
-        expect_mapping(r, path, k, ("start", "count"), ("start", "count"))
-        start = expect_int(r["start"], path, f"{k}.start", 0, pages - 1)
-        count = expect_int(r["count"], path, f"{k}.count", 1, pages - start)
-        out.append((start, count))
-    return out
+class _Body(SimpleNamespace):
+    """A mapping being read in a scope (a range of a region, a kernel allocation, a step's
+    body): its values as attributes, in its table's order (:meth:`args`), beside the scope
+    (:class:`_Scope`), the step's index and kind, and the pages of the region it is in."""
+
+    def __init__(self, scope: "_Scope | None", index: int = 0, kind: str = "", pages: int = 0):
+        super().__init__()
+        self._scope, self._index, self._kind, self._pages = scope, index, kind, pages
+
+    def args(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def _start(value: Any, path: str, key: str, body: _Body) -> None:
+    body.start = expect_int(value, path, key, 0, body._pages - 1)
+
+
+def _count(value: Any, path: str, key: str, body: _Body) -> None:
+    """The pages from ``start`` on (default: to the end of the region)."""
+    rest = body._pages - body.start
+    body.count = expect_int(rest if value is ABSENT else value, path, key, 1, rest)
+
+
+def _content(value: Any, path: str, key: str, body: _Body) -> None:
+    body.content = parse_content(value, body.count, path, key)
+
+
+RANGE = Section(rule("start", apply=_start, required=True), rule("count", apply=_count, required=True))
+FILL = Section(*RANGE.keys, rule("content", apply=_content, required=True))
+
+
+def _spans(value: Any, path: str, key: str, section: Section, pages: int, what: str) -> list[_Body]:
+    """A list of ranges of a region of ``pages`` pages, each read by ``section``."""
+    return [section.fill(r, path, f"{key}[{i}]", _Body(None, pages=pages))
+            for i, r in enumerate(expect_list(value, path, key, what))]
 
 
 def _region_size(value: Any, path: str, key: str, spec: RegionSpec) -> None:
@@ -144,19 +165,15 @@ def _region_content(value: Any, path: str, key: str, spec: RegionSpec) -> None:
 
 
 def _region_fills(value: Any, path: str, key: str, spec: RegionSpec) -> None:
-    for i, f in enumerate(value or []):
-        k = f"{key}[{i}]"
-        expect_mapping(f, path, k, ("start", "count", "content"), ("start", "count", "content"))
-        start = expect_int(f["start"], path, f"{k}.start", 0, spec.pages - 1)
-        count = expect_int(f["count"], path, f"{k}.count", 1, spec.pages - start)
-        spec.fills.append((start, count, parse_content(f["content"], count, path, f"{k}.content")))
+    spec.fills.extend((f.start, f.count, f.content)
+                      for f in _spans(value or [], path, key, FILL, spec.pages, "{start, count, content}"))
 
 
 def _region_pinned(value: Any, path: str, key: str, spec: RegionSpec) -> None:
-    spec.pinned = _range_list(value, spec.pages, path, key)
+    spec.pinned = [(r.start, r.count) for r in _spans(value, path, key, RANGE, spec.pages, "{start, count}")]
 
 
-REGION = Section(               # a region has a size or a number of pages
+REGION = Section(
     rule("name", expect_str, required=True),
     rule("size", apply=_region_size),
     rule("pages", expect_int, 1),
@@ -165,15 +182,8 @@ REGION = Section(               # a region has a size or a number of pages
     rule("mergeable", expect_bool, default=False),
     rule("thp", expect_bool, default=False),
     rule("pinned", apply=_region_pinned, default=[]),
+    one_of=("size", "pages"),
 )
-
-
-def _region(r: Any, path: str, key: str) -> RegionSpec:
-    REGION.check(r, path, key)
-    expect_str(r["name"], path, f"{key}.name")          # a bad name is reported first
-    if ("size" in r) == ("pages" in r):
-        raise fail(path, key, "give exactly one of size and pages")
-    return REGION.fill(r, path, key, RegionSpec("", 0))
 
 
 @dataclass
@@ -218,7 +228,7 @@ def _proc_oom_score_adj(value: Any, path: str, key: str, p: _Proc) -> None:
 def _proc_regions(value: Any, path: str, key: str, p: _Proc) -> None:
     taken: set[str] = set()
     for i, r in enumerate(expect_list(value, path, key, "regions", nonempty=True)):
-        reg = _region(r, path, f"{key}[{i}]")
+        reg = REGION.fill(r, path, f"{key}[{i}]", RegionSpec("", 0))
         expect_new_name(reg.name, path, f"{key}[{i}].name", taken, "regions")
         p.spec.regions.append(reg)
 
@@ -246,121 +256,227 @@ def _blocks_arg(value: Any, path: str, key: str, nblocks: int) -> list[int]:
     return list(value)
 
 
+# ------------------------------------------------------------------------------------------
+# the scenario's own sections: processes, kernel pages, the timeline
+
+@dataclass
+class _Scope:
+    """What a scenario's names and numbers are checked against, as far as it is read: the
+    host's nodes and memory blocks, the processes' regions (pages by name), the devices added
+    by the steps so far (their kind by name); and what is read."""
+    nnodes: int
+    nblocks: int
+    block_bytes: int
+    regions_of: dict[str, dict[str, int]] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    procs: list[ProcSpec] = field(default_factory=list)
+    kernel_pages: list[tuple[int, int]] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+
+def _node(value: Any, path: str, key: str, body: _Body) -> None:
+    if value is not ABSENT:
+        body.node = expect_int(value, path, key, 0, body._scope.nnodes - 1)
+
+
+KERNEL_PAGES = Section(
+    rule("node", apply=_node, required=True),
+    rule("pages", expect_int, 1, required=True),
+)
+
+
+# -- timeline steps: one table per step kind whose body is a mapping
+
+def _blocks(value: Any, path: str, key: str, body: _Body) -> None:
+    if value is not ABSENT:
+        body.blocks = _blocks_arg(value, path, key, body._scope.nblocks)
+
+
+def _device(value: Any, path: str, key: str, body: _Body) -> None:
+    if value is not ABSENT:
+        if expect_str(value, path, key) not in body._scope.devices:
+            raise fail(path, key, f"no device {value!r} was added before")
+        body.device = value
+
+
+def _pages_of(value: Any, path: str, key: str, body: _Body) -> None:
+    if value is not ABSENT:
+        if not isinstance(value, str) or value not in body._scope.regions_of:
+            raise fail(path, key, f"no process {value!r}")
+        body.pages_of = value
+
+
+def _empty(value: Any, path: str, key: str, body: _Body) -> None:
+    if value is not ABSENT:
+        if value is not True:
+            raise fail(path, key, "expected true")
+        body.empty = True
+
+
+_ONLINE_TARGETS = (rule("blocks", apply=_blocks), rule("node", apply=_node),
+                   rule("device", apply=_device))
+OFFLINE = Section(               # which blocks, and when its writer is interrupted or queued behind
+    *_ONLINE_TARGETS, rule("pages_of", apply=_pages_of), rule("empty", apply=_empty),
+    rule("signal_after", parse_duration_ns), rule("run_write_after", parse_duration_ns),
+    one_of=("blocks", "node", "device", "pages_of", "empty"),
+)
+ONLINE = Section(*_ONLINE_TARGETS, one_of=("blocks", "node", "device"))
+
+
+def _device_name(value: Any, path: str, key: str, body: _Body) -> None:
+    if not isinstance(value, str) or not value or value == "boot":
+        raise fail(path, key, "expected a device name (not 'boot')")
+    kind = body._scope.devices.get(value)     # a virtio-mem device may be added to
+    if kind is not None and (body._kind == "add_dimm" or kind != body._kind):
+        raise fail(path, key, f"a device named {value!r} exists already")
+    body.name = value
+
+
+def _dimm_size(value: Any, path: str, key: str, body: _Body) -> None:
+    block_bytes = body._scope.block_bytes
+    size = parse_size(value, path, key, minimum=block_bytes)
+    if size % block_bytes:
+        raise fail(path, key, f"{value!r} is not a multiple of the block size")
+    body.size = size
+
+
+_DEVICE = (rule("name", apply=_device_name, required=True), rule("node", apply=_node, required=True),
+           rule("zone", expect_enum, ("movable", "normal"), default="movable"),
+           rule("online", expect_bool, default=True))
+ADD_DIMM = Section(*_DEVICE, rule("size", apply=_dimm_size, required=True))
+ADD_VIRTIO_MEM = Section(*_DEVICE, rule("blocks", expect_int, 1, 1 << 16, required=True))
+
+
+def _pressure_size(value: Any, path: str, key: str, body: _Body) -> None:
+    if value is not ABSENT:
+        body.pages = parse_size(value, path, key, minimum=PAGE_SIZE) // PAGE_SIZE
+
+
+def _pressure_content(value: Any, path: str, key: str, body: _Body) -> None:
+    if value is ABSENT:                       # pages nobody else has, different at every step
+        value = {"unique": 1_000_000 + body._index}
+    body.content = parse_content(value, body.pages, path, key)
+
+
+PRESSURE = Section(
+    rule("pages", expect_int, 1), rule("size", apply=_pressure_size),
+    rule("node", apply=_node, default=0), rule("content", apply=_pressure_content),
+    one_of=("pages", "size"),
+)
+RECLAIM = Section(rule("node", apply=_node, default=0), rule("pages", expect_int, 1, required=True))
+
+
+def _write_proc(value: Any, path: str, key: str, body: _Body) -> None:
+    if expect_str(value, path, key) not in body._scope.regions_of:
+        raise fail(path, key, f"no process {value!r}")
+    body.proc = value
+
+
+def _write_region(value: Any, path: str, key: str, body: _Body) -> None:
+    regions = body._scope.regions_of[body.proc]
+    if expect_str(value, path, key) not in regions:
+        raise fail(path, key, f"process {body.proc!r} has no region {value!r}")
+    body.region, body._pages = value, regions[value]
+
+
+WRITE = Section(
+    rule("proc", apply=_write_proc, required=True),
+    rule("region", apply=_write_region, required=True),
+    rule("start", apply=_start, default=0),
+    rule("count", apply=_count),
+    rule("content", apply=_content, required=True),
+)
+
+
+def _mapping_step(section: Section) -> Callable[[Any, str, str, _Scope, int, str], Any]:
+    """The parser of a step whose body is a mapping read by ``section``: its arguments."""
+    def parse(body: Any, path: str, key: str, scope: _Scope, index: int, kind: str) -> dict:
+        return section.fill(body, path, key, _Body(scope, index, kind)).args()
+    return parse
+
+
+def _scans(body: Any, path: str, key: str, scope: _Scope, index: int, kind: str) -> int:
+    return expect_int(body, path, key, 1, 10_000)
+
+
+def _run_for(body: Any, path: str, key: str, scope: _Scope, index: int, kind: str) -> int:
+    return parse_duration_ns(body, path, key)
+
+
+def _knob_writes(body: Any, path: str, key: str, scope: _Scope, index: int, kind: str) -> list:
+    if not isinstance(body, dict) or not body:
+        raise fail(path, key, "expected knob writes such as {run: 0}")
+    return [(str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in body.items()]
+
+
+def _unplug(body: Any, path: str, key: str, scope: _Scope, index: int, kind: str) -> str:
+    if expect_str(body, path, key, "a device name") not in scope.devices:
+        raise fail(path, key, f"no hot-added device {body!r} (add_dimm / add_virtio_mem first)")
+    return body
+
+
+#: The timeline's step kinds, each with the parser of its body (which returns the step's
+#: arguments, as ``Runner._step`` reads them).
+STEPS: dict[str, Callable[[Any, str, str, _Scope, int, str], Any]] = {
+    "ksm_scans": _scans,
+    "run_for": _run_for,
+    "offline": _mapping_step(OFFLINE),
+    "unplug": _unplug,
+    "online": _mapping_step(ONLINE),
+    "add_dimm": _mapping_step(ADD_DIMM),
+    "add_virtio_mem": _mapping_step(ADD_VIRTIO_MEM),
+    "pressure": _mapping_step(PRESSURE),
+    "reclaim": _mapping_step(RECLAIM),
+    "write": _mapping_step(WRITE),
+    "ksm": _knob_writes,
+}
+
+
+def _step(value: Any, path: str, key: str, scope: _Scope, index: int) -> Step:
+    kind, body = expect_one_step(value, path, key, tuple(STEPS), "{offline: {blocks: [4]}}")
+    args = STEPS[kind](body, path, f"{key}.{kind}", scope, index, kind)
+    if kind in ("add_dimm", "add_virtio_mem"):         # the device's blocks can be named from now on
+        scope.devices[args["name"]] = kind
+        scope.nblocks += args["size"] // scope.block_bytes if kind == "add_dimm" else args["blocks"]
+    return Step(index, kind, args)
+
+
+# -- the sections
+
+def _processes(value: Any, path: str, key: str, scope: _Scope) -> None:
+    if not isinstance(value or {}, dict):
+        raise fail(path, key, "expected a mapping of process names")
+    for name, p in (value or {}).items():
+        spec = PROC.fill(p, path, sub(key, str(name)), _Proc(scope.nnodes, ProcSpec(str(name)))).spec
+        scope.regions_of[spec.name] = {reg.name: reg.pages for reg in spec.regions}
+        scope.procs.append(spec)
+
+
+def _kernel_pages(value: Any, path: str, key: str, scope: _Scope) -> None:
+    for i, k in enumerate(expect_list(value or [], path, key, "{node, pages}")):
+        body = KERNEL_PAGES.fill(k, path, f"{key}[{i}]", _Body(scope))
+        scope.kernel_pages.append((body.node, body.pages))
+
+
+def _timeline(value: Any, path: str, key: str, scope: _Scope) -> None:
+    for i, s in enumerate(expect_list(value or [], path, key, "steps")):
+        scope.steps.append(_step(s, path, f"{key}[{i}]", scope, i))
+
+
+SCENARIO = Section(              # beside the host config's sections (vmhost.config)
+    rule("processes", apply=_processes, default=None),
+    rule("kernel_pages", apply=_kernel_pages, default=None),
+    rule("timeline", apply=_timeline, default=None),
+)
+
+
 def parse_scenario(doc: Any, path: str) -> Scenario:
-    cfg = parse_host_config(doc, path, extra_keys=("processes", "kernel_pages", "timeline"))
-    nnodes = cfg.topology.node_count
+    cfg = parse_host_config(doc, path, extra_keys=SCENARIO.names)
     block_bytes = cfg.block_pages * PAGE_SIZE
-    nblocks = sum(n.mem_bytes // block_bytes for n in cfg.topology.nodes)
-    procs_doc = doc.get("processes", {}) or {}
-    if not isinstance(procs_doc, dict):
-        raise fail(path, "processes", "expected a mapping of process names")
-    procs: list[ProcSpec] = []
-    regions_of: dict[str, dict[str, int]] = {}
-    for name, p in procs_doc.items():
-        spec = PROC.fill(p, path, f"processes.{name}", _Proc(nnodes, ProcSpec(str(name)))).spec
-        regions_of[spec.name] = {reg.name: reg.pages for reg in spec.regions}
-        procs.append(spec)
-    kernel_pages = []
-    kp = doc.get("kernel_pages", []) or []
-    if not isinstance(kp, list):
-        raise fail(path, "kernel_pages", "expected a list of {node, pages}")
-    for i, k in enumerate(kp):
-        key = f"kernel_pages[{i}]"
-        expect_mapping(k, path, key, ("node", "pages"), ("node", "pages"))
-        kernel_pages.append((expect_int(k["node"], path, f"{key}.node", 0, nnodes - 1),
-                             expect_int(k["pages"], path, f"{key}.pages", 1)))
-    timeline = doc.get("timeline", []) or []
-    if not isinstance(timeline, list):
-        raise fail(path, "timeline", "expected a list of steps")
-    steps: list[Step] = []
-    devices: dict[str, str] = {}
-    for i, s in enumerate(timeline):
-        kind, body = expect_one_step(s, path, f"timeline[{i}]", STEP_KINDS, "{offline: {blocks: [4]}}")
-        key = f"timeline[{i}].{kind}"
-        if kind == "ksm_scans":
-            args = expect_int(body, path, key, 1, 10_000)
-        elif kind == "run_for":
-            args = parse_duration_ns(body, path, key)
-        elif kind == "ksm":
-            if not isinstance(body, dict) or not body:
-                raise fail(path, key, "expected knob writes such as {run: 0}")
-            args = [(str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in body.items()]
-        elif kind in ("offline", "online"):
-            targets = OFFLINE_TARGETS if kind == "offline" else ("blocks", "node", "device")
-            options = ("signal_after", "run_write_after") if kind == "offline" else ()
-            expect_mapping(body, path, key, targets + options)
-            if sum(t in body for t in targets) != 1:
-                raise fail(path, key, f"give one of {', '.join(targets)}")
-            opts = {o: parse_duration_ns(body[o], path, f"{key}.{o}") for o in options if o in body}
-            if "pages_of" in body:
-                if not isinstance(body["pages_of"], str) or body["pages_of"] not in regions_of:
-                    raise fail(path, f"{key}.pages_of", f"no process {body['pages_of']!r}")
-                args = {"pages_of": body["pages_of"]}
-            elif "empty" in body:
-                if body["empty"] is not True:
-                    raise fail(path, f"{key}.empty", "expected true")
-                args = {"empty": True}
-            elif "blocks" in body:
-                args = {"blocks": _blocks_arg(body["blocks"], path, f"{key}.blocks", nblocks)}
-            elif "node" in body:
-                args = {"node": expect_int(body["node"], path, f"{key}.node", 0, nnodes - 1)}
-            else:
-                if expect_str(body["device"], path, f"{key}.device") not in devices:
-                    raise fail(path, f"{key}.device", f"no device {body['device']!r} was added before")
-                args = {"device": body["device"]}
-            args.update(opts)
-        elif kind == "unplug":
-            if expect_str(body, path, key, "a device name") not in devices:
-                raise fail(path, key, f"no hot-added device {body!r} (add_dimm / add_virtio_mem first)")
-            args = body
-        elif kind in ("add_dimm", "add_virtio_mem"):
-            req = ("name", "node", "size") if kind == "add_dimm" else ("name", "node", "blocks")
-            expect_mapping(body, path, key, req + ("zone", "online"), req)
-            if not isinstance(body["name"], str) or not body["name"] or body["name"] == "boot":
-                raise fail(path, f"{key}.name", "expected a device name (not 'boot')")
-            if body["name"] in devices and (kind == "add_dimm" or devices[body["name"]] != kind):
-                raise fail(path, f"{key}.name", f"a device named {body['name']!r} exists already")
-            args = {"name": body["name"], "node": expect_int(body["node"], path, f"{key}.node", 0, nnodes - 1),
-                    "zone": body.get("zone", "movable"), "online": expect_bool(body.get("online", True), path, f"{key}.online")}
-            if args["zone"] not in ("movable", "normal"):
-                raise fail(path, f"{key}.zone", f"{args['zone']!r} is not movable or normal")
-            if kind == "add_dimm":
-                size = parse_size(body["size"], path, f"{key}.size", minimum=block_bytes)
-                if size % block_bytes:
-                    raise fail(path, f"{key}.size", f"{body['size']!r} is not a multiple of the block size")
-                args["size"] = size
-                nblocks += size // block_bytes
-            else:
-                args["blocks"] = expect_int(body["blocks"], path, f"{key}.blocks", 1, 1 << 16)
-                nblocks += args["blocks"]
-            devices[body["name"]] = kind
-        elif kind == "pressure":
-            expect_mapping(body, path, key, ("pages", "size", "node", "content"))
-            if ("pages" in body) == ("size" in body):
-                raise fail(path, key, "give exactly one of pages and size")
-            pages = (expect_int(body["pages"], path, f"{key}.pages", 1) if "pages" in body
-                     else parse_size(body["size"], path, f"{key}.size", minimum=PAGE_SIZE) // PAGE_SIZE)
-            args = {"pages": pages, "node": expect_int(body.get("node", 0), path, f"{key}.node", 0, nnodes - 1),
-                    "content": parse_content(body.get("content", {"unique": 1_000_000 + i}), pages, path,
-                                        f"{key}.content")}
-        elif kind == "reclaim":
-            expect_mapping(body, path, key, ("node", "pages"), ("pages",))
-            args = {"node": expect_int(body.get("node", 0), path, f"{key}.node", 0, nnodes - 1),
-                    "pages": expect_int(body["pages"], path, f"{key}.pages", 1)}
-        else:  # write
-            expect_mapping(body, path, key, ("proc", "region", "start", "count", "content"),
-                           ("proc", "region", "content"))
-            if expect_str(body["proc"], path, f"{key}.proc") not in regions_of:
-                raise fail(path, f"{key}.proc", f"no process {body['proc']!r}")
-            if expect_str(body["region"], path, f"{key}.region") not in regions_of[body["proc"]]:
-                raise fail(path, f"{key}.region", f"process {body['proc']!r} has no region {body['region']!r}")
-            pages = regions_of[body["proc"]][body["region"]]
-            start = expect_int(body.get("start", 0), path, f"{key}.start", 0, pages - 1)
-            count = expect_int(body.get("count", pages - start), path, f"{key}.count", 1, pages - start)
-            args = {"proc": body["proc"], "region": body["region"], "start": start, "count": count,
-                    "content": parse_content(body["content"], count, path, f"{key}.content")}
-        steps.append(Step(i, kind, args))
-    return Scenario(path, cfg, procs, kernel_pages, steps)
+    scope = _Scope(cfg.topology.node_count,
+                   sum(n.mem_bytes // block_bytes for n in cfg.topology.nodes), block_bytes)
+    SCENARIO.read(doc, path, "", scope)
+    return Scenario(path, cfg, scope.procs, scope.kernel_pages, scope.steps)
 
 
 def load_scenario(path: str | Path) -> Scenario:

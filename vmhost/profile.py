@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vmhost.schema import fail
+from guests.schema import fail
 
 if TYPE_CHECKING:
     from vmhost.config import HostConfig

@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from guests import dumps
+from guests.errors import InputError
 from hw.units import PAGE_SIZE
-from vmhost.errors import InputError
 
 MIB = 1 << 20
 GIB = 1 << 30

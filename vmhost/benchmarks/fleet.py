@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.fleet.config import parse_fleet
 from vmhost.fleet.runner import dask_client, plan, run_tasks
 from vmhost.fleet.tasks import ResultStore, run_host_task

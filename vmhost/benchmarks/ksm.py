@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from guests.errors import InputError
 from hw.topology import Topology
 from hw.units import PAGE_SIZE
 from vmhost.benchmarks.ksm_workload import Workload, child_argv
-from vmhost.errors import InputError
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
 SLEEP_MS = 50

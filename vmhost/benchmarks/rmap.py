@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
+from guests.errors import InputError
 from hw.topology import Topology
 from hw.units import PAGE_SIZE
-from vmhost.errors import InputError
 from vmhost.host import Host
 from vmhost.mm.rmap import walk_many
 from vmhost.profile import get_profile

@@ -16,7 +16,7 @@ def register(sub) -> None:
     rmap.add_argument("--children", type=whole_number, default=1000)
     rmap.add_argument("--pages", type=whole_number, default=1000)
     rmap.add_argument("--profile", choices=sorted(PROFILES), default="linux-6.18")
-    switches(rmap, json="print JSON")
+    switches(rmap, "json")
     rmap.set_defaults(func=_rmap)
     ksm = bench_sub.add_parser("ksm", help="KSM scan speed and memory: real kernel vs emulator")
     ksm.add_argument("--pages", type=whole_number, default=262144, help="pages (default 1 GiB)")
@@ -24,21 +24,17 @@ def register(sub) -> None:
     ksm.add_argument("--scans", type=whole_number, default=2, help="steady-state passes to time")
     ksm.add_argument("--host-gib", type=float, default=None,
                      help="emulator only: a host of this many GiB filled by the processes")
-    switches(ksm,
-             emulator_only="only the emulator side (no root, no real KSM)",
+    switches(ksm, "emulator_only", "json",
              kernel_only="only the real ksmd side",
              calibrate="fit ksmd's per-operation CPU costs on the real kernel",
              write="with --calibrate: write vmhost/ksm/ksmd_calibration.json",
-             verbose="progress on stderr",
-             json="print JSON")
+             verbose="progress on stderr")
     ksm.set_defaults(func=_ksm)
     fleet = bench_sub.add_parser("fleet", help="fleet host simulations per second on Dask: 1 worker against 2")
     fleet.add_argument("--hosts", type=whole_number, default=200, help="hosts per scenario (default 200)")
     fleet.add_argument("--scenarios", type=whole_number, default=3, help="scenarios (default 3)")
     fleet.add_argument("--workers", default="1,2", help="worker counts to compare, comma-separated (default 1,2)")
-    switches(fleet,
-             quiet="no progress on stderr",
-             json="print JSON")
+    switches(fleet, "quiet", "json")
     fleet.set_defaults(func=_fleet)
 
 
@@ -53,7 +49,7 @@ def _ksm(args: argparse.Namespace) -> int:
     import sys
 
     from vmhost.benchmarks import ksm
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     if args.emulator_only and args.kernel_only:
         raise InputError("bench ksm: --emulator-only and --kernel-only exclude each other")
@@ -76,7 +72,7 @@ def _ksm(args: argparse.Namespace) -> int:
 
 def _fleet(args: argparse.Namespace) -> int:
     from vmhost.benchmarks import fleet
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     try:
         workers = tuple(int(w) for w in args.workers.split(","))
     except ValueError:

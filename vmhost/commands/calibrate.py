@@ -19,16 +19,14 @@ def register(sub) -> None:
     q.add_argument("--dumps", metavar="DIR", help="keep the dumps in DIR")
     q.add_argument("--timeout", type=float, default=90.0,
                    help="bound on the real KSM's convergence, seconds (90)")
-    switches(q,
-             running="let the guests run while KSM merges (default: paused after the dump)",
-             json="print the result as JSON")
+    switches(q, "json", running="let the guests run while KSM merges (default: paused after the dump)")
     q.set_defaults(func=_qemu)
 
 
 def _qemu(args: argparse.Namespace) -> int:
     from vmhost.reality.lab import LabError
     from vmhost.reality import calibrate
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     from vmhost.reality.ksm_oracle import OracleError
     if args.guests < 2:
         raise InputError("calibrate qemu: --guests must be at least 2")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 
 
 class Parser(argparse.ArgumentParser):
@@ -15,9 +15,18 @@ class Parser(argparse.ArgumentParser):
         raise InputError(f"{where}: {message}" if where else message)
 
 
-def switches(parser, **helps: str) -> None:
-    """On/off options, one keyword and its help each (``no_thp="..."`` is ``--no-thp``), off unless given."""
-    for name, text in helps.items():
+#: On/off options several commands share: one name, one meaning, one help text.
+SHARED_SWITCHES = {
+    "json": "print the result as JSON",
+    "quiet": "no progress on stderr: only the result",
+    "emulator_only": "only the emulator side (no root, no real KSM)",
+}
+
+
+def switches(parser, *shared: str, **own: str) -> None:
+    """On/off options, off unless given: ``shared``, names of :data:`SHARED_SWITCHES`; ``own``,
+    a command's own, one keyword and its help each (``no_thp="..."`` is ``--no-thp``)."""
+    for name, text in [(name, SHARED_SWITCHES[name]) for name in shared] + list(own.items()):
         parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
 
 

@@ -17,12 +17,11 @@ START_NOTE = "booting guest 1 (without a compiled scan loop from the install, it
 def register(sub) -> None:
     p = sub.add_parser("density", help="VMs-per-host search for an image mix, with and without KSM")
     p.add_argument("config", help="density YAML (host, ksm, density; see vmhost/density/config.py)")
-    switches(p, json="print the result as JSON")
+    switches(p, "json")
     p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
                                                    "report.txt and CSV tables to DIR (atomically: a temporary "
                                                    "directory renamed)")
-    switches(p,
-             quiet="no progress bar on stderr",
+    switches(p, "quiet",
              bench="benchmark: run the search and print its wall time (and the resolution)",
              oracle="run the study on this machine's kernel instead (root; see vmhost/reality/density_oracle.py)",
              compare="with --oracle: the emulator beside the kernel, per step")
@@ -47,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     from hw.units import PAGES_PER_GIB
     from vmhost.reports.files import dumps_json
     if args.workers is not None and args.workers < 1:
-        from vmhost.errors import InputError
+        from guests.errors import InputError
         raise InputError(f"density: --workers must be at least 1 (got {args.workers})")
     cfg = load_density(args.config)        # every input error is raised here, before any output
     if args.resolutions:
@@ -85,7 +84,7 @@ def _invariance(args: argparse.Namespace, cfg) -> int:
 
     from vmhost.density.invariance import at_resolution, check, format_check
     from vmhost.reports.files import dumps_json
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     try:
         rs = [int(x) for x in args.resolutions.split(",") if x.strip()]
     except ValueError:

@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
+from guests.errors import InputError
 from vmhost.commands.common import switches, whole_number
-from vmhost.errors import InputError
 
 
 def register(sub) -> None:
@@ -25,9 +25,7 @@ def register(sub) -> None:
     p.add_argument("--state", metavar="DIR",
                    help="where finished host simulations are kept, so that a re-run resumes "
                         "(default: $XDG_CACHE_HOME/vmhost/fleet)")
-    switches(p,
-             json="print the result as JSON",
-             quiet="no progress on stderr: only the result")
+    switches(p, "json", "quiet")
     p.set_defaults(func=_run)
 
 

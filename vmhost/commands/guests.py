@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from guests.errors import InputError
 from vmhost.commands.common import Parser, switches, whole_number
-from vmhost.errors import InputError
 
 
 def _address(text: str) -> int:
@@ -39,18 +39,18 @@ def register(sub) -> None:
                      help="pc: keep only PC guest RAM ranges (default); flat: every page")
     imp.add_argument("--low-ram-end", type=_address, metavar="ADDR",
                      help="end of guest RAM below 4 GiB (default: from the dump)")
-    switches(imp, json="print the image header as JSON")
+    switches(imp, "json")
     imp.set_defaults(func=_import)
 
     info = gs.add_parser("info", help="show an image's header and statistics")
     info.add_argument("image")
-    switches(info, json="print the result as JSON")
+    switches(info, "json")
     info.set_defaults(func=_info)
 
     sh = gs.add_parser("sharing", help="ideal sharing across images, pages matched by content")
     sh.add_argument("images", nargs="+")
     sh.add_argument("--max-page-sharing", type=whole_number, default=256)
-    switches(sh, json="print the result as JSON")
+    switches(sh, "json")
     sh.set_defaults(func=_sharing)
 
     prof = gs.add_parser("profile", help="fit a catalog image (YAML) to dumps of one kind of VM")
@@ -70,14 +70,14 @@ def register(sub) -> None:
                       help="more dumps of VMs of the same kind for the check only (not fitted): "
                            "the profile booted once per VM is held against all of them")
     prof.add_argument("--jobs", type=whole_number, default=1, help="hashing processes for dumps")
-    switches(prof, json="print the fit and its check as JSON")
+    switches(prof, "json")
     prof.set_defaults(func=_profile)
 
     bench = gs.add_parser("bench-import", help="dump import throughput on a synthetic dump")
     bench.add_argument("--size-mib", type=whole_number, default=1024)
     bench.add_argument("--jobs", type=whole_number, default=1)
     bench.add_argument("--zero-fraction", type=_fraction, default=0.33)
-    switches(bench, json="print the result as JSON")
+    switches(bench, "json")
     bench.set_defaults(func=_bench)
 
     build = gs.add_parser("build", help="build (or find in the cache) the lab's guest kernel "
@@ -105,7 +105,7 @@ def register(sub) -> None:
     live.add_argument("--timeout", type=whole_number, default=120, help="seconds for KSM")
     live.add_argument("--tolerance", type=whole_number, default=0,
                       help="pages of jitter still counted as converged")
-    switches(live, json="print the result as JSON")
+    switches(live, "json")
     live.set_defaults(func=_ksm_live)
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from guests.errors import InputError
 from vmhost.commands.common import switches, whole_number
-from vmhost.errors import InputError
 from vmhost.reports.files import dumps_json
 
 
 def register(sub) -> None:
     p = sub.add_parser("hotremove", help="run a memory hot-remove scenario (or --bench)")
     p.add_argument("scenario", nargs="?", help="scenario YAML (see vmhost/hotremove.py)")
-    switches(p, json="print the result as JSON")
+    switches(p, "json")
     p.add_argument("--report", metavar="DIR", help="also write report.html (plots, works offline), result.json, "
                                                    "report.txt and CSV tables to DIR (atomically)")
     switches(p, bench="benchmark: offline blocks full of merged pages, report pages/s")

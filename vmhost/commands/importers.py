@@ -7,8 +7,8 @@ import contextlib
 import os
 import sys
 
+from guests.errors import InputError
 from vmhost.commands.common import Parser, switches
-from vmhost.errors import InputError
 
 
 def register(sub) -> None:

@@ -13,15 +13,13 @@ def register(sub) -> None:
     ksm_sub = ksm.add_subparsers(dest="ksm", required=True, parser_class=Parser)
     replay = ksm_sub.add_parser("replay", help="replay a KSM trace in the emulator")
     replay.add_argument("trace")
-    switches(replay,
-             json="print the result as JSON",
-             check="run the invariant checker after every step")
+    switches(replay, "json", check="run the invariant checker after every step")
     replay.add_argument("--sysfs", metavar="DIR",
                         help="also write the final state as a KSM sysfs directory")
     replay.set_defaults(func=_replay)
     oracle = ksm_sub.add_parser("oracle", help="run a KSM trace in this machine's kernel (root)")
     oracle.add_argument("trace")
-    switches(oracle, json="print the result as JSON")
+    switches(oracle, "json")
     oracle.set_defaults(func=_oracle)
     fuzz = ksm_sub.add_parser("fuzz", help="random traces in the emulator and the kernel (root): "
                               "differences shrunk and written as corpus traces")
@@ -30,11 +28,9 @@ def register(sub) -> None:
     fuzz.add_argument("--start", type=whole_number, default=0,
                       help="index of the first trace (to resume or split a campaign)")
     fuzz.add_argument("--out", metavar="DIR", help="write differing traces and summary.json here")
-    switches(fuzz,
+    switches(fuzz, "emulator_only", "json",
              no_shrink="keep differing traces whole",
-             no_thp="plain regions instead of THP ones (the kernel's THP is not repeatable)",
-             emulator_only="only replay the traces (invariants checked), no kernel",
-             json="print the summary as JSON")
+             no_thp="plain regions instead of THP ones (the kernel's THP is not repeatable)")
     fuzz.set_defaults(func=_fuzz)
     sysfs = ksm_sub.add_parser("sysfs", help="write the state after a trace as /sys/kernel/mm/ksm files")
     sysfs.add_argument("directory")
@@ -70,7 +66,7 @@ def _oracle(args: argparse.Namespace) -> int:
 def _fuzz(args: argparse.Namespace) -> int:
     import json
 
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     from vmhost.reality.ksm_fuzz import run_campaign
     if args.count < 1:
         raise InputError(f"ksm fuzz: --count must be positive, got {args.count}")

@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from guests.resolve import expect_image
+from guests.schema import (ABSENT, Section, expect_bool, expect_domain, expect_enum, expect_fraction,
+                           expect_int, expect_list, expect_mib, expect_number, fail, is_percentage,
+                           nested, parse_duration_ns, parse_size, read_yaml, rule)
 from hw.units import PAGE_SIZE
 from vmhost.config import HostConfig, parse_host_config
 from vmhost.policies import resolution_refusal
-from vmhost.schema import (ABSENT, Section, expect_bool, expect_domain, expect_enum, expect_fraction,
-                           expect_image, expect_int, expect_list, expect_mib, expect_number, fail,
-                           is_percentage, nested, parse_duration_ns, parse_size, read_yaml, rule)
 
 ORDERS = ("as-listed", "round-robin", "weighted")
 
@@ -73,7 +74,7 @@ class DensityConfig(HostRun):
 
 
 # ------------------------------------------------------------------------------------------
-# validation: one rule per key (vmhost.schema.Section), in the order they are read
+# validation: one rule per key (guests.schema.Section), in the order they are read
 
 def _mix_memory(value: Any, path: str, key: str, entry: MixEntry) -> None:
     entry.memory_mib = entry.image.memory_mib if value is ABSENT else expect_mib(value, path, key)

@@ -27,17 +27,17 @@ from typing import Any
 
 import numpy as np
 
+from guests.errors import InputError
+from guests.resolve import expect_image
+from guests.schema import (ABSENT, SchemaError, Section, expect_bool, expect_domain, expect_enum,
+                           expect_int, expect_list, expect_mib, expect_new_name, expect_number,
+                           expect_section, expect_str, fail, is_percentage, parse_duration_ns,
+                           parse_percentage, parse_size, read_yaml, rule)
 from hw.units import PAGE_SIZE, PAGES_PER_MIB
 from vmhost.config import HostConfig, load_config, parse_host_config
 from vmhost.density.config import parse_settle
-from vmhost.errors import InputError
 from vmhost.policies import resolution_refusal
-from vmhost.schema import (ABSENT, SchemaError, Section, expect_bool, expect_domain, expect_enum,
-                           expect_image, expect_int, expect_list, expect_mapping, expect_mib, expect_new_name,
-                           expect_number, expect_str, fail, is_percentage, parse_duration_ns,
-                           parse_percentage, parse_size, read_yaml, rule)
 
-TOP_KEYS = ("hosts", "inventory", "placement", "simulation", "sweep")
 POLICIES = ("first-fit", "first-fit-ksm", "sharing-aware")
 BOOTS = ("staggered", "together")
 _TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)((?:\[\d+\])*)$")
@@ -105,7 +105,7 @@ class Fleet:
 
 
 # ------------------------------------------------------------------------------------------
-# the document
+# the document: a scenario's sections (SCENARIO) and the sweep (FLEET)
 
 def load_fleet(path: str | Path) -> Fleet:
     return parse_fleet(read_yaml(path), str(path))
@@ -113,13 +113,12 @@ def load_fleet(path: str | Path) -> Fleet:
 
 def parse_fleet(doc: Any, path: str) -> Fleet:
     """Every scenario of the document, validated; raises InputError on the first mistake."""
-    expect_mapping(doc, path, "", TOP_KEYS, ("hosts", "inventory"))
-    base = {k: v for k, v in doc.items() if k != "sweep"}
-    first = parse_scenario(base, path, "base", None)
-    if "sweep" not in doc:
+    top = FLEET.fill(doc, path, "", _Document())
+    first = _scenario(top, path, "base", None)
+    if top.sweep is None:
         return Fleet(path, [first])
-    sw = SWEEP.fill(doc["sweep"], path, "sweep", _Sweep())
-    key, values = sw.key, sw.values
+    key, values = top.sweep.key, top.sweep.values
+    base = {k: v for k, v in doc.items() if k != "sweep"}
     _, leaf = _resolve(base, key, path)
     scenarios, names = [], set()
     for i, value in enumerate(values):
@@ -193,11 +192,15 @@ def _resolve(doc: dict, key: str, path: str) -> tuple[Any, Any]:
 
 
 def parse_scenario(doc: dict, path: str, name: str, value: Any) -> Scenario:
-    models = _models(doc["hosts"], path)
-    vms = _inventory(doc["inventory"], path)
-    pl = PLACEMENT.fill(doc.get("placement", {}) or {}, path, "placement", _Placement())
-    scn = Scenario(name, value, models, vms, pl.policy)
-    scn.sim = SIMULATION.fill(doc.get("simulation", {}) or {}, path, "simulation", Simulation())
+    """The scenario a document without a sweep describes (``value``: the swept value)."""
+    return _scenario(SCENARIO.fill(doc, path, "", _Document()), path, name, value)
+
+
+def _scenario(doc: "_Document", path: str, name: str, value: Any) -> Scenario:
+    """The scenario of a document's read sections, once its VMs are checked against its host
+    models (resolution, room after the reserve and the watermarks, fit)."""
+    models, vms, pl = doc.models, doc.vms, doc.placement
+    scn = Scenario(name, value, models, vms, pl.policy, sim=doc.sim)
     _check_resolution(scn, path)
     if scn.sim.resolution > 1:
         scn.notes.append(f"every host and VM simulated at 1/{scn.sim.resolution} of its pages; "
@@ -262,16 +265,16 @@ MODEL = Section(
 )
 
 
-def _models(entries: Any, path: str) -> list[HostModel]:
-    expect_list(entries, path, "hosts", "host models", nonempty=True)
+def _models(entries: Any, path: str, key: str) -> list[HostModel]:
+    expect_list(entries, path, key, "host models", nonempty=True)
     out, names = [], set()
     for i, m in enumerate(entries):
-        key = f"hosts[{i}]"
-        model = MODEL.fill(m, path, key, _Model(names))
+        where = f"{key}[{i}]"
+        model = MODEL.fill(m, path, where, _Model(names))
         try:
             cfg = parse_host_config(model.doc, path)
         except SchemaError as exc:
-            raise InputError(f"{path}: {key}.{_strip(exc, path)}") from None
+            raise InputError(f"{path}: {where}.{_strip(exc, path)}") from None
         out.append(HostModel(i, model.name, model.count, model.doc, cfg))
     return out
 
@@ -411,10 +414,10 @@ INVENTORY = Section(
 )
 
 
-def _inventory(inv: Any, path: str) -> list[Vm]:
-    vms = INVENTORY.fill(inv, path, "inventory", _Inventory(_Names(path))).vms
+def _inventory(inv: Any, path: str, key: str) -> list[Vm]:
+    vms = INVENTORY.fill(inv, path, key, _Inventory(_Names(path))).vms
     if not vms:
-        raise fail(path, "inventory", "no VMs (give vms, generate or libvirt)")
+        raise fail(path, key, "no VMs (give vms, generate or libvirt)")
     return vms
 
 
@@ -535,3 +538,25 @@ def _check_resolution(scn: Scenario, path: str) -> None:
             if s["pages"] < r:
                 raise fail(path, key, f"swap device {s['name']} of host model {m.name!r} is smaller "
                                       f"than {r} pages")
+
+
+# ------------------------------------------------------------------------------------------
+# the document's sections, in the order they are read
+
+@dataclass
+class _Document:
+    """A fleet document being read."""
+    models: list[HostModel] = field(default_factory=list)
+    vms: list[Vm] = field(default_factory=list)
+    placement: _Placement = field(default_factory=_Placement)
+    sim: Simulation = field(default_factory=Simulation)
+    sweep: _Sweep | None = None
+
+
+SCENARIO = Section(              # what one scenario reads (a sweep's scenario: its copy of these)
+    rule("hosts", _models, attr="models", required=True),
+    rule("inventory", _inventory, attr="vms", required=True),
+    rule("placement", expect_section, PLACEMENT, _Placement, default=None),
+    rule("simulation", expect_section, SIMULATION, Simulation, attr="sim", default=None),
+)
+FLEET = Section(*SCENARIO.keys, rule("sweep", expect_section, SWEEP, _Sweep))

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, ContextManager, Iterator
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.fleet.config import Fleet
 from vmhost.fleet.placement import Placement, place
 from vmhost.fleet.result import summarize

@@ -33,7 +33,7 @@ import random
 import re
 from typing import Callable
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.ksm.trace import Trace, parse_trace
 
 MAX_LIVE = 4            # processes alive at once

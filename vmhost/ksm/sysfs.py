@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.ksm.knobs import available
 
 if TYPE_CHECKING:

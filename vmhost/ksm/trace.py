@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from guests.strict_yaml import DocumentError, load_json, load_yaml
+from guests.errors import InputError
+from guests.schema import DocumentError, load_json, load_yaml
 from hw.units import PAGE_SIZE
-from vmhost.errors import InputError
 from vmhost.ksm import knobs as knob_table
 
 WORDS_PER_PAGE = PAGE_SIZE // 8

@@ -88,8 +88,8 @@ from pathlib import Path
 
 import numpy as np
 
+from guests.errors import InputError
 from hw.units import HPAGE_PAGES, HPAGE_SIZE, PAGE_SIZE, PAGES_PER_GIB
-from vmhost.errors import InputError
 from vmhost.footprint import available_bytes
 from vmhost.reports.files import dumps_json
 from vmhost.reality.ksm_oracle import (KSM_DIR, OracleError, exclusive_kernel_ksm, libc, read_knob, recv_reply,

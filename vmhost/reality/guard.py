@@ -305,7 +305,7 @@ def child_main(argv: list[str], work) -> int:
     """The child's whole life (``--child JFD RFD``, request on stdin): SIGINT ignored (the
     parent handles Ctrl-C), ``work(journal, request)`` run, and its result dict, its refusal
     (an ``InputError``) or its failure sent to the parent."""
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     journal, rfd = child_fds(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     req = json.loads(sys.stdin.read())
@@ -322,7 +322,7 @@ def guarded_result(module: str, request: dict, timeout: float, what: str) -> dic
     """:func:`run_guarded`, then its outcome as the oracles report it: the child's result with
     the journal it left (restored), an ``InputError`` for a refusal, an ``OracleError`` for a
     failure, a child that died, or a change that could not be undone."""
-    from vmhost.errors import InputError
+    from guests.errors import InputError
     from vmhost.reality.ksm_oracle import OracleError
     result, journal, problems, status = run_guarded(module, request, timeout)
     if problems:

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.ksm.trace import PAGE_SIZE, Region, content_ids
 from vmhost.reality import guard
 from vmhost.reality.ksm_oracle import (MADV, OracleError, WorkerHandle, exclusive_kernel_ksm, libc,

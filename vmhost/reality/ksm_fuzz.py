@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.ksm.fuzz import generate, parse, shrink, to_yaml, trace_seed
 from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import compare_results, dumps_result

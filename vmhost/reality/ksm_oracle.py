@@ -59,8 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
+from guests.errors import InputError
 from hw.units import PAGE_SIZE, HPAGE_SIZE
-from vmhost.errors import InputError
 from vmhost.ksm.knobs import reset_order
 from vmhost.ksm.trace import (IDLE_MIN_MS, IDLE_PERIODS, PROC_FIELDS, SNAPSHOT_FIELDS,
                               WORDS_PER_PAGE, Region, Trace, content_ids, dumps_result,

@@ -128,7 +128,7 @@ def fit(rows: list[dict], fixed: dict, features=FITTED) -> dict:
     try:
         from scipy.optimize import nnls
     except ImportError:
-        from vmhost.errors import InputError
+        from guests.errors import InputError
         raise InputError("ksmd fit: scipy is not installed: pip install 'vmhost[fit]'") from None
     rows = [r for r in rows if r["kernel_cpu_s"] > 1e-4]
     a = np.array([[r.get(f, 0) for f in features] for r in rows], dtype=float)

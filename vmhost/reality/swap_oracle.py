@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vmhost.errors import InputError
+from guests.errors import InputError
 from vmhost.ksm.trace import Region
 from vmhost.reality import guard
 from vmhost.reality.hotremove_oracle import KSM_KEYS

@@ -21,7 +21,7 @@ from pathlib import Path
 from hw.units import PAGES_PER_GIB
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
-from vmhost.reports.report import Report
+from vmhost.reports.report import Plots, Report
 
 CURVE_COLUMNS = ["guests", "no_ksm_pages", "ksm_pages", "ideal_pages", "saved_pages",
                  "fits_no_ksm", "fits_ksm", "fits_ideal"]
@@ -74,6 +74,10 @@ def headline(res: dict) -> list[str]:
     return out
 
 
+PLOTS = Plots()            # the report's plots, in this order
+
+
+@PLOTS.add
 def _density_curves(res: dict) -> LinePlot:
     curve = res["curve"]
     ksm = [row for row in curve if "ksm_pages" in row]
@@ -89,6 +93,7 @@ def _density_curves(res: dict) -> LinePlot:
              "two are computed for the whole boot sequence.")
 
 
+@PLOTS.add
 def _savings_over_time(res: dict) -> LinePlot:
     tl = res.get("timeline") or []
     return LinePlot(
@@ -99,6 +104,7 @@ def _savings_over_time(res: dict) -> LinePlot:
               "over the following scans." if tl else "This result has no timeline of savings."))
 
 
+@PLOTS.add
 def _per_node(res: dict) -> BarPlot:
     steps = [s for s in res["steps"] if s.get("per_node")]
     nodes = sorted({n["node"] for s in steps for n in s["per_node"]})
@@ -114,6 +120,7 @@ def _per_node(res: dict) -> BarPlot:
               "This result has no per-node memory."))
 
 
+@PLOTS.add
 def _ksmd_cpu(res: dict) -> LinePlot:
     steps = res["steps"]
     limit = res["limits"].get("ksmd_cpu")
@@ -123,6 +130,7 @@ def _ksmd_cpu(res: dict) -> LinePlot:
         hlines=[("limit", 100 * limit)] if limit is not None else [])
 
 
+@PLOTS.add
 def _time_to(res: dict) -> LinePlot:
     steps = res["steps"]
     return LinePlot(
@@ -139,9 +147,7 @@ def build(res: dict) -> Report:
                      f"{res['profile']}: host {fmt(_gib(h['ram_pages']))} GiB, THP {h['thp']}, order "
                      f"{res['order']}, {res['sequence_length']} guests in the boot sequence",
                      headline(res),
-                     (_density_curves(res), _savings_over_time(res), _per_node(res), _ksmd_cpu(res),
-                      _time_to(res)),
-                     tables(res))
+                     PLOTS.of(res), tables(res))
 
 
 def write_density_report(res: dict, directory: str | Path) -> None:

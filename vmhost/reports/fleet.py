@@ -21,7 +21,7 @@ from hw.units import PAGES_PER_GIB
 from vmhost.fleet.result import format_result
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
-from vmhost.reports.report import Report
+from vmhost.reports.report import Plots, Report
 
 SCENARIO_COLUMNS = ["name", "policy", "hosts_needed", "vms", "vms_placed", "ram_pages",
                     "configured_pages", "no_ksm_pages", "used_pages", "saved_pages", "saved_fraction",
@@ -77,6 +77,9 @@ def headline(res: dict) -> list[str]:
     return out
 
 
+PLOTS = Plots()            # the report's plots, in this order
+
+
 def _per_scenario(res: dict, title: str, unit: str, series: dict, note: str) -> BarPlot:
     """A bar plot with one group per scenario: ``series`` maps a name to the value of a scenario."""
     sc = res["scenarios"]
@@ -84,11 +87,13 @@ def _per_scenario(res: dict, title: str, unit: str, series: dict, note: str) -> 
                    [Series(name, [value(s) for s in sc]) for name, value in series.items()], note=note)
 
 
+@PLOTS.add
 def _hosts_needed(res: dict) -> BarPlot:
     return _per_scenario(res, "Hosts needed per scenario", "hosts", {"hosts needed": lambda s: s["hosts_needed"]},
                          "Hosts opened by the placement policy; every one of them was then simulated.")
 
 
+@PLOTS.add
 def _memory(res: dict) -> BarPlot:
     return _per_scenario(
         res, "Memory per scenario", "GiB",
@@ -100,22 +105,7 @@ def _memory(res: dict) -> BarPlot:
         "Summed over the scenario's hosts, as simulated (KSM at steady state after each boot).")
 
 
-def _cpu(res: dict) -> BarPlot:
-    return _per_scenario(
-        res, "ksmd CPU per scenario", "% of one CPU",
-        {"mean over the hosts": lambda s: 100 * s["ksmd_cpu_share_mean"],
-         "the busiest host": lambda s: 100 * s["ksmd_cpu_share_max"]},
-        "ksmd's CPU share at steady state on each host.")
-
-
-def _swap(res: dict) -> BarPlot:
-    return _per_scenario(
-        res, "Swap traffic per scenario", "GiB",
-        {"swapped out": lambda s: _gib(s["swapout_pages"]), "swapped in": lambda s: _gib(s["swapin_pages"])},
-        "Summed over the scenario's hosts, from the first boot to the last steady state. "
-        "OOM kills are listed above.")
-
-
+@PLOTS.add
 def _swept(res: dict) -> list[LinePlot]:
     sc = res["scenarios"]
     if not res["sweep"] or not all(isinstance(s["value"], (int, float)) and not isinstance(s["value"], bool)
@@ -129,6 +119,25 @@ def _swept(res: dict) -> list[LinePlot]:
                       Series("estimated by placement", xs, [_gib(s["estimated_saved_pages"]) for s in sc])])]
 
 
+@PLOTS.add
+def _cpu(res: dict) -> BarPlot:
+    return _per_scenario(
+        res, "ksmd CPU per scenario", "% of one CPU",
+        {"mean over the hosts": lambda s: 100 * s["ksmd_cpu_share_mean"],
+         "the busiest host": lambda s: 100 * s["ksmd_cpu_share_max"]},
+        "ksmd's CPU share at steady state on each host.")
+
+
+@PLOTS.add
+def _swap(res: dict) -> BarPlot:
+    return _per_scenario(
+        res, "Swap traffic per scenario", "GiB",
+        {"swapped out": lambda s: _gib(s["swapout_pages"]), "swapped in": lambda s: _gib(s["swapin_pages"])},
+        "Summed over the scenario's hosts, from the first boot to the last steady state. "
+        "OOM kills are listed above.")
+
+
+@PLOTS.add
 def _per_host(res: dict) -> BarPlot:
     sc = res["scenarios"]
     n = max((s["hosts_needed"] for s in sc), default=0)
@@ -146,8 +155,7 @@ def build(res: dict) -> Report:
     return Report.of(f"Fleet: {res['config']}",
                      f"{len(res['scenarios'])} scenario(s)" + (f", sweep over {res['sweep']}" if res["sweep"] else ""),
                      headline(res),
-                     (_hosts_needed(res), _memory(res), *_swept(res), _cpu(res), _swap(res), _per_host(res)),
-                     tables(res))
+                     PLOTS.of(res), tables(res))
 
 
 def write_fleet_report(res: dict, directory: str | Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
-from vmhost.reports.report import Report
+from vmhost.reports.report import Plots, Report
 
 STEP_COLUMNS = ["step", "kind", "time_ms", "pages_shared", "pages_sharing", "pages_unshared",
                 "ksm_zero_pages", "content_unchanged"]
@@ -65,6 +65,10 @@ def headline(res: dict) -> list[str]:
     return out
 
 
+PLOTS = Plots()            # the report's plots, in this order
+
+
+@PLOTS.add
 def _ksm_over_steps(res: dict) -> LinePlot:
     xs = [s["step"] for s in res["steps"]]
     return LinePlot("KSM after each step", "step", "pages",
@@ -73,28 +77,34 @@ def _ksm_over_steps(res: dict) -> LinePlot:
                     step=True, note="The KSM counters at the end of every step of the timeline.")
 
 
-def _migrated(res: dict) -> BarPlot:
+def _per_block(res: dict, title: str, unit: str, series: dict[str, str], note: str) -> BarPlot | None:
+    """A bar plot with one group per block offlined (None without any): ``series`` maps a
+    name to the field of the block's result it shows."""
     att = _attempts(res)
+    if not att:
+        return None
     cats = [f"{','.join(map(str, b['blocks']))} (step {s['step']})" for s, b in att]
-    return BarPlot("Pages migrated per block offlined", "pages", cats,
-                   [Series("KSM pages", [b["ksm_pages_migrated"] for _s, b in att]),
-                    Series("ordinary pages", [b["ordinary_pages_migrated"] for _s, b in att])],
-                   note="Pages moved off each block before it went offline (also for a block that "
-                        "failed, up to the failure).")
+    return BarPlot(title, unit, cats, [Series(name, [b[k] for _s, b in att]) for name, k in series.items()],
+                   note=note)
 
 
-def _times(res: dict) -> BarPlot:
-    att = _attempts(res)
-    cats = [f"{','.join(map(str, b['blocks']))} (step {s['step']})" for s, b in att]
-    return BarPlot("Offline time per block", "ms (virtual)", cats,
-                   [Series("time", [b["time_ms"] for _s, b in att])],
-                   note="The cost model of vmhost.mm.migrate and vmhost.mm.hotplug.")
+@PLOTS.add
+def _migrated(res: dict) -> BarPlot | None:
+    return _per_block(res, "Pages migrated per block offlined", "pages",
+                      {"KSM pages": "ksm_pages_migrated", "ordinary pages": "ordinary_pages_migrated"},
+                      "Pages moved off each block before it went offline (also for a block that "
+                      "failed, up to the failure).")
+
+
+@PLOTS.add
+def _times(res: dict) -> BarPlot | None:
+    return _per_block(res, "Offline time per block", "ms (virtual)", {"time": "time_ms"},
+                      "The cost model of vmhost.mm.migrate and vmhost.mm.hotplug.")
 
 
 def build(res: dict) -> Report:
-    plots = [_ksm_over_steps(res)] + ([_migrated(res), _times(res)] if _attempts(res) else [])
     return Report.of(f"Hot-remove: {res['scenario']}", f"{len(res['steps'])} timeline step(s)",
-                     headline(res), plots, tables(res))
+                     headline(res), PLOTS.of(res), tables(res))
 
 
 def write_hotremove_report(res: dict, directory: str | Path, text: str) -> None:

@@ -9,11 +9,34 @@ command gives (such as the plain-text ``report.txt``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from vmhost.reports.files import atomic_directory, dumps_json, write_csv
 from vmhost.reports.model import BarPlot, LinePlot, Table
 from vmhost.reports.page import render_page
+
+
+Plot = LinePlot | BarPlot
+
+
+class Plots:
+    """A report module's plots, in the order they are declared: ``@PLOTS.add`` over a function
+    of the result that returns a plot, a list of plots, or None (no plot for this result).
+    Adding a plot to a report is writing that one function."""
+
+    def __init__(self):
+        self.makers: list[Callable[[dict], Plot | list[Plot] | None]] = []
+
+    def add(self, make: Callable[[dict], Plot | list[Plot] | None]) -> Callable:
+        self.makers.append(make)
+        return make
+
+    def of(self, res: dict) -> list[Plot]:
+        out: list[Plot] = []
+        for make in self.makers:
+            plot = make(res)
+            out.extend(plot if isinstance(plot, list) else [] if plot is None else [plot])
+        return out
 
 
 class Report:
