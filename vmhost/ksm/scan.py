@@ -104,8 +104,8 @@ class ScanMixin:
             tree.clear()
         self._uhashed = self.fast
         if self._uhashed:
-            # sized for the tree this pass can build: every item not on a KSM page may go in
-            # once (erasures log more entries: the log and the table then grow together)
+            # the log sized for the tree this pass can build: every item not on a KSM page
+            # may go in once (erasures log more entries: the log then grows, with the table)
             c = self.c
             self._size_unstable_hash(self.items.count - c.pages_shared - c.pages_sharing)
         self._cand_cache.clear()

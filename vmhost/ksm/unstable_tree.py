@@ -14,7 +14,7 @@ from vmhost.ksm.items import SEQNR_MASK, UNSTABLE_FLAG
 from vmhost.ksm.pages import find_mergeable_vma
 from vmhost.ksm.rbtree import NIL
 
-#: the hashed unstable tree's smallest log (entries); its table has twice as many slots
+#: the hashed unstable tree's smallest log (entries); its table has at least twice as many slots
 LOG_MIN = 1024
 
 
