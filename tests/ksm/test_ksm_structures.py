@@ -103,9 +103,10 @@ def test_key_index_insert_delete_replace_and_growth():
 
 
 def test_replaying_the_unstable_tree_keeps_the_stable_fields_it_shares():
-    """An rmap_item's unstable links are its stable fields (a union): an item the hashed
-    tree's log inserts and erases, and that has joined a stable node's list since, keeps
-    its head and list links through the replay; the items still in the tree get links."""
+    """An rmap_item's unstable links and nid are its stable fields (unions): an item the
+    hashed tree's log inserts and erases, and that has joined a stable node's list since,
+    keeps its head, list links and anon_vma through the replay (which takes its nid from the
+    log); the items still in the tree get links."""
     from vmhost.ksm import fastscan
     from vmhost.ksm.items import STABLE_FLAG, UNSTABLE_FLAG, RmapItems
     items = RmapItems(capacity=16)
@@ -114,12 +115,16 @@ def test_replaying_the_unstable_tree_keeps_the_stable_fields_it_shares():
     for i, key in enumerate((50, 20, 80, 10)):
         items.tree_key[i] = key
         items.flags[i] = UNSTABLE_FLAG
-    log = np.array([0, 1, 2, 3, -1 - 2], dtype=np.int32)    # item 1 erased last
+    items.nid[:4] = 0
+    log = np.array([0, 1, 2, 3, -1 - 2, -0 - 2], dtype=np.int32)    # item 1 erased last
     items.flags[1] = STABLE_FLAG                                # ... and now on a stable node
     items.head[1], items.hnext[1], items.hprev[1] = 7, 9, 11
+    items.anon_vma[1] = 42                                      # nid's field (a union)
+    assert items.nid is items.anon_vma
     fastscan.replay_unstable(log, len(log), items.tree_key, items.nid, items.flags,
                              ln.left, ln.right, ln.parent, ln.color, ln.roots)
     assert (items.head[1], items.hnext[1], items.hprev[1]) == (7, 9, 11)
+    assert items.anon_vma[1] == 42
     root = int(ln.roots[0])
     assert root == 0 and {int(ln.left[0]), int(ln.right[0])} == {3, 2}
     assert int(ln.parent[3]) == 0 and int(ln.parent[2]) == 0

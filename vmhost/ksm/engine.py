@@ -183,14 +183,16 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             assert age <= 1, "an unstable rmap_item outlived its tree"
             if age == 0:
                 if self._uhashed and self._unstable_clean():
-                    self._unstable_log_room()
+                    self._unstable_log_room(fastscan.ERASE_WORDS)
                     fastscan.hash_remove(self._uh, items.tree_key, items.nid, int(item))
                     self._log_unstable(-item - 2)
+                    self._log_unstable(-int(items.nid[item]) - 2)
                 else:
                     self.build_unstable_trees()
                     self.unstable_trees[int(items.nid[item])].erase(item)
             c.pages_unshared -= 1
             items.flags[item] = 0
+            items.anon_vma[item] = -1           # its nid (a union)
 
     def on_scan_start(self) -> None:
         """Hook for the advisor (ksmd.py)."""

@@ -238,7 +238,7 @@ class ScanMixin:
                       done: int = 0, pace=None):
         items, host = self.items, self.host
         cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
-        if self._uhashed and self._ulog_len[0] >= len(self._ulog):
+        if self._uhashed and self._ulog_len[0] + fastscan.ERASE_WORDS > len(self._ulog):
             self._grow_unstable_hash()            # the log is full: the compiled loop would stop
         if self.stable_index.needs_rebuild():
             self.stable_index.grow()

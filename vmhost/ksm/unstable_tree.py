@@ -59,10 +59,10 @@ class UnstableTreeMixin:
         self._ulog[n] = entry
         self._ulog_len[0] = n + 1
 
-    def _unstable_log_room(self) -> None:
-        """Room for one more log entry, made before the table is touched (growing re-makes it
-        from the log and the items' flags, which must agree)."""
-        if self._ulog_len[0] >= len(self._ulog):
+    def _unstable_log_room(self, words: int = 1) -> None:
+        """Room for ``words`` more log entries, made before the table is touched (growing
+        re-makes it from the log and the items' flags, which must agree)."""
+        if self._ulog_len[0] + words > len(self._ulog):
             self._grow_unstable_hash()
 
     def _table_size(self, log: int) -> int:
