@@ -58,6 +58,8 @@ BAIL_AFTER_STABLE = 6       # the stable tree had nothing: Python goes on with t
 N_CODES = 7
 LOOKAHEAD = 16               # visits ahead that scan_run starts fetching a page's frame
 ERASE_WORDS = 2              # an erasure in the unstable tree's log: -item - 2, -nid - 2
+                             # (ulog_len: [words, erasures]; a hashed search counts the tree's
+                             # depth as that of a tree of the log's records, words - erasures)
 
 # the parameter array
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
@@ -294,6 +296,7 @@ def unstable_erase(IT, S, item, hashed):
         S.ulog[S.ulog_len[0]] = -item - 2
         S.ulog[S.ulog_len[0] + 1] = -IT.nid[item] - 2
         S.ulog_len[0] += ERASE_WORDS
+        S.ulog_len[1] += 1
     else:
         rb_erase(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(IT.nid[item]),
                  np.int64(item))
@@ -1068,7 +1071,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         if hashed:
             if not clean:
                 return i, processed, BAIL_AFTER_STABLE, item    # the tree must be built now
-            d = _depth(np.int64(S.ulog_len[0]))
+            d = _depth(np.int64(S.ulog_len[0] - S.ulog_len[1]))    # the log's records
             t, h = hash_find(uh, np.int64(mask), it_tree_key, it_nid, np.uint64(key),
                              np.int64(nid))
             if t == NIL:

@@ -37,7 +37,7 @@ class UnstableTreeMixin:
         key = np.uint64(self._key(pfn))
         mask = len(self._uh) - 1
         t, h = fastscan.hash_find(self._uh, mask, items.tree_key, items.nid, key, int(nid))
-        self.work[fastscan.W_COMPARES] += fastscan._depth(int(self._ulog_len[0]))
+        self.work[fastscan.W_COMPARES] += fastscan._depth(int(self._ulog_len[0] - self._ulog_len[1]))
         if t != NIL:
             tpfn = self.get_mergeable_page(int(t))
             if tpfn < 0 or tpfn == pfn:
@@ -89,7 +89,7 @@ class UnstableTreeMixin:
         if len(self._ulog) != cap:
             self._ulog = None
             self._ulog = np.zeros(cap, dtype=np.int32)
-        self._ulog_len[0] = 0
+        self._ulog_len[:] = 0
 
     def _grow_unstable_hash(self) -> None:
         """Twice the log (kept in order), and the table re-made for it from the items the log says are in
