@@ -116,21 +116,23 @@ def break_ksm(host: "Host", vma: Vma, off: int) -> bool:
 
 @njit(cache=True, nogil=True)
 def _anon_offsets(pte, ptef, frame_flags):
-    """The offsets whose PTE maps an anonymous or KSM page, as int32, counted first and then
-    written: no temporary array as large as the VMA (a 16 GiB VMA's would be 128 MiB)."""
+    """The offsets whose PTE maps an anonymous or KSM page, as int32, with no temporary array
+    as large as the VMA (a 16 GiB VMA's int64 index was 128 MiB): the present PTEs counted
+    first (their flags alone, read in order), then each one's frame read once (at random:
+    merged pages are anywhere), and the result cut to size only if some frame was not
+    anonymous (a shared-memory page)."""
+    bound = 0
+    for off in range(ptef.shape[0]):
+        if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT:
+            bound += 1
+    out = np.empty(bound, dtype=np.int32)
     n = 0
-    for off in range(pte.shape[0]):
-        if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT \
-                and frame_flags[pte[off]] & (PG_ANON | PG_KSM):
-            n += 1
-    out = np.empty(n, dtype=np.int32)
-    n = 0
-    for off in range(pte.shape[0]):
+    for off in range(ptef.shape[0]):
         if (ptef[off] & (PTE_PRESENT | PTE_ZERO)) == PTE_PRESENT \
                 and frame_flags[pte[off]] & (PG_ANON | PG_KSM):
             out[n] = off
             n += 1
-    return out
+    return out if n == bound else out[:n].copy()
 
 
 def candidate_offsets(host: "Host", vma: Vma) -> np.ndarray:
