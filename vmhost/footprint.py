@@ -4,7 +4,8 @@ The emulator's memory is per-page numpy state: every host frame (``FrameTable``)
 guest page's PTE (``Vma.pte``/``ptef``), and for every page ksmd scans an rmap_item (with
 its tree links and the scan's hash tables) and, for the pages that merge, stable nodes.
 ``estimate`` adds these up from the structures' own dtypes, with the headroom the pools
-need while they grow (a pool doubles by copying, so it briefly holds 1.5x its size), and a
+need while they grow (the rmap_item pool doubles by copying, the stable node pool grows by
+half: either holds up to 1.5x what it needs, on average), and a
 fixed allowance for the interpreter, numpy and the compiled scan. ``check_fits`` refuses a
 simulation that would not fit in the memory this machine has available now, with one line
 that gives the estimate and the coarsest-needed resolution that would fit, instead of the OOM
@@ -34,8 +35,8 @@ def _pte_bytes() -> int:
 
 def _item_bytes() -> int:
     """One rmap_item with its tree links, plus its share of the scan's tables (the hashed
-    unstable tree: 2 slots per item; its log: 1; the candidate offsets of the VMA being
-    scanned: 1, since one VMA may hold every page)."""
+    unstable tree: 2 slots per item; its log, sized for the tree a pass can build: at most 1;
+    the candidate offsets of the VMA being scanned: 1, since one VMA may hold every page)."""
     from vmhost.ksm.items import RmapItems
     items = RmapItems(capacity=1, trees=1)
     return items.nbytes + 4 * 4
@@ -58,7 +59,7 @@ class Footprint:
     other_bytes: int = 0           # the caller's own per-page state (a study's guest models)
 
     def bytes(self) -> int:
-        pool = 1.5                                   # a pool growing by doubling
+        pool = 1.5                                   # a pool growing geometrically
         per_item = _item_bytes() * pool
         per_node = _node_bytes() * pool
         nodes = self.scanned_pages * self.merged_fraction / 2     # >= 2 mappings per KSM page

@@ -207,3 +207,103 @@ def merged_then_materialized(fast: bool):
 
 def test_merged_item_survives_building_the_tree_from_the_log():
     assert merged_then_materialized(fast=True) == merged_then_materialized(fast=False)
+
+
+def quiet_merges(fast: bool):
+    """Whole passes with nothing written (the unstable tree stays hashed throughout): unique
+    pages, pairs, groups and pages freed between passes, so that the tree's log gets
+    insertions and erasures, and items freed and allocated again."""
+    rng = np.random.default_rng(3)
+    h, ksm, ksmd = ksm_host(64, 4096, fast, pages_to_scan=5000, max_page_sharing=4)
+    contents = np.concatenate([np.arange(1, 600), rng.integers(1000, 1200, 700),
+                               rng.integers(2000, 2010, 300)])
+    procs = [mergeable_process(h, f"p{i}", rng.permutation(contents), thp=False,
+                               at=0x40000 + 4096 * i) for i in range(3)]
+    ksm.write_knob("run", "1")
+    history = []
+    for step in range(8):
+        ksmd._tick()
+        history.append(ksm.stats())
+        if step == 3:                   # a process unmaps half its pages: their items go
+            p, start = procs[0]
+            p.mm.munmap(start, 800)
+    invariants.check(h)
+    history.append(full_state(ksm))
+    return history
+
+
+def test_hashed_unstable_tree_grows_with_its_log(monkeypatch):
+    """The hashed unstable tree is sized for the tree a pass can build, and its log and table
+    grow (the table re-made from the log) when a pass logs more: from a log of 8 entries,
+    every pass, the state is the one the pure-Python scan and the default size give."""
+    from vmhost.ksm import unstable_tree
+    pure, default = quiet_merges(fast=False), quiet_merges(fast=True)
+    grown = []
+    mixin = unstable_tree.UnstableTreeMixin
+    real_grow, real_size = mixin._grow_unstable_hash, mixin._size_unstable_hash
+    monkeypatch.setattr(unstable_tree, "LOG_MIN", 8)
+    monkeypatch.setattr(mixin, "_size_unstable_hash", lambda self, entries: real_size(self, 0))
+    monkeypatch.setattr(mixin, "_grow_unstable_hash",
+                        lambda self: (grown.append(len(self._ulog)), real_grow(self)))
+    small = quiet_merges(fast=True)
+    assert small == pure and default == pure
+    assert len(grown) >= 5
+    assert max(s["pages_sharing"] for s in pure if "pages_sharing" in s) > 0
+
+
+def two_nodes(fast: bool):
+    """Two NUMA nodes, merge_across_nodes=0 (an unstable and a stable tree per node), batches
+    of a third of a process, and a write in the middle of the third process of every pass
+    (from the second on): the hashed unstable tree is built from its log there, after items
+    of node 1's tree (the first process's) have merged with the third's pages and hold an
+    anon_vma where their nid was."""
+    from hw.topology import Topology
+    from vmhost.host import Host
+    from vmhost.ksm.engine import Ksm
+    from vmhost.ksm.ksmd import Ksmd
+    from vmhost.mm.mempolicy import MemPolicy
+    h = Host(Topology.uniform(2, 64 << 20), block_pages=1024)
+    ksm = Ksm(h)
+    ksm.fast = fast
+    ksmd = Ksmd(ksm, h.clock)
+    for name, value in (("merge_across_nodes", 0), ("pages_to_scan", 200)):
+        assert ksm.write_knob(name, str(value)) == 0
+    rng = np.random.default_rng(11)
+    procs = []
+    for i in range(4):
+        p = h.spawn(f"p{i}", 1 - i % 2)
+        v = p.mm.mmap(600, thp=False, policy=MemPolicy("bind", (1 - i % 2,)))
+        p.mm.write(v.start, rng.integers(1, 300, 600).astype(np.uint64))
+        p.mm.madvise(v.start, 600, "mergeable")
+        procs.append((p, v))
+    ksm.write_knob("run", "1")
+    history = []
+    for step in range(50):
+        ksmd._tick()
+        if step % 12 == 7 and step > 12:            # 12 batches a pass, the third process's
+            p, v = procs[step % 4]
+            p.mm.write(v.start + int(rng.integers(600)), [int(rng.integers(1, 300))])
+        history.append(ksm.stats())
+        if step % 8 == 0:
+            history.append(full_state(ksm))
+    invariants.check(h)
+    history.append(full_state(ksm))
+    return history
+
+
+def test_two_nodes_trees_rebuilt_from_the_log_take_each_items_nid_from_it(monkeypatch):
+    from vmhost.ksm import unstable_tree
+    erased_nids = []
+    real = unstable_tree.UnstableTreeMixin.build_unstable_trees
+
+    def build(self):
+        if self._uhashed:
+            log = self._ulog[:int(self._ulog_len[0])]
+            erased_nids.extend((-log[log < 0][1::2] - 2).tolist())
+        real(self)
+    monkeypatch.setattr(unstable_tree.UnstableTreeMixin, "build_unstable_trees", build)
+    fast, pure = two_nodes(fast=True), two_nodes(fast=False)
+    assert fast == pure
+    assert 1 in erased_nids                     # node 1's tree was replayed with erasures
+    last = pure[-1]
+    assert all(root is not None for root in last["stable"])          # both nodes merged

@@ -103,9 +103,10 @@ def test_key_index_insert_delete_replace_and_growth():
 
 
 def test_replaying_the_unstable_tree_keeps_the_stable_fields_it_shares():
-    """An rmap_item's unstable links are its stable fields (a union): an item the hashed
-    tree's log inserts and erases, and that has joined a stable node's list since, keeps
-    its head and list links through the replay; the items still in the tree get links."""
+    """An rmap_item's unstable links and nid are its stable fields (unions): an item the
+    hashed tree's log inserts and erases, and that has joined a stable node's list since,
+    keeps its head, list links and anon_vma through the replay (which takes its nid from the
+    log); the items still in the tree get links."""
     from vmhost.ksm import fastscan
     from vmhost.ksm.items import STABLE_FLAG, UNSTABLE_FLAG, RmapItems
     items = RmapItems(capacity=16)
@@ -114,12 +115,58 @@ def test_replaying_the_unstable_tree_keeps_the_stable_fields_it_shares():
     for i, key in enumerate((50, 20, 80, 10)):
         items.tree_key[i] = key
         items.flags[i] = UNSTABLE_FLAG
-    log = np.array([0, 1, 2, 3, -1 - 2], dtype=np.int32)    # item 1 erased last
+    items.nid[:4] = 0
+    log = np.array([0, 1, 2, 3, -1 - 2, -0 - 2], dtype=np.int32)    # item 1 erased last
     items.flags[1] = STABLE_FLAG                                # ... and now on a stable node
     items.head[1], items.hnext[1], items.hprev[1] = 7, 9, 11
+    items.anon_vma[1] = 42                                      # nid's field (a union)
+    assert items.nid is items.anon_vma
     fastscan.replay_unstable(log, len(log), items.tree_key, items.nid, items.flags,
                              ln.left, ln.right, ln.parent, ln.color, ln.roots)
     assert (items.head[1], items.hnext[1], items.hprev[1]) == (7, 9, 11)
+    assert items.anon_vma[1] == 42
     root = int(ln.roots[0])
     assert root == 0 and {int(ln.left[0]), int(ln.right[0])} == {3, 2}
     assert int(ln.parent[3]) == 0 and int(ln.parent[2]) == 0
+
+
+def test_stable_node_pool_grows_by_half_and_hands_out_the_lowest_new_node_first():
+    """The pool holds at most 1.5 slots per node it has handed out (plus its first 256); a
+    chain's dup list head and a node's rmap_item list head are one array, through growth."""
+    from vmhost.ksm.stable import NODE, StableNodes
+    nodes = StableNodes(capacity=256)
+    got = [nodes.alloc(NODE) for _ in range(10_000)]
+    assert sorted(got) == got == list(range(10_000))
+    assert 10_000 <= nodes.capacity <= 1.5 * 10_000
+    assert nodes.dhead is nodes.hhead and len(nodes.free_stack) == nodes.capacity
+    nodes.free(got[5])
+    assert nodes.alloc(NODE) == got[5]                # the last freed is the next handed out
+
+
+def test_a_vmas_candidates_need_no_vma_sized_temporary():
+    """Listing a VMA's anonymous pages for the scan allocates the int32 result only (a 16 GiB
+    VMA's int64 index and masked copies were 64 MiB above the state at a 64 GiB host's peak)."""
+    import tracemalloc
+    from vmhost.ksm import pages
+    from vmhost.ksm.warmup import ksm_host, mergeable_process
+    h, ksm, _ = ksm_host(64, 4096)
+    proc, start = mergeable_process(h, "p", np.arange(1, 8001), thp=False)
+    vma = proc.mm.find_vma(start)
+    pages.candidate_offsets(h, vma)                   # compiled before it is measured
+    tracemalloc.start()
+    cand = pages.candidate_offsets(h, vma)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert cand.dtype == np.int32 and len(cand) == 8000
+    assert peak < cand.nbytes + 4096
+
+
+def test_the_page_allocators_free_stacks_hold_32_bit_pfns():
+    from vmhost.ksm.warmup import ksm_host, mergeable_process
+    h, _, _ = ksm_host(64, 4096)
+    proc, start = mergeable_process(h, "p", np.arange(1, 2001), thp=False)
+    proc.mm.munmap(start, 2000)
+    stacks = [s for a in h.allocator._areas.values() for s in (a.small, a.chunks)]
+    assert all(s.pfns.dtype == np.int32 for s in stacks) and sum(s.top for s in stacks) > 0
+    got = h.allocator._areas[next(iter(h.allocator._areas))].small.pop(1)
+    assert got.dtype == np.int64

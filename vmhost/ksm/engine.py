@@ -109,9 +109,9 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self._saw_mergeable = False
         self._pass_changes = 0
         self._uhashed = False                   # unstable tree kept as hash + log (fastscan)
-        self._uh = np.full(1024, NIL, dtype=np.int32)
+        self._uh = np.full(2048, NIL, dtype=np.int32)     # twice the log (unstable_tree.py)
         self._ulog = np.zeros(1024, dtype=np.int32)
-        self._ulog_len = np.zeros(1, dtype=np.int64)
+        self._ulog_len = np.zeros(2, dtype=np.int64)       # words, erasures (fastscan)
         self._eff_chain = np.zeros(128, dtype=np.int32)     # scratch for the compiled walk
         self._eff_found = np.zeros(128, dtype=np.int32)
         self._eff_prune = np.zeros(128, dtype=np.bool_)
@@ -183,13 +183,17 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
             assert age <= 1, "an unstable rmap_item outlived its tree"
             if age == 0:
                 if self._uhashed and self._unstable_clean():
+                    self._unstable_log_room(fastscan.ERASE_WORDS)
                     fastscan.hash_remove(self._uh, items.tree_key, items.nid, int(item))
                     self._log_unstable(-item - 2)
+                    self._log_unstable(-int(items.nid[item]) - 2)
+                    self._ulog_len[1] += 1
                 else:
                     self.build_unstable_trees()
                     self.unstable_trees[int(items.nid[item])].erase(item)
             c.pages_unshared -= 1
             items.flags[item] = 0
+            items.anon_vma[item] = -1           # its nid (a union)
 
     def on_scan_start(self) -> None:
         """Hook for the advisor (ksmd.py)."""

@@ -57,6 +57,9 @@ BAIL_BEFORE_ITEM, BAIL_BEFORE_SKIP, BAIL_BEFORE_MERGE, BAIL_AFTER_CHECKSUM = 2, 
 BAIL_AFTER_STABLE = 6       # the stable tree had nothing: Python goes on with the unstable tree
 N_CODES = 7
 LOOKAHEAD = 16               # visits ahead that scan_run starts fetching a page's frame
+ERASE_WORDS = 2              # an erasure in the unstable tree's log: -item - 2, -nid - 2
+                             # (ulog_len: [words, erasures]; a hashed search counts the tree's
+                             # depth as that of a tree of the log's records, words - erasures)
 
 # the parameter array
 (P_SEQNR, P_SMART, P_ACROSS, P_USE_ZERO, P_ZERO_SUM, P_SEED, P_BLOCK_PAGES, P_CLEAN, P_HASHED,
@@ -189,6 +192,23 @@ def hash_remove(uh, it_key, it_nid, item):
 
 
 @njit(cache=True, nogil=True)
+def hash_rebuild(uh, log, n, it_key, it_nid, it_flags, seqnr):
+    """Fill the empty table ``uh`` with the items of this pass's unstable tree (scan number
+    ``seqnr``, its low byte) that the first ``n`` entries of the log inserted, once each (an
+    item freed and allocated again may be inserted twice in a pass; keys in the tree are
+    unique, so the one found under its key is itself)."""
+    mask = uh.shape[0] - 1
+    want = UNSTABLE_FLAG | seqnr
+    for j in range(n):
+        item = log[j]               # an erasure's two words are both negative
+        if item < 0 or (it_flags[item] & (UNSTABLE_FLAG | SEQNR_MASK)) != want:
+            continue
+        t, h = hash_find(uh, np.int64(mask), it_key, it_nid, it_key[item], np.int64(it_nid[item]))
+        if t == NIL:
+            uh[h] = item
+
+
+@njit(cache=True, nogil=True)
 def insert_point(left, right, keys, root, key):
     """Where a new key goes in a tree whose nodes' keys are ``keys`` (no side effects on the
     way: a stable tree of plain live nodes, or an unstable tree rebuilt from its log);
@@ -211,51 +231,72 @@ def insert_point(left, right, keys, root, key):
 
 @njit(cache=True, nogil=True)
 def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots):
-    """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2),
-    keys as they were when logged (nothing changed in between, or the log would have ended).
-    An rmap_item's links are its stable fields too (``items``: a union): an item the log
-    erases may have joined a stable node's list since, so those fields of every erased item
-    no longer in the tree are put back as they were before the replay."""
+    """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2 and
+    then -nid-2), keys as they were when logged (nothing changed in between, or the log
+    would have ended). An rmap_item's links and its nid are its stable fields too
+    (``items``: unions): an item the log erases may have joined a stable node's list since,
+    so for the replay every erased item no longer in the tree gets back the nid it had in
+    the tree (logged with its erasure), and afterwards the links and the ``anon_vma`` it
+    holds now."""
     erased = 0
     for j in range(n):
         if log[j] < 0:
             erased += 1
-    saved = np.empty((erased, 3), dtype=il.dtype)
+    erased //= ERASE_WORDS
+    saved = np.empty((erased, 4), dtype=il.dtype)
     k = 0
-    for j in range(n):
+    j = 0
+    while j < n:
         if log[j] < 0:
             item = -log[j] - 2
             saved[k, 0], saved[k, 1], saved[k, 2] = il[item], ir[item], ipar[item]
+            saved[k, 3] = it_nid[item]
+            if not it_flags[item] & UNSTABLE_FLAG:
+                it_nid[item] = -log[j + 1] - 2
             k += 1
-    for j in range(n):
+            j += ERASE_WORDS
+        else:
+            j += 1
+    j = 0
+    while j < n:
         item = log[j]
         if item < 0:
             item = -item - 2
             rb_erase(il, ir, ipar, icol, uroots, np.int64(it_nid[item]), np.int64(item))
+            j += ERASE_WORDS
             continue
         nid = it_nid[item]
         at, go_left, _ = insert_point(il, ir, it_key, np.int64(uroots[nid]), it_key[item])
         rb_link(il, ir, ipar, icol, uroots, np.int64(nid), np.int64(item), np.int64(at), go_left)
+        j += 1
     k = 0
-    for j in range(n):
+    j = 0
+    while j < n:
         if log[j] < 0:
             item = -log[j] - 2
             if not it_flags[item] & UNSTABLE_FLAG:
                 il[item], ir[item], ipar[item] = saved[k, 0], saved[k, 1], saved[k, 2]
+                it_nid[item] = saved[k, 3]
             k += 1
+            j += ERASE_WORDS
+        else:
+            j += 1
 
 
 @inner
 def unstable_erase(IT, S, item, hashed):
     """remove_rmap_item_from_tree for an item in this pass's unstable tree: out of the hash
-    table (logged) while the tree is hashed, else out of the rbtree. False, with nothing
-    done, if the log is full."""
+    table (logged, with its nid: once out of the tree the item may hold an anon_vma in that
+    field) while the tree is hashed, else out of the rbtree. False, with nothing done, if the
+    log is full."""
     if hashed:
-        if S.ulog_len[0] >= S.ulog.shape[0]:
+        if S.ulog_len[0] + ERASE_WORDS > S.ulog.shape[0]:
             return False
         hash_remove(S.uh, IT.tree_key, IT.nid, np.int64(item))
         S.ulog[S.ulog_len[0]] = -item - 2
-        S.ulog_len[0] += 1
+        S.ulog[S.ulog_len[0] + 1] = -IT.nid[item] - 2
+        S.ulog_len[0] += ERASE_WORDS
+        S.ulog_len[1] += 1
     else:
         rb_erase(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(IT.nid[item]),
                  np.int64(item))
@@ -273,6 +314,7 @@ def _leave_unstable(IT, S, item, fl, seqnr, hashed, clean):
             return False
     S.cnt[C_UNSHARED] -= 1
     IT.flags[item] = 0
+    IT.anon_vma[item] = -1              # its nid (a union)
     return True
 
 
@@ -612,10 +654,9 @@ def _alloc_node(ND, kind):
     ND.kpfn[new] = -1
     ND.prune_time[new] = 0
     ND.hlist_len[new] = 0
-    ND.hhead[new] = NIL
+    ND.hhead[new] = NIL             # and dhead: one array (StableNodes._ALIASES)
     ND.nid[new] = 0
     ND.chain[new] = NIL
-    ND.dhead[new] = NIL
     ND.dnext[new] = NIL
     ND.dprev[new] = NIL
     ND.key[new] = 0
@@ -646,7 +687,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
         return False
     if (S.freed_n[0] >= S.freed.shape[0] or ND.free_top[0] == 0
             or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]
-            or (hashed and S.ulog_len[0] >= S.ulog.shape[0])):
+            or (hashed and S.ulog_len[0] + ERASE_WORDS > S.ulog.shape[0])):
         return False
     tv = find_vma(V, np.int64(IT.mm[t]), np.int64(IT.address[t]))
     if tv < 0:
@@ -825,6 +866,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 it_rnext[prev] = nxt
             if fl & UNSTABLE_FLAG:
                 cnt[C_UNSHARED] -= 1
+                IT.anon_vma[cur] = -1       # its nid (a union)
             S.mm_ksm[IT.mm[cur], 0] -= 1
             IT.mm[cur] = -1
             it_rnext[cur] = IT.free_list[0]
@@ -846,8 +888,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             it_head[item] = NIL
             IT.hnext[item] = NIL
             IT.hprev[item] = NIL
-            IT.anon_vma[item] = -1
-            it_nid[item] = 0
+            IT.anon_vma[item] = -1        # and nid: one array (RmapItems._ALIASES)
             it_tree_key[item] = 0
             S.mm_ksm[mm_id, 0] += 1
             it_rnext[item] = cur
@@ -878,6 +919,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 if ifl & UNSTABLE_FLAG:
                     cnt[C_UNSHARED] -= 1
                     it_flags[item] = 0
+                    IT.anon_vma[item] = -1      # its nid (a union)
                 i += 1
                 continue
 
@@ -1029,7 +1071,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         if hashed:
             if not clean:
                 return i, processed, BAIL_AFTER_STABLE, item    # the tree must be built now
-            d = _depth(np.int64(S.ulog_len[0]))
+            d = _depth(np.int64(S.ulog_len[0] - S.ulog_len[1]))    # the log's records
             t, h = hash_find(uh, np.int64(mask), it_tree_key, it_nid, np.uint64(key),
                              np.int64(nid))
             if t == NIL:

@@ -19,7 +19,9 @@ An item is in at most one tree:
 As in the kernel's struct ksm_rmap_item, where ``struct rb_node node`` and
 ``{head, hlist}`` are a union, the unstable tree's ``left``/``right``/``parent``
 are the very arrays ``head``/``hnext``/``hprev``: each means something only while
-``flags`` says which tree the item is in (``links.color`` is its own array).
+``flags`` says which tree the item is in (``links.color`` is its own array). And as
+there, ``nid`` is the array ``anon_vma`` (``union { anon_vma; nid; }``): an item leaving
+the unstable tree gets -1 there, as one that never had an anon_vma.
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
 ``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
@@ -55,11 +57,14 @@ class RmapItems(FieldPool):
     _FIELDS = (("mm", np.int32, -1), ("address", np.int64, 0), ("flags", np.uint16, 0),
                ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
                ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
-               ("anon_vma", np.int32, -1), ("nid", np.int16, 0), ("rnext", np.int32, NIL),
+               ("anon_vma", np.int32, -1), ("rnext", np.int32, NIL),
                ("tree_key", np.uint64, 0))
 
     #: the unstable tree's links are the stable fields' arrays (a union, see above)
     _UNION = ("head", "hnext", "hprev")
+    #: an item in the unstable tree keeps its tree's number where a stable one keeps its
+    #: anon_vma (the kernel's ``union { struct anon_vma *anon_vma; int nid; }``)
+    _ALIASES = (("nid", "anon_vma"),)
 
     def __init__(self, capacity: int = 1024, trees: int = 1):
         self._init_fields(capacity, trees)

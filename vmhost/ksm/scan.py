@@ -104,14 +104,10 @@ class ScanMixin:
             tree.clear()
         self._uhashed = self.fast
         if self._uhashed:
-            size = 1 << max(10, (2 * self.items.capacity - 1).bit_length())
-            if len(self._uh) != size:
-                self._uh = np.full(size, NIL, dtype=np.int32)
-            else:
-                self._uh.fill(NIL)
-            if len(self._ulog) < self.items.capacity:
-                self._ulog = np.zeros(self.items.capacity, dtype=np.int32)
-            self._ulog_len[0] = 0
+            # the log sized for the tree this pass can build: every item not on a KSM page
+            # may go in once (erasures log more entries: the log then grows, with the table)
+            c = self.c
+            self._size_unstable_hash(self.items.count - c.pages_shared - c.pages_sharing)
         self._cand_cache.clear()
         self._pass_changes = int(self.host.changes[0])
         self.cursor = self.slots[0] if self.slots else None
@@ -242,8 +238,8 @@ class ScanMixin:
                       done: int = 0, pace=None):
         items, host = self.items, self.host
         cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
-        if self._uhashed and len(self._uh) < 2 * items.capacity:
-            self.build_unstable_trees()           # the item pool grew past the table: use the tree
+        if self._uhashed and self._ulog_len[0] + fastscan.ERASE_WORDS > len(self._ulog):
+            self._grow_unstable_hash()            # the log is full: the compiled loop would stop
         if self.stable_index.needs_rebuild():
             self.stable_index.grow()
         if self.nodes.free_top[0] == 0:

@@ -6,7 +6,8 @@ with its free objects on a stack (stable nodes) or a list threaded through a fie
 ``FieldPool`` is such a cache's fields: one array per row of ``_FIELDS`` (name, dtype, fill),
 and red-black tree links (``links``: only its roots are its own) whose left/right/parent are
 three of those arrays (``_UNION``), as the kernel's structs keep a tree node in a union with
-fields the object does not use while it is in the tree. ``zalloc(pool)`` pops a free index
+fields the object does not use while it is in the tree; ``_ALIASES`` names other such unions
+(one array under two names). ``zalloc(pool)`` pops a free index
 from the stack (growing the pool when it is empty) and resets every field to its fill value;
 ``ArrayCell`` is a counter kept in a cell of a numpy array (the compiled code updates it in
 place), read and written as a Python int.
@@ -50,6 +51,8 @@ class FieldPool:
 
     _FIELDS: tuple = ()
     _UNION: tuple[str, str, str] = ("", "", "")
+    #: (name, field): ``name`` is another name for the field's array (a union of two fields)
+    _ALIASES: tuple = ()
 
     def _init_fields(self, capacity: int, trees: int) -> None:
         for name, dtype, fill in self._FIELDS:
@@ -65,6 +68,8 @@ class FieldPool:
 
     def _share_links(self) -> None:
         self.links.left, self.links.right, self.links.parent = (getattr(self, n) for n in self._UNION)
+        for name, field in self._ALIASES:
+            setattr(self, name, getattr(self, field))
 
     def _grow_fields(self, new: int) -> None:
         """Every field (and the tree colours) to ``new`` entries, the added ones at their fill."""

@@ -21,7 +21,10 @@ waits on the ``migrate_nodes`` list to be re-homed.
 As in the kernel's struct ksm_stable_node, where the tree's ``rb_node`` and a dup's
 ``hlist_dup`` are a union, a node's tree links ``left``/``right``/``parent`` are the very
 arrays ``dnext``/``dprev``/``chain``: a dup is never in the tree, and a node in the tree
-is nobody's dup (``kind`` says which; ``links.color`` is its own array).
+is nobody's dup (``kind`` says which; ``links.color`` is its own array). And as there, a
+chain's list of dups (``dhead``) is the list head where a KSM page's node keeps its rmap_items
+(``hhead``, the kernel's ``hlist``): one array, since a chain has no rmap_items and a KSM page's
+node has no dups.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ FREE, NODE, DUP, CHAIN, MIGRATE = 0, 1, 2, 3, 4
 class StableNodes(FieldPool):
     _FIELDS = (("kind", np.uint8, FREE), ("kpfn", np.int32, -1), ("prune_time", np.int64, 0),
                ("hlist_len", np.int32, 0), ("hhead", np.int32, NIL), ("nid", np.int16, 0),
-               ("chain", np.int32, NIL), ("dhead", np.int32, NIL), ("dnext", np.int32, NIL),
+               ("chain", np.int32, NIL), ("dnext", np.int32, NIL),
                ("dprev", np.int32, NIL), ("key", np.uint64, 0), ("stale", np.uint8, 0))
 
     #: the tree links are a dup's list fields' arrays (a union, see above)
     _UNION = ("dnext", "dprev", "chain")
+    #: a chain's list of dups is the list head a node keeps its rmap_items on (see above)
+    _ALIASES = (("dhead", "hhead"),)
 
     def __init__(self, capacity: int = 256, trees: int = 1):
         self._init_fields(capacity, trees)
@@ -55,14 +60,18 @@ class StableNodes(FieldPool):
     stale_count = ArrayCell("stale_state", 0)
 
     def grow(self) -> None:
+        """Half as many nodes again (the pool is at most 1.5 times its peak, where doubling
+        left it up to twice; the stable nodes of a merging pass arrive at a steady rate, so the
+        extra copies cost little), the new ones on top of the free stack, lowest first."""
         old = self.capacity
-        self._grow_fields(2 * old)
+        new = old + old // 2
+        self._grow_fields(new)
         top = int(self.free_top[0])
-        stack = np.empty(2 * old, dtype=np.int32)
-        stack[:old] = np.arange(2 * old - 1, old - 1, -1, dtype=np.int32)
-        stack[old:old + top] = self.free_stack[:top]
+        stack = np.empty(new, dtype=np.int32)
+        stack[:new - old] = np.arange(new - 1, old - 1, -1, dtype=np.int32)
+        stack[new - old:new - old + top] = self.free_stack[:top]
         self.free_stack = stack
-        self.free_top[0] = top + old
+        self.free_top[0] = top + new - old
 
     def alloc(self, kind: int) -> int:
         node = zalloc(self)

@@ -52,16 +52,19 @@ class Watermarks:
 
 
 class _FreeStack:
+    """Free pfns on a stack, 32 bits each (a pfn is below 2**31: ``vmhost.mm.vma.PTE_DTYPE``);
+    the kernel threads its free lists through struct page, here they are an array."""
+
     __slots__ = ("pfns", "top")
 
     def __init__(self) -> None:
-        self.pfns = np.zeros(0, dtype=np.int64)
+        self.pfns = np.zeros(0, dtype=np.int32)
         self.top = 0
 
     def push(self, pfns: np.ndarray) -> None:
         need = self.top + len(pfns)
         if need > len(self.pfns):
-            grown = np.zeros(max(need, 2 * len(self.pfns)), dtype=np.int64)
+            grown = np.zeros(max(need, 2 * len(self.pfns)), dtype=np.int32)
             grown[: self.top] = self.pfns[: self.top]
             self.pfns = grown
         self.pfns[self.top:need] = pfns
@@ -69,7 +72,7 @@ class _FreeStack:
 
     def pop(self, count: int) -> np.ndarray:
         count = min(count, self.top)
-        out = self.pfns[self.top - count: self.top][::-1].copy()
+        out = self.pfns[self.top - count: self.top][::-1].astype(np.int64)
         self.top -= count
         return out
 
@@ -122,7 +125,7 @@ class _FreeArea:
         taken += [np.arange(h, h + HPAGE_PAGES, dtype=np.int64) for h in heads[(heads >= lo) & (heads < hi)]]
         self.small.remove_range(lo, hi)
         self.chunks.remove_range(lo, hi)
-        return np.concatenate(taken)
+        return np.concatenate(taken).astype(np.int64, copy=False)
 
     def all_pfns(self) -> np.ndarray:
         heads = self.chunks.pfns[: self.chunks.top]
