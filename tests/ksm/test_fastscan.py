@@ -33,6 +33,20 @@ def _tree(links, root, describe):
             _tree(links, int(links.right[root]), describe))
 
 
+def record(history: list, ksm, full: bool) -> None:
+    """A churn step's record: the counters, and the full state when ``full``."""
+    history.append(ksm.stats())
+    if full:
+        history.append(full_state(ksm))
+
+
+def ended(history: list, host, ksm) -> list:
+    """A churn run's end: the invariant checker passes, and the final full state is recorded."""
+    invariants.check(host)
+    history.append(full_state(ksm))
+    return history
+
+
 def full_state(ksm) -> dict:
     """Everything KSM and the page tables hold, item and node ids included."""
     ksm.build_unstable_trees()           # the hashed form of the unstable tree, as a tree
@@ -109,12 +123,8 @@ def churn(fast: bool, seed: int = 7, prune_ms: int = 2000, mps: int = 8, content
         if step == 40:
             h.exit(procs[1][0])
             procs.pop(1)
-        history.append(ksm.stats())
-        if step % 10 == 0:
-            history.append(full_state(ksm))
-    invariants.check(h)
-    history.append(full_state(ksm))
-    return history
+        record(history, ksm, full=step % 10 == 0)
+    return ended(history, h, ksm)
 
 
 @pytest.mark.parametrize("prune_ms", [0, 2000])
@@ -283,12 +293,8 @@ def two_nodes(fast: bool):
         if step % 12 == 7 and step > 12:            # 12 batches a pass, the third process's
             p, v = procs[step % 4]
             p.mm.write(v.start + int(rng.integers(600)), [int(rng.integers(1, 300))])
-        history.append(ksm.stats())
-        if step % 8 == 0:
-            history.append(full_state(ksm))
-    invariants.check(h)
-    history.append(full_state(ksm))
-    return history
+        record(history, ksm, full=step % 8 == 0)
+    return ended(history, h, ksm)
 
 
 def test_two_nodes_trees_rebuilt_from_the_log_take_each_items_nid_from_it(monkeypatch):

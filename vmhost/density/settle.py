@@ -76,6 +76,20 @@ class SettleRule:
         tol = self.tolerance * max(new_pages, 1)
         return all(abs(h[j] - ref[j]) <= tol for h in hist[-1 - k:] for j in range(len(COUNTERS)))
 
+    def after_scan(self, out: dict, hist: list, new_pages: int, max_scans: int | None = None) -> bool:
+        """Book one more full scan in a step's ``out`` (its ``scans``, ``steady`` and
+        ``settled_by``; ``hist`` as :meth:`steady` reads it, this scan's entry last). True where
+        the step ends: steady, or ``max_scans`` scans (default: the rule's) without it."""
+        out["scans"] += 1
+        if self.steady(hist, new_pages):
+            out.update(steady=True, settled_by=self.settled_by())
+            return True
+        limit = self.max_scans if max_scans is None else max_scans
+        if out["scans"] >= limit:
+            out["settled_by"] = f"max_scans ({limit})"
+            return True
+        return False
+
     def window_start(self, hist: list):
         """The entry of ``hist`` the step's steady figures are measured from: the start of the
         last ``window`` scans (fewer if the step ended sooner)."""

@@ -265,22 +265,17 @@ class HostStepper:
         hist = [(ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
                  self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"])]
         limit_ns = clock.now + 4 * deadline_scans * self._scan_time_estimate() + 10 * 1_000_000_000
-        while out["scans"] < deadline_scans:
+        while True:
             target = ksm.seqnr + 1
             ok = clock.run_while(lambda: ksm.seqnr < target, limit=limit_ns, fast_forward=True)
             if not ok:
                 out["settled_by"] = "time bound"
                 break
-            out["scans"] += 1
             hist.append((ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
                          self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"]))
             # tolerance is relative to the new guests' pages (vmhost.density.settle)
-            if rule.steady(hist, new_pages):
-                out["steady"] = True
-                out["settled_by"] = rule.settled_by()
+            if rule.after_scan(out, hist, new_pages, deadline_scans):
                 break
-        else:
-            out["settled_by"] = f"max_scans ({deadline_scans})"
         ref = rule.window_start(hist)
         out["window"] = (ref[3], ref[4], ref[5])
         return out

@@ -533,7 +533,7 @@ class _Driver:
             rule = self.settle
             limit = time.monotonic() + 4 * rule.max_scans * scan_est + 10
             fs = c0["full_scans"]
-            while st["scans"] < rule.max_scans:
+            while True:
                 if time.monotonic() > limit:
                     st["settled_by"] = "time bound"
                     break
@@ -544,15 +544,10 @@ class _Driver:
                     continue
                 fs = c["full_scans"]
                 self.check_interference()
-                st["scans"] += 1
                 hist.append((t, c, cpu, cow, wait))
                 self.proc_timeline.append(self.proc_sample(t))
-                if rule.steady([tuple(h[1][f] for f in SETTLE_COUNTERS) for h in hist], new_pages):
-                    st["steady"] = True
-                    st["settled_by"] = rule.settled_by()
+                if rule.after_scan(st, [tuple(h[1][f] for f in SETTLE_COUNTERS) for h in hist], new_pages):
                     break
-            else:
-                st["settled_by"] = f"max_scans ({rule.max_scans})"
             window = rule.window_start(hist)
             if n + count < len(self.specs):
                 self.set_run("0")             # the next guests register before ksmd goes on
