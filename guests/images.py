@@ -46,6 +46,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from guests.interning import Interner, key64, tagged
+from guests.errors import InputError
 from guests.schema import SchemaError, Section, expect_number, fail, nested, read_yaml, rule, sub
 from hw.units import PAGES_PER_MIB
 
@@ -79,7 +80,7 @@ _TAG = {c.name: c.tag for c in CONTENT_CLASSES}
 DEFAULT_CHUNK = 16            # pages per layout chunk (64 KiB): classes interleave in RAM
 
 
-class ImageError(ValueError):
+class ImageError(InputError, ValueError):
     """A catalog entry that cannot be used (one-line message naming the file and field)."""
 
 

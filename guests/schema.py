@@ -209,7 +209,7 @@ def expect_number(value: Any, path: str, key: str, lo: float, hi: float | None =
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise fail(path, key, f"expected a number, got {value!r}")
     if value in (math.inf, -math.inf) or isinstance(value, int) and value.bit_length() > 1000:
-        raise fail(path, key, f"{value!r} is not a finite number")
+        raise fail(path, key, "not a finite number" if isinstance(value, float) else "too large a number")
     if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
         raise fail(path, key, f"{value} is out of range {rng}")
@@ -361,10 +361,11 @@ class Key:
 def rule(name: str, parser: Callable[..., Any] | None = None, *args: Any, default: Any = ABSENT,
          attr: str = "", required: bool = False, apply: Callable | None = None, **kwargs: Any) -> Key:
     """A section's key read with ``parser(value, path, key_path, *args, **kwargs)`` (an
-    ``expect_*`` helper), or set by ``apply`` for a key with logic."""
+    ``expect_*`` helper), or set by ``apply`` for a key with logic; with neither, the value is
+    kept as written."""
     def read(value: Any, path: str, key_path: str) -> Any:
-        return parser(value, path, key_path, *args, **kwargs)
-    return Key(name, read if parser is not None else None, default, attr, required, apply)
+        return value if parser is None else parser(value, path, key_path, *args, **kwargs)
+    return Key(name, read, default, attr, required, apply)
 
 
 class Section:
@@ -399,13 +400,13 @@ class Section:
 
 def nested(section: Section, *, null: str = "empty") -> Callable[[Any, str, str, Any], None]:
     """The ``apply`` of a key whose value is a sub-section filling the same object: a missing or
-    empty value (null, ``{}``, ...) reads as an empty mapping (``null="empty"``), or a missing
-    or null one is skipped (``null="skip"``)."""
+    null value reads as an empty mapping (``null="empty"``), or is skipped (``null="skip"``);
+    any other value that is not a mapping is refused by the section."""
     def apply(value: Any, path: str, key_path: str, obj: Any) -> None:
         if null == "skip":
             if value is ABSENT or value is None:
                 return
-        elif value is ABSENT or not value:
+        elif value is ABSENT or value is None:
             value = {}
         section.fill(value, path, key_path, obj)
     return apply
@@ -413,6 +414,7 @@ def nested(section: Section, *, null: str = "empty") -> Callable[[Any, str, str,
 
 def expect_section(value: Any, path: str, key: str, section: Section, make: Callable[[], Any]) -> Any:
     """A sub-section read by ``section`` into a new object ``make()`` (the parser of a key
-    whose value is a section of its own); a missing or empty value (null, ``{}``) reads as an
-    empty mapping."""
-    return section.fill(value or {}, path, key, make())
+    whose value is a section of its own); a null value reads as an empty mapping, any other
+    value that is not a mapping is refused by the section. (A key that is absent is not read
+    at all: its rule's default applies.)"""
+    return section.fill({} if value is None else value, path, key, make())

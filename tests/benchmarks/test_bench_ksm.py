@@ -6,13 +6,10 @@ test drives /sys/kernel/mm/ksm for real (root, KSM present on every project mach
 """
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from helpers import ROOT
-sys.path.insert(0, str(ROOT))
 
 from vmhost.benchmarks import ksm as bench
 from vmhost.benchmarks.ksm_workload import Workload

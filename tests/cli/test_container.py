@@ -14,12 +14,13 @@ import io
 import json
 import sys
 import time
-from pathlib import Path
 
 import docker  # noqa: F401  (the [docker] extra: without it this module fails to collect, never skips)
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
 import container  # noqa: E402  (tools/container.py: tooling of the checkout, not the package)
 
 pytestmark = pytest.mark.docker

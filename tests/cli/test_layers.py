@@ -108,6 +108,38 @@ def test_layers(importers, forbidden, allowed):
     assert _violations(importers, forbidden, allowed) == []
 
 
+#: The README's "Layout" table, bottom up: every import points to its own row or one above it.
+LEVELS = (
+    ("hw",),
+    ("guests",),
+    ("vmhost.clock", "vmhost.profile"),
+    ("vmhost.mm",),
+    ("vmhost.process", "vmhost.host"),
+    ("vmhost.ksm",),
+    ("vmhost", "vmhost.qemu", "vmhost.system", "vmhost.policies", "vmhost.config",
+     "vmhost.footprint", "vmhost.progress"),
+    ("vmhost.reports",),
+    STUDIES,
+    ("vmhost.reality",),
+    ("vmhost.benchmarks",),
+    CLI,
+)
+
+
+def _level(module: str) -> int:
+    """The row of ``module``: the last row naming it or a package it is in (so that
+    ``vmhost.ksm.engine`` is in ksm's row, not in the row of the ``vmhost`` package)."""
+    rows = [i for i, row in enumerate(LEVELS) if _in(module, row)]
+    assert rows, f"{module} is in no row of the README's Layout table (LEVELS)"
+    return max(rows)
+
+
+def test_every_import_points_down_the_layout_table():
+    up = sorted(f"{m} (row {_level(m)}) imports {dep} (row {_level(dep)})"
+                for m, deps in GRAPH.items() for dep in deps if _level(dep) > _level(m))
+    assert up == []
+
+
 def test_no_study_and_report_import_each_other():
     """A study may hand its result to its report module, or a report read a study's result
     module, but never both ways round."""

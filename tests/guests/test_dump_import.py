@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-sys.path.insert(0, str(ROOT))
 
 from guests import dumps
 from guests.dumps import DumpError

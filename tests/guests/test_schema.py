@@ -26,7 +26,7 @@ from vmhost.ksm.trace import load_trace
 
 from helpers import DATA, ROOT
 CONFIGS = ROOT / "configs"
-CORPUS = ROOT / "tests" / "ksm_traces"
+from helpers import CORPUS
 CATALOG = ROOT / "guests" / "catalog"
 
 

@@ -130,6 +130,29 @@ def test_replaying_the_unstable_tree_keeps_the_stable_fields_it_shares():
     assert int(ln.parent[3]) == 0 and int(ln.parent[2]) == 0
 
 
+def test_replay_gives_an_item_erased_twice_what_it_held_before_the_first_erasure():
+    """An item the log inserts and erases twice (freed and allocated again in one pass), now
+    on a stable node: the replay erases each time from the tree the log names, and the item
+    ends with the anon_vma it holds now, not the nid its first erasure logged."""
+    from vmhost.ksm import fastscan
+    from vmhost.ksm.items import STABLE_FLAG, UNSTABLE_FLAG, RmapItems
+    items = RmapItems(capacity=16, trees=2)
+    ln = items.links
+    for i, key in enumerate((50, 20, 80)):
+        items.tree_key[i] = key
+        items.flags[i] = UNSTABLE_FLAG
+    items.nid[:3] = 0
+    log = np.array([0, 1, 2, -1 - 2, -0 - 2, 1, -1 - 2, -1 - 2], dtype=np.int32)  # tree 0, then 1
+    items.flags[1] = STABLE_FLAG
+    items.head[1], items.hnext[1], items.hprev[1] = 7, 9, 11
+    items.anon_vma[1] = 42
+    fastscan.replay_unstable(log, len(log), items.tree_key, items.nid, items.flags,
+                             ln.left, ln.right, ln.parent, ln.color, ln.roots)
+    assert items.anon_vma[1] == 42
+    assert (items.head[1], items.hnext[1], items.hprev[1]) == (7, 9, 11)
+    assert int(ln.roots[1]) == NIL and int(ln.roots[0]) == 0 and int(ln.right[0]) == 2
+
+
 def test_stable_node_pool_grows_by_half_and_hands_out_the_lowest_new_node_first():
     """The pool holds at most 1.5 slots per node it has handed out (plus its first 256); a
     chain's dup list head and a node's rmap_item list head are one array, through growth."""

@@ -15,7 +15,7 @@ from vmhost.ksm.fuzz import KNOB_CHOICES, generate, parse, shrink, to_yaml, trac
 from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import CONTENT_KINDS, STEP_KINDS, compare_results, load_trace
 
-from helpers import ROOT
+from helpers import CORPUS, ROOT
 BATCH_SEED, BATCH_COUNT = 2026, 30
 
 
@@ -144,13 +144,13 @@ def test_cli_bad_count():
     assert run.stderr.count("\n") == 1 and "--count must be positive" in run.stderr
 
 
-KNOWN_DIR = ROOT / "tests" / "ksm_traces" / "known_differences"
+KNOWN_DIR = CORPUS / "known_differences"
 KNOWN = sorted(KNOWN_DIR.glob("*.yaml"))
 
 
 def _known_table() -> set[str]:
     """Trace names in the README's table of known differences."""
-    text = (ROOT / "tests" / "ksm_traces" / "README.md").read_text()
+    text = (CORPUS / "README.md").read_text()
     section = text.split("### Known differences", 1)[1].split("\n\n| trace | cause |", 1)[1]
     rows = section.split("\n\n", 1)[0].splitlines()[1:]
     return {row.split("|")[1].strip() for row in rows if row.startswith("| ")}

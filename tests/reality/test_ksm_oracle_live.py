@@ -13,7 +13,6 @@ from contextlib import contextmanager
 import pytest
 
 from helpers import ROOT
-sys.path.insert(0, str(ROOT))  # run from any directory
 
 from guests.errors import InputError
 from vmhost.reality import ksm_oracle as oracle
@@ -22,7 +21,7 @@ from helpers import pids_with_cmdline
 
 pytestmark = pytest.mark.kernel
 
-CORPUS = ROOT / "tests" / "ksm_traces"
+from helpers import CORPUS
 
 # One of each family: merge latency, chains (N mod M == 1), zero pages, COW, fork + exit,
 # knob EBUSY, idle scan after unmerge, smart-scan latency, the selftest F2 case.

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-sys.path.insert(0, str(ROOT))
 
 from guests import dumps
 from vmhost.reality import lab

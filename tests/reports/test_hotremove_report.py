@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 from vmhost.hotremove import Runner, load_scenario
+from helpers import ROOT
 
 
 def run_scenario(path):
     return Runner(load_scenario(path)).run()
-
-from helpers import ROOT
 
 
 def vmhost(*args):

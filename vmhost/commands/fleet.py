@@ -50,6 +50,6 @@ def _run(args: argparse.Namespace) -> int:
               f"run the same command again to resume", file=sys.stderr)
         return 130
     if args.report:
-        write_fleet_report(result, args.report)
+        write_fleet_report(result, args.report, format_result(result))
     print(json.dumps(result) if args.json else format_result(result))
     return 0

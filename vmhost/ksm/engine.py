@@ -52,7 +52,7 @@ from vmhost.ksm.registration import RegistrationMixin
 from vmhost.ksm.scan import ScanMixin
 from vmhost.ksm.stable import StableNodes
 from vmhost.ksm.stable_tree import StableTreeMixin
-from vmhost.ksm.unstable_tree import UnstableTreeMixin
+from vmhost.ksm.unstable_tree import LOG_MIN, UnstableTreeMixin
 from vmhost.ksm.vma_registry import VmaRegistry
 from vmhost.mm.hooks import KsmHooks
 from vmhost.mm.vma import VmFlags
@@ -109,8 +109,8 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         self._saw_mergeable = False
         self._pass_changes = 0
         self._uhashed = False                   # unstable tree kept as hash + log (fastscan)
-        self._uh = np.full(2048, NIL, dtype=np.int32)     # twice the log (unstable_tree.py)
-        self._ulog = np.zeros(1024, dtype=np.int32)
+        self._uh = np.full(2 * LOG_MIN, NIL, dtype=np.int32)     # twice the log at least
+        self._ulog = np.zeros(LOG_MIN, dtype=np.int32)
         self._ulog_len = np.zeros(2, dtype=np.int64)       # words, erasures (fastscan)
         self._eff_chain = np.zeros(128, dtype=np.int32)     # scratch for the compiled walk
         self._eff_found = np.zeros(128, dtype=np.int32)
@@ -185,9 +185,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
                 if self._uhashed and self._unstable_clean():
                     self._unstable_log_room(fastscan.ERASE_WORDS)
                     fastscan.hash_remove(self._uh, items.tree_key, items.nid, int(item))
-                    self._log_unstable(-item - 2)
-                    self._log_unstable(-int(items.nid[item]) - 2)
-                    self._ulog_len[1] += 1
+                    fastscan.log_erasure(self._ulog, self._ulog_len, int(item), int(items.nid[item]))
                 else:
                     self.build_unstable_trees()
                     self.unstable_trees[int(items.nid[item])].erase(item)

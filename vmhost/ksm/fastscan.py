@@ -183,6 +183,25 @@ def hash_find(uh, mask, it_key, it_nid, key, nid):
 
 
 @njit(cache=True, nogil=True)
+def log_erasure(ulog, ulog_len, item, nid):
+    """An erasure in the hashed unstable tree's log: ``-item-2``, then ``-nid-2`` (the tree it
+    left: once out of it the item may hold an anon_vma in that field), ``ERASE_WORDS`` words;
+    the caller made room. ``ulog_len``: words, erasures."""
+    n = ulog_len[0]
+    ulog[n] = -item - 2
+    ulog[n + 1] = -nid - 2
+    ulog_len[0] = n + ERASE_WORDS
+    ulog_len[1] += 1
+
+
+@njit(cache=True, nogil=True)
+def hashed_search_compares(ulog_len):
+    """The compares a search of the hashed unstable tree is charged: the depth of a tree of
+    as many nodes as the log has records (its words less the erasures' second words)."""
+    return _depth(ulog_len[0] - ulog_len[1])
+
+
+@njit(cache=True, nogil=True)
 def hash_remove(uh, it_key, it_nid, item):
     mask = uh.shape[0] - 1
     h = slot_of(it_key[item], np.int64(it_nid[item]), np.int64(mask))
@@ -234,53 +253,62 @@ def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots
     """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2 and
     then -nid-2), keys as they were when logged (nothing changed in between, or the log
     would have ended). An rmap_item's links and its nid are its stable fields too
-    (``items``: unions): an item the log erases may have joined a stable node's list since,
-    so for the replay every erased item no longer in the tree gets back the nid it had in
-    the tree (logged with its erasure), and afterwards the links and the ``anon_vma`` it
-    holds now."""
+    (``items``: unions): an item the log erases may have joined a stable node's list since.
+    So each insertion goes into the tree its item's next erasure names (logged with it), or,
+    never erased, the tree the item is in now; each erasure leaves the tree it names; and
+    afterwards every erased item gets back the ``anon_vma`` (nid) it holds now and, if no
+    longer in the tree, its links."""
+    records = 0
     erased = 0
-    for j in range(n):
+    j = 0
+    while j < n:
+        records += 1
         if log[j] < 0:
             erased += 1
-    erased //= ERASE_WORDS
-    saved = np.empty((erased, 4), dtype=il.dtype)
+            j += ERASE_WORDS
+        else:
+            j += 1
+    pos = np.empty(records, dtype=np.int64)        # each record's place in the log
+    nids = np.empty(records, dtype=np.int64)       # the tree of each insertion
+    saved = np.empty((erased, 4), dtype=il.dtype)  # an erased item's fields as they are now
+    r = 0
     k = 0
     j = 0
     while j < n:
+        pos[r] = j
+        r += 1
         if log[j] < 0:
             item = -log[j] - 2
             saved[k, 0], saved[k, 1], saved[k, 2] = il[item], ir[item], ipar[item]
             saved[k, 3] = it_nid[item]
-            if not it_flags[item] & UNSTABLE_FLAG:
-                it_nid[item] = -log[j + 1] - 2
             k += 1
             j += ERASE_WORDS
         else:
             j += 1
-    j = 0
-    while j < n:
+    for r in range(records - 1, -1, -1):           # it_nid: the tree of the item's next erasure
+        j = pos[r]
+        if log[j] < 0:
+            it_nid[-log[j] - 2] = -log[j + 1] - 2
+        else:
+            nids[r] = it_nid[log[j]]
+    for r in range(records):
+        j = pos[r]
         item = log[j]
         if item < 0:
-            item = -item - 2
-            rb_erase(il, ir, ipar, icol, uroots, np.int64(it_nid[item]), np.int64(item))
-            j += ERASE_WORDS
+            rb_erase(il, ir, ipar, icol, uroots, np.int64(-log[j + 1] - 2), np.int64(-item - 2))
             continue
-        nid = it_nid[item]
+        nid = nids[r]
         at, go_left, _ = insert_point(il, ir, it_key, np.int64(uroots[nid]), it_key[item])
         rb_link(il, ir, ipar, icol, uroots, np.int64(nid), np.int64(item), np.int64(at), go_left)
-        j += 1
     k = 0
-    j = 0
-    while j < n:
+    for r in range(records):
+        j = pos[r]
         if log[j] < 0:
             item = -log[j] - 2
+            it_nid[item] = saved[k, 3]
             if not it_flags[item] & UNSTABLE_FLAG:
                 il[item], ir[item], ipar[item] = saved[k, 0], saved[k, 1], saved[k, 2]
-                it_nid[item] = saved[k, 3]
             k += 1
-            j += ERASE_WORDS
-        else:
-            j += 1
 
 
 @inner
@@ -293,10 +321,7 @@ def unstable_erase(IT, S, item, hashed):
         if S.ulog_len[0] + ERASE_WORDS > S.ulog.shape[0]:
             return False
         hash_remove(S.uh, IT.tree_key, IT.nid, np.int64(item))
-        S.ulog[S.ulog_len[0]] = -item - 2
-        S.ulog[S.ulog_len[0] + 1] = -IT.nid[item] - 2
-        S.ulog_len[0] += ERASE_WORDS
-        S.ulog_len[1] += 1
+        log_erasure(S.ulog, S.ulog_len, np.int64(item), np.int64(IT.nid[item]))
     else:
         rb_erase(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(IT.nid[item]),
                  np.int64(item))
@@ -1071,7 +1096,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         if hashed:
             if not clean:
                 return i, processed, BAIL_AFTER_STABLE, item    # the tree must be built now
-            d = _depth(np.int64(S.ulog_len[0] - S.ulog_len[1]))    # the log's records
+            d = hashed_search_compares(S.ulog_len)
             t, h = hash_find(uh, np.int64(mask), it_tree_key, it_nid, np.uint64(key),
                              np.int64(nid))
             if t == NIL:

@@ -64,7 +64,7 @@ class StableNodes(FieldPool):
         left it up to twice; the stable nodes of a merging pass arrive at a steady rate, so the
         extra copies cost little), the new ones on top of the free stack, lowest first."""
         old = self.capacity
-        new = old + old // 2
+        new = old + max(1, old // 2)
         self._grow_fields(new)
         top = int(self.free_top[0])
         stack = np.empty(new, dtype=np.int32)

@@ -37,7 +37,7 @@ class UnstableTreeMixin:
         key = np.uint64(self._key(pfn))
         mask = len(self._uh) - 1
         t, h = fastscan.hash_find(self._uh, mask, items.tree_key, items.nid, key, int(nid))
-        self.work[fastscan.W_COMPARES] += fastscan._depth(int(self._ulog_len[0] - self._ulog_len[1]))
+        self.work[fastscan.W_COMPARES] += fastscan.hashed_search_compares(self._ulog_len)
         if t != NIL:
             tpfn = self.get_mergeable_page(int(t))
             if tpfn < 0 or tpfn == pfn:

@@ -58,7 +58,7 @@ class _FreeStack:
     __slots__ = ("pfns", "top")
 
     def __init__(self) -> None:
-        self.pfns = np.zeros(0, dtype=np.int32)
+        self.pfns = np.zeros(0, dtype=np.int32)   # pfns < MAX_FRAMES (2^31: frames.py refuses more)
         self.top = 0
 
     def push(self, pfns: np.ndarray) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from hw.units import PAGES_PER_GIB
-from vmhost.fleet.result import format_result
 from vmhost.reports.model import BarPlot, LinePlot, Series, Table
 from vmhost.reports.numbers import fmt
 from vmhost.reports.report import Plots, Report
@@ -158,6 +157,7 @@ def build(res: dict) -> Report:
                      PLOTS.of(res), tables(res))
 
 
-def write_fleet_report(res: dict, directory: str | Path) -> None:
-    """report.html, result.json, report.txt and the CSV tables, atomically."""
-    build(res).write(directory, res, files={"report.txt": format_result(res) + "\n"})
+def write_fleet_report(res: dict, directory: str | Path, text: str) -> None:
+    """report.html, result.json, report.txt (``text``: the result as the terminal shows it,
+    ``vmhost.fleet.result.format_result``) and the CSV tables, atomically."""
+    build(res).write(directory, res, files={"report.txt": text + "\n"})
