@@ -24,7 +24,7 @@ PACKAGES = ("hw", "guests", "vmhost")
 
 EMULATOR = ("hw", "guests", "vmhost.clock", "vmhost.profile", "vmhost.process", "vmhost.host",
             "vmhost.qemu", "vmhost.mm", "vmhost.ksm", "vmhost.policies", "vmhost.config",
-            "vmhost.progress")
+            "vmhost.progress", "vmhost.system", "vmhost.footprint")
 STUDIES = ("vmhost.density", "vmhost.hostsim", "vmhost.fleet", "vmhost.hotremove")
 ABOVE_EMULATOR = STUDIES + ("vmhost.reports", "vmhost.reality", "vmhost.commands", "vmhost.cli",
                             "vmhost.benchmarks")
@@ -116,7 +116,7 @@ LEVELS = (
     ("vmhost.mm",),
     ("vmhost.process", "vmhost.host"),
     ("vmhost.ksm",),
-    ("vmhost", "vmhost.qemu", "vmhost.system", "vmhost.policies", "vmhost.config",
+    ("vmhost.__init__", "vmhost.qemu", "vmhost.system", "vmhost.policies", "vmhost.config",
      "vmhost.footprint", "vmhost.progress"),
     ("vmhost.reports",),
     STUDIES,
@@ -129,9 +129,16 @@ LEVELS = (
 def _level(module: str) -> int:
     """The row of ``module``: the last row naming it or a package it is in (so that
     ``vmhost.ksm.engine`` is in ksm's row, not in the row of the ``vmhost`` package)."""
+    module = "vmhost.__init__" if module == "vmhost" else module    # the package itself, only
     rows = [i for i, row in enumerate(LEVELS) if _in(module, row)]
     assert rows, f"{module} is in no row of the README's Layout table (LEVELS)"
     return max(rows)
+
+
+def test_a_module_in_no_row_of_the_layout_table_is_named():
+    with pytest.raises(AssertionError, match="vmhost.newstudy is in no row"):
+        _level("vmhost.newstudy")
+    assert _level("vmhost") == _level("vmhost.system") and _level("vmhost.ksm.engine") == 5
 
 
 def test_every_import_points_down_the_layout_table():

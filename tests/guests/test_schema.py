@@ -289,6 +289,24 @@ def test_a_section_of_alternatives_and_a_section_of_its_own():
     assert vars(got) == {"pages": 4}
 
 
+def test_a_null_sub_section_is_empty_and_any_other_non_mapping_is_refused():
+    from types import SimpleNamespace
+    span = schema.Section(schema.rule("pages", schema.expect_int, 1, default=1))
+    assert schema.expect_section(None, "f", "span", span, SimpleNamespace).pages == 1
+    for bad in ([], "", 0, False):
+        with pytest.raises(InputError, match=r"^f: span: expected a mapping"):
+            schema.expect_section(bad, "f", "span", span, SimpleNamespace)
+    kept = schema.Section(schema.rule("note"))          # no parser: kept as written
+    assert kept.fill({"note": [1, "x"]}, "f", "", SimpleNamespace()).note == [1, "x"]
+    with pytest.raises(InputError, match=r"^f: n: too large a number$"):
+        schema.expect_number(10 ** 400, "f", "n", 0)
+
+
+def test_a_bad_image_is_bad_input():
+    """ImageError is an InputError: uncaught, the CLI ends it with one line and exit status 2."""
+    assert issubclass(ImageError, InputError) and issubclass(ImageError, ValueError)
+
+
 # ------------------------------------------------------------------------------------------
 # fuzzing: no input ends in a traceback
 

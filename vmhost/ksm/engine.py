@@ -185,6 +185,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
                 if self._uhashed and self._unstable_clean():
                     self._unstable_log_room(fastscan.ERASE_WORDS)
                     fastscan.hash_remove(self._uh, items.tree_key, items.nid, int(item))
+                    assert self._ulog_len[0] + fastscan.ERASE_WORDS <= len(self._ulog)
                     fastscan.log_erasure(self._ulog, self._ulog_len, int(item), int(items.nid[item]))
                 else:
                     self.build_unstable_trees()

@@ -251,8 +251,8 @@ def insert_point(left, right, keys, root, key):
 @njit(cache=True, nogil=True)
 def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots):
     """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2 and
-    then -nid-2), keys as they were when logged (nothing changed in between, or the log
-    would have ended). An rmap_item's links and its nid are its stable fields too
+    then -nid-2), keys as they are now: nothing changed since they were logged, or the log
+    would have ended (an item the log holds twice must have kept its key). An rmap_item's links and its nid are its stable fields too
     (``items``: unions): an item the log erases may have joined a stable node's list since.
     So each insertion goes into the tree its item's next erasure names (logged with it), or,
     never erased, the tree the item is in now; each erasure leaves the tree it names; and
