@@ -49,7 +49,9 @@ def build_system(hcfg: "HostConfig", *, resolution: int = 1, knobs=None,
 
     ``resolution`` > 1: ``hcfg`` already describes the scaled host (1/N of its pages); its
     watermarks are set to the full-size host's / N, ``knobs`` are the scaled knob writes and
-    ``full_scale_knobs`` the configured pages_to_scan and sleep_millisecs the policy sees."""
+    ``full_scale_knobs`` the configured pages_to_scan and sleep_millisecs the policy sees. With
+    fixed knobs whose scaled sleep groups several full-size batches into one, ksmd is told how
+    many (``Ksmd.grain``: the sleep after a pass's cut-short last batch)."""
     host = hcfg.build()
     if resolution > 1:
         host.allocator.scale_watermarks(resolution)
@@ -58,6 +60,9 @@ def build_system(hcfg: "HostConfig", *, resolution: int = 1, knobs=None,
         host.khugepaged.knobs["scan_sleep_millisecs"] *= resolution
     ksm, ksmd = attach_ksm(host, hcfg.ksm if knobs is None else knobs, path=hcfg.path,
                            resolution=resolution)
+    full_sleep = (full_scale_knobs or {}).get("sleep_millisecs", 0)
+    if hcfg.policy is None and full_sleep > 0:
+        ksmd.grain = max(1, ksm.knobs.sleep_millisecs // full_sleep)
     policy = hcfg.make_policy(resolution)
     try:
         policy.attach(host, ksm, full_scale_knobs)

@@ -114,9 +114,6 @@ class HostStepper:
         sysm = build_system(self.hcfg, resolution=self.r, knobs=self.knobs,
                             full_scale_knobs=full_scale_scan_knobs(self.run.host))
         self.host, self.ksm, self.ksmd, self.policy = sysm.host, sysm.ksm, sysm.ksmd, sysm.policy
-        full_sleep = full_scale_scan_knobs(self.run.host)["sleep_millisecs"]
-        if self.run.host.policy is None and full_sleep > 0:      # batches grouped (scale.py)
-            self.ksmd.grain = max(1, self.ksm.knobs.sleep_millisecs // full_sleep)
         self.guests: list[Guest] = []
         # (time, saved pages, ksmd CPU as the full-size host's / r, ksmd CPU as simulated)
         self.samples: list[tuple[int, int, int, int]] = []

@@ -174,7 +174,7 @@ class Ksmd:
         k = self.ksm.knobs
         if self.grain == 1 or not pass_ended or done >= k.pages_to_scan:
             return k.sleep_millisecs * NS_PER_MS
-        full_batches = max(1, -(-done * self.grain // max(k.pages_to_scan, 1)))
+        full_batches = max(1, -(-done * self.grain // k.pages_to_scan))   # done < pages_to_scan
         return k.sleep_millisecs * NS_PER_MS * full_batches // self.grain
 
     def _work_ns(self) -> float:

@@ -80,16 +80,20 @@ class UnstableTreeMixin:
         the compiled loop stops (to have both grown here) before the log overflows. The old
         arrays go before the new are made."""
         cap = max(LOG_MIN, int(entries))
-        size = self._table_size(cap)
-        if len(self._uh) == size:
-            self._uh.fill(NIL)
-        else:
-            self._uh = None
-            self._uh = np.full(size, NIL, dtype=np.int32)
+        self._empty_table(self._table_size(cap), keep_larger=False)
         if len(self._ulog) != cap:
             self._ulog = None
             self._ulog = np.zeros(cap, dtype=np.int32)
         self._ulog_len[:] = 0
+
+    def _empty_table(self, size: int, keep_larger: bool) -> None:
+        """An empty hash table of ``size`` slots: the present one cleared if it has that size
+        (or more, with ``keep_larger``), else the old one freed before the new one is made."""
+        if len(self._uh) == size or keep_larger and len(self._uh) > size:
+            self._uh.fill(NIL)
+        else:
+            self._uh = None
+            self._uh = np.full(size, NIL, dtype=np.int32)
 
     def _grow_unstable_hash(self) -> None:
         """Twice the log (kept in order), and the table re-made for it from the items the log says are in
@@ -98,12 +102,7 @@ class UnstableTreeMixin:
         log = np.zeros(2 * len(self._ulog), dtype=np.int32)
         log[:n] = self._ulog[:n]
         self._ulog = log
-        size = self._table_size(len(log))
-        if len(self._uh) < size:
-            self._uh = None
-            self._uh = np.full(size, NIL, dtype=np.int32)
-        else:
-            self._uh.fill(NIL)
+        self._empty_table(self._table_size(len(log)), keep_larger=True)
         it = self.items
         fastscan.hash_rebuild(self._uh, self._ulog, n, it.tree_key, it.nid, it.flags,
                               self.seqnr & SEQNR_MASK)
