@@ -79,7 +79,7 @@ CLASSES = tuple(c.name for c in CONTENT_CLASSES)
 SHARED_KEY = {c.name: c.shared_by for c in CONTENT_CLASSES if c.shared_by}
 _TAG = {c.name: c.tag for c in CONTENT_CLASSES}
 DEFAULT_CHUNK = 16            # pages per layout chunk (64 KiB): classes interleave in RAM
-POOL_RUNS = 256               # runs (files) a shared class's population is made of (held_runs)
+POOL_RUNS = 1024              # runs (files) a shared class's population is made of (held_runs)
 
 
 class ImageError(InputError, ValueError):
@@ -415,9 +415,15 @@ def held_runs(pop: int, distinct: int, key: int) -> np.ndarray:
     guest simulated at 1/N holds the same runs as at full size, and the union of any guests'
     contents is the same fraction of the population at every resolution (within one content a
     run). Drawn one by one at 1/N, the overlap had a sampling noise of about 1/sqrt(pages):
-    the ideal merging of density-mix's 14 guests was 0.3% of the host's capacity higher at
-    1/512 than at 1/256 ... 1/16, which moved its counts. A population of fewer than
-    POOL_RUNS contents (a small class at a coarse resolution) has one content a run."""
+    the ideal merging of density-mix's first 13 guests spread over 0.43% of the host's capacity
+    from 1/512 to 1/16 (1/512 the highest), which moved its counts; in runs, 0.14% from 1/1024
+    to 1/1 and 0.05% from 1/256 to 1/1. A population of fewer than POOL_RUNS contents (a small
+    class at a coarse resolution: linux-server's app class coarser than 1/128) has one content
+    a run, and its draw is not the full-size one's.
+
+    The price: two guests' overlap varies with the runs they drew (1024 runs: about 12% of the
+    overlap, one standard deviation, for a pool of 5), where contents drawn one by one at full
+    size overlap almost exactly by the mean; a page cache shares in files, not in pages."""
     runs = min(POOL_RUNS, pop)
     edges = np.arange(runs + 1, dtype=np.int64) * pop // runs
     order = np.random.default_rng(key & 0xFFFFFFFFFFFFFFFF).permutation(runs)
