@@ -25,7 +25,7 @@ mostly cache misses), ``merges`` (try_to_merge_one_page), ``thp_splits``,
 
 **The timed sleep** lasts longer than ``sleep_millisecs``: the kernel sleeps a whole number of
 jiffies and its timer wheel rounds a timeout up to the next tick (it never fires early), and
-the wake-up itself takes a little; measured here (HZ=250) a 20 ms sleep lasted 23.2 ms on
+the wake-up itself takes a little; measured here (HZ=250) a 20 ms sleep lasted 23.6 ms on
 average (between full-scan ticks: wall time less ksmd's CPU and its run-queue wait, per batch).
 The calibration file's ``sleep_extra_ns`` (what ``ksmd_fit`` measured) is added to every timed
 sleep (``Ksmd.timed_sleep_ns``); a sleep of 0 does not sleep.
