@@ -41,7 +41,8 @@ from vmhost.ksm.arraygroup import group, prefetch
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
-from vmhost.ksm.items import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.items import (SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, freed_word, item_flags,
+                              item_mm, item_vpn, pack_item, with_flags)
 from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
@@ -70,7 +71,7 @@ FrameArrays, FrameArraysType = group(
     "FrameArrays", ("content", "flags", "owner", "mapcount", "refcount", "index"),
     "The page frames' arrays (``mm.frames``).", __name__)
 ItemArrays, ItemArraysType = group(
-    "ItemArrays", ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head",
+    "ItemArrays", ("mm_address", "oldchecksum", "age", "remaining_skips", "head",
                    "hnext", "hprev", "anon_vma", "nid", "rnext", "tree_key", "left", "right",
                    "parent", "color", "roots", "free_list"),
     "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
@@ -103,7 +104,7 @@ def frame_arrays(frames) -> FrameArrays:
 
 def item_arrays(items) -> ItemArrays:
     ln = items.links
-    return ItemArrays(items.mm, items.address, items.flags, items.oldchecksum, items.age,
+    return ItemArrays(items.mm_address, items.oldchecksum, items.age,
                       items.remaining_skips, items.head, items.hnext, items.hprev, items.anon_vma,
                       items.nid, items.rnext, items.tree_key,
                       ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_list)
@@ -211,7 +212,7 @@ def hash_remove(uh, it_key, it_nid, item):
 
 
 @njit(cache=True, nogil=True)
-def hash_rebuild(uh, log, n, it_key, it_nid, it_flags, seqnr):
+def hash_rebuild(uh, log, n, it_key, it_nid, it_word, seqnr):
     """Fill the empty table ``uh`` with the items of this pass's unstable tree (scan number
     ``seqnr``, its low byte) that the first ``n`` entries of the log inserted, once each (an
     item freed and allocated again may be inserted twice in a pass; keys in the tree are
@@ -220,7 +221,7 @@ def hash_rebuild(uh, log, n, it_key, it_nid, it_flags, seqnr):
     want = UNSTABLE_FLAG | seqnr
     for j in range(n):
         item = log[j]               # an erasure's two words are both negative
-        if item < 0 or (it_flags[item] & (UNSTABLE_FLAG | SEQNR_MASK)) != want:
+        if item < 0 or item_flags(it_word[item]) & (UNSTABLE_FLAG | SEQNR_MASK) != want:
             continue
         t, h = hash_find(uh, np.int64(mask), it_key, it_nid, it_key[item], np.int64(it_nid[item]))
         if t == NIL:
@@ -249,7 +250,7 @@ def insert_point(left, right, keys, root, key):
 
 
 @njit(cache=True, nogil=True)
-def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots):
+def replay_unstable(log, n, it_key, it_nid, it_word, il, ir, ipar, icol, uroots):
     """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2 and
     then -nid-2), keys as they are now: nothing changed since they were logged, or the log
     would have ended (an item the log holds twice must have kept its key). An rmap_item's links and its nid are its stable fields too
@@ -306,7 +307,7 @@ def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots
         if log[j] < 0:
             item = -log[j] - 2
             it_nid[item] = saved[k, 3]
-            if not it_flags[item] & UNSTABLE_FLAG:
+            if not it_word[item] & UNSTABLE_FLAG:
                 il[item], ir[item], ipar[item] = saved[k, 0], saved[k, 1], saved[k, 2]
             k += 1
 
@@ -338,7 +339,7 @@ def _leave_unstable(IT, S, item, fl, seqnr, hashed, clean):
         if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
             return False
     S.cnt[C_UNSHARED] -= 1
-    IT.flags[item] = 0
+    IT.mm_address[item] = with_flags(IT.mm_address[item], 0)
     IT.anon_vma[item] = -1              # its nid (a union)
     return True
 
@@ -383,12 +384,12 @@ def stable_append(IT, ND, S, item, node):
     """stable_tree_append: the item goes at the head of the KSM page's list."""
     ND.hlist_len[node] += 1
     IT.head[item] = node
-    IT.flags[item] |= STABLE_FLAG
+    IT.mm_address[item] |= STABLE_FLAG
     if hlist_add_head(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item)) != NIL:
         S.cnt[C_SHARING] += 1
     else:
         S.cnt[C_SHARED] += 1
-    S.mm_ksm[IT.mm[item], 1] += 1
+    S.mm_ksm[item_mm(IT.mm_address[item]), 1] += 1
 
 
 @inner
@@ -543,13 +544,13 @@ def _uncount_stable_item(IT, ND, S, node, item, sharing):
         S.cnt[C_SHARING] -= 1
     else:
         S.cnt[C_SHARED] -= 1
-    S.mm_ksm[IT.mm[item], 1] -= 1
+    S.mm_ksm[item_mm(IT.mm_address[item]), 1] -= 1
     ND.hlist_len[node] -= 1
     av = IT.anon_vma[item]
     if av >= 0:
         S.av_delta[av] -= 1
         IT.anon_vma[item] = -1
-    IT.flags[item] = 0
+    IT.mm_address[item] = with_flags(IT.mm_address[item], 0)
     IT.head[item] = NIL
 
 
@@ -714,10 +715,11 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
             or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]
             or (hashed and S.ulog_len[0] + ERASE_WORDS > S.ulog.shape[0])):
         return False
-    tv = find_vma(V, np.int64(IT.mm[t]), np.int64(IT.address[t]))
+    tword = IT.mm_address[t]
+    tv = find_vma(V, np.int64(item_mm(tword)), np.int64(item_vpn(tword)))
     if tv < 0:
         return False
-    toff = IT.address[t] - V.start[tv]
+    toff = item_vpn(tword) - V.start[tv]
     tpte, tptef = page_tables(V, np.int64(tv))
     if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT or tpte[toff] != tpfn:
         return False
@@ -754,7 +756,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
                   V.locked[tv])
     unstable_erase(IT, S, np.int64(t), hashed)
     S.cnt[C_UNSHARED] -= 1
-    IT.flags[t] = 0
+    IT.mm_address[t] = with_flags(IT.mm_address[t], 0)
     IT.anon_vma[t] = V.anon_vma[tv]
     S.av_delta[V.anon_vma[tv]] += 1
     # stable_tree_insert: a new node, or a new dup of the content's node (all full)
@@ -819,7 +821,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     # the arrays every visit reads, bound once (a group's field is otherwise re-read from
     # memory after every store: the compiler cannot tell the group from the arrays)
     f_flags, f_content, f_owner = F.flags, F.content, F.owner
-    it_address, it_rnext, it_flags, it_head = IT.address, IT.rnext, IT.flags, IT.head
+    it_word, it_rnext, it_head = IT.mm_address, IT.rnext, IT.head
     it_age, it_skips, it_oldchecksum = IT.age, IT.remaining_skips, IT.oldchecksum
     it_tree_key, it_nid = IT.tree_key, IT.nid
     nd_kind, nd_kpfn, nd_nid, nd_key = ND.kind, ND.kpfn, ND.nid, ND.key
@@ -870,13 +872,13 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         cur = cursor[0] if prev == NIL else it_rnext[prev]
         item = NIL
         while cur != NIL:
-            a = it_address[cur]
+            a = item_vpn(it_word[cur])
             if a == vpn:
                 item = cur
                 break
             if a > vpn:
                 break
-            fl = it_flags[cur]
+            fl = item_flags(it_word[cur])
             if fl & STABLE_FLAG:
                 if not stable_remove(F, IT, ND, S, np.int64(cur)):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
@@ -892,8 +894,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             if fl & UNSTABLE_FLAG:
                 cnt[C_UNSHARED] -= 1
                 IT.anon_vma[cur] = -1       # its nid (a union)
-            S.mm_ksm[IT.mm[cur], 0] -= 1
-            IT.mm[cur] = -1
+            S.mm_ksm[item_mm(it_word[cur]), 0] -= 1
+            it_word[cur] = freed_word(it_word[cur])
             it_rnext[cur] = IT.free_list[0]
             IT.free_list[0] = cur
             IT.free_list[1] += 1
@@ -904,9 +906,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             item = IT.free_list[0]
             IT.free_list[0] = it_rnext[item]
             IT.free_list[1] -= 1
-            IT.mm[item] = mm_id
-            it_address[item] = vpn
-            it_flags[item] = 0
+            it_word[item] = pack_item(np.int64(mm_id), np.int64(vpn))
             it_oldchecksum[item] = 0
             it_age[item] = 0
             it_skips[item] = 0
@@ -924,7 +924,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         cursor[1] = item
         cursor[2] = vpn + 1
         is_ksm = (pflags & PG_KSM) != 0
-        ifl = it_flags[item]
+        ifl = item_flags(it_word[item])
 
         # -- smart scan ----------------------------------------------------------------------
         if (ifl & STABLE_FLAG) and not is_ksm:              # its KSM page was left (COW)
@@ -943,7 +943,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 cnt[C_SKIPPED] += 1
                 if ifl & UNSTABLE_FLAG:
                     cnt[C_UNSHARED] -= 1
-                    it_flags[item] = 0
+                    it_word[item] = with_flags(it_word[item], 0)
                     IT.anon_vma[item] = -1      # its nid (a union)
                 i += 1
                 continue
@@ -1102,7 +1102,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             if t == NIL:
                 if S.ulog_len[0] >= S.ulog.shape[0]:
                     return i, processed, BAIL_AFTER_STABLE, item
-                it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+                it_word[item] = with_flags(it_word[item], UNSTABLE_FLAG | (seqnr & SEQNR_MASK))
                 it_nid[item] = nid
                 it_tree_key[item] = key
                 uh[h] = item
@@ -1110,7 +1110,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 S.ulog_len[0] += 1
                 cnt[C_UNSHARED] += 1
             else:
-                tpfn = mergeable_page(F, V, np.int64(IT.mm[t]), np.int64(it_address[t]))
+                tpfn = mergeable_page(F, V, np.int64(item_mm(it_word[t])),
+                                      np.int64(item_vpn(it_word[t])))
                 if tpfn >= 0 and tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
                     if not _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off),
                                        np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma,
@@ -1135,7 +1136,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 tk = it_tree_key[cur]
                 tpfn = NIL
             else:
-                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
+                tpfn = mergeable_page(F, V, np.int64(item_mm(it_word[cur])),
+                                      np.int64(item_vpn(it_word[cur])))
                 if tpfn < 0 or tpfn == pfn:
                     aborted = True              # the page went, or it is this very page (fork)
                     break
@@ -1151,7 +1153,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 go_left = False
                 continue
             if tpfn == NIL:
-                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
+                tpfn = mergeable_page(F, V, np.int64(item_mm(it_word[cur])),
+                                      np.int64(item_vpn(it_word[cur])))
             if tpfn < 0 or tpfn == pfn:
                 aborted = True                  # our own page, through fork
             elif not across and block_node[tpfn // block_pages] != nid:
@@ -1165,7 +1168,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             break
         work[W_COMPARES] += walked
         if not aborted and not merged:
-            it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+            it_word[item] = with_flags(it_word[item], UNSTABLE_FLAG | (seqnr & SEQNR_MASK))
             it_nid[item] = nid
             it_tree_key[item] = key
             rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(nid),

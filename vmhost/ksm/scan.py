@@ -12,7 +12,7 @@ import numpy as np
 
 from vmhost.ksm import fastscan, pages
 from vmhost.ksm.checksum import SEEDS
-from vmhost.ksm.items import MmSlot
+from vmhost.ksm.items import MmSlot, check_item_range
 from vmhost.ksm.rbtree import NIL
 from vmhost.mm.frames import PG_KSM
 from vmhost.mm.vma import VmFlags, Vma
@@ -52,7 +52,7 @@ class ScanMixin:
         prev = self.prev_item
         cur = slot.rmap_list if prev == NIL else int(items.rnext[prev])
         while cur != NIL:
-            addr = int(items.address[cur])
+            addr = items.vpn_of(cur)
             if addr == vpn:
                 return cur
             if addr > vpn:
@@ -135,6 +135,7 @@ class ScanMixin:
             if vma.anon_vma is None:
                 self.address = vma.end
                 continue
+            check_item_range(mm.id, vma.end)       # what an rmap_item's word can hold
             return vma
         return None
 

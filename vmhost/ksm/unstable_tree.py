@@ -23,7 +23,7 @@ class UnstableTreeMixin:
 
     def get_mergeable_page(self, item: int) -> int:
         mm = self._mm(item)
-        vpn = int(self.items.address[item])
+        vpn = self.items.vpn_of(item)
         vma = find_mergeable_vma(mm, vpn)
         if vma is None:
             return -1
@@ -45,7 +45,7 @@ class UnstableTreeMixin:
             if not self.knobs.merge_across_nodes and int(self.host.phys.node_of(tpfn)) != nid:
                 return NIL, -1
             return int(t), tpfn
-        items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        items.mm_address[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
         items.nid[item] = nid
         items.tree_key[item] = key
         self._uh[h] = item
@@ -104,7 +104,7 @@ class UnstableTreeMixin:
         self._ulog = log
         self._empty_table(self._table_size(len(log)), keep_larger=True)
         it = self.items
-        fastscan.hash_rebuild(self._uh, self._ulog, n, it.tree_key, it.nid, it.flags,
+        fastscan.hash_rebuild(self._uh, self._ulog, n, it.tree_key, it.nid, it.mm_address,
                               self.seqnr & SEQNR_MASK)
 
     def build_unstable_trees(self) -> None:
@@ -113,7 +113,7 @@ class UnstableTreeMixin:
             return
         self._uhashed = False
         it, ln = self.items, self.items.links
-        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid, it.flags,
+        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid, it.mm_address,
                                  ln.left, ln.right, ln.parent, ln.color, ln.roots)
 
     def _unstable_clean(self) -> bool:
@@ -145,7 +145,7 @@ class UnstableTreeMixin:
                 return NIL, -1
             else:
                 return cur, tree_pfn
-        self.items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        self.items.mm_address[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
         self.items.nid[item] = nid
         self.items.tree_key[item] = key
         tree.link(item, parent, go_left)
