@@ -55,7 +55,7 @@ def full_state(ksm) -> dict:
     def item(i):
         i = int(i)
         return (i, items.mm_of(i), items.vpn_of(i), items.flags_of(i),
-                int(items.oldchecksum[i]), int(items.age[i]), int(items.remaining_skips[i]),
+                int(items.oldchecksum[i]), int(items.smart[i]),
                 int(items.head[i]) if items.flags_of(i) & STABLE_FLAG else -1, int(items.anon_vma[i]),
                 int(items.nid[i]) if items.flags_of(i) & (STABLE_FLAG | UNSTABLE_FLAG) else 0)
 

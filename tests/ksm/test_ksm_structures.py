@@ -223,3 +223,19 @@ def test_an_rmap_items_word_holds_its_mm_address_and_flags_at_their_limits():
         check_item_range(MAX_MM, 1)
     with pytest.raises(ValueError, match="47-bit"):
         check_item_range(1, VPN_MASK + 2)
+
+
+def test_smart_scan_on_one_byte_skips_as_the_kernels_u8_age_and_remaining_skips():
+    """An rmap_item's ``smart`` byte (age saturating at 15, remaining_skips) makes the same
+    skip decisions, visit after visit, as the kernel's separate u8 fields (age up to 255),
+    and its skips read back as the kernel's."""
+    from vmhost.ksm.fastscan import smart_skip, smart_step
+    from vmhost.ksm.items import SMART_SKIPS_SHIFT
+    age, skips, smart = 0, 0, 0
+    decisions = []
+    for _ in range(400):
+        age, skips, skip = smart_skip.py_func(age, skips)
+        smart, skip_byte = smart_step.py_func(smart)
+        assert skip_byte == skip and smart >> SMART_SKIPS_SHIFT == skips and 0 <= smart < 256
+        decisions.append(skip)
+    assert age == 255 and decisions[-9:].count(True) == 8     # 8 skips for each visit

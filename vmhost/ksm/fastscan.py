@@ -41,7 +41,8 @@ from vmhost.ksm.arraygroup import group, prefetch
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
-from vmhost.ksm.items import (SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, freed_word, item_flags,
+from vmhost.ksm.items import (SEQNR_MASK, SMART_AGE_MAX, SMART_SKIPS_SHIFT, STABLE_FLAG,
+                              UNSTABLE_FLAG, freed_word, item_flags,
                               item_mm, item_vpn, pack_item, with_flags)
 from vmhost.ksm.hlist import hlist_add_head, hlist_del
 from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
@@ -71,7 +72,7 @@ FrameArrays, FrameArraysType = group(
     "FrameArrays", ("content", "flags", "owner", "mapcount", "refcount", "index"),
     "The page frames' arrays (``mm.frames``).", __name__)
 ItemArrays, ItemArraysType = group(
-    "ItemArrays", ("mm_address", "oldchecksum", "age", "remaining_skips", "head",
+    "ItemArrays", ("mm_address", "oldchecksum", "smart", "head",
                    "hnext", "hprev", "anon_vma", "nid", "rnext", "tree_key", "left", "right",
                    "parent", "color", "roots", "free_list"),
     "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
@@ -104,8 +105,7 @@ def frame_arrays(frames) -> FrameArrays:
 
 def item_arrays(items) -> ItemArrays:
     ln = items.links
-    return ItemArrays(items.mm_address, items.oldchecksum, items.age,
-                      items.remaining_skips, items.head, items.hnext, items.hprev, items.anon_vma,
+    return ItemArrays(items.mm_address, items.oldchecksum, items.smart, items.head, items.hnext, items.hprev, items.anon_vma,
                       items.nid, items.rnext, items.tree_key,
                       ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_list)
 
@@ -152,6 +152,17 @@ def smart_skip(age, skips):
             return new_age, 4, False
         return new_age, 8, False
     return new_age, skips - 1, True
+
+
+@njit(cache=True, nogil=True)
+def smart_step(smart):
+    """``smart_skip`` on an rmap_item's ``smart`` byte (its age in the low bits, saturating
+    at ``SMART_AGE_MAX``, and its remaining_skips in the high bits): returns (the new byte,
+    skip it this time). The rule tells no age above 8 from another (skip_age), so an age
+    kept to SMART_AGE_MAX decides as the kernel's u8 age does."""
+    age, skips, skip = smart_skip(np.int64(smart & SMART_AGE_MAX),
+                                  np.int64(smart >> SMART_SKIPS_SHIFT))
+    return min(age, SMART_AGE_MAX) | (skips << SMART_SKIPS_SHIFT), skip
 
 
 @njit(cache=True, nogil=True)
@@ -822,7 +833,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     # memory after every store: the compiler cannot tell the group from the arrays)
     f_flags, f_content, f_owner = F.flags, F.content, F.owner
     it_word, it_rnext, it_head = IT.mm_address, IT.rnext, IT.head
-    it_age, it_skips, it_oldchecksum = IT.age, IT.remaining_skips, IT.oldchecksum
+    it_smart, it_oldchecksum = IT.smart, IT.oldchecksum
     it_tree_key, it_nid = IT.tree_key, IT.nid
     nd_kind, nd_kpfn, nd_nid, nd_key = ND.kind, ND.kpfn, ND.nid, ND.key
     nd_ki_slots, nd_stale_state = ND.ki_slots, ND.stale_state
@@ -908,8 +919,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             IT.free_list[1] -= 1
             it_word[item] = pack_item(np.int64(mm_id), np.int64(vpn))
             it_oldchecksum[item] = 0
-            it_age[item] = 0
-            it_skips[item] = 0
+            it_smart[item] = 0
             it_head[item] = NIL
             IT.hnext[item] = NIL
             IT.hprev[item] = NIL
@@ -932,13 +942,11 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 return i, processed, BAIL_BEFORE_SKIP, item
             ifl = 0
         if smart and not is_ksm:
-            age, skips, skip = smart_skip(np.int64(it_age[item]),
-                                          np.int64(it_skips[item]))
+            smart_now, skip = smart_step(np.int64(it_smart[item]))
             if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_SKIP, item
-            it_age[item] = age
-            it_skips[item] = skips
+            it_smart[item] = smart_now
             if skip:
                 cnt[C_SKIPPED] += 1
                 if ifl & UNSTABLE_FLAG:

@@ -32,7 +32,9 @@ there, ``nid`` is the array ``anon_vma`` (``union { anon_vma; nid; }``): an item
 the unstable tree gets -1 there, as one that never had an anon_vma.
 
 ``oldchecksum`` is the checksum seen at the previous visit (0 when fresh);
-``age`` and ``remaining_skips`` drive smart scan. An item in the unstable
+``smart`` drives smart scan: the kernel's ``age`` in its low 4 bits (saturating at 15, which
+the rule cannot tell from 255: ``fastscan.smart_step``) and ``remaining_skips`` (at most 8)
+in its high 4. An item in the unstable
 tree also remembers the memcmp key its page had when last compared (``tree_key``):
 while nothing has changed in the pass, the compiled scan loop trusts it (and the hashed
 form of the unstable tree is keyed by it); its page is looked up in the page tables,
@@ -68,6 +70,8 @@ MM_SHIFT = VPN_SHIFT + VPN_BITS
 MAX_MM = 1 << (63 - MM_SHIFT)  # mm ids below this (the sign bit marks a free item)
 FREE_MM = -(1 << MM_SHIFT)     # a free item's word: mm -1, address and flags 0
 _LOW = (1 << MM_SHIFT) - 1
+SMART_AGE_MAX = 0xF            # ``smart``: age in bits 0-3, remaining_skips in 4-7
+SMART_SKIPS_SHIFT = 4
 RMAP_ITEM_BYTES = 64          # sizeof(struct ksm_rmap_item) on 64-bit: used in profit figures
 
 
@@ -117,7 +121,7 @@ def check_item_range(mm_id: int, vpn_end: int) -> None:
 
 class RmapItems(FieldPool):
     _FIELDS = (("mm_address", np.int64, FREE_MM),
-               ("oldchecksum", np.uint32, 0), ("age", np.uint8, 0), ("remaining_skips", np.uint8, 0),
+               ("oldchecksum", np.uint32, 0), ("smart", np.uint8, 0),
                ("head", np.int32, NIL), ("hnext", np.int32, NIL), ("hprev", np.int32, NIL),
                ("anon_vma", np.int32, -1), ("rnext", np.int32, NIL),
                ("tree_key", np.uint64, 0))

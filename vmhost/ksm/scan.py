@@ -37,10 +37,8 @@ class ScanMixin:
         if self.host.frames.flags[pfn] & PG_KSM:
             return False
         items = self.items
-        age, skips, skip = fastscan.smart_skip(int(items.age[item]),
-                                               int(items.remaining_skips[item]))
-        items.age[item] = age
-        items.remaining_skips[item] = skips
+        smart, skip = fastscan.smart_step(int(items.smart[item]))
+        items.smart[item] = smart
         if skip:
             self.c.pages_skipped += 1
             self.remove_rmap_item_from_tree(item)
