@@ -45,7 +45,7 @@ from vmhost.ksm.items import (SEQNR_MASK, SMART_AGE_MAX, SMART_SKIPS_SHIFT, STAB
                               UNSTABLE_FLAG, freed_word, item_flags,
                               item_mm, item_vpn, pack_item, with_flags)
 from vmhost.ksm.hlist import hlist_add_head, hlist_del
-from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
+from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, key_mix, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
 from vmhost.ksm.vma_registry import find_vma, page_tables
@@ -178,18 +178,37 @@ def dup_choice(found, found_len, hl, mps):
 
 
 @njit(cache=True, nogil=True)
+def hash_tag(key, nid, mask):
+    """The bits above an item's id in its slot of the hashed unstable tree (a table of
+    ``mask + 1`` slots, more than any item id): those of the low 31 bits of (key, tree)'s mix.
+    A search reads the key of an item whose slot has its tag only, 1 in 2**(31 - log2 of the
+    table's size) of the others (the table may then be up to half full, one slot an item)."""
+    return np.int64(key_mix(np.uint64(key), np.int64(nid)) & np.uint64(0x7FFFFFFF)) & ~mask
+
+
+@njit(cache=True, nogil=True)
+def hash_entry(item, key, nid, mask):
+    """What the slot of ``item`` (key ``key`` in tree ``nid``) holds: its tag and its id."""
+    return hash_tag(key, nid, mask) | item
+
+
+@njit(cache=True, nogil=True)
 def hash_find(uh, mask, it_key, it_nid, key, nid):
     """The unstable-tree item with this key in tree ``nid`` (or NIL), and the slot where it
-    is or where it would be inserted (the first tombstone on the way, else the empty slot)."""
+    is or where it would be inserted (the first tombstone on the way, else the empty slot);
+    an item is in the slot ``hash_entry`` gives it."""
     h = slot_of(np.uint64(key), np.int64(nid), np.int64(mask))
+    tag = hash_tag(key, nid, mask)
     free = -1
     while uh[h] != EMPTY:
-        t = uh[h]
-        if t == TOMB:
+        e = uh[h]
+        if e == TOMB:
             if free < 0:
                 free = h
-        elif it_key[t] == key and it_nid[t] == nid:
-            return t, h
+        elif (e & ~mask) == tag:
+            t = e & mask
+            if it_key[t] == key and it_nid[t] == nid:
+                return t, h
         h = (h + 1) & mask
     return NIL, (free if free >= 0 else h)
 
@@ -217,7 +236,8 @@ def hashed_search_compares(ulog_len):
 def hash_remove(uh, it_key, it_nid, item):
     mask = uh.shape[0] - 1
     h = slot_of(it_key[item], np.int64(it_nid[item]), np.int64(mask))
-    while uh[h] != item:
+    entry = hash_entry(item, it_key[item], it_nid[item], mask)
+    while uh[h] != entry:
         h = (h + 1) & mask
     uh[h] = TOMB
 
@@ -236,7 +256,7 @@ def hash_rebuild(uh, log, n, it_key, it_nid, it_word, seqnr):
             continue
         t, h = hash_find(uh, np.int64(mask), it_key, it_nid, it_key[item], np.int64(it_nid[item]))
         if t == NIL:
-            uh[h] = item
+            uh[h] = hash_entry(item, it_key[item], it_nid[item], mask)
 
 
 @njit(cache=True, nogil=True)
@@ -1108,12 +1128,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             t, h = hash_find(uh, np.int64(mask), it_tree_key, it_nid, np.uint64(key),
                              np.int64(nid))
             if t == NIL:
-                if S.ulog_len[0] >= S.ulog.shape[0]:
-                    return i, processed, BAIL_AFTER_STABLE, item
+                if S.ulog_len[0] >= S.ulog.shape[0] or item > mask:    # log full; an id the
+                    return i, processed, BAIL_AFTER_STABLE, item       # table cannot hold
                 it_word[item] = with_flags(it_word[item], UNSTABLE_FLAG | (seqnr & SEQNR_MASK))
                 it_nid[item] = nid
                 it_tree_key[item] = key
-                uh[h] = item
+                uh[h] = hash_entry(item, np.uint64(key), np.int64(nid), mask)
                 S.ulog[S.ulog_len[0]] = item
                 S.ulog_len[0] += 1
                 cnt[C_UNSHARED] += 1

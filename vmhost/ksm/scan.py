@@ -239,6 +239,7 @@ class ScanMixin:
         cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
         if self._uhashed and self._ulog_len[0] + fastscan.ERASE_WORDS > len(self._ulog):
             self._grow_unstable_hash()            # the log is full: the compiled loop would stop
+        self._unstable_hash_covers_items()
         if self.stable_index.needs_rebuild():
             self.stable_index.grow()
         if self.nodes.free_top[0] == 0:
