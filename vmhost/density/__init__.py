@@ -88,11 +88,14 @@ with it: a knob setting that breaks the limit does not answer "KSM 0".
 **Steady state and smart scan.** A step is steady when the counters stood still for a window
 of full scans (``vmhost.density.settle``, the same rule the kernel oracle applies to the real
 counters): ``settle.scans``, raised under smart scan (6.18's default) to the longest skip cycle,
-9 scans (``max_scans`` raised by as much). With smart scan a page that has not merged for a
+9 scans (``max_scans`` raised by as much), and a step ends only after a whole number of
+skip cycles (a multiple of 9 full scans; ``max_scans`` rounded up to one). With smart scan a page that has not merged for a
 while is visited only every 2 to 9 scans, and two identical pages merge only in a pass that
 visits both, so pages of a guest booted next to an old one can merge many scans after the
 counters first stand still: a shorter window stops wherever the skip cycles happen to stand,
-which moves with the run and the resolution. A result's notes say when the window was raised.
+which moves with the run and the resolution; and where the previous step ended sets the phase
+of the older guests' cycles that the next guest meets, so steps end on whole cycles. A result's
+notes say so.
 
 **Savings** are pages_sharing + ksm_zero_pages (pages_shared are the copies kept).
 **Time to X%** of a step's steady-state savings is virtual time from the guest's boot until the

@@ -19,6 +19,20 @@ window is therefore at least :func:`smart_scan_cycle` full scans whenever the ho
 smart scan: the configured ``settle.scans`` is a minimum, raised automatically, and
 ``max_scans`` is raised with it to leave the configured margin (``max_scans - scans``) beyond
 the window. Such a window visits each rmap_item at least once.
+
+**The aligned step end under smart scan.** A step also ends only after a whole number of skip
+cycles (its full-scan count a multiple of :func:`smart_scan_cycle`, the *alignment*), and
+``max_scans`` is rounded up to such a multiple. The reason is the skip cycle's phase: a page
+that never merged is visited at passes 1, 2, 3, 4, 6, 9, 14 after its guest registered and then
+every 9, so the next guest's pages meet an older guest's unmerged pages only in the passes
+where both cycles visit, and where the older cycle stands is set by the pass at which the
+previous step ended (the next guest registers right after it). A step that ends one pass later
+(the counters moved a little more, or a scaled host's counters move by whole scaled pages)
+shifts every older cycle by a pass, and the next guest then merges with other pages: the
+kernel itself did not repeat (two runs 67% apart on a step) until its steps ended on a cycle
+boundary. With the aligned end every guest registers at a whole cycle after the first, so each
+older page meets the newer ones at the same pass of their cycles whatever step length the
+counters chose. Without smart scan every page is visited every pass and the alignment is 1.
 """
 
 from __future__ import annotations
@@ -57,20 +71,24 @@ class SettleRule:
     tolerance: float               # x the step's new pages
     configured: int                # settle.scans as written
     raised_for_smart_scan: bool
+    align: int = 1                 # a step ends at a multiple of this many full scans
 
     @classmethod
     def of(cls, run) -> "SettleRule":
-        k = run.settle_scans
-        if run.settle_time_ns is None and smart_scan_on(run.host) and k < smart_scan_cycle():
-            w = smart_scan_cycle()
-            return cls(w, run.max_scans + (w - k), run.tolerance, k, True)
-        return cls(k, run.max_scans, run.tolerance, k, False)
+        k, m = run.settle_scans, run.max_scans
+        if run.settle_time_ns is None and smart_scan_on(run.host):
+            c = smart_scan_cycle()
+            w = max(k, c)
+            m += w - k                                   # the configured margin beyond the window
+            return cls(w, -(-m // c) * c, run.tolerance, k, w > k, c)
+        return cls(k, m, run.tolerance, k, False)
 
     def steady(self, hist: list, new_pages: int) -> bool:
         """Whether the counters after each full scan (``hist``: the step's start first, each a
-        tuple in ``COUNTERS`` order) stood still over the last ``window`` scans."""
+        tuple in ``COUNTERS`` order) stood still over the last ``window`` scans, the step's scan
+        count being a multiple of ``align``."""
         k = self.window
-        if len(hist) - 1 <= k:
+        if len(hist) - 1 <= k or (len(hist) - 1) % self.align:
             return False
         ref = hist[-1 - k]
         tol = self.tolerance * max(new_pages, 1)
@@ -100,9 +118,12 @@ class SettleRule:
         return f"{self.window} scans unchanged"
 
     def note(self) -> str | None:
-        """One sentence for a result's notes when the window was raised."""
-        if not self.raised_for_smart_scan:
+        """One sentence for a result's notes when smart scan shaped the rule."""
+        if self.align == 1:
             return None
-        return (f"settle window {self.window} full scans (settle.scans {self.configured} raised to smart "
-                f"scan's longest skip cycle, {smart_scan_cycle()} scans, so that every page is visited "
-                f"in the window; max_scans {self.max_scans}); ksmd's CPU share is measured over it")
+        raised = (f" (settle.scans {self.configured} raised to smart scan's longest skip cycle, so that "
+                  f"every page is visited in the window)" if self.raised_for_smart_scan else "")
+        return (f"settle window {self.window} full scans{raised}; a step ends after a multiple of "
+                f"{self.align} full scans (whole skip cycles: the next guest meets the older guests' "
+                f"skip cycles at the same phase whatever the step's length), at most {self.max_scans}; "
+                f"ksmd's CPU share is measured over the window")

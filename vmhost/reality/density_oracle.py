@@ -25,8 +25,10 @@ process on this kernel:
   kernel's counters after each full scan: ``pages_shared``, ``pages_sharing`` and
   ``ksm_zero_pages`` moved by at most ``tolerance`` x the step's new pages over the last
   window of full scans (``settle.scans``, raised under smart scan to its longest skip cycle,
-  9 scans; no verdict before ``window + 1`` scans), at most ``max_scans``; or a fixed
-  ``settle.time``.
+  9 scans; no verdict before ``window + 1`` scans), at most ``max_scans``; under smart scan a
+  step ends only after a whole number of skip cycles (a multiple of 9 full scans, ``max_scans``
+  rounded up to one), so that the next guest meets the older guests' skip cycles at the same
+  phase in every run; or a fixed ``settle.time``.
 * **Sampling.** Counters and ksmd's CPU time (``/proc/<ksmd>/schedstat``, its on-CPU ns) are
   polled every few milliseconds; every full-scan boundary is kept (the steady rule, the CPU
   window) and the savings timeline is thinned like the emulator's. At each step's end the
