@@ -22,6 +22,8 @@ from vmhost.reality import ksm_oracle
 from vmhost.reality.density_oracle import compare, ksmd_pid
 from vmhost.reality.guard import alive
 
+pytestmark = pytest.mark.kernel        # every test drives the real KSM (or waits for its lock)
+
 SMALL = ROOT / "configs" / "oracle" / "density-small.yaml"
 KNOBS = list(ksm_oracle.DEFAULTS) + ["run"]
 

@@ -12,6 +12,9 @@ from vmhost.reality import guard, hotremove_oracle, swap_oracle
 from vmhost.reality.ksm_oracle import OracleError
 
 from helpers import ROOT
+
+pytestmark = pytest.mark.kernel        # real memory blocks, swap and the real-KSM lock
+
 CASES = ["empty", "ksm", "mixed", "pinned"]
 
 

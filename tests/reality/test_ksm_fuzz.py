@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+
 from vmhost.ksm.fuzz import KNOB_CHOICES, generate, parse, shrink, to_yaml, trace_seed
 from vmhost.ksm.replay import replay
 from vmhost.ksm.trace import CONTENT_KINDS, STEP_KINDS, compare_results, load_trace
@@ -120,6 +122,7 @@ def test_emulator_survives_many_traces():
         replay(parse(generate(trace_seed(99, i))), check_invariants=True)
 
 
+@pytest.mark.kernel
 def test_fixed_seed_batch_against_the_kernel(tmp_path):
     # without THP regions: the kernel does not always find a huge page; the long campaign
     # (vmhost ksm fuzz without --no-thp) covers them

@@ -330,13 +330,11 @@ def test_progress_counts_each_kept_guest_once(tmp_path):
 
 
 def test_knobs_that_break_the_cpu_limit_get_the_largest_pages_to_scan_that_meets_it(tmp_path):
-    """ksmd at one full scan a batch, every page visited every pass (smart scan off: with it,
-    a step that ends on whole skip cycles measures passes that skip most pages, 2% with the
-    first guest), costs 12% of a CPU with the first guest: not 'KSM 0' but the largest
-    pages_to_scan that meets 3% (within 10% of the smallest that breaks it, both found by
-    searching) and the count with it."""
-    res = run_density(write(tmp_path, HAND.replace("  max_guests: 40\n", "  max_guests: 6\n  limits: {ksmd_cpu: 3%}\n")
-                            .replace("ksm: {", "ksm: {smart_scan: 0, ")))
+    """ksmd at one full scan a batch costs 10% of a CPU with the first guest (smart scan off:
+    every pass visits every page): not 'KSM 0' but the largest pages_to_scan that meets 3%
+    (within 10% of the smallest that breaks it, both found by searching) and the count with it."""
+    res = run_density(write(tmp_path, HAND.replace("run: 1}", "run: 1, smart_scan: 0}").replace(
+        "  max_guests: 40\n", "  max_guests: 6\n  limits: {ksmd_cpu: 3%}\n")))
     assert res["vms_per_host"]["ksm"] == 0 and res["limited_by"][0].startswith("ksmd CPU")
     cl = res["cpu_limit"]
     assert cl["configured_pages_to_scan"] == 100000 and cl["fails_at_guests"] == 1

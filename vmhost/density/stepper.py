@@ -197,7 +197,7 @@ class HostStepper:
         pages = sum(g.qp.mergeable_pages() for g in self.guests) or 1
         k = self.ksm.knobs
         batches = -(-pages // max(k.pages_to_scan, 1))
-        return max(batches * k.sleep_millisecs * 1_000_000, 1_000_000)
+        return max(batches * self.ksmd.timed_sleep_ns(k.sleep_millisecs), 1_000_000)
 
     def _boot(self, n: int, entry: MixEntry) -> Guest:
         from guests.spec import GuestSpec

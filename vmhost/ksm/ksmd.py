@@ -23,6 +23,13 @@ mostly cache misses), ``merges`` (try_to_merge_one_page), ``thp_splits``,
 (ksmd's schedstat per full pass against the emulator's work on the same pass),
 ``vmhost bench ksm --calibrate`` from stepped single-pass workloads.
 
+**The timed sleep** lasts longer than ``sleep_millisecs``: the kernel sleeps a whole number of
+jiffies and its timer wheel rounds a timeout up to the next tick (it never fires early), and
+the wake-up itself takes a little; measured here (HZ=250) a 20 ms sleep lasted 23.6 ms on
+average (between full-scan ticks: wall time less ksmd's CPU and its run-queue wait, per batch).
+The calibration file's ``sleep_extra_ns`` (what ``ksmd_fit`` measured) is added to every timed
+sleep (``Ksmd.timed_sleep_ns``); a sleep of 0 does not sleep.
+
 **Running ahead.** Between two other events on the clock (a guest's writes, a sample, a
 policy's wake-up), ksmd's batches follow each other with nothing else in between, so ksmd runs
 the next batch at once instead of through the event heap when its wake-up falls before the
@@ -52,7 +59,10 @@ if TYPE_CHECKING:
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "ksmd_calibration.json"
 #: ns per operation (work counter names, "pages" and "thp_splits"): the calibration's cost_ns
-COST_NS: dict[str, float] = json.loads(CALIBRATION_PATH.read_text())["cost_ns"]
+_CALIBRATION = json.loads(CALIBRATION_PATH.read_text())
+COST_NS: dict[str, float] = _CALIBRATION["cost_ns"]
+#: ns every timed sleep lasts beyond sleep_millisecs (the calibration's sleep_extra_ns)
+SLEEP_EXTRA_NS: int = int(_CALIBRATION.get("sleep_extra_ns", 0))
 EWMA_WEIGHT = 30
 ADVISOR_MIN_CPU = 10
 
@@ -76,7 +86,7 @@ class Pace:
         i[fastscan.PACE_CAND_GEN] = cand_gen
         i[fastscan.PACE_NOW] = clock.now
         i[fastscan.PACE_HORIZON] = clock.horizon()
-        i[fastscan.PACE_SLEEP_NS] = self.ksm.knobs.sleep_millisecs * NS_PER_MS
+        i[fastscan.PACE_SLEEP_NS] = self.ksmd.timed_sleep_ns(self.ksm.knobs.sleep_millisecs)
         i[fastscan.PACE_DONE] = done
         i[fastscan.PACE_BATCHES] = 0
         i[fastscan.PACE_CPU_NS] = 0
@@ -172,10 +182,19 @@ class Ksmd:
         most passes of a steady host visit few pages, and a whole grouped sleep per pass would
         stretch them (lowering ksmd's CPU share the coarser the grain)."""
         k = self.ksm.knobs
+        sleep = self.timed_sleep_ns(k.sleep_millisecs)
         if self.grain == 1 or not pass_ended or done >= k.pages_to_scan:
-            return k.sleep_millisecs * NS_PER_MS
+            return sleep
         full_batches = max(1, -(-done * self.grain // k.pages_to_scan))   # done < pages_to_scan
-        return k.sleep_millisecs * NS_PER_MS * full_batches // self.grain
+        return sleep * full_batches // self.grain
+
+    def timed_sleep_ns(self, sleep_ms: int) -> int:
+        """How long a timed sleep of ``sleep_ms`` lasts: the knob plus the measured extra of a
+        timed sleep (module docstring), ``grain`` of them for a grouped batch (its knob is
+        ``grain`` x the full-size one)."""
+        if sleep_ms <= 0:
+            return 0
+        return sleep_ms * NS_PER_MS + self.grain * SLEEP_EXTRA_NS
 
     def _work_ns(self) -> float:
         return (sum(v * COST_NS.get(k, 0) for k, v in self.ksm.work_counts().items())

@@ -184,6 +184,8 @@ class ScanMixin:
                         break
                     stage = self._BAIL_STAGE[code]
                     self.bails[code] += 1
+                    if stage == self.STAGE_FRESH:      # the compiled loop counted this PTE, and
+                        self.work[fastscan.W_PTES] -= 1    # _scan_page counts it from the start
                 done += self._scan_page(slot, vma, int(cand[i]), stage, item)
                 i += 1
             if i >= len(cand):

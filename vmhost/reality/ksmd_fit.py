@@ -27,7 +27,9 @@ fit, its error per kind of pass, and a cross-check on the stepped single-pass wo
 ``vmhost bench ksm --calibrate`` (4 KiB pages, no THP: there the density fit is ~30% low, the
 first pass ~60% low); ``--with-stored`` adds the passes of the fit stored in the calibration file
 (its other configs), so that one cost set is fitted on every workload; ``--write`` stores the
-costs (``cost_ns``) and the fit (``density_fit``, with its passes) in the calibration file.
+costs (``cost_ns``), the fit (``density_fit``, with its passes) and how much longer than
+``sleep_millisecs`` the kernel's timed sleep lasted (``sleep_extra_ns``, measured on the same
+runs when they share one pages_to_scan and sleep) in the calibration file.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ FEATURES = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp
             "batches")
 #: the costs fitted; dups_walked keeps its value (it moves with tree_compares in every density
 #: pass). ptes_walked is told apart from pages by smart scan's passes, where most PTEs walked are
-#: skipped pages (pages_scanned counts only the pages processed)
-FITTED = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits", "batches")
+#: skipped pages (pages_scanned counts only the pages processed). batches (a wake-up's own cost)
+#: keeps its value: the density passes hardly tell it apart from per-page work (every batch is
+#: pages_to_scan pages), and a fit let free gave it 0.87 ms, a floor of 4% of a CPU at a 20 ms
+#: sleep that the kernel does not show at small pages_to_scan
+FITTED = ("ptes_walked", "pages", "checksums", "tree_compares", "merges", "thp_splits")
 
 
 def emulator_passes(cfg) -> list[dict]:
@@ -99,6 +104,27 @@ def kernel_passes(result: dict) -> dict[int, list[float]]:
         scans = s["kernel"]["scans"]
         out[s["guests"]] = [b["cpu_s"] - a["cpu_s"] for a, b in zip(scans, scans[1:])]
     return out
+
+
+def sleep_extra_ns(kernels: list[dict], sleep_ms: int, pages_to_scan: int) -> tuple[int, int] | None:
+    """How much longer than ``sleep_ms`` ksmd's timed sleep lasted, on average per batch over the
+    kernel runs' passes of at least 5 batches (wall time between two full-scan ticks less ksmd's
+    CPU and its run-queue wait: the rest is sleeping), and the number of passes it is from."""
+    slept, batches = 0.0, 0.0
+    n = 0
+    for k in kernels:
+        for s in k["steps"]:
+            scans = s["kernel"]["scans"]
+            for a, b in zip(scans[1:], scans[2:]):      # from the first tick: whole passes only
+                nb = (b["pages_scanned"] - a["pages_scanned"]) / pages_to_scan
+                if nb < 5:
+                    continue
+                slept += (b["t_s"] - a["t_s"]) - (b["cpu_s"] - a["cpu_s"]) - (b.get("wait_s", 0) - a.get("wait_s", 0))
+                batches += nb
+                n += 1
+    if not n:
+        return None
+    return round(slept / batches * 1e9 - sleep_ms * 1_000_000), n
 
 
 def kind(p: dict) -> str:
@@ -234,9 +260,23 @@ def main(argv=None) -> int:
             print(f"  {Path(r['config']).stem:<22} N={r['guests']} pass {r['pass']:>2} {r['kind']:<13} "
                   + " ".join(f"{k}={r.get(k, 0)}" for k in FEATURES)
                   + f" kernel {r['kernel_cpu_s']:.3f}s (spread {r['kernel_spread']:.0%}) in use {old:.3f}s fit {pred:.3f}s")
+    extra = None
+    knobs = {(int(k["host"]["knobs"]["pages_to_scan"]), int(k["host"]["knobs"]["sleep_millisecs"]))
+             for ks in by_cfg.values() for k in ks}
+    if len(knobs) == 1:
+        (pts, sleep_ms), = knobs
+        extra = sleep_extra_ns([k for ks in by_cfg.values() for k in ks], sleep_ms, pts)
+        if extra is not None:
+            print(f"timed sleep of {sleep_ms} ms: {extra[0] / 1e6:+.2f} ms on average over {extra[1]} passes "
+                  f"(in use: {json.loads(CALIBRATION.read_text()).get('sleep_extra_ns', 0) / 1e6:+.2f} ms)")
     if write:
         doc = json.loads(CALIBRATION.read_text())
         doc["cost_ns"] = f["cost_ns"]
+        if extra is not None:
+            doc["sleep_extra_ns"] = extra[0]
+            doc["sleep_extra_method"] = (f"ksmd_fit {datetime.date.today().isoformat()}: wall time between two "
+                                         f"full-scan ticks less ksmd's CPU and run-queue wait, per batch, less "
+                                         f"sleep_millisecs {sleep_ms}; {extra[1]} passes of >= 5 batches")
         doc["density_fit"] = {"date": datetime.date.today().isoformat(), "configs": sorted(by_cfg),
                               "kernel_runs": sum(len(v) for v in by_cfg.values())
                               + (doc.get("density_fit", {}).get("kernel_runs", 0) if "--with-stored" in args else 0),
