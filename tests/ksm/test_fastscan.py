@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from vmhost.ksm import fastscan
-from vmhost.ksm.items import STABLE_FLAG
+from vmhost.ksm.items import STABLE_FLAG, UNSTABLE_FLAG
 from vmhost.ksm.replay import Replay
 from vmhost.ksm.trace import load_trace
 from vmhost.ksm.warmup import ksm_host, mergeable_process
@@ -54,10 +54,10 @@ def full_state(ksm) -> dict:
 
     def item(i):
         i = int(i)
-        return (i, int(items.mm[i]), int(items.address[i]), int(items.flags[i]),
-                int(items.oldchecksum[i]), int(items.age[i]), int(items.remaining_skips[i]),
-                int(items.head[i]) if items.flags[i] & STABLE_FLAG else -1, int(items.anon_vma[i]),
-                int(items.nid[i]) if items.flags[i] & 0x300 else 0)
+        return (i, items.mm_of(i), items.vpn_of(i), items.flags_of(i),
+                int(items.oldchecksum[i]), int(items.smart[i]),
+                int(items.head[i]) if items.flags_of(i) & STABLE_FLAG else -1, int(items.anon_vma[i]),
+                int(items.nid[i]) if items.flags_of(i) & (STABLE_FLAG | UNSTABLE_FLAG) else 0)
 
     def hlist(node):
         out, it = [], int(nodes.hhead[node])

@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from vmhost.ksm.keyindex import EMPTY, KeyIndex, ki_find
 from vmhost.ksm.rbtree import BLACK, NIL, RED, NodeLinks, RbTree
@@ -114,14 +115,14 @@ def test_replaying_the_unstable_tree_keeps_the_stable_fields_it_shares():
     assert ln.left is items.head and ln.right is items.hnext and ln.parent is items.hprev
     for i, key in enumerate((50, 20, 80, 10)):
         items.tree_key[i] = key
-        items.flags[i] = UNSTABLE_FLAG
+        items.set_flags(i, UNSTABLE_FLAG)
     items.nid[:4] = 0
     log = np.array([0, 1, 2, 3, -1 - 2, -0 - 2], dtype=np.int32)    # item 1 erased last
-    items.flags[1] = STABLE_FLAG                                # ... and now on a stable node
+    items.set_flags(1, STABLE_FLAG)                                # ... and now on a stable node
     items.head[1], items.hnext[1], items.hprev[1] = 7, 9, 11
     items.anon_vma[1] = 42                                      # nid's field (a union)
     assert items.nid is items.anon_vma
-    fastscan.replay_unstable(log, len(log), items.tree_key, items.nid, items.flags,
+    fastscan.replay_unstable(log, len(log), items.tree_key, items.nid, items.mm_address,
                              ln.left, ln.right, ln.parent, ln.color, ln.roots)
     assert (items.head[1], items.hnext[1], items.hprev[1]) == (7, 9, 11)
     assert items.anon_vma[1] == 42
@@ -140,13 +141,13 @@ def test_replay_gives_an_item_erased_twice_what_it_held_before_the_first_erasure
     ln = items.links
     for i, key in enumerate((50, 20, 80)):
         items.tree_key[i] = key
-        items.flags[i] = UNSTABLE_FLAG
+        items.set_flags(i, UNSTABLE_FLAG)
     items.nid[:3] = 0
     log = np.array([0, 1, 2, -1 - 2, -0 - 2, 1, -1 - 2, -1 - 2], dtype=np.int32)  # tree 0, then 1
-    items.flags[1] = STABLE_FLAG
+    items.set_flags(1, STABLE_FLAG)
     items.head[1], items.hnext[1], items.hprev[1] = 7, 9, 11
     items.anon_vma[1] = 42
-    fastscan.replay_unstable(log, len(log), items.tree_key, items.nid, items.flags,
+    fastscan.replay_unstable(log, len(log), items.tree_key, items.nid, items.mm_address,
                              ln.left, ln.right, ln.parent, ln.color, ln.roots)
     assert items.anon_vma[1] == 42
     assert (items.head[1], items.hnext[1], items.hprev[1]) == (7, 9, 11)
@@ -193,3 +194,48 @@ def test_the_page_allocators_free_stacks_hold_32_bit_pfns():
     assert all(s.pfns.dtype == np.int32 for s in stacks) and sum(s.top for s in stacks) > 0
     got = h.allocator._areas[next(iter(h.allocator._areas))].small.pop(1)
     assert got.dtype == np.int64
+
+
+def test_an_rmap_items_word_holds_its_mm_address_and_flags_at_their_limits():
+    """mm, virtual page and flags share one word (``mm_address``): each reads back as written at
+    the ends of its range, a freed item reads mm -1 with its address and flags kept, and an mm
+    or a page the word cannot hold is refused before an item is made for it."""
+    from vmhost.ksm.items import (FLAG_BITS, MAX_MM, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG,
+                                  VPN_MASK, RmapItems, check_item_range)
+    items = RmapItems(capacity=4)
+    assert items.live().size == 0 and items.mm_address.dtype == np.int64
+    for mm_id, vpn in ((0, 0), (MAX_MM - 1, VPN_MASK), (7, 0x7F000000 + 5)):
+        it = items.alloc(mm_id, vpn)
+        assert (items.mm_of(it), items.vpn_of(it), items.flags_of(it)) == (mm_id, vpn, 0)
+        items.set_flags(it, UNSTABLE_FLAG | SEQNR_MASK)
+        assert (items.mm_of(it), items.vpn_of(it)) == (mm_id, vpn)
+        assert items.flags_of(it) == FLAG_BITS & ~STABLE_FLAG
+        items.mm_address[it] |= STABLE_FLAG
+        assert items.flags_of(it) == FLAG_BITS and items.vpn_of(it) == vpn
+        items.set_flags(it, 0)
+        assert (items.mm_of(it), items.vpn_of(it), items.flags_of(it)) == (mm_id, vpn, 0)
+        items.set_flags(it, STABLE_FLAG)
+        items.free(it)
+        assert (items.mm_of(it), items.vpn_of(it), items.flags_of(it)) == (-1, vpn, STABLE_FLAG)
+        assert it not in items.live()
+    check_item_range(MAX_MM - 1, VPN_MASK + 1)
+    with pytest.raises(ValueError, match="mms"):
+        check_item_range(MAX_MM, 1)
+    with pytest.raises(ValueError, match="47-bit"):
+        check_item_range(1, VPN_MASK + 2)
+
+
+def test_smart_scan_on_one_byte_skips_as_the_kernels_u8_age_and_remaining_skips():
+    """An rmap_item's ``smart`` byte (age saturating at 15, remaining_skips) makes the same
+    skip decisions, visit after visit, as the kernel's separate u8 fields (age up to 255),
+    and its skips read back as the kernel's."""
+    from vmhost.ksm.fastscan import smart_skip, smart_step
+    from vmhost.ksm.items import SMART_SKIPS_SHIFT
+    age, skips, smart = 0, 0, 0
+    decisions = []
+    for _ in range(400):
+        age, skips, skip = smart_skip.py_func(age, skips)
+        smart, skip_byte = smart_step.py_func(smart)
+        assert skip_byte == skip and smart >> SMART_SKIPS_SHIFT == skips and 0 <= smart < 256
+        decisions.append(skip)
+    assert age == 255 and decisions[-9:].count(True) == 8     # 8 skips for each visit

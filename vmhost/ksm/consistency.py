@@ -28,15 +28,15 @@ class ConsistencyMixin:
         """
         problems: list[str] = []
         items, nodes, frames = self.items, self.nodes, self.host.frames
-        live_items = np.flatnonzero(items.mm >= 0)
-        flags = items.flags[live_items]
+        live_items = items.live()
+        flags = items.mm_address[live_items]      # a flag bit is tested on the word
         stable = live_items[(flags & STABLE_FLAG) != 0]
         shared = sharing = 0
         on_lists = 0
         for node in np.flatnonzero((nodes.kind == NODE) | (nodes.kind == DUP) | (nodes.kind == MIGRATE)):
             n, it = 0, int(nodes.hhead[node])
             while it != NIL and n <= len(stable):
-                if items.head[it] != node or not items.flags[it] & STABLE_FLAG:
+                if items.head[it] != node or not items.mm_address[it] & STABLE_FLAG:
                     problems.append(f"ksm: rmap_item {it} is on stable node {node}'s list but "
                                     "does not belong to it")
                 n += 1
@@ -65,8 +65,8 @@ class ConsistencyMixin:
         if zero_ptes != c.ksm_zero_pages:
             problems.append(f"ksm: ksm_zero_pages {c.ksm_zero_pages}, KSM zero PTEs {zero_ptes}")
         for mm_id, slot in self.slot_of.items():
-            mine = live_items[items.mm[live_items] == mm_id]
-            merging = int(np.count_nonzero(items.flags[mine] & STABLE_FLAG))
+            mine = live_items[items.mms(live_items) == mm_id]
+            merging = int(np.count_nonzero(items.mm_address[mine] & STABLE_FLAG))
             if (len(mine), merging) != (slot.mm.ksm_rmap_items, slot.mm.ksm_merging_pages):
                 problems.append(f"ksm: mm {mm_id} counts {slot.mm.ksm_rmap_items} items and "
                                 f"{slot.mm.ksm_merging_pages} merging, has {len(mine)} and {merging}")

@@ -161,7 +161,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
         return memcmp_key(int(self.host.frames.content[pfn]))
 
     def _mm(self, item: int) -> "MM":
-        return self.slot_of[int(self.items.mm[item])].mm
+        return self.slot_of[self.items.mm_of(item)].mm
 
     def _put_anon_vma(self, item: int) -> None:
         av_id = int(self.items.anon_vma[item])
@@ -171,7 +171,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
 
     def remove_rmap_item_from_tree(self, item: int) -> None:
         items, c = self.items, self.c
-        flags = int(items.flags[item])
+        flags = items.flags_of(item)
         if flags & STABLE_FLAG:
             node = int(items.head[item])
             if self.get_page(node) < 0:
@@ -191,7 +191,7 @@ class Ksm(StableTreeMixin, UnstableTreeMixin, MergeMixin, ScanMixin, Registratio
                     self.build_unstable_trees()
                     self.unstable_trees[int(items.nid[item])].erase(item)
             c.pages_unshared -= 1
-            items.flags[item] = 0
+            items.set_flags(item, 0)
             items.anon_vma[item] = -1           # its nid (a union)
 
     def on_scan_start(self) -> None:

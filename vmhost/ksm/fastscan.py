@@ -41,9 +41,11 @@ from vmhost.ksm.arraygroup import group, prefetch
 from vmhost.ksm.checksum import checksum_of, memcmp_key_of
 from vmhost.ksm.counters import (C_CHAINS, C_DUPS, C_SCANNED, C_SHARED, C_SHARING, C_SKIPPED,
                                  C_UNSHARED, W_CHECKSUMS, W_COMPARES, W_DUPS, W_MERGES, W_PTES)
-from vmhost.ksm.items import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
+from vmhost.ksm.items import (SEQNR_MASK, SMART_AGE_MAX, SMART_SKIPS_SHIFT, STABLE_FLAG,
+                              UNSTABLE_FLAG, freed_word, item_flags,
+                              item_mm, item_vpn, pack_item, with_flags)
 from vmhost.ksm.hlist import hlist_add_head, hlist_del
-from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, slot_of
+from vmhost.ksm.keyindex import EMPTY, TOMB, ki_find, ki_insert, ki_locate, key_mix, slot_of
 from vmhost.ksm.rbtree import NIL, rb_erase, rb_link, rb_replace
 from vmhost.ksm.stable import CHAIN, DUP, FREE, MIGRATE, NODE
 from vmhost.ksm.vma_registry import find_vma, page_tables
@@ -70,7 +72,7 @@ FrameArrays, FrameArraysType = group(
     "FrameArrays", ("content", "flags", "owner", "mapcount", "refcount", "index"),
     "The page frames' arrays (``mm.frames``).", __name__)
 ItemArrays, ItemArraysType = group(
-    "ItemArrays", ("mm", "address", "flags", "oldchecksum", "age", "remaining_skips", "head",
+    "ItemArrays", ("mm_address", "oldchecksum", "smart", "head",
                    "hnext", "hprev", "anon_vma", "nid", "rnext", "tree_key", "left", "right",
                    "parent", "color", "roots", "free_list"),
     "The rmap_items' arrays and the unstable trees' links (``items``).", __name__)
@@ -103,8 +105,7 @@ def frame_arrays(frames) -> FrameArrays:
 
 def item_arrays(items) -> ItemArrays:
     ln = items.links
-    return ItemArrays(items.mm, items.address, items.flags, items.oldchecksum, items.age,
-                      items.remaining_skips, items.head, items.hnext, items.hprev, items.anon_vma,
+    return ItemArrays(items.mm_address, items.oldchecksum, items.smart, items.head, items.hnext, items.hprev, items.anon_vma,
                       items.nid, items.rnext, items.tree_key,
                       ln.left, ln.right, ln.parent, ln.color, ln.roots, items.free_list)
 
@@ -154,6 +155,17 @@ def smart_skip(age, skips):
 
 
 @njit(cache=True, nogil=True)
+def smart_step(smart):
+    """``smart_skip`` on an rmap_item's ``smart`` byte (its age in the low bits, saturating
+    at ``SMART_AGE_MAX``, and its remaining_skips in the high bits): returns (the new byte,
+    skip it this time). The rule tells no age above 8 from another (skip_age), so an age
+    kept to SMART_AGE_MAX decides as the kernel's u8 age does."""
+    age, skips, skip = smart_skip(np.int64(smart & SMART_AGE_MAX),
+                                  np.int64(smart >> SMART_SKIPS_SHIFT))
+    return min(age, SMART_AGE_MAX) | (skips << SMART_SKIPS_SHIFT), skip
+
+
+@njit(cache=True, nogil=True)
 def dup_choice(found, found_len, hl, mps):
     """stable_node_dup's choice among a chain's dups: 0 if a dup with ``hl`` mappings does not
     replace the one found so far (``found``, with ``found_len`` mappings; NIL: none yet), 1 if
@@ -166,18 +178,37 @@ def dup_choice(found, found_len, hl, mps):
 
 
 @njit(cache=True, nogil=True)
+def hash_tag(key, nid, mask):
+    """The bits above an item's id in its slot of the hashed unstable tree (a table of
+    ``mask + 1`` slots, more than any item id): those of the low 31 bits of (key, tree)'s mix.
+    A search reads the key of an item whose slot has its tag only, 1 in 2**(31 - log2 of the
+    table's size) of the others (the table may then be up to half full, one slot an item)."""
+    return np.int64(key_mix(np.uint64(key), np.int64(nid)) & np.uint64(0x7FFFFFFF)) & ~mask
+
+
+@njit(cache=True, nogil=True)
+def hash_entry(item, key, nid, mask):
+    """What the slot of ``item`` (key ``key`` in tree ``nid``) holds: its tag and its id."""
+    return hash_tag(key, nid, mask) | item
+
+
+@njit(cache=True, nogil=True)
 def hash_find(uh, mask, it_key, it_nid, key, nid):
     """The unstable-tree item with this key in tree ``nid`` (or NIL), and the slot where it
-    is or where it would be inserted (the first tombstone on the way, else the empty slot)."""
+    is or where it would be inserted (the first tombstone on the way, else the empty slot);
+    an item is in the slot ``hash_entry`` gives it."""
     h = slot_of(np.uint64(key), np.int64(nid), np.int64(mask))
+    tag = hash_tag(key, nid, mask)
     free = -1
     while uh[h] != EMPTY:
-        t = uh[h]
-        if t == TOMB:
+        e = uh[h]
+        if e == TOMB:
             if free < 0:
                 free = h
-        elif it_key[t] == key and it_nid[t] == nid:
-            return t, h
+        elif (e & ~mask) == tag:
+            t = e & mask
+            if it_key[t] == key and it_nid[t] == nid:
+                return t, h
         h = (h + 1) & mask
     return NIL, (free if free >= 0 else h)
 
@@ -205,13 +236,14 @@ def hashed_search_compares(ulog_len):
 def hash_remove(uh, it_key, it_nid, item):
     mask = uh.shape[0] - 1
     h = slot_of(it_key[item], np.int64(it_nid[item]), np.int64(mask))
-    while uh[h] != item:
+    entry = hash_entry(item, it_key[item], it_nid[item], mask)
+    while uh[h] != entry:
         h = (h + 1) & mask
     uh[h] = TOMB
 
 
 @njit(cache=True, nogil=True)
-def hash_rebuild(uh, log, n, it_key, it_nid, it_flags, seqnr):
+def hash_rebuild(uh, log, n, it_key, it_nid, it_word, seqnr):
     """Fill the empty table ``uh`` with the items of this pass's unstable tree (scan number
     ``seqnr``, its low byte) that the first ``n`` entries of the log inserted, once each (an
     item freed and allocated again may be inserted twice in a pass; keys in the tree are
@@ -220,11 +252,11 @@ def hash_rebuild(uh, log, n, it_key, it_nid, it_flags, seqnr):
     want = UNSTABLE_FLAG | seqnr
     for j in range(n):
         item = log[j]               # an erasure's two words are both negative
-        if item < 0 or (it_flags[item] & (UNSTABLE_FLAG | SEQNR_MASK)) != want:
+        if item < 0 or item_flags(it_word[item]) & (UNSTABLE_FLAG | SEQNR_MASK) != want:
             continue
         t, h = hash_find(uh, np.int64(mask), it_key, it_nid, it_key[item], np.int64(it_nid[item]))
         if t == NIL:
-            uh[h] = item
+            uh[h] = hash_entry(item, it_key[item], it_nid[item], mask)
 
 
 @njit(cache=True, nogil=True)
@@ -249,7 +281,7 @@ def insert_point(left, right, keys, root, key):
 
 
 @njit(cache=True, nogil=True)
-def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots):
+def replay_unstable(log, n, it_key, it_nid, it_word, il, ir, ipar, icol, uroots):
     """Build the unstable rbtrees from the log: insertions (item) and erasures (-item-2 and
     then -nid-2), keys as they are now: nothing changed since they were logged, or the log
     would have ended (an item the log holds twice must have kept its key). An rmap_item's links and its nid are its stable fields too
@@ -306,7 +338,7 @@ def replay_unstable(log, n, it_key, it_nid, it_flags, il, ir, ipar, icol, uroots
         if log[j] < 0:
             item = -log[j] - 2
             it_nid[item] = saved[k, 3]
-            if not it_flags[item] & UNSTABLE_FLAG:
+            if not it_word[item] & UNSTABLE_FLAG:
                 il[item], ir[item], ipar[item] = saved[k, 0], saved[k, 1], saved[k, 2]
             k += 1
 
@@ -338,7 +370,7 @@ def _leave_unstable(IT, S, item, fl, seqnr, hashed, clean):
         if (hashed and not clean) or not unstable_erase(IT, S, item, hashed):
             return False
     S.cnt[C_UNSHARED] -= 1
-    IT.flags[item] = 0
+    IT.mm_address[item] = with_flags(IT.mm_address[item], 0)
     IT.anon_vma[item] = -1              # its nid (a union)
     return True
 
@@ -383,12 +415,12 @@ def stable_append(IT, ND, S, item, node):
     """stable_tree_append: the item goes at the head of the KSM page's list."""
     ND.hlist_len[node] += 1
     IT.head[item] = node
-    IT.flags[item] |= STABLE_FLAG
+    IT.mm_address[item] |= STABLE_FLAG
     if hlist_add_head(ND.hhead, IT.hnext, IT.hprev, np.int64(node), np.int64(item)) != NIL:
         S.cnt[C_SHARING] += 1
     else:
         S.cnt[C_SHARED] += 1
-    S.mm_ksm[IT.mm[item], 1] += 1
+    S.mm_ksm[item_mm(IT.mm_address[item]), 1] += 1
 
 
 @inner
@@ -543,13 +575,13 @@ def _uncount_stable_item(IT, ND, S, node, item, sharing):
         S.cnt[C_SHARING] -= 1
     else:
         S.cnt[C_SHARED] -= 1
-    S.mm_ksm[IT.mm[item], 1] -= 1
+    S.mm_ksm[item_mm(IT.mm_address[item]), 1] -= 1
     ND.hlist_len[node] -= 1
     av = IT.anon_vma[item]
     if av >= 0:
         S.av_delta[av] -= 1
         IT.anon_vma[item] = -1
-    IT.flags[item] = 0
+    IT.mm_address[item] = with_flags(IT.mm_address[item], 0)
     IT.head[item] = NIL
 
 
@@ -714,10 +746,11 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
             or 2 * (ND.ki_state[0] + ND.ki_state[1] + 1) > ND.ki_slots.shape[0]
             or (hashed and S.ulog_len[0] + ERASE_WORDS > S.ulog.shape[0])):
         return False
-    tv = find_vma(V, np.int64(IT.mm[t]), np.int64(IT.address[t]))
+    tword = IT.mm_address[t]
+    tv = find_vma(V, np.int64(item_mm(tword)), np.int64(item_vpn(tword)))
     if tv < 0:
         return False
-    toff = IT.address[t] - V.start[tv]
+    toff = item_vpn(tword) - V.start[tv]
     tpte, tptef = page_tables(V, np.int64(tv))
     if (tptef[toff] & (PTE_PRESENT | PTE_ZERO)) != PTE_PRESENT or tpte[toff] != tpfn:
         return False
@@ -754,7 +787,7 @@ def _merge_pair(F, IT, ND, S, V, item, off, pfn, pte, ptef, vma_locked, vma_anon
                   V.locked[tv])
     unstable_erase(IT, S, np.int64(t), hashed)
     S.cnt[C_UNSHARED] -= 1
-    IT.flags[t] = 0
+    IT.mm_address[t] = with_flags(IT.mm_address[t], 0)
     IT.anon_vma[t] = V.anon_vma[tv]
     S.av_delta[V.anon_vma[tv]] += 1
     # stable_tree_insert: a new node, or a new dup of the content's node (all full)
@@ -819,8 +852,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
     # the arrays every visit reads, bound once (a group's field is otherwise re-read from
     # memory after every store: the compiler cannot tell the group from the arrays)
     f_flags, f_content, f_owner = F.flags, F.content, F.owner
-    it_address, it_rnext, it_flags, it_head = IT.address, IT.rnext, IT.flags, IT.head
-    it_age, it_skips, it_oldchecksum = IT.age, IT.remaining_skips, IT.oldchecksum
+    it_word, it_rnext, it_head = IT.mm_address, IT.rnext, IT.head
+    it_smart, it_oldchecksum = IT.smart, IT.oldchecksum
     it_tree_key, it_nid = IT.tree_key, IT.nid
     nd_kind, nd_kpfn, nd_nid, nd_key = ND.kind, ND.kpfn, ND.nid, ND.key
     nd_ki_slots, nd_stale_state = ND.ki_slots, ND.stale_state
@@ -870,13 +903,13 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         cur = cursor[0] if prev == NIL else it_rnext[prev]
         item = NIL
         while cur != NIL:
-            a = it_address[cur]
+            a = item_vpn(it_word[cur])
             if a == vpn:
                 item = cur
                 break
             if a > vpn:
                 break
-            fl = it_flags[cur]
+            fl = item_flags(it_word[cur])
             if fl & STABLE_FLAG:
                 if not stable_remove(F, IT, ND, S, np.int64(cur)):
                     return i, processed, BAIL_BEFORE_ITEM, NIL
@@ -892,8 +925,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             if fl & UNSTABLE_FLAG:
                 cnt[C_UNSHARED] -= 1
                 IT.anon_vma[cur] = -1       # its nid (a union)
-            S.mm_ksm[IT.mm[cur], 0] -= 1
-            IT.mm[cur] = -1
+            S.mm_ksm[item_mm(it_word[cur]), 0] -= 1
+            it_word[cur] = freed_word(it_word[cur])
             it_rnext[cur] = IT.free_list[0]
             IT.free_list[0] = cur
             IT.free_list[1] += 1
@@ -904,12 +937,9 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             item = IT.free_list[0]
             IT.free_list[0] = it_rnext[item]
             IT.free_list[1] -= 1
-            IT.mm[item] = mm_id
-            it_address[item] = vpn
-            it_flags[item] = 0
+            it_word[item] = pack_item(np.int64(mm_id), np.int64(vpn))
             it_oldchecksum[item] = 0
-            it_age[item] = 0
-            it_skips[item] = 0
+            it_smart[item] = 0
             it_head[item] = NIL
             IT.hnext[item] = NIL
             IT.hprev[item] = NIL
@@ -924,7 +954,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
         cursor[1] = item
         cursor[2] = vpn + 1
         is_ksm = (pflags & PG_KSM) != 0
-        ifl = it_flags[item]
+        ifl = item_flags(it_word[item])
 
         # -- smart scan ----------------------------------------------------------------------
         if (ifl & STABLE_FLAG) and not is_ksm:              # its KSM page was left (COW)
@@ -932,18 +962,16 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 return i, processed, BAIL_BEFORE_SKIP, item
             ifl = 0
         if smart and not is_ksm:
-            age, skips, skip = smart_skip(np.int64(it_age[item]),
-                                          np.int64(it_skips[item]))
+            smart_now, skip = smart_step(np.int64(it_smart[item]))
             if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
                 if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
                     return i, processed, BAIL_BEFORE_SKIP, item
-            it_age[item] = age
-            it_skips[item] = skips
+            it_smart[item] = smart_now
             if skip:
                 cnt[C_SKIPPED] += 1
                 if ifl & UNSTABLE_FLAG:
                     cnt[C_UNSHARED] -= 1
-                    it_flags[item] = 0
+                    it_word[item] = with_flags(it_word[item], 0)
                     IT.anon_vma[item] = -1      # its nid (a union)
                 i += 1
                 continue
@@ -1100,17 +1128,18 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             t, h = hash_find(uh, np.int64(mask), it_tree_key, it_nid, np.uint64(key),
                              np.int64(nid))
             if t == NIL:
-                if S.ulog_len[0] >= S.ulog.shape[0]:
-                    return i, processed, BAIL_AFTER_STABLE, item
-                it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+                if S.ulog_len[0] >= S.ulog.shape[0] or item > mask:    # log full; an id the
+                    return i, processed, BAIL_AFTER_STABLE, item       # table cannot hold
+                it_word[item] = with_flags(it_word[item], UNSTABLE_FLAG | (seqnr & SEQNR_MASK))
                 it_nid[item] = nid
                 it_tree_key[item] = key
-                uh[h] = item
+                uh[h] = hash_entry(item, np.uint64(key), np.int64(nid), mask)
                 S.ulog[S.ulog_len[0]] = item
                 S.ulog_len[0] += 1
                 cnt[C_UNSHARED] += 1
             else:
-                tpfn = mergeable_page(F, V, np.int64(IT.mm[t]), np.int64(it_address[t]))
+                tpfn = mergeable_page(F, V, np.int64(item_mm(it_word[t])),
+                                      np.int64(item_vpn(it_word[t])))
                 if tpfn >= 0 and tpfn != pfn and (across or block_node[tpfn // block_pages] == nid):
                     if not _merge_pair(F, IT, ND, S, V, np.int64(item), np.int64(off),
                                        np.int64(pfn), pte, ptef, vma_locked, vma_anon_vma,
@@ -1135,7 +1164,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 tk = it_tree_key[cur]
                 tpfn = NIL
             else:
-                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
+                tpfn = mergeable_page(F, V, np.int64(item_mm(it_word[cur])),
+                                      np.int64(item_vpn(it_word[cur])))
                 if tpfn < 0 or tpfn == pfn:
                     aborted = True              # the page went, or it is this very page (fork)
                     break
@@ -1151,7 +1181,8 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
                 go_left = False
                 continue
             if tpfn == NIL:
-                tpfn = mergeable_page(F, V, np.int64(IT.mm[cur]), np.int64(it_address[cur]))
+                tpfn = mergeable_page(F, V, np.int64(item_mm(it_word[cur])),
+                                      np.int64(item_vpn(it_word[cur])))
             if tpfn < 0 or tpfn == pfn:
                 aborted = True                  # our own page, through fork
             elif not across and block_node[tpfn // block_pages] != nid:
@@ -1165,7 +1196,7 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             break
         work[W_COMPARES] += walked
         if not aborted and not merged:
-            it_flags[item] = UNSTABLE_FLAG | (seqnr & SEQNR_MASK)
+            it_word[item] = with_flags(it_word[item], UNSTABLE_FLAG | (seqnr & SEQNR_MASK))
             it_nid[item] = nid
             it_tree_key[item] = key
             rb_link(IT.left, IT.right, IT.parent, IT.color, IT.roots, np.int64(nid),

@@ -21,10 +21,16 @@ _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
 
 @njit(cache=True, nogil=True)
-def slot_of(key, nid, mask):
+def key_mix(key, nid):
+    """The 64-bit hash of (key, tree): its high half picks a slot (``slot_of``), and the
+    unstable tree's table keeps some of its low half as a tag (``fastscan.hash_tag``)."""
     x = (key ^ np.uint64(nid)) * _GOLDEN
-    x = (x ^ (x >> np.uint64(29))) * _MIX
-    return np.int64(x >> np.uint64(32)) & mask
+    return (x ^ (x >> np.uint64(29))) * _MIX
+
+
+@njit(cache=True, nogil=True)
+def slot_of(key, nid, mask):
+    return np.int64(key_mix(key, nid) >> np.uint64(32)) & mask
 
 
 @njit(cache=True, nogil=True)

@@ -61,7 +61,7 @@ class MergeMixin:
     def _merge_with_ksm_page(self, item: int, pfn: int, kpfn: int | None, held: int = -1) -> int:
         """try_to_merge_with_ksm_page: merge and take a reference on the VMA's anon_vma."""
         mm = self._mm(item)
-        vpn = int(self.items.address[item])
+        vpn = self.items.vpn_of(item)
         vma = find_mergeable_vma(mm, vpn)
         if vma is None:
             return EFAULT
@@ -76,7 +76,7 @@ class MergeMixin:
     def _break_cow(self, item: int) -> None:
         self._put_anon_vma(item)
         mm = self._mm(item)
-        vpn = int(self.items.address[item])
+        vpn = self.items.vpn_of(item)
         vma = find_mergeable_vma(mm, vpn)
         if vma is not None:
             pages.break_ksm(self.host, vma, vpn - vma.start)
@@ -84,7 +84,7 @@ class MergeMixin:
     def _merge_with_zero_page(self, item: int, pfn: int) -> int:
         if self.knobs.use_zero_pages and int(self.items.oldchecksum[item]) == self.zero_checksum:
             mm = self._mm(item)
-            vpn = int(self.items.address[item])
+            vpn = self.items.vpn_of(item)
             vma = find_mergeable_vma(mm, vpn)
             if vma is None:
                 return 0
@@ -100,7 +100,7 @@ class MergeMixin:
                 self._unlink_node(node)
                 nodes.kind[node] = MIGRATE
                 nodes.migrate_nodes[node] = None
-            if nodes.kind[node] != MIGRATE and items.head[item] == node and items.flags[item] & STABLE_FLAG:
+            if nodes.kind[node] != MIGRATE and items.head[item] == node and items.mm_address[item] & STABLE_FLAG:
                 return                                   # merged already: nothing to do
             self._merge_candidate(pfn, item, node)
             return
@@ -121,7 +121,7 @@ class MergeMixin:
     def _merge_candidate(self, pfn: int, item: int, node: int) -> None:
         frames, items = self.host.frames, self.items
         kpfn = self.stable_tree_search(pfn)
-        if kpfn == pfn and items.head[item] == node and items.flags[item] & STABLE_FLAG:
+        if kpfn == pfn and items.head[item] == node and items.mm_address[item] & STABLE_FLAG:
             return
         self.remove_rmap_item_from_tree(item)
         if kpfn >= 0:

@@ -150,8 +150,8 @@ class RegistrationMixin:
             it = int(self.nodes.hhead[node])
             while it != NIL:
                 av = self.host.anon_vmas.by_id.get(int(items.anon_vma[it]))
-                vpn = int(items.address[it])
-                mm_id = int(items.mm[it])
+                vpn = items.vpn_of(it)
+                mm_id = items.mm_of(it)
                 for vma in (list(av.vmas) if av is not None else ()):
                     if not vma.start <= vpn < vma.end or (vma.mm.id == mm_id) == search_new_forks:
                         continue

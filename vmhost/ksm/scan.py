@@ -12,7 +12,7 @@ import numpy as np
 
 from vmhost.ksm import fastscan, pages
 from vmhost.ksm.checksum import SEEDS
-from vmhost.ksm.items import MmSlot
+from vmhost.ksm.items import MmSlot, check_item_range
 from vmhost.ksm.rbtree import NIL
 from vmhost.mm.frames import PG_KSM
 from vmhost.mm.vma import VmFlags, Vma
@@ -37,10 +37,8 @@ class ScanMixin:
         if self.host.frames.flags[pfn] & PG_KSM:
             return False
         items = self.items
-        age, skips, skip = fastscan.smart_skip(int(items.age[item]),
-                                               int(items.remaining_skips[item]))
-        items.age[item] = age
-        items.remaining_skips[item] = skips
+        smart, skip = fastscan.smart_step(int(items.smart[item]))
+        items.smart[item] = smart
         if skip:
             self.c.pages_skipped += 1
             self.remove_rmap_item_from_tree(item)
@@ -52,7 +50,7 @@ class ScanMixin:
         prev = self.prev_item
         cur = slot.rmap_list if prev == NIL else int(items.rnext[prev])
         while cur != NIL:
-            addr = int(items.address[cur])
+            addr = items.vpn_of(cur)
             if addr == vpn:
                 return cur
             if addr > vpn:
@@ -135,6 +133,7 @@ class ScanMixin:
             if vma.anon_vma is None:
                 self.address = vma.end
                 continue
+            check_item_range(mm.id, vma.end)       # what an rmap_item's word can hold
             return vma
         return None
 
@@ -242,6 +241,7 @@ class ScanMixin:
         cursor = np.array([slot.rmap_list, self.prev_item, self.address], dtype=np.int64)
         if self._uhashed and self._ulog_len[0] + fastscan.ERASE_WORDS > len(self._ulog):
             self._grow_unstable_hash()            # the log is full: the compiled loop would stop
+        self._unstable_hash_covers_items()
         if self.stable_index.needs_rebuild():
             self.stable_index.grow()
         if self.nodes.free_top[0] == 0:

@@ -58,7 +58,7 @@ class StableTreeMixin:
         self._mm(item).ksm_merging_pages -= 1
         self.nodes.hlist_len[node] -= 1
         self._put_anon_vma(item)
-        self.items.flags[item] = 0
+        self.items.set_flags(item, 0)
         self.items.head[item] = NIL
 
     def _unlink_node(self, node: int) -> None:
@@ -85,7 +85,7 @@ class StableTreeMixin:
         items, nodes = self.items, self.nodes
         nodes.hlist_len[node] += 1
         items.head[item] = node
-        items.flags[item] |= STABLE_FLAG
+        items.mm_address[item] |= STABLE_FLAG
         if hlist_add_head(nodes.hhead, items.hnext, items.hprev, int(node), int(item)) != NIL:
             self.c.pages_sharing += 1
         else:

@@ -23,7 +23,7 @@ class UnstableTreeMixin:
 
     def get_mergeable_page(self, item: int) -> int:
         mm = self._mm(item)
-        vpn = int(self.items.address[item])
+        vpn = self.items.vpn_of(item)
         vma = find_mergeable_vma(mm, vpn)
         if vma is None:
             return -1
@@ -33,6 +33,7 @@ class UnstableTreeMixin:
         """The unstable tree as hash + log while nothing changed (see fastscan)."""
         items = self.items
         self._unstable_log_room()
+        self._unstable_hash_covers_items()
         nid = self._nid_of_pfn(pfn)
         key = np.uint64(self._key(pfn))
         mask = len(self._uh) - 1
@@ -45,10 +46,10 @@ class UnstableTreeMixin:
             if not self.knobs.merge_across_nodes and int(self.host.phys.node_of(tpfn)) != nid:
                 return NIL, -1
             return int(t), tpfn
-        items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        items.mm_address[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
         items.nid[item] = nid
         items.tree_key[item] = key
-        self._uh[h] = item
+        self._uh[h] = fastscan.hash_entry(item, key, int(nid), mask)
         self._log_unstable(item)
         self.c.pages_unshared += 1
         return NIL, -1
@@ -69,11 +70,18 @@ class UnstableTreeMixin:
         """The hash table for a log of ``log`` entries: a power of two, at least twice the log
         (every entry of the log is at most one occupied slot: an insertion fills one, an erasure
         turns it into a tombstone, which a later insertion may reuse, so the table is at most
-        half full) and at least twice the rmap_items (at most a quarter full when half the
-        items are in the tree: a search that misses, as most do in a steady pass, then meets
-        0.4 items on average against 1.5 at half full, each a read at random of its key; a
-        table half the size made the 16 GiB benchmark's steady pass 11% slower)."""
-        return 1 << (2 * max(log, self.items.capacity) - 1).bit_length()
+        half full) and at least the rmap_items (every item id below its size: a slot keeps a
+        tag above the id, ``fastscan.hash_tag``, so that a search that misses, as most do in
+        a steady pass, reads the key of few of the items it meets at random: without tags, a
+        table up to half full rather than a quarter made the 16 GiB benchmark's steady pass
+        11% slower, meeting 1.5 items a search instead of 0.4)."""
+        return 1 << (max(2 * log, self.items.capacity) - 1).bit_length()
+
+    def _unstable_hash_covers_items(self) -> None:
+        """The hash table re-made, its log kept, if the rmap_item pool has outgrown it (an item
+        id must stay below the table's size, under the slot's tag)."""
+        if self._uhashed and len(self._uh) < self.items.capacity:
+            self._remake_unstable_hash(len(self._ulog))
 
     def _size_unstable_hash(self, entries: int) -> None:
         """An empty log of ``entries`` (at least ``LOG_MIN``) and its hash table (``_table_size``):
@@ -98,13 +106,19 @@ class UnstableTreeMixin:
     def _grow_unstable_hash(self) -> None:
         """Twice the log (kept in order), and the table re-made for it from the items the log says are in
         the tree now (one slot each, no tombstones)."""
+        self._remake_unstable_hash(2 * len(self._ulog))
+
+    def _remake_unstable_hash(self, log_size: int) -> None:
+        """A log of ``log_size`` (the present one's entries kept in order) and the table re-made
+        for it from the items the log says are in the tree now."""
         n = int(self._ulog_len[0])
-        log = np.zeros(2 * len(self._ulog), dtype=np.int32)
-        log[:n] = self._ulog[:n]
-        self._ulog = log
-        self._empty_table(self._table_size(len(log)), keep_larger=True)
+        if log_size != len(self._ulog):
+            log = np.zeros(log_size, dtype=np.int32)
+            log[:n] = self._ulog[:n]
+            self._ulog = log
+        self._empty_table(self._table_size(len(self._ulog)), keep_larger=True)
         it = self.items
-        fastscan.hash_rebuild(self._uh, self._ulog, n, it.tree_key, it.nid, it.flags,
+        fastscan.hash_rebuild(self._uh, self._ulog, n, it.tree_key, it.nid, it.mm_address,
                               self.seqnr & SEQNR_MASK)
 
     def build_unstable_trees(self) -> None:
@@ -113,7 +127,7 @@ class UnstableTreeMixin:
             return
         self._uhashed = False
         it, ln = self.items, self.items.links
-        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid, it.flags,
+        fastscan.replay_unstable(self._ulog, int(self._ulog_len[0]), it.tree_key, it.nid, it.mm_address,
                                  ln.left, ln.right, ln.parent, ln.color, ln.roots)
 
     def _unstable_clean(self) -> bool:
@@ -145,7 +159,7 @@ class UnstableTreeMixin:
                 return NIL, -1
             else:
                 return cur, tree_pfn
-        self.items.flags[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
+        self.items.mm_address[item] |= UNSTABLE_FLAG | (self.seqnr & SEQNR_MASK)
         self.items.nid[item] = nid
         self.items.tree_key[item] = key
         tree.link(item, parent, go_left)
