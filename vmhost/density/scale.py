@@ -125,8 +125,8 @@ def unfaithful_figures(run: HostRun, mix) -> list[str]:
         # steps end on whole skip cycles at every resolution (settle.py), so the older guests'
         # cycles stand at the same phase; what still moves is measured on the oracle configs
         out.append(f"smart scan: the times to X% can move by a full scan at 1/{r} (a scaled pass merges whole "
-                   f"scaled pages and the clock's grain is coarser: -31%..+62% at 1/16 on the oracle "
-                   f"configs, where pages_sharing held within 1.5% and ksmd CPU within 12% except where "
-                   f"khugepaged collapses split ranges again, which it does 1/{r} as often: VDI clones "
-                   f"+5.4%); resolution 1 shows them")
+                   f"scaled pages and the clock's grain is coarser; on the oracle configs at 1/16, against "
+                   f"the kernel: times -31%..+62% where resolution 1 is -11%..+38%, pages_sharing within "
+                   f"1.5% but VDI clones' +5.4% (khugepaged, which runs 1/{r} as often, does not collapse "
+                   f"split ranges again within the step), ksmd CPU within 12%); resolution 1 shows them")
     return out

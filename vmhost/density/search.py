@@ -16,7 +16,9 @@ its suggested pages_to_scan: guests 13 and 14 booted together swapped 2.2 GiB ou
 1.7% of the capacity lower in guest pages, inside it; booted one by one, nothing swaps and the
 14th misses the capacity by 0.2%: the answer depended on which resolutions took the stride). So
 is a step of several guests across which the storm verdict turned, so that the storm-safe count
-is the one-by-one count as well.
+is found one by one as well. (A kept stride still registers its guests at another point of the
+older guests' skip cycles than one by one would; density-mix at 1/256 gives the same counts
+both ways, tested.)
 
 **Unmerge storm.** A fraction f of the merged mappings is written apart within a window W:
 ``f x (pages_sharing + ksm_zero_pages)`` new pages, plus ``W x cow_ksm rate`` pages of the

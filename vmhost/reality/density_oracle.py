@@ -894,7 +894,7 @@ def _scan_around(step: dict, t_s) -> float | None:
     if t_s is None or len(ts) < 2:
         return None
     for a, b in zip(ts, ts[1:]):
-        if a < t_s <= b:
+        if a < t_s <= b + 5e-4:          # the times are rounded to 1 ms, the scans to 0.1 ms
             return b - a
     return None
 
