@@ -35,14 +35,15 @@ def _pte_bytes() -> int:
 
 def _item_bytes() -> int:
     """One rmap_item with its tree links, plus its share of the scan's tables (the hashed
-    unstable tree: 1 slot per item, ``UnstableTreeMixin._table_size``; its log, sized for the
-    tree a pass can build: 1 in a steady pass, though a merging pass logs about 1.5 words per
+    unstable tree: 2 slots per item, ``UnstableTreeMixin._table_size``, the next power of two of
+    twice the log or the item pool: 1 slot an item only in a steady pass with half the pages
+    merged; its log, sized for the tree a pass can build: 1 in a steady pass, though a merging pass logs about 1.5 words per
     new page and may double the log, and the table with it, mid-pass: the pools' growth
     headroom below and the measured allowance cover that, not this count; the candidate
     offsets of the VMA being scanned: 1, since one VMA may hold every page)."""
     from vmhost.ksm.items import RmapItems
     items = RmapItems(capacity=1, trees=1)
-    return items.nbytes + 3 * 4
+    return items.nbytes + 4 * 4
 
 
 def _node_bytes() -> int:

@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+from guests.errors import InputError
 from vmhost.ksm.keyindex import EMPTY, KeyIndex, ki_find
 from vmhost.ksm.rbtree import BLACK, NIL, RED, NodeLinks, RbTree
 
@@ -219,9 +220,9 @@ def test_an_rmap_items_word_holds_its_mm_address_and_flags_at_their_limits():
         assert (items.mm_of(it), items.vpn_of(it), items.flags_of(it)) == (-1, vpn, STABLE_FLAG)
         assert it not in items.live()
     check_item_range(MAX_MM - 1, VPN_MASK + 1)
-    with pytest.raises(ValueError, match="mms"):
+    with pytest.raises(InputError, match="mms"):
         check_item_range(MAX_MM, 1)
-    with pytest.raises(ValueError, match="47-bit"):
+    with pytest.raises(InputError, match="47-bit"):
         check_item_range(1, VPN_MASK + 2)
 
 

@@ -1,7 +1,7 @@
 """Named groups of arrays handed to compiled code as one reference (numba structrefs).
 
 The compiled scan works on some 75 arrays (frames, rmap_items, stable nodes, scan state, the
-VMA registry), passed as named groups so that code reads ``IT.flags[item]``. A named tuple
+VMA registry), passed as named groups so that code reads ``IT.head[item]``. A named tuple
 would do that too, but numba passes a tuple by value, every member flattened into machine
 arguments (seven per array), and re-packs it in every compiled helper it is passed to: a
 helper taking four groups had some 500 arguments, and that, not the work it does, made up

@@ -112,11 +112,12 @@ def freed_word(word):
 
 
 def check_item_range(mm_id: int, vpn_end: int) -> None:
-    """Refuse an mm or an address the word cannot hold (one line, as a bad config)."""
+    """Refuse an mm or an address the word cannot hold (InputError: one line, exit status 2)."""
+    from guests.errors import InputError
     if mm_id >= MAX_MM:
-        raise ValueError(f"mm {mm_id}: KSM can track at most {MAX_MM} mms in a host's life")
+        raise InputError(f"mm {mm_id}: KSM can track at most {MAX_MM} mms in a host's life")
     if vpn_end > VPN_MASK + 1:
-        raise ValueError(f"page {vpn_end - 1}: above the 47-bit user address space")
+        raise InputError(f"page {vpn_end - 1}: above the 47-bit user address space")
 
 
 class RmapItems(FieldPool):
