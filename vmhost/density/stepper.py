@@ -187,10 +187,11 @@ class HostStepper:
         return self.ksmd.cpu_ns + depth_extra_ns(self.r, self.ksm.work_counts())
 
     def _eff_now(self) -> int:
-        """Now, counting the CPU time of ksmd's last batch (its next wake-up minus the sleep)."""
+        """Now, counting the CPU time of ksmd's last batch (its next wake-up minus the sleep,
+        as long as a timed sleep lasts: ``Ksmd.timed_sleep_ns``)."""
         ev = self.ksmd._event
         if ev is not None and not ev.cancelled:
-            return max(self.host.clock.now, ev.when - self.ksm.knobs.sleep_millisecs * 1_000_000)
+            return max(self.host.clock.now, ev.when - self.ksmd.timed_sleep_ns(self.ksm.knobs.sleep_millisecs))
         return self.host.clock.now
 
     def _scan_time_estimate(self) -> int:
