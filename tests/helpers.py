@@ -24,6 +24,14 @@ classes:
 """
 
 
+def ctrl_c_reaches_it() -> None:
+    """A ``preexec_fn`` for a child a test interrupts with SIGINT: the default action back, as
+    in a terminal. A shell's background job (CI started with ``&``) inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler, so Ctrl-C would never reach it."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def vmhost(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python3 -m vmhost.cli ARGS`` from the repository root (this checkout's code)."""
     return subprocess.run([sys.executable, "-m", "vmhost.cli", *map(str, args)],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, ctrl_c_reaches_it
 
 from vmhost.reality import ksm_oracle
 from vmhost.reality.density_oracle import compare, ksmd_pid
@@ -143,7 +143,8 @@ def test_refuses_while_another_process_uses_ksm(tiny):
 def _interrupted(config, sig_target, sig):
     before = knobs()
     proc = subprocess.Popen([sys.executable, "-m", "vmhost.cli", "density", str(config), "--oracle"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_it)
     # wait until the first step is done and the second guest is being merged
     end = time.monotonic() + 400
     first = ""

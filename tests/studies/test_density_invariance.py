@@ -111,11 +111,10 @@ def test_a_scaled_thp_host_keeps_huge_pages_and_says_what_it_cannot_show(tmp_pat
     ("{smart_scan: n}", "{scans: 2}", 4, False),       # the knob's words, as sysfs takes them
 ])
 def test_smart_scan_at_a_resolution_is_flagged(tmp_path, ksm, settle, r, flagged):
-    """Under smart scan a guest merges with older guests' pages only in passes that visit both,
-    so what it merges depends on where the previous step's last pass left their skip cycles; a
-    scaled host can end a step a pass off the full-size one (density-jvm-10g at 1/16 with the
-    9-scan window: the second guest merged 56k pages against 120k at 1/1), so the scaled
-    answer says so."""
+    """Under smart scan a scaled host's times to X% can move by a full scan (a scaled pass
+    merges whole scaled pages and the clock's grain is coarser; steps end on whole skip cycles
+    at every resolution, so the older guests' cycles stand at the same phase), so the scaled
+    answer says so; a fixed time per step, smart scan off or full size need no such line."""
     from vmhost.density.stepper import HostStepper
     p = tmp_path / "c.yaml"
     p.write_text(f"host: {{nodes: [{{memory: 1GiB, cpus: 2}}]}}\nksm: {ksm}\n"
@@ -125,7 +124,7 @@ def test_smart_scan_at_a_resolution_is_flagged(tmp_path, ksm, settle, r, flagged
     lines = [u for u in HostStepper(cfg, cfg.mix).unfaithful if u.startswith("smart scan:")]
     assert bool(lines) == flagged
     if flagged:
-        assert f"at 1/{r} than at full size" in lines[0] and "resolution 1 shows them" in lines[0]
+        assert f"can move by a full scan at 1/{r}" in lines[0] and "resolution 1 shows them" in lines[0]
 
 
 def test_resolutions_side_by_side_give_the_answers_of_one_after_the_other():

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from guests.images import catalog
-from helpers import ROOT, UNIT_KERNEL_HALF
+from helpers import ROOT, UNIT_KERNEL_HALF, ctrl_c_reaches_it
 from vmhost.cli import main
 from vmhost.fleet.config import load_fleet, parse_fleet
 from vmhost.fleet.estimate import HostEstimate, savings_profile
@@ -265,7 +265,7 @@ def test_interrupted_run_resumes(cluster, small, tmp_path):
     # a run on its own local cluster (the default), interrupted after two finished hosts
     proc = subprocess.Popen([sys.executable, "-m", "vmhost.cli", "fleet", str(small), "--workers", "1",
                              "--state", str(state), "--quiet"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_reaches_it)
     deadline = time.monotonic() + 60
     while len(list(state.glob("*.json"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
