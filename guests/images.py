@@ -426,7 +426,7 @@ def held_runs(pop: int, distinct: int, key: int) -> np.ndarray:
     size overlap almost exactly by the mean; a page cache shares in files, not in pages."""
     runs = min(POOL_RUNS, pop)
     edges = np.arange(runs + 1, dtype=np.int64) * pop // runs
-    order = np.random.default_rng(key & 0xFFFFFFFFFFFFFFFF).permutation(runs)
+    order = np.random.default_rng(key).permutation(runs)
     sizes = np.diff(edges)[order]
     whole = int(np.searchsorted(np.cumsum(sizes), distinct, side="right"))
     parts = [np.arange(edges[j], edges[j + 1]) for j in order[:whole].tolist()]

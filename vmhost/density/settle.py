@@ -70,8 +70,12 @@ class SettleRule:
     max_scans: int                 # not steady after this many: the step ends anyway
     tolerance: float               # x the step's new pages
     configured: int                # settle.scans as written
-    raised_for_smart_scan: bool
     align: int = 1                 # a step ends at a multiple of this many full scans
+
+    @property
+    def raised_for_smart_scan(self) -> bool:
+        """Whether the window is longer than settle.scans as written (raised for smart scan)."""
+        return self.window > self.configured
 
     @classmethod
     def of(cls, run) -> "SettleRule":
@@ -80,8 +84,8 @@ class SettleRule:
             c = smart_scan_cycle()
             w = max(k, c)
             m += w - k                                   # the configured margin beyond the window
-            return cls(w, -(-m // c) * c, run.tolerance, k, w > k, c)
-        return cls(k, m, run.tolerance, k, False)
+            return cls(w, -(-m // c) * c, run.tolerance, k, c)
+        return cls(k, m, run.tolerance, k)
 
     def steady(self, hist: list, new_pages: int) -> bool:
         """Whether the counters after each full scan (``hist``: the step's start first, each a
@@ -94,17 +98,16 @@ class SettleRule:
         tol = self.tolerance * max(new_pages, 1)
         return all(abs(h[j] - ref[j]) <= tol for h in hist[-1 - k:] for j in range(len(COUNTERS)))
 
-    def after_scan(self, out: dict, hist: list, new_pages: int, max_scans: int | None = None) -> bool:
+    def after_scan(self, out: dict, hist: list, new_pages: int) -> bool:
         """Book one more full scan in a step's ``out`` (its ``scans``, ``steady`` and
         ``settled_by``; ``hist`` as :meth:`steady` reads it, this scan's entry last). True where
-        the step ends: steady, or ``max_scans`` scans (default: the rule's) without it."""
+        the step ends: steady, or ``max_scans`` scans without it."""
         out["scans"] += 1
         if self.steady(hist, new_pages):
             out.update(steady=True, settled_by=self.settled_by())
             return True
-        limit = self.max_scans if max_scans is None else max_scans
-        if out["scans"] >= limit:
-            out["settled_by"] = f"max_scans ({limit})"
+        if out["scans"] >= self.max_scans:
+            out["settled_by"] = f"max_scans ({self.max_scans})"
             return True
         return False
 

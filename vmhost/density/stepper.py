@@ -103,8 +103,9 @@ class HostStepper:
         self.hcfg, self.knobs, self.notes = scaled_host(run)
         self.unfaithful = unfaithful_figures(run, mix)
         self.settle = SettleRule.of(run)
-        if self.settle.note():
-            self.notes.append(self.settle.note())
+        note = self.settle.note()
+        if note:
+            self.notes.append(note)
         self.images = {e.index: scaled_image(e.image, self.r) for e in mix}
         self.built = False
 
@@ -246,7 +247,7 @@ class HostStepper:
         self.samples.append((self.host.clock.now, self.saved(), self._cpu(), self.ksmd.cpu_ns))
         self._sampler = self.host.clock.after(self._sample_dt, self._sample)
 
-    def _settle(self, deadline_scans: int, new_pages: int = 1) -> dict:
+    def _settle(self, new_pages: int = 1) -> dict:
         """Run until steady state (or the configured time); returns what the step measured."""
         run, ksm, clock = self.run, self.ksm, self.host.clock
         out = {"steady": False, "scans": 0}
@@ -262,7 +263,7 @@ class HostStepper:
         rule = self.settle
         hist = [(ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
                  self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"])]
-        limit_ns = clock.now + 4 * deadline_scans * self._scan_time_estimate() + 10 * 1_000_000_000
+        limit_ns = clock.now + 4 * self.settle.max_scans * self._scan_time_estimate() + 10 * 1_000_000_000
         while True:
             target = ksm.seqnr + 1
             ok = clock.run_while(lambda: ksm.seqnr < target, limit=limit_ns, fast_forward=True)
@@ -272,7 +273,7 @@ class HostStepper:
             hist.append((ksm.c.pages_shared, ksm.c.pages_sharing, ksm.c.ksm_zero_pages,
                          self._eff_now(), (self._cpu(), self.ksmd.cpu_ns), self.host.vmstat["cow_ksm"]))
             # tolerance is relative to the new guests' pages (vmhost.density.settle)
-            if rule.after_scan(out, hist, new_pages, deadline_scans):
+            if rule.after_scan(out, hist, new_pages):
                 break
         ref = rule.window_start(hist)
         out["window"] = (ref[3], ref[4], ref[5])
@@ -295,7 +296,7 @@ class HostStepper:
         if self._sampler is not None:
             self._sampler.cancel()
         self._sampler = host.clock.after(self._sample_dt, self._sample)
-        st = self._settle(self.settle.max_scans, sum(g.gm.pages for g in booted))
+        st = self._settle(sum(g.gm.pages for g in booted))
         self._sampler.cancel()
         self._sampler = None
         now = self._eff_now()

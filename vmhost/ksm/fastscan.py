@@ -963,16 +963,12 @@ def scan_run(F, IT, ND, S, V, cand, i, budget, vma_start, pte, ptef, mm_id, curs
             ifl = 0
         if smart and not is_ksm:
             smart_now, skip = smart_step(np.int64(it_smart[item]))
-            if skip and ifl & UNSTABLE_FLAG and ((seqnr - ifl) & SEQNR_MASK) == 0:
-                if (hashed and not clean) or not unstable_erase(IT, S, np.int64(item), hashed):
+            if skip and ifl & UNSTABLE_FLAG:
+                if not _leave_unstable(IT, S, np.int64(item), np.int64(ifl), seqnr, hashed, clean):
                     return i, processed, BAIL_BEFORE_SKIP, item
             it_smart[item] = smart_now
             if skip:
                 cnt[C_SKIPPED] += 1
-                if ifl & UNSTABLE_FLAG:
-                    cnt[C_UNSHARED] -= 1
-                    it_word[item] = with_flags(it_word[item], 0)
-                    IT.anon_vma[item] = -1      # its nid (a union)
                 i += 1
                 continue
 

@@ -113,10 +113,11 @@ def freed_word(word):
 
 def check_item_range(mm_id: int, vpn_end: int) -> None:
     """Refuse an mm or an address the word cannot hold (InputError: one line, exit status 2)."""
-    from guests.errors import InputError
     if mm_id >= MAX_MM:
+        from guests.errors import InputError
         raise InputError(f"mm {mm_id}: KSM can track at most {MAX_MM} mms in a host's life")
     if vpn_end > VPN_MASK + 1:
+        from guests.errors import InputError
         raise InputError(f"page {vpn_end - 1}: above the 47-bit user address space")
 
 
@@ -141,16 +142,16 @@ class RmapItems(FieldPool):
 
     # the word's fields, read and written through the shared helpers above
     def mm_of(self, item: int) -> int:
-        return int(item_mm(self.mm_address[item]))
+        return int(item_mm.py_func(self.mm_address[item]))
 
     def vpn_of(self, item: int) -> int:
-        return int(item_vpn(self.mm_address[item]))
+        return int(item_vpn.py_func(self.mm_address[item]))
 
     def flags_of(self, item: int) -> int:
-        return int(item_flags(self.mm_address[item]))
+        return int(item_flags.py_func(self.mm_address[item]))
 
     def set_flags(self, item: int, flags: int) -> None:
-        self.mm_address[item] = with_flags(self.mm_address[item], flags)
+        self.mm_address[item] = with_flags.py_func(self.mm_address[item], flags)
 
     def live(self) -> np.ndarray:
         """The items in use (their mm id is not negative)."""

@@ -694,7 +694,7 @@ class _Driver:
             "resolution": 1,
             "resolution_note": f"exact: every page on this machine's kernel ({kernel})",
             "covers": COVERS.format(kernel=kernel),
-            "notes": [COVERS.format(kernel=kernel)] + ([self.settle.note()] if self.settle.note() else []),
+            "notes": [COVERS.format(kernel=kernel)] + [n for n in (self.settle.note(),) if n],
             "unfaithful": [],
             "accounting": ACCOUNTING,
             "host": {"ram_pages": sum(nd.mem_bytes for nd in cfg.host.topology.nodes) // PAGE_SIZE,

@@ -202,7 +202,7 @@ def stepped_passes() -> list[dict]:
 
 def main(argv=None) -> int:
     from vmhost.density import load_density
-    from vmhost.ksm.ksmd import COST_NS
+    from vmhost.ksm.ksmd import COST_NS, SLEEP_EXTRA_NS
     args = list(sys.argv[1:] if argv is None else argv)
     write = "--write" in args
     files = [a for a in args if not a.startswith("--")]
@@ -261,14 +261,14 @@ def main(argv=None) -> int:
                   + " ".join(f"{k}={r.get(k, 0)}" for k in FEATURES)
                   + f" kernel {r['kernel_cpu_s']:.3f}s (spread {r['kernel_spread']:.0%}) in use {old:.3f}s fit {pred:.3f}s")
     extra = None
-    knobs = {(int(k["host"]["knobs"]["pages_to_scan"]), int(k["host"]["knobs"]["sleep_millisecs"]))
-             for ks in by_cfg.values() for k in ks}
+    runs = [k for ks in by_cfg.values() for k in ks]
+    knobs = {(int(k["host"]["knobs"]["pages_to_scan"]), int(k["host"]["knobs"]["sleep_millisecs"])) for k in runs}
     if len(knobs) == 1:
         (pts, sleep_ms), = knobs
-        extra = sleep_extra_ns([k for ks in by_cfg.values() for k in ks], sleep_ms, pts)
+        extra = sleep_extra_ns(runs, sleep_ms, pts)
         if extra is not None:
             print(f"timed sleep of {sleep_ms} ms: {extra[0] / 1e6:+.2f} ms on average over {extra[1]} passes "
-                  f"(in use: {json.loads(CALIBRATION.read_text()).get('sleep_extra_ns', 0) / 1e6:+.2f} ms)")
+                  f"(in use: {SLEEP_EXTRA_NS / 1e6:+.2f} ms)")
     if write:
         doc = json.loads(CALIBRATION.read_text())
         doc["cost_ns"] = f["cost_ns"]
