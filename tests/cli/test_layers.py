@@ -8,8 +8,8 @@ left out (they exist for annotations, never at run time).
 - ``vmhost.mm`` never imports ``vmhost.ksm`` (it calls KSM through ``vmhost.mm.hooks``);
 - the emulator (hardware, guests, the host kernel's mm and KSM, the QEMU process model and
   what builds them) never imports the studies, the reports, the reality checks or the CLI;
-- the studies and reports never import the CLI, nor the reality checks; a study and its report
-  never import each other both ways.
+- the studies and reports never import the CLI, nor the reality checks; the reports never
+  import the studies (a study hands its report its result and text).
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def test_every_import_points_down_the_layout_table():
 
 
 def test_no_study_and_report_import_each_other():
-    """A study may hand its result to its report module, or a report read a study's result
-    module, but never both ways round."""
+    """A study may hand its result to its report module; a report never imports a study (the
+    layout table's order holds that too; this names the pair when it breaks)."""
     def imports(a: str, b: str) -> bool:
         return any(_in(dep, (b,)) for m, deps in GRAPH.items() if _in(m, (a,)) for dep in deps)
     reports = sorted(m for m in GRAPH if m.startswith("vmhost.reports."))

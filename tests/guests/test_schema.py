@@ -303,7 +303,7 @@ def test_a_null_sub_section_is_empty_and_any_other_non_mapping_is_refused():
 
 
 def test_a_bad_image_is_bad_input():
-    """ImageError is an InputError: uncaught, the CLI ends it with one line and exit status 2."""
+    """ImageError is an InputError, so the CLI's one-line, exit-status-2 handling applies to it."""
     assert issubclass(ImageError, InputError) and issubclass(ImageError, ValueError)
 
 
